@@ -1,0 +1,114 @@
+"""How a cache talks to SQLite: connection setup, write transactions, error translation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import apsw
+import apsw.bestpractice
+
+from .errors import (
+    CacheBusyError,
+    CacheError,
+    CacheFullError,
+    CorruptCacheError,
+    ReadOnlyCacheError,
+)
+
+__all__ = ["BUSY_TIMEOUT_MS", "MMAP_BYTES", "PAGE_SIZE", "connect", "immediate", "sqlite_errors"]
+
+#: Page size of new cache files: 16 KiB keeps a 4 KiB blob inside its b-tree
+#: leaf (one page read a lookup) while wasting at most one page on larger blobs.
+PAGE_SIZE = 16384
+#: Memory-mapped reads avoid a copy through SQLite's page cache.
+MMAP_BYTES = 1 << 30
+#: How long a writer waits for another process's write lock before giving up.
+BUSY_TIMEOUT_MS = 10_000
+
+
+def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
+    """Open `path` with the settings every cache connection uses.
+
+    Raises apsw errors as they come; callers translate them with `sqlite_errors`.
+    """
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    if not readonly:
+        flags |= apsw.SQLITE_OPEN_CREATE
+    connection = apsw.Connection(str(path), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+    try:
+        # bestpractice, one piece at a time: apply() would install global hooks
+        # on every apsw connection of the host application.
+        connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+        apsw.bestpractice.connection_dqs(connection)
+        apsw.bestpractice.connection_recursive_triggers(connection)
+        # A cache file may come from anyone: never run code stored in its schema,
+        # and refuse writes that could corrupt it deliberately.
+        connection.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+        connection.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+        connection.pragma("mmap_size", MMAP_BYTES)
+        if not readonly:
+            # page_size only takes effect on a new, empty file.
+            connection.pragma("page_size", PAGE_SIZE)
+            connection.pragma("journal_mode", "wal")
+        # Commits survive a process crash; flush() adds a synced commit for power loss.
+        connection.pragma("synchronous", "NORMAL")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+@contextmanager
+def immediate(connection: apsw.Connection) -> Iterator[None]:
+    """Run the block in a `BEGIN IMMEDIATE` transaction: commit on success, roll back on error."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if not connection.get_autocommit():
+            connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+_TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
+    (
+        apsw.BusyError,
+        CacheBusyError,
+        "another process held the write lock too long; retry later",
+    ),
+    (
+        apsw.FullError,
+        CacheFullError,
+        "the disk is full; free space or lower the cache's size cap",
+    ),
+    (
+        apsw.ReadOnlyError,
+        ReadOnlyCacheError,
+        "the file or its folder cannot be written; open with readonly=True or fix its permissions",
+    ),
+    (
+        apsw.CorruptError,
+        CorruptCacheError,
+        "the file is damaged; delete it (it is only a cache) or run 'vyre-sqlcache check --repair'",
+    ),
+    (
+        apsw.NotADBError,
+        CorruptCacheError,
+        "the file is not a SQLite database; delete it or choose another path",
+    ),
+)
+
+
+@contextmanager
+def sqlite_errors(what: str, path: Path) -> Iterator[None]:
+    """Turn an apsw error raised in the block into the matching `CacheError` subclass."""
+    try:
+        yield
+    except apsw.Error as error:
+        for apsw_type, cache_type, advice in _TRANSLATIONS:
+            if isinstance(error, apsw_type):
+                raise cache_type(f"{what} failed on {path}: {error}; {advice}") from error
+        raise CacheError(f"{what} failed on {path}: {error}") from error

@@ -1,0 +1,105 @@
+"""Schema migrations: the numbered SQL files in `migrations/`, tracked by `PRAGMA user_version`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import apsw
+
+from .connection import immediate
+from .errors import CorruptCacheError, SchemaTooNewError
+
+__all__ = ["Migration", "apply_migrations", "latest_version", "migrations", "schema_version"]
+
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_HERE = Path(__file__).resolve().parent
+# Installed wheels carry the files inside the package; a source checkout has
+# them at the top level, beside the package.
+_SEARCH = (_HERE / "migrations", _HERE.parent / "migrations")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered SQL file; applying it brings the schema to `version`."""
+
+    version: int
+    name: str
+    sql: str
+
+
+@cache
+def migrations() -> tuple[Migration, ...]:
+    """Every migration in order, numbered 1, 2, ... without gaps.
+
+    Raises RuntimeError if the files are missing or misnumbered (a broken install).
+    """
+    folder = next((d for d in _SEARCH if d.is_dir()), None)
+    if folder is None:
+        raise RuntimeError(
+            f"vyre-sqlcache cannot find its migrations (looked in {', '.join(map(str, _SEARCH))}); "
+            "reinstall the package"
+        )
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match is None:
+            raise RuntimeError(f"migration file {path} is not named NNNN_name.sql")
+        found.append(Migration(int(match.group(1)), path.name, path.read_text("utf-8")))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations in {folder} must be numbered 1..n, found {versions}")
+    return tuple(found)
+
+
+def latest_version() -> int:
+    """The schema version this library writes."""
+    return len(migrations())
+
+
+def schema_version(connection: apsw.Connection) -> int:
+    """The `user_version` recorded in the database (0 for a new, empty file)."""
+    row = connection.execute("PRAGMA user_version").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _check_not_newer(version: int, where: str) -> None:
+    if version > latest_version():
+        raise SchemaTooNewError(
+            f"{where} has schema version {version}, but this vyre-sqlcache only knows "
+            f"versions up to {latest_version()}; upgrade vyre-sqlcache, or point it at "
+            "another cache path (the file was not modified)"
+        )
+
+
+def apply_migrations(connection: apsw.Connection, where: str) -> int:
+    """Bring the schema up to date in one `BEGIN IMMEDIATE` transaction; return its version.
+
+    Raises SchemaTooNewError for a file from a newer library (never written), and
+    CorruptCacheError for a database that holds other tables but no vyre-sqlcache schema.
+    """
+    version = schema_version(connection)
+    _check_not_newer(version, where)
+    if version == latest_version():
+        return version
+    with immediate(connection):
+        # Another process may have migrated between our look and our lock.
+        version = schema_version(connection)
+        _check_not_newer(version, where)
+        if version == 0:
+            others = connection.execute(
+                "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+            ).fetchone()
+            if others is not None and others[0]:
+                raise CorruptCacheError(
+                    f"{where} is a SQLite database but not a vyre-sqlcache cache (it has other "
+                    "tables and no schema version); choose another path"
+                )
+        for migration in migrations()[version:]:
+            connection.execute(migration.sql)
+            # PRAGMA takes no bound parameters; the value is our own int.
+            connection.execute(f"PRAGMA user_version = {migration.version:d}")
+        return schema_version(connection)
