@@ -34,8 +34,9 @@ except ImportError:  # pragma: no cover
 
 LMDB_MAP_SIZE = 1 << 40
 """1 TiB of address space: LMDB's data file stays sparse and grows as used."""
-LMDB_BATCH = 10_000
-"""Entries per write transaction when populating LMDB."""
+POPULATE_BATCH_ENTRIES = 10_000
+POPULATE_BATCH_BYTES = 64 * 1024 * 1024
+"""Bounds of one write transaction when populating diskcache or LMDB."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class DiskcacheStore(Store):
                     self._cache.delete(self._fp.cache_key(digest))
 
     def populate(self, items: Iterable[tuple[bytes, bytes]], durable: bool) -> None:
-        for chunk in _chunks(items, LMDB_BATCH):
+        for chunk in _chunks(items):
             with self._cache.transact():
                 for digest, blob in chunk:
                     self.write(digest, blob)
@@ -296,7 +297,7 @@ class LmdbStore(Store):
                     txn.delete(self._fp.cache_key(digest))
 
     def populate(self, items: Iterable[tuple[bytes, bytes]], durable: bool) -> None:
-        for chunk in _chunks(items, LMDB_BATCH):
+        for chunk in _chunks(items):
             with self._env.begin(write=True) as txn:
                 for digest, blob in chunk:
                     txn.put(self._fp.cache_key(digest), blob)
@@ -305,14 +306,17 @@ class LmdbStore(Store):
 
 
 def _chunks(
-    items: Iterable[tuple[bytes, bytes]], size: int
+    items: Iterable[tuple[bytes, bytes]],
 ) -> Iterator[list[tuple[bytes, bytes]]]:
+    """Group items into batches bounded in count and in bytes."""
     chunk: list[tuple[bytes, bytes]] = []
+    size = 0
     for item in items:
         chunk.append(item)
-        if len(chunk) == size:
+        size += len(item[1])
+        if len(chunk) >= POPULATE_BATCH_ENTRIES or size >= POPULATE_BATCH_BYTES:
             yield chunk
-            chunk = []
+            chunk, size = [], 0
     if chunk:
         yield chunk
 

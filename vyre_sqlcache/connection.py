@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import apsw
@@ -28,15 +28,15 @@ MMAP_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000
 
 
-def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
-    """Open `path` with the settings every cache connection uses.
+def connect(path: Path, *, readonly: bool = False, vfs: str | None = None) -> apsw.Connection:
+    """Open `path` (through the named SQLite VFS, if any) with the settings every cache uses.
 
     Raises apsw errors as they come; callers translate them with `sqlite_errors`.
     """
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     if not readonly:
         flags |= apsw.SQLITE_OPEN_CREATE
-    connection = apsw.Connection(str(path), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+    connection = apsw.Connection(str(path), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=vfs)
     try:
         # bestpractice, one piece at a time: apply() would install global hooks
         # on every apsw connection of the host application.
@@ -48,10 +48,6 @@ def connect(path: Path, *, readonly: bool = False) -> apsw.Connection:
         connection.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
         connection.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
         connection.pragma("mmap_size", MMAP_BYTES)
-        if not readonly:
-            # page_size only takes effect on a new, empty file.
-            connection.pragma("page_size", PAGE_SIZE)
-            connection.pragma("journal_mode", "wal")
         # Commits survive a process crash; flush() adds a synced commit for power loss.
         connection.pragma("synchronous", "NORMAL")
     except BaseException:
@@ -66,11 +62,13 @@ def immediate(connection: apsw.Connection) -> Iterator[None]:
     connection.execute("BEGIN IMMEDIATE")
     try:
         yield
+        connection.execute("COMMIT")
     except BaseException:
+        # A failed COMMIT (a sync error, say) can leave the transaction open.
         if not connection.get_autocommit():
-            connection.execute("ROLLBACK")
+            with suppress(apsw.Error):  # the original error is the one to report
+                connection.execute("ROLLBACK")
         raise
-    connection.execute("COMMIT")
 
 
 _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (

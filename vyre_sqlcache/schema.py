@@ -9,10 +9,10 @@ from pathlib import Path
 
 import apsw
 
-from .connection import immediate
-from .errors import CorruptCacheError, SchemaTooNewError
+from .connection import PAGE_SIZE, immediate
+from .errors import CacheError, CorruptCacheError, SchemaTooNewError
 
-__all__ = ["Migration", "apply_migrations", "latest_version", "migrations", "schema_version"]
+__all__ = ["Migration", "latest_version", "migrations", "prepare", "schema_version"]
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _HERE = Path(__file__).resolve().parent
@@ -75,14 +75,39 @@ def _check_not_newer(version: int, where: str) -> None:
         )
 
 
-def apply_migrations(connection: apsw.Connection, where: str) -> int:
-    """Bring the schema up to date in one `BEGIN IMMEDIATE` transaction; return its version.
+def _check_is_ours(connection: apsw.Connection, where: str) -> None:
+    row = connection.execute(
+        "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+    ).fetchone()
+    if row is not None and row[0]:
+        raise CorruptCacheError(
+            f"{where} is a SQLite database but not a vyre-sqlcache cache (it has other "
+            "tables and no schema version); choose another path (the file was not modified)"
+        )
 
-    Raises SchemaTooNewError for a file from a newer library (never written), and
-    CorruptCacheError for a database that holds other tables but no vyre-sqlcache schema.
+
+def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
+    """Check the file is a cache this library can use, then bring its schema up to date.
+
+    New files get `PAGE_SIZE` pages and WAL mode; pending migrations run in one
+    `BEGIN IMMEDIATE` transaction. Nothing is written to a file that fails a check.
+    Raises SchemaTooNewError for a file from a newer library, CorruptCacheError for a
+    database that is not a cache, CacheError for a read-only cache that needs a migration.
     """
     version = schema_version(connection)
     _check_not_newer(version, where)
+    if version == 0:
+        _check_is_ours(connection, where)
+    if readonly:
+        if version < latest_version():
+            raise CacheError(
+                f"{where} has schema version {version} and needs upgrading to "
+                f"{latest_version()}; open it once without readonly=True"
+            )
+        return version
+    # page_size only takes effect on a new, empty file; WAL mode is kept in the file.
+    connection.pragma("page_size", PAGE_SIZE)
+    connection.pragma("journal_mode", "wal")
     if version == latest_version():
         return version
     with immediate(connection):
@@ -90,14 +115,7 @@ def apply_migrations(connection: apsw.Connection, where: str) -> int:
         version = schema_version(connection)
         _check_not_newer(version, where)
         if version == 0:
-            others = connection.execute(
-                "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
-            ).fetchone()
-            if others is not None and others[0]:
-                raise CorruptCacheError(
-                    f"{where} is a SQLite database but not a vyre-sqlcache cache (it has other "
-                    "tables and no schema version); choose another path"
-                )
+            _check_is_ours(connection, where)
         for migration in migrations()[version:]:
             connection.execute(migration.sql)
             # PRAGMA takes no bound parameters; the value is our own int.

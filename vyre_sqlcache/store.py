@@ -20,7 +20,7 @@ from . import checksums
 from .connection import connect, immediate, sqlite_errors
 from .errors import BlobTooLargeError, CacheError, ReadOnlyCacheError
 from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
-from .schema import apply_migrations, latest_version, schema_version
+from .schema import prepare
 
 __all__ = ["MAX_BLOB_BYTES", "PipelineCache"]
 
@@ -141,8 +141,13 @@ class PipelineCache:
         return platformdirs.user_cache_path("vyre", appauthor=False) / "pipelines.sqlite3"
 
     @classmethod
-    def open(cls, path: str | Path | None = None, *, readonly: bool = False) -> PipelineCache:
+    def open(
+        cls, path: str | Path | None = None, *, readonly: bool = False, vfs: str | None = None
+    ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`, or at `default_path()` when None.
+
+        `vfs` names a registered SQLite VFS to do the file I/O (for tests and special
+        storage); the default is the operating system's.
 
         Raises SchemaTooNewError for a file from a newer vyre-sqlcache, CorruptCacheError
         for a file that is not a cache, and CacheError if the file cannot be opened.
@@ -157,11 +162,9 @@ class PipelineCache:
                     "choose a writable path"
                 ) from error
         with sqlite_errors("opening the cache", resolved):
-            connection = connect(resolved, readonly=readonly)
+            connection = connect(resolved, readonly=readonly, vfs=vfs)
             try:
-                if not readonly or schema_version(connection) > latest_version():
-                    # On a read-only cache this only raises SchemaTooNewError.
-                    apply_migrations(connection, str(resolved))
+                prepare(connection, str(resolved), readonly=readonly)
             except BaseException:
                 connection.close()
                 raise

@@ -1,0 +1,51 @@
+"""Fixtures shared by the test modules: fresh caches in tmp_path, keys and fingerprints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
+
+
+@pytest.fixture
+def cache_path(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "pipelines.sqlite3"
+
+
+@pytest.fixture
+def cache(cache_path: Path) -> Iterator[PipelineCache]:
+    with PipelineCache.open(cache_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def fingerprint() -> DeviceFingerprint:
+    return DeviceFingerprint.from_parts(0x10DE, 0x2684, "550.54.14")
+
+
+@pytest.fixture
+def other_fingerprint() -> DeviceFingerprint:
+    return DeviceFingerprint.from_parts(0x1002, 0x744C, "mesa 24.0.5", "radv")
+
+
+@pytest.fixture
+def make_key() -> Callable[..., PipelineCacheKey]:
+    """A factory of distinct, valid keys; keyword arguments override fields."""
+
+    def make(**fields: object) -> PipelineCacheKey:
+        values: dict[str, object] = {
+            "shader_hash": os.urandom(32),
+            "bind_group_layout_hash": os.urandom(32),
+            "push_constant_size": 16,
+            "workgroup_size": (64, 1, 1),
+            "feature_flags": FeatureFlags.SUBGROUP_OPS,
+            "backend": "vulkan",
+        }
+        values.update(fields)
+        return PipelineCacheKey(**values)  # type: ignore[arg-type]
+
+    return make

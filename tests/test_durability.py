@@ -1,0 +1,111 @@
+"""flush(): what it acknowledged survives a power cut that loses every unsynced byte."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+
+from .vfs import SyncTrackingVFS, power_cut
+
+
+@pytest.fixture
+def sync_vfs() -> Iterator[SyncTrackingVFS]:
+    vfs = SyncTrackingVFS()
+    yield vfs
+    vfs.unregister()
+
+
+def reopen_after_power_cut(path: Path) -> PipelineCache:
+    power_cut(path)
+    return PipelineCache.open(path)
+
+
+def test_flushed_writes_survive_a_power_cut(
+    cache_path: Path, fingerprint: DeviceFingerprint, sync_vfs: SyncTrackingVFS
+) -> None:
+    cache_path.parent.mkdir(parents=True)
+    blobs = {os.urandom(32): os.urandom(n * 997) for n in range(1, 60)}
+    cache = PipelineCache.open(cache_path, vfs=sync_vfs.name)
+    for digest, blob in blobs.items():
+        cache.write(digest, fingerprint, blob)
+    cache.flush()
+    # Unflushed work after the flush may be lost; the flushed work may not.
+    late = os.urandom(32)
+    cache.write(late, fingerprint, b"late")
+    with reopen_after_power_cut(cache_path) as survivor:
+        for digest, blob in blobs.items():
+            assert survivor.read(digest, fingerprint) == blob
+    cache._connection.close()
+
+
+def test_without_flush_the_shim_really_loses_writes(
+    cache_path: Path, fingerprint: DeviceFingerprint, sync_vfs: SyncTrackingVFS
+) -> None:
+    # Shows the shim is strict enough to catch a flush() that did not sync.
+    cache_path.parent.mkdir(parents=True)
+    cache = PipelineCache.open(cache_path, vfs=sync_vfs.name)
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, b"never flushed")
+    with reopen_after_power_cut(cache_path) as survivor:
+        assert survivor.read(digest, fingerprint) is None
+    cache._connection.close()
+
+
+def test_flush_with_nothing_pending_does_not_sync(
+    cache_path: Path, fingerprint: DeviceFingerprint, sync_vfs: SyncTrackingVFS
+) -> None:
+    cache_path.parent.mkdir(parents=True)
+    with PipelineCache.open(cache_path, vfs=sync_vfs.name) as cache:
+        cache.write(os.urandom(32), fingerprint, b"x")
+        cache.flush()
+        syncs = sync_vfs.syncs
+        cache.flush()
+        assert sync_vfs.syncs == syncs
+
+
+class FailingSyncVFS(SyncTrackingVFS):
+    """Fails every sync while `failing` is set."""
+
+    failing = False
+
+    def xOpen(self, name: object, flags: list[int]) -> object:
+        file = super().xOpen(name, flags)
+        vfs = self
+        original = file.xSync
+
+        def sync(flags: int) -> None:
+            if vfs.failing:
+                raise apsw.IOError("injected sync failure")
+            original(flags)
+
+        file.xSync = sync  # type: ignore[method-assign]
+        return file
+
+
+def test_failed_flush_keeps_writes_pending_and_a_later_flush_retries(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    from vyre_sqlcache import CacheError
+
+    cache_path.parent.mkdir(parents=True)
+    vfs = FailingSyncVFS("failsync")
+    try:
+        cache = PipelineCache.open(cache_path, vfs=vfs.name)
+        digest = os.urandom(32)
+        cache.write(digest, fingerprint, b"must survive")
+        vfs.failing = True
+        with pytest.raises(CacheError):
+            cache.flush()
+        vfs.failing = False
+        cache.flush()
+        with reopen_after_power_cut(cache_path) as survivor:
+            assert survivor.read(digest, fingerprint) == b"must survive"
+        cache._connection.close()
+    finally:
+        vfs.unregister()

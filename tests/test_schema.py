@@ -1,0 +1,169 @@
+"""Schema: migrations, versions, STRICT tables and CHECKs, concurrent creation."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import apsw
+import pytest
+
+from vyre_sqlcache import CorruptCacheError, DeviceFingerprint, PipelineCache, SchemaTooNewError
+from vyre_sqlcache.connection import PAGE_SIZE
+from vyre_sqlcache.schema import latest_version, migrations
+
+
+def test_migrations_are_numbered_sql_files() -> None:
+    found = migrations()
+    assert [m.version for m in found] == list(range(1, len(found) + 1))
+    assert found[0].name.startswith("0001_") and "CREATE TABLE entries" in found[0].sql
+
+
+def test_new_cache_has_the_latest_schema_in_wal_mode(
+    cache: PipelineCache, cache_path: Path
+) -> None:
+    connection = apsw.Connection(str(cache_path))
+    assert connection.pragma("user_version") == latest_version()
+    assert connection.pragma("journal_mode") == "wal"
+    assert connection.pragma("page_size") == PAGE_SIZE
+    strict = {
+        row[1]: row[5]
+        for row in connection.execute("PRAGMA table_list")
+        if row[1] in ("entries", "blobs", "meta")
+    }
+    assert strict == {"entries": 1, "blobs": 1, "meta": 1}
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("entry_key", b"short"),
+        ("shader_hash", b"x" * 31),
+        ("push_constant_size", -1),
+        ("workgroup_x", 2**32),
+        ("feature_flags", 2**32),
+        ("vendor", -5),
+        ("backend", ""),
+        ("blob_size", 64 * 1024 * 1024 + 1),
+        ("push_constant_size", "sixteen"),
+    ],
+)
+def test_checks_refuse_bad_rows(
+    cache: PipelineCache, cache_path: Path, column: str, value: object
+) -> None:
+    row = {
+        "id": 1,
+        "entry_key": bytes(32),
+        "blob_size": 0,
+        "created_ms": 0,
+        "accessed_ms": 0,
+    }
+    row[column] = value
+    connection = apsw.Connection(str(cache_path))
+    names = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    with pytest.raises(apsw.ConstraintError):
+        connection.execute(f"INSERT INTO entries ({names}) VALUES ({marks})", tuple(row.values()))
+    connection.close()
+
+
+def file_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_newer_schema_is_refused_and_never_written(cache_path: Path) -> None:
+    PipelineCache.open(cache_path).close()
+    connection = apsw.Connection(str(cache_path))
+    connection.pragma("user_version", latest_version() + 1)
+    connection.close()
+    before = file_bytes(cache_path)
+    for readonly in (False, True):
+        with pytest.raises(SchemaTooNewError, match="upgrade vyre-sqlcache"):
+            PipelineCache.open(cache_path, readonly=readonly)
+    assert file_bytes(cache_path) == before
+
+
+def test_foreign_database_is_refused_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    connection = apsw.Connection(str(path))
+    connection.execute("CREATE TABLE notes(x); INSERT INTO notes VALUES (1)")
+    connection.close()
+    before = file_bytes(path)
+    with pytest.raises(CorruptCacheError, match="not a vyre-sqlcache cache"):
+        PipelineCache.open(path)
+    assert file_bytes(path) == before
+
+
+def test_not_a_database_is_a_corrupt_cache_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sqlite3"
+    path.write_bytes(b"this is not sqlite" * 1000)
+    with pytest.raises(CorruptCacheError, match="not a SQLite database"):
+        PipelineCache.open(path)
+
+
+def test_empty_file_becomes_a_cache(tmp_path: Path) -> None:
+    path = tmp_path / "empty.sqlite3"
+    path.touch()
+    with PipelineCache.open(path) as cache:
+        assert len(cache) == 0
+
+
+def _open_at(path: str, barrier: multiprocessing.synchronize.Barrier, index: int) -> None:
+    barrier.wait(timeout=30)
+    fingerprint = DeviceFingerprint.from_parts(1, 2, "r")
+    with PipelineCache.open(path) as cache:
+        cache.write(bytes([index]) * 32, fingerprint, b"from %d" % index)
+        cache.flush()
+
+
+def test_processes_creating_one_file_at_once_all_succeed(tmp_path: Path) -> None:
+    path = str(tmp_path / "race.sqlite3")
+    context = multiprocessing.get_context("spawn")
+    count = 4
+    barrier = context.Barrier(count)
+    processes = [context.Process(target=_open_at, args=(path, barrier, i)) for i in range(count)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0] * count
+    fingerprint = DeviceFingerprint.from_parts(1, 2, "r")
+    with PipelineCache.open(path) as cache:
+        assert len(cache) == count
+        for i in range(count):
+            assert cache.read(bytes([i]) * 32, fingerprint) == b"from %d" % i
+
+
+def test_opening_a_big_cache_does_not_scan_it(cache_path: Path) -> None:
+    fingerprint = DeviceFingerprint.from_parts(1, 2, "r")
+    with PipelineCache.open(cache_path) as cache:
+        cache.put_many([], fingerprint)
+        for _ in range(20):
+            digests = [os.urandom(32) for _ in range(100)]
+            for digest in digests:
+                cache.write(digest, fingerprint, os.urandom(4096))
+    size = cache_path.stat().st_size
+    assert size > 8 * 1024 * 1024
+
+    class CountingFile(apsw.VFSFile):  # type: ignore[misc]
+        read = 0
+
+        def xRead(self, amount: int, offset: int) -> bytes:
+            CountingFile.read += amount
+            return super().xRead(amount, offset)  # type: ignore[no-any-return]
+
+    class CountingVFS(apsw.VFS):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__("counting", "")
+
+        def xOpen(self, name: object, flags: list[int]) -> CountingFile:
+            return CountingFile("", name, flags)
+
+    vfs = CountingVFS()
+    try:
+        PipelineCache.open(cache_path, vfs="counting").close()
+    finally:
+        vfs.unregister()
+    assert CountingFile.read < 256 * 1024, f"open read {CountingFile.read} of {size} bytes"
