@@ -57,15 +57,35 @@ BEGIN
     DELETE FROM blobs WHERE id = old.id;
 END;
 
--- Cache-wide counters and settings, one row each.
+-- Cache-wide totals and counters, one row each. `entries` and `blob_bytes` are
+-- kept by the triggers below, so the size cap is checked without a scan.
 CREATE TABLE meta (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 
 INSERT INTO meta (name, value) VALUES
+    ('entries', 0),
+    ('blob_bytes', 0),
     ('flushes', 0),
     ('hits', 0),
     ('misses', 0),
     ('evictions', 0),
     ('checksum_failures', 0);
+
+CREATE TRIGGER entries_count_insert AFTER INSERT ON entries
+BEGIN
+    UPDATE meta SET value = value + 1 WHERE name = 'entries';
+    UPDATE meta SET value = value + new.blob_size WHERE name = 'blob_bytes';
+END;
+
+CREATE TRIGGER entries_count_delete AFTER DELETE ON entries
+BEGIN
+    UPDATE meta SET value = value - 1 WHERE name = 'entries';
+    UPDATE meta SET value = value - old.blob_size WHERE name = 'blob_bytes';
+END;
+
+CREATE TRIGGER entries_count_resize AFTER UPDATE OF blob_size ON entries
+BEGIN
+    UPDATE meta SET value = value - old.blob_size + new.blob_size WHERE name = 'blob_bytes';
+END;

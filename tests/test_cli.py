@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import apsw
 import pytest
 
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
@@ -45,15 +46,18 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
-def test_a_file_that_is_not_a_cache_is_one_clear_line(
+def test_another_programs_database_is_one_clear_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / "notes.txt"
-    path.write_bytes(b"not a database at all" * 100)
+    path = tmp_path / "notes.db"
+    connection = apsw.Connection(str(path))
+    connection.execute("CREATE TABLE notes (text)")
+    connection.close()
+    before = path.read_bytes()
     assert main(["--path", str(path), "demo"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a SQLite database" in err
-    assert path.read_bytes() == b"not a database at all" * 100
+    assert err.count("\n") == 1 and "not a vyre-sqlcache cache" in err
+    assert path.read_bytes() == before
 
 
 def test_console_script_runs_the_demo(cache_path: Path) -> None:

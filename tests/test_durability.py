@@ -11,7 +11,7 @@ import pytest
 
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
 
-from .vfs import SyncTrackingVFS, power_cut
+from .vfs import SyncTrackingVFS, abandon, power_cut
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_flushed_writes_survive_a_power_cut(
     with reopen_after_power_cut(cache_path) as survivor:
         for digest, blob in blobs.items():
             assert survivor.read(digest, fingerprint) == blob
-    cache._connection.close()
+    abandon(cache)
 
 
 def test_without_flush_the_shim_really_loses_writes(
@@ -54,7 +54,7 @@ def test_without_flush_the_shim_really_loses_writes(
     cache.write(digest, fingerprint, b"never flushed")
     with reopen_after_power_cut(cache_path) as survivor:
         assert survivor.read(digest, fingerprint) is None
-    cache._connection.close()
+    abandon(cache)
 
 
 def test_flush_with_nothing_pending_does_not_sync(
@@ -106,6 +106,6 @@ def test_failed_flush_keeps_writes_pending_and_a_later_flush_retries(
         cache.flush()
         with reopen_after_power_cut(cache_path) as survivor:
             assert survivor.read(digest, fingerprint) == b"must survive"
-        cache._connection.close()
+        abandon(cache)
     finally:
         vfs.unregister()

@@ -242,11 +242,11 @@ def test_invalidate_is_one_delete_statement(
     def trace(sql: str) -> None:
         statements.append(sql)
 
-    cache._connection.trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: trace(event["sql"]))
+    cache._connection().trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: trace(event["sql"]))
     try:
         cache.invalidate_impacted([1] * 200, digests, fingerprint)
     finally:
-        cache._connection.trace_v2(0, None)
+        cache._connection().trace_v2(0, None)
     deletes = [s for s in statements if s.lstrip().upper().startswith("DELETE FROM ENTRIES")]
     assert len(deletes) == 1
     assert len(cache) == 0

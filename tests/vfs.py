@@ -57,3 +57,10 @@ def power_cut(database: Path) -> None:
             path.unlink(missing_ok=True)
     # The shared-memory index is rebuilt from the WAL after a crash.
     Path(str(database) + "-shm").unlink(missing_ok=True)
+
+
+def abandon(cache: Any) -> None:
+    """Drop a cache's connections without the checkpoint close() does, as a crash would."""
+    cache._closed = True
+    for _, connection in cache._connections:
+        connection.close()

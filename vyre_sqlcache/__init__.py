@@ -12,11 +12,12 @@ from .errors import (
     CacheError,
     CacheFullError,
     CorruptCacheError,
+    NotACacheError,
     ReadOnlyCacheError,
     SchemaTooNewError,
 )
 from .keys import CURRENT_KEY_VERSION, DeviceFingerprint, FeatureFlags, PipelineCacheKey
-from .store import MAX_BLOB_BYTES, PipelineCache
+from .store import MAX_BLOB_BYTES, CacheStats, PipelineCache
 
 __version__ = "0.1.0"
 
@@ -27,9 +28,11 @@ __all__ = [
     "CacheBusyError",
     "CacheError",
     "CacheFullError",
+    "CacheStats",
     "CorruptCacheError",
     "DeviceFingerprint",
     "FeatureFlags",
+    "NotACacheError",
     "PipelineCache",
     "PipelineCacheKey",
     "ReadOnlyCacheError",

@@ -17,7 +17,15 @@ from .errors import (
     ReadOnlyCacheError,
 )
 
-__all__ = ["BUSY_TIMEOUT_MS", "MMAP_BYTES", "PAGE_SIZE", "connect", "immediate", "sqlite_errors"]
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "MMAP_BYTES",
+    "PAGE_SIZE",
+    "connect",
+    "immediate",
+    "sqlite_errors",
+    "translate",
+]
 
 #: Page size of new cache files: 16 KiB keeps a 4 KiB blob inside its b-tree
 #: leaf (one page read a lookup) while wasting at most one page on larger blobs.
@@ -28,15 +36,23 @@ MMAP_BYTES = 1 << 30
 BUSY_TIMEOUT_MS = 10_000
 
 
-def connect(path: Path, *, readonly: bool = False, vfs: str | None = None) -> apsw.Connection:
+def connect(
+    path: Path, *, readonly: bool = False, immutable: bool = False, vfs: str | None = None
+) -> apsw.Connection:
     """Open `path` (through the named SQLite VFS, if any) with the settings every cache uses.
 
-    Raises apsw errors as they come; callers translate them with `sqlite_errors`.
+    `immutable` is for read-only media with no write-ahead log to read: SQLite then
+    needs no -shm file and takes no locks. Raises apsw errors as they come; callers
+    translate them with `translate` or `sqlite_errors`.
     """
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     if not readonly:
         flags |= apsw.SQLITE_OPEN_CREATE
-    connection = apsw.Connection(str(path), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=vfs)
+    name = str(path)
+    if immutable:
+        name = Path(path).resolve().as_uri() + "?immutable=1"
+        flags |= apsw.SQLITE_OPEN_URI
+    connection = apsw.Connection(name, flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=vfs)
     try:
         # bestpractice, one piece at a time: apply() would install global hooks
         # on every apsw connection of the host application.
@@ -100,13 +116,18 @@ _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
 )
 
 
+def translate(error: apsw.Error, what: str, path: Path) -> CacheError:
+    """The `CacheError` subclass, with advice, that stands for an apsw error."""
+    for apsw_type, cache_type, advice in _TRANSLATIONS:
+        if isinstance(error, apsw_type):
+            return cache_type(f"{what} failed on {path}: {error}; {advice}")
+    return CacheError(f"{what} failed on {path}: {error}")
+
+
 @contextmanager
 def sqlite_errors(what: str, path: Path) -> Iterator[None]:
     """Turn an apsw error raised in the block into the matching `CacheError` subclass."""
     try:
         yield
     except apsw.Error as error:
-        for apsw_type, cache_type, advice in _TRANSLATIONS:
-            if isinstance(error, apsw_type):
-                raise cache_type(f"{what} failed on {path}: {error}; {advice}") from error
-        raise CacheError(f"{what} failed on {path}: {error}") from error
+        raise translate(error, what, path) from error

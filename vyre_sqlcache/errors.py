@@ -19,6 +19,10 @@ class CorruptCacheError(CacheError):
     """The cache file is damaged or is not a vyre-sqlcache database."""
 
 
+class NotACacheError(CacheError):
+    """The path holds a SQLite database of something else; it is left untouched."""
+
+
 class ReadOnlyCacheError(CacheError):
     """A write was asked of a cache that is open read-only."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import apsw
 
 from .connection import PAGE_SIZE, immediate
-from .errors import CacheError, CorruptCacheError, SchemaTooNewError
+from .errors import CacheError, NotACacheError, SchemaTooNewError
 
 __all__ = ["Migration", "latest_version", "migrations", "prepare", "schema_version"]
 
@@ -80,7 +80,7 @@ def _check_is_ours(connection: apsw.Connection, where: str) -> None:
         "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
     ).fetchone()
     if row is not None and row[0]:
-        raise CorruptCacheError(
+        raise NotACacheError(
             f"{where} is a SQLite database but not a vyre-sqlcache cache (it has other "
             "tables and no schema version); choose another path (the file was not modified)"
         )
@@ -91,7 +91,7 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
 
     New files get `PAGE_SIZE` pages and WAL mode; pending migrations run in one
     `BEGIN IMMEDIATE` transaction. Nothing is written to a file that fails a check.
-    Raises SchemaTooNewError for a file from a newer library, CorruptCacheError for a
+    Raises SchemaTooNewError for a file from a newer library, NotACacheError for a
     database that is not a cache, CacheError for a read-only cache that needs a migration.
     """
     version = schema_version(connection)

@@ -3,43 +3,100 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import apsw
 import platformdirs
 
 from . import checksums
-from .connection import connect, immediate, sqlite_errors
-from .errors import BlobTooLargeError, CacheError, ReadOnlyCacheError
+from .config import DEFAULT_MAX_BYTES, ENV_MAX_SIZE, Settings
+from .connection import BUSY_TIMEOUT_MS, connect, immediate, translate
+from .errors import (
+    BlobTooLargeError,
+    CacheError,
+    CacheFullError,
+    CorruptCacheError,
+    ReadOnlyCacheError,
+)
+from .healing import move_aside, needs_check_marker
 from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
 from .schema import prepare
 
-__all__ = ["MAX_BLOB_BYTES", "PipelineCache"]
+__all__ = ["MAX_BLOB_BYTES", "CacheStats", "PipelineCache"]
 
 log = logging.getLogger("vyre_sqlcache")
 
 #: Largest blob a cache stores, as vyre's `MAX_DISK_PIPELINE_BLOB_BYTES` (64 MiB).
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+#: Last-access times and hit counts are written at most this often from reads.
+TOUCH_INTERVAL_S = 5.0
+#: Blobs above this size are read with incremental blob I/O instead of in the row.
+LARGE_BLOB_BYTES = 256 * 1024
+#: Eviction frees this share of the cap beyond what is needed, so that a full
+#: cache does not evict on every write.
+EVICTION_SLACK = 0.05
+
+_UNSET: Final[Any] = object()
 
 _INSERT_ENTRY = """
-INSERT OR REPLACE INTO entries (
+INSERT INTO entries (
     id, entry_key, key_version, shader_hash, layout_hash, push_constant_size,
     workgroup_x, workgroup_y, workgroup_z, feature_flags, backend,
     vendor, device, driver_digest, program_digest, blob_size, created_ms, accessed_ms
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    entry_key = excluded.entry_key, key_version = excluded.key_version,
+    shader_hash = excluded.shader_hash, layout_hash = excluded.layout_hash,
+    push_constant_size = excluded.push_constant_size, workgroup_x = excluded.workgroup_x,
+    workgroup_y = excluded.workgroup_y, workgroup_z = excluded.workgroup_z,
+    feature_flags = excluded.feature_flags, backend = excluded.backend,
+    vendor = excluded.vendor, device = excluded.device, driver_digest = excluded.driver_digest,
+    program_digest = excluded.program_digest, blob_size = excluded.blob_size,
+    created_ms = excluded.created_ms, accessed_ms = excluded.accessed_ms, hits = 0
 """
 _INSERT_BLOB = (
     "INSERT OR REPLACE INTO blobs (id, checksum_algo, checksum, data) VALUES (?, ?, ?, ?)"
 )
-_SELECT_BLOB = "SELECT checksum_algo, checksum, data FROM blobs WHERE id = ?"
+# One statement a read-hit; a large blob stays out of the row and is read
+# straight into its result with incremental blob I/O.
+_SELECT_BLOB = (
+    "SELECT checksum_algo, checksum, length(data), "
+    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END FROM blobs WHERE id = ?"
+)
+_BUMP_META = "UPDATE meta SET value = value + ? WHERE name = ?"
+_BLOB_BYTES = "SELECT value FROM meta WHERE name = 'blob_bytes'"
+_COUNTERS = ("hits", "misses", "evictions", "checksum_failures")
+
+# Bumped in a forked child: connections must never cross a fork.
+_fork_generation = 0
+# Connections inherited through fork are kept referenced so they are never
+# closed (a close could checkpoint or delete the parent's write-ahead log).
+_abandoned: list[apsw.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _scalar(connection: apsw.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
+    row = connection.execute(sql, params).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _now_ms() -> int:
@@ -72,9 +129,39 @@ def _check_key(key: Any) -> PipelineCacheKey:
     return key
 
 
+def _check_max_bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_bytes must be an int or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"max_bytes must be at least 1 byte (or None for no cap), got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A cache's size and counters; `total_*` are kept in the file across processes."""
+
+    path: Path
+    entries: int
+    blob_bytes: int
+    file_bytes: int
+    max_bytes: int | None
+    hits: int
+    misses: int
+    evictions: int
+    checksum_failures: int
+    total_hits: int
+    total_misses: int
+    total_evictions: int
+    total_checksum_failures: int
+    total_flushes: int
+
+
 @dataclass(frozen=True, slots=True)
 class _Row:
-    """One entry ready to insert: validated, keyed and checksummed."""
+    """One entry ready to insert: validated and keyed."""
 
     entry_key: bytes
     key: PipelineCacheKey | None
@@ -120,18 +207,41 @@ class PipelineCache:
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
     Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
+    Each thread gets its own SQLite connection, so readers in different threads run in
+    parallel (apsw releases the GIL inside SQLite) and a transaction is never shared.
     """
 
-    def __init__(self, connection: apsw.Connection, path: Path, *, readonly: bool) -> None:
-        """Wrap an open, migrated connection; use `PipelineCache.open` instead."""
-        self._connection = connection
+    def __init__(
+        self,
+        path: Path,
+        *,
+        readonly: bool,
+        immutable: bool,
+        max_bytes: int | None,
+        disabled: bool,
+        vfs: str | None,
+    ) -> None:
+        """Set up a cache object; use `PipelineCache.open` instead."""
         self._path = path
         self._readonly = readonly
-        # One connection serves every thread; the lock keeps one thread's
-        # transaction from interleaving with another's statements.
-        self._lock = threading.RLock()
-        self._unflushed = 0
+        self._immutable = immutable
+        self._max_bytes = max_bytes
+        self._disabled = disabled
+        self._vfs = vfs
         self._closed = False
+        self._reset_connections()
+        # Shared by every thread; guarded by _lock.
+        self._unflushed = 0
+        self._touched: dict[int, int] = {}
+        self._pending: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._next_touch_write = time.monotonic() + TOUCH_INTERVAL_S
+
+    def _reset_connections(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._connections: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
+        self._generation = _fork_generation
 
     # -- opening and closing -------------------------------------------------------
 
@@ -142,46 +252,162 @@ class PipelineCache:
 
     @classmethod
     def open(
-        cls, path: str | Path | None = None, *, readonly: bool = False, vfs: str | None = None
+        cls,
+        path: str | Path | None = None,
+        *,
+        max_bytes: int | None = _UNSET,
+        readonly: bool = False,
+        strict: bool = False,
+        verify: bool = False,
+        vfs: str | None = None,
     ) -> PipelineCache:
-        """Open (creating if needed) the cache at `path`, or at `default_path()` when None.
+        """Open (creating if needed) the cache at `path`.
 
-        `vfs` names a registered SQLite VFS to do the file I/O (for tests and special
-        storage); the default is the operating system's.
+        `path=None` means `$VYRE_SQLCACHE_PATH`, else `default_path()`. `max_bytes` caps the
+        blob bytes (default `$VYRE_SQLCACHE_MAX_SIZE`, else 1 GiB; None: no cap). A file that
+        cannot be written opens read-only. A damaged file (not a database, or failing
+        `quick_check` when `verify=True` or after damage was met in use) is moved aside and
+        replaced; `strict=True` raises CorruptCacheError instead. `VYRE_SQLCACHE_DISABLE=1`
+        gives a cache that stores nothing. `vfs` names a SQLite VFS to do the I/O.
 
-        Raises SchemaTooNewError for a file from a newer vyre-sqlcache, CorruptCacheError
-        for a file that is not a cache, and CacheError if the file cannot be opened.
+        Raises SchemaTooNewError (file from a newer library), NotACacheError (another
+        program's database), CorruptCacheError (with strict), ValueError (malformed
+        environment variable or argument), CacheError (cannot open).
         """
-        resolved = cls.default_path() if path is None else Path(path)
+        settings = Settings.from_environment()
+        if path is None:
+            path = settings.path or cls.default_path()
+        resolved = Path(path).expanduser()
+        if max_bytes is _UNSET:
+            max_bytes = DEFAULT_MAX_BYTES if settings.max_bytes is None else settings.max_bytes
+            if max_bytes < 1:
+                raise ValueError(f"{ENV_MAX_SIZE} must be at least 1 byte, got {max_bytes}")
+        cap = _check_max_bytes(max_bytes)
+        options: dict[str, Any] = {"max_bytes": cap, "vfs": vfs}
+        if settings.disabled:
+            return cls(resolved, readonly=True, immutable=False, disabled=True, **options)
+        immutable = False
         if not readonly:
+            readonly = cls._must_open_readonly(resolved)
+            if readonly:
+                log.info("vyre-sqlcache: %s is not writable; opening it read-only", resolved)
+        if readonly:
+            immutable = cls._needs_immutable(resolved)
+        cache = cls(resolved, readonly=readonly, immutable=immutable, disabled=False, **options)
+        try:
+            cache._first_connection(verify=verify)
+        except CorruptCacheError as error:
+            if strict or readonly:
+                raise
+            move_aside(resolved, f"is damaged ({error})")
+            cache._first_connection(verify=False)
+        return cache
+
+    @staticmethod
+    def _must_open_readonly(path: Path) -> bool:
+        """Whether the file (or, for a new one, its folder) cannot be written."""
+        if path.exists():
+            folder_ok = os.access(path.parent, os.W_OK) or all(
+                Path(str(path) + side).exists() for side in ("-wal", "-shm")
+            )
+            return not (os.access(path, os.W_OK) and folder_ok)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CacheError(
+                f"cannot create the folder of cache file {path}: {error}; choose a writable path"
+            ) from error
+        return False
+
+    @staticmethod
+    def _needs_immutable(path: Path) -> bool:
+        """Read-only media: no -shm can be made, and no write-ahead log holds rows to read."""
+        if os.access(path.parent, os.W_OK):
+            return False
+        wal = Path(str(path) + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
+
+    def _first_connection(self, *, verify: bool) -> None:
+        """Open this thread's connection, check and migrate the file; raise CacheError types."""
+        where = str(self._path)
+        marker = needs_check_marker(self._path)
+        try:
+            connection = self._open_connection()
             try:
-                resolved.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise CacheError(
-                    f"cannot create the folder of cache file {resolved}: {error}; "
-                    "choose a writable path"
-                ) from error
-        with sqlite_errors("opening the cache", resolved):
-            connection = connect(resolved, readonly=readonly, vfs=vfs)
-            try:
-                prepare(connection, str(resolved), readonly=readonly)
+                prepare(connection, where, readonly=self._readonly)
+                if verify or marker.exists():
+                    problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+                    if problems != ["ok"]:
+                        raise CorruptCacheError(
+                            f"{where} fails quick_check: {'; '.join(problems[:3])}"
+                        )
+                    marker.unlink(missing_ok=True)
             except BaseException:
                 connection.close()
                 raise
-        return cls(connection, resolved, readonly=readonly)
+        except apsw.Error as error:
+            raise translate(error, "opening the cache", self._path) from error
+        self._adopt(connection)
+
+    def _open_connection(self) -> apsw.Connection:
+        return connect(
+            self._path, readonly=self._readonly, immutable=self._immutable, vfs=self._vfs
+        )
+
+    def _adopt(self, connection: apsw.Connection) -> None:
+        self._local.connection = connection
+        with self._lock:
+            # Connections of threads that have ended are closed here, so a program
+            # that starts many short-lived threads does not collect open files.
+            alive = []
+            for thread_ref, other in self._connections:
+                thread = thread_ref()
+                if thread is not None and thread.is_alive():
+                    alive.append((thread_ref, other))
+                else:
+                    other.close()
+            alive.append((weakref.ref(threading.current_thread()), connection))
+            self._connections = alive
+
+    def _connection(self) -> apsw.Connection:
+        """This thread's connection, opened on first use; raise CacheError if closed."""
+        if self._closed:
+            raise CacheError(f"the cache {self._path} is closed; open it again to use it")
+        if self._generation != _fork_generation:
+            # A forked child: the parent's connections are not ours to use or close.
+            _abandoned.extend(connection for _, connection in self._connections)
+            self._reset_connections()
+        connection: apsw.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            try:
+                connection = self._open_connection()
+            except apsw.Error as error:
+                raise translate(error, "opening a connection", self._path) from error
+            self._adopt(connection)
+        return connection
 
     def close(self) -> None:
-        """Checkpoint the write-ahead log into the main file and close; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
+        """Write pending bookkeeping, checkpoint into the main file and close; idempotent."""
+        if self._closed or self._disabled:
             self._closed = True
-            try:
-                if not self._readonly:
-                    with sqlite_errors("checkpointing on close", self._path):
-                        self._connection.pragma("wal_checkpoint", "TRUNCATE")
-            finally:
-                self._connection.close()
+            return
+        try:
+            if not self._readonly and self._generation == _fork_generation:
+                connection = self._connection()
+                self._write_bookkeeping_now(connection, wait=False)
+                try:
+                    connection.pragma("wal_checkpoint", "TRUNCATE")
+                except apsw.Error as error:
+                    log.warning(
+                        "vyre-sqlcache: checkpoint on close of %s failed: %s", self._path, error
+                    )
+        finally:
+            self._closed = True
+            with self._lock:
+                if self._generation == _fork_generation:
+                    for _, connection in self._connections:
+                        connection.close()
+                self._connections = []
 
     def __enter__(self) -> PipelineCache:
         return self
@@ -201,8 +427,18 @@ class PipelineCache:
 
     @property
     def readonly(self) -> bool:
-        """Whether writes are refused."""
-        return self._readonly
+        """Whether writes are refused (asked for, or the file cannot be written)."""
+        return self._readonly and not self._disabled
+
+    @property
+    def disabled(self) -> bool:
+        """Whether the cache was disabled by `VYRE_SQLCACHE_DISABLE` (stores nothing)."""
+        return self._disabled
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The cap on blob bytes, or None for no cap."""
+        return self._max_bytes
 
     # -- the vyre API: entries by program digest -----------------------------------
 
@@ -211,8 +447,9 @@ class PipelineCache:
     ) -> None:
         """Store `blob` for a program on a device, atomically (durable after `flush()`).
 
-        Raises BlobTooLargeError over 64 MiB, TypeError/ValueError for bad arguments,
-        ReadOnlyCacheError on a read-only cache; nothing is written when it raises.
+        Raises BlobTooLargeError over 64 MiB or over the cap, TypeError/ValueError for bad
+        arguments, ReadOnlyCacheError on a read-only cache, CacheFullError when the disk is
+        full even after eviction; nothing is written when it raises.
         """
         fp = _check_fingerprint(fingerprint)
         digest = coerce_digest("program_digest", program_digest)
@@ -233,23 +470,27 @@ class PipelineCache:
         Raises CacheError if the sync fails; the writes stay pending and the next
         `flush()` retries them.
         """
+        if self._disabled:
+            return
+        connection = self._connection()
         with self._lock:
-            self._check_open()
             if self._unflushed == 0:
                 return
-            connection = self._connection
-            with sqlite_errors("flushing", self._path):
-                # One commit with synchronous=FULL syncs the write-ahead log, and
-                # with it every frame committed before: ours and other processes'.
-                connection.pragma("synchronous", "FULL")
-                try:
-                    with immediate(connection):
-                        connection.execute(
-                            "UPDATE meta SET value = value + 1 WHERE name = 'flushes'"
-                        )
-                finally:
-                    connection.pragma("synchronous", "NORMAL")
-            self._unflushed = 0
+            flushing = self._unflushed
+        try:
+            # One commit with synchronous=FULL syncs the write-ahead log, and with it
+            # every frame committed before: this object's and other processes'.
+            connection.pragma("synchronous", "FULL")
+            try:
+                with immediate(connection):
+                    self._write_bookkeeping(connection)
+                    connection.execute(_BUMP_META, (1, "flushes"))
+            finally:
+                connection.pragma("synchronous", "NORMAL")
+        except apsw.Error as error:
+            raise translate(error, "flushing", self._path) from error
+        with self._lock:
+            self._unflushed -= flushing
 
     def invalidate_impacted(
         self,
@@ -275,7 +516,7 @@ class PipelineCache:
             digest = coerce_digest(f"program_digests[{index}]", raw)
             if check_u32(f"impact_mask[{index}]", mask):
                 impacted.append(digest)
-        if not impacted:
+        if not impacted or self._disabled:
             return 0
         ids = array("q", (entry_id(fp.cache_key(d)) for d in impacted))
         with self._write_transaction("invalidating entries") as connection:
@@ -337,32 +578,41 @@ class PipelineCache:
     def get_many(
         self, keys: Iterable[PipelineCacheKey], fingerprint: DeviceFingerprint
     ) -> list[bytes | None]:
-        """The blobs of many keys (None for each miss), read in one transaction."""
+        """The blobs of many keys (None for each miss), read from one snapshot."""
         fp = _check_fingerprint(fingerprint)
         entry_keys = [_check_key(k).entry_key(fp) for k in keys]
-        with self._lock:
-            self._check_open()
-            with sqlite_errors("reading entries", self._path):
-                self._connection.execute("BEGIN")
-                try:
-                    return [self._load(k) for k in entry_keys]
-                finally:
-                    self._connection.execute("COMMIT")
+        if self._disabled:
+            return [self._load(k) for k in entry_keys]
+        connection = self._connection()
+        try:
+            connection.execute("BEGIN")
+        except apsw.Error as error:
+            raise translate(error, "reading entries", self._path) from error
+        try:
+            results = [self._fetch(connection, k) for k in entry_keys]
+        finally:
+            connection.execute("COMMIT")
+        return [self._verified(k, r) for k, r in zip(entry_keys, results, strict=True)]
 
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Whether an entry is stored under `key` on a device (its bytes are not verified)."""
         entry_key = _check_key(key).entry_key(_check_fingerprint(fingerprint))
-        with self._lock:
-            self._check_open()
-            with sqlite_errors("looking up an entry", self._path):
-                row = self._connection.execute(
-                    "SELECT entry_key FROM entries WHERE id = ?", (entry_id(entry_key),)
-                ).fetchone()
+        if self._disabled:
+            return False
+        connection = self._connection()
+        try:
+            row = connection.execute(
+                "SELECT entry_key FROM entries WHERE id = ?", (entry_id(entry_key),)
+            ).fetchone()
+        except apsw.Error as error:
+            raise translate(error, "looking up an entry", self._path) from error
         return row is not None and row[0] == entry_key
 
     def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Delete the entry under `key` on a device; return whether there was one."""
         entry_key = _check_key(key).entry_key(_check_fingerprint(fingerprint))
+        if self._disabled:
+            return False
         with self._write_transaction("deleting an entry") as connection:
             connection.execute(
                 "DELETE FROM entries WHERE id = ? AND entry_key = ?",
@@ -372,62 +622,206 @@ class PipelineCache:
 
     def __len__(self) -> int:
         """The number of entries."""
+        return self.stats().entries
+
+    def stats(self) -> CacheStats:
+        """Sizes and counters: this object's hits/misses/evictions/checksum failures, and
+        the totals kept in the file (which include this object's once written)."""
         with self._lock:
-            self._check_open()
-            with sqlite_errors("counting entries", self._path):
-                row = self._connection.execute("SELECT count(*) FROM entries").fetchone()
-        assert row is not None
-        return int(row[0])
+            counts = Counter(self._counts)
+        totals: dict[str, int] = {}
+        file_bytes = 0
+        if not self._disabled:
+            connection = self._connection()
+            try:
+                totals = dict(connection.execute("SELECT name, value FROM meta"))
+            except apsw.Error as error:
+                raise translate(error, "reading statistics", self._path) from error
+            for suffix in ("", "-wal"):
+                with suppress(FileNotFoundError):
+                    file_bytes += os.stat(str(self._path) + suffix).st_size
+        with self._lock:
+            pending = Counter(self._pending)
+        return CacheStats(
+            path=self._path,
+            entries=totals.get("entries", 0),
+            blob_bytes=totals.get("blob_bytes", 0),
+            file_bytes=file_bytes,
+            max_bytes=self._max_bytes,
+            hits=counts["hits"],
+            misses=counts["misses"],
+            evictions=counts["evictions"],
+            checksum_failures=counts["checksum_failures"],
+            total_hits=totals.get("hits", 0) + pending["hits"],
+            total_misses=totals.get("misses", 0) + pending["misses"],
+            total_evictions=totals.get("evictions", 0),
+            total_checksum_failures=totals.get("checksum_failures", 0),
+            total_flushes=totals.get("flushes", 0),
+        )
 
-    # -- internals -----------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise CacheError(f"the cache {self._path} is closed; open it again to use it")
-
-    def _check_writable(self) -> None:
-        if self._readonly:
-            raise ReadOnlyCacheError(
-                f"the cache {self._path} is open read-only; open it without readonly=True, "
-                "from a process that may write the file, to store entries"
-            )
+    # -- internals: writing --------------------------------------------------------
 
     @contextmanager
     def _write_transaction(self, what: str) -> Iterator[apsw.Connection]:
-        with self._lock:
-            self._check_open()
-            self._check_writable()
-            with sqlite_errors(what, self._path), immediate(self._connection):
-                yield self._connection
+        if self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; open it without readonly=True, "
+                "from a process that may write the file, to change it"
+            )
+        connection = self._connection()
+        try:
+            with immediate(connection):
+                self._write_bookkeeping(connection)
+                yield connection
+        except apsw.Error as error:
+            self._note_damage(error)
+            raise translate(error, what, self._path) from error
 
     def _insert(self, rows: list[_Row]) -> None:
         if not rows:
             return
+        cap = self._max_bytes
+        if cap is not None:
+            incoming = sum(len(row.blob) for row in rows)
+            if incoming > cap:
+                raise BlobTooLargeError(
+                    f"{'blob is' if len(rows) == 1 else f'{len(rows)} blobs are'} {incoming} "
+                    f"bytes, over the cache's size cap of {cap} bytes (max_bytes / "
+                    f"{ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
+                )
+        if self._disabled:
+            return
         now = _now_ms()
         params = [row.params(now) for row in rows]
-        with self._write_transaction("storing entries") as connection:
-            connection.executemany(_INSERT_ENTRY, [p[0] for p in params])
-            connection.executemany(_INSERT_BLOB, [p[1] for p in params])
-        self._unflushed += len(rows)
+        ids = array("q", (p[0][0] for p in params))
+        for attempt in range(2):
+            try:
+                with self._write_transaction("storing entries") as connection:
+                    if cap is not None:
+                        self._make_room(connection, ids, incoming, cap)
+                    connection.executemany(_INSERT_ENTRY, [p[0] for p in params])
+                    connection.executemany(_INSERT_BLOB, [p[1] for p in params])
+                break
+            except CacheFullError:
+                if attempt or not self._evict_for_full_disk(sum(len(r.blob) for r in rows)):
+                    raise
+                log.warning("vyre-sqlcache: %s hit a full disk; evicted and retrying", self._path)
+        with self._lock:
+            self._unflushed += len(rows)
+
+    def _make_room(
+        self, connection: apsw.Connection, ids: array[int], incoming: int, cap: int
+    ) -> None:
+        """Evict least-recently-used entries so that the insert keeps blob bytes under `cap`."""
+        total = _scalar(connection, _BLOB_BYTES)
+        replaced = _scalar(
+            connection,
+            "SELECT coalesce(sum(blob_size), 0) FROM entries WHERE id IN carray(?)",
+            (apsw.carray(ids),),
+        )
+        excess = total - replaced + incoming - cap
+        if excess > 0:
+            self._evict(connection, excess + int(cap * EVICTION_SLACK), keep=set(ids))
+
+    def _evict(self, connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> int:
+        """Delete least-recently-used entries (in one statement) until enough bytes are free."""
+        victims: array[int] = array("q")
+        freed = 0
+        last: tuple[Any, ...] = (-(2**63), -(2**63))
+        while freed < bytes_to_free:
+            batch = connection.execute(
+                "SELECT accessed_ms, id, blob_size FROM entries "
+                "WHERE (accessed_ms, id) > (?, ?) ORDER BY accessed_ms, id LIMIT 256",
+                last,
+            ).fetchall()
+            if not batch:
+                break
+            for accessed, rowid, size in batch:
+                last = (accessed, rowid)
+                assert isinstance(rowid, int) and isinstance(size, int)
+                if rowid in keep:
+                    continue
+                victims.append(rowid)
+                freed += size
+                if freed >= bytes_to_free:
+                    break
+        if victims:
+            connection.execute("DELETE FROM entries WHERE id IN carray(?)", (apsw.carray(victims),))
+            connection.execute(_BUMP_META, (len(victims), "evictions"))
+            with self._lock:
+                self._counts["evictions"] += len(victims)
+        return len(victims)
+
+    def _evict_for_full_disk(self, incoming: int) -> bool:
+        """Free room after SQLITE_FULL: at least `incoming` bytes, at least a quarter."""
+        try:
+            with self._write_transaction("evicting for a full disk") as connection:
+                total = _scalar(connection, _BLOB_BYTES)
+                return self._evict(connection, max(incoming, total // 4), keep=set()) > 0
+        except CacheError:
+            return False
+
+    # -- internals: reading ----------------------------------------------------------
+
+    def _fetch(
+        self, connection: apsw.Connection, entry_key: bytes
+    ) -> tuple[str, bytes, bytes] | None:
+        """The (checksum algorithm, checksum, data) of an entry, unverified, or None."""
+        rowid = entry_id(entry_key)
+        try:
+            row = connection.execute(_SELECT_BLOB, (rowid,)).fetchone()
+            if row is None:
+                return None
+            algo, checksum, size, data = row
+            if data is None:
+                with connection.blob_open("main", "blobs", "data", rowid, False) as blob:
+                    data = blob.read(size)
+        except apsw.Error as error:
+            # A read never takes the application down: damage or I/O trouble is a miss.
+            self._note_damage(error)
+            log.warning(
+                "vyre-sqlcache: reading %s from %s failed: %s", entry_key.hex(), self._path, error
+            )
+            return None
+        return algo, checksum, data
 
     def _load(self, entry_key: bytes) -> bytes | None:
+        if self._disabled:
+            with self._lock:
+                self._counts["misses"] += 1
+            return None
+        return self._verified(entry_key, self._fetch(self._connection(), entry_key))
+
+    def _verified(self, entry_key: bytes, fetched: tuple[str, bytes, bytes] | None) -> bytes | None:
+        """Return `data` if its checksum holds, recording the hit or miss; None otherwise."""
+        rowid = entry_id(entry_key)
+        algo, checksum, data = fetched if fetched is not None else (None, b"", b"")
+        ok = algo is not None and checksums.matches(algo, checksum, entry_key, data)
         with self._lock:
-            self._check_open()
-            with sqlite_errors("reading an entry", self._path):
-                row = self._connection.execute(_SELECT_BLOB, (entry_id(entry_key),)).fetchone()
-                if row is None:
-                    return None
-                algo, checksum, data = row
-                if checksums.matches(algo, checksum, entry_key, data):
-                    return data  # type: ignore[no-any-return]
-                self._on_mismatch(entry_key, algo)
-                return None
+            if ok:
+                self._counts["hits"] += 1
+                self._pending["hits"] += 1
+                self._touched[rowid] = self._touched.get(rowid, 0) + 1
+            else:
+                self._counts["misses"] += 1
+                self._pending["misses"] += 1
+            due = time.monotonic() >= self._next_touch_write
+        if algo is not None and not ok:
+            self._on_mismatch(entry_key, algo)
+        elif due and not self._readonly:
+            self._write_bookkeeping_now(self._connection(), wait=False)
+        return data if ok else None
 
     def _on_mismatch(self, entry_key: bytes, algo: str) -> None:
         """Drop an entry whose bytes fail their checksum, unless the row is another key's."""
-        owner = self._connection.execute(
-            "SELECT entry_key FROM entries WHERE id = ?", (entry_id(entry_key),)
-        ).fetchone()
+        rowid = entry_id(entry_key)
+        connection = self._connection()
+        try:
+            owner = connection.execute(
+                "SELECT entry_key FROM entries WHERE id = ?", (rowid,)
+            ).fetchone()
+        except apsw.Error:
+            owner = None
         if owner is not None and owner[0] != entry_key:
             return  # another key shares the row id: a miss for us, not damage
         log.warning(
@@ -437,11 +831,60 @@ class PipelineCache:
             self._path,
             algo,
         )
+        with self._lock:
+            self._counts["checksum_failures"] += 1
         if self._readonly:
             return
-        with immediate(self._connection):
-            self._connection.execute("DELETE FROM entries WHERE id = ?", (entry_id(entry_key),))
-            self._connection.execute("DELETE FROM blobs WHERE id = ?", (entry_id(entry_key),))
-            self._connection.execute(
-                "UPDATE meta SET value = value + 1 WHERE name = 'checksum_failures'"
+        try:
+            with self._write_transaction("dropping a damaged entry") as connection:
+                connection.execute("DELETE FROM entries WHERE id = ?", (rowid,))
+                connection.execute("DELETE FROM blobs WHERE id = ?", (rowid,))
+                connection.execute(_BUMP_META, (1, "checksum_failures"))
+        except CacheError as error:
+            log.warning("vyre-sqlcache: could not drop the damaged entry: %s", error)
+
+    # -- internals: bookkeeping -----------------------------------------------------
+
+    def _write_bookkeeping(self, connection: apsw.Connection) -> None:
+        """Write buffered access times, hit counts and counters, inside the caller's txn."""
+        with self._lock:
+            touched, self._touched = self._touched, {}
+            pending, self._pending = self._pending, Counter()
+            self._next_touch_write = time.monotonic() + TOUCH_INTERVAL_S
+        if not touched and not pending:
+            return
+        try:
+            now = _now_ms()
+            connection.executemany(
+                "UPDATE entries SET accessed_ms = ?, hits = hits + ? WHERE id = ?",
+                [(now, hits, rowid) for rowid, hits in touched.items()],
             )
+            connection.executemany(
+                _BUMP_META, [(delta, name) for name, delta in pending.items() if delta]
+            )
+        except BaseException:
+            with self._lock:  # not written: keep them for the next write
+                for rowid, hits in touched.items():
+                    self._touched[rowid] = self._touched.get(rowid, 0) + hits
+                self._pending.update(pending)
+            raise
+
+    def _write_bookkeeping_now(self, connection: apsw.Connection, *, wait: bool) -> None:
+        """Write buffered bookkeeping in its own transaction; never blocks a read for long."""
+        if not wait:
+            connection.set_busy_timeout(0)
+        try:
+            with immediate(connection):
+                self._write_bookkeeping(connection)
+        except apsw.Error as error:
+            # Bookkeeping is best effort: a busy or read-only file keeps it for later.
+            log.debug("vyre-sqlcache: access times not written yet: %s", error)
+        finally:
+            if not wait:
+                connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+
+    def _note_damage(self, error: apsw.Error) -> None:
+        """Ask the next open to verify the file when SQLite met a damaged page."""
+        if isinstance(error, (apsw.CorruptError, apsw.NotADBError)) and not self._readonly:
+            with suppress(OSError):
+                needs_check_marker(self._path).touch()

@@ -1,0 +1,60 @@
+"""Settings from the environment, in the spirit of MESA_SHADER_CACHE_* and CUDA_CACHE_*."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_MAX_BYTES", "ENV_DISABLE", "ENV_MAX_SIZE", "ENV_PATH", "Settings", "parse_size"]
+
+ENV_PATH = "VYRE_SQLCACHE_PATH"
+ENV_MAX_SIZE = "VYRE_SQLCACHE_MAX_SIZE"
+ENV_DISABLE = "VYRE_SQLCACHE_DISABLE"
+
+#: Default size cap on blob bytes: 1 GiB, as Mesa's shader cache.
+DEFAULT_MAX_BYTES = 1 << 30
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def parse_size(text: str, *, name: str = "size") -> int:
+    """Bytes from `123`, `512K`, `512M`, `2G`, `1T` (binary units; `MiB`/`MB` also read).
+
+    Raises ValueError naming `name` for anything else.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(
+            f"{name} must be a byte count such as 1073741824, 512M or 2G, got {text!r}"
+        )
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment asks for; None where it says nothing."""
+
+    path: Path | None = None
+    max_bytes: int | None = None
+    disabled: bool = False
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the VYRE_SQLCACHE_* variables; raise ValueError naming a malformed one."""
+        env = os.environ if environ is None else environ
+        path = env.get(ENV_PATH) or None
+        size = env.get(ENV_MAX_SIZE)
+        disable = env.get(ENV_DISABLE, "").strip().lower()
+        if disable not in _TRUE | _FALSE:
+            raise ValueError(f"{ENV_DISABLE} must be 1 or 0 (or true/false), got {disable!r}")
+        return cls(
+            path=None if path is None else Path(path).expanduser(),
+            max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
+            disabled=disable in _TRUE,
+        )

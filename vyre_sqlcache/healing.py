@@ -1,0 +1,45 @@
+"""Self-healing: a damaged cache file is moved aside, never deleted, and replaced by a new one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["SIDE_FILES", "move_aside", "needs_check_marker"]
+
+log = logging.getLogger("vyre_sqlcache")
+
+#: Files SQLite keeps beside a database in WAL mode.
+SIDE_FILES = ("-wal", "-shm")
+
+
+def needs_check_marker(path: Path) -> Path:
+    """The file whose presence asks the next open to verify the cache with quick_check.
+
+    It is written only when a damaged page was met in use, so a healthy cache stays one file.
+    """
+    return path.with_name(path.name + ".needs-check")
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename `path` (and its -wal/-shm) to `<path>.corrupt-<UTC time>`; return the new name.
+
+    Raises OSError if the main file cannot be renamed.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    os.replace(path, target)
+    for suffix in SIDE_FILES:
+        side = Path(str(path) + suffix)
+        if side.exists():
+            os.replace(side, Path(str(target) + suffix))
+    needs_check_marker(path).unlink(missing_ok=True)
+    log.warning(
+        "vyre-sqlcache: %s %s; moved it to %s and started a new, empty cache",
+        path,
+        reason,
+        target,
+    )
+    return target
