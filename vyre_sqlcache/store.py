@@ -165,12 +165,14 @@ class _Row:
 
     entry_key: bytes
     key: PipelineCacheKey | None
-    fingerprint: DeviceFingerprint
+    fingerprint: DeviceFingerprint | None
     program_digest: bytes | None
     blob: bytes
+    created_ms: int | None = None
 
     def params(self, now_ms: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         rowid = entry_id(self.entry_key)
+        when = now_ms if self.created_ms is None else self.created_ms
         k = self.key
         key_columns: tuple[Any, ...] = (
             (
@@ -186,17 +188,16 @@ class _Row:
             else (None,) * 9
         )
         fp = self.fingerprint
+        device = (None, None, None) if fp is None else (fp.vendor, fp.device, fp.driver_digest)
         entry = (
             rowid,
             self.entry_key,
             *key_columns,
-            fp.vendor,
-            fp.device,
-            fp.driver_digest,
+            *device,
             self.program_digest,
             len(self.blob),
-            now_ms,
-            now_ms,
+            when,
+            when,
         )
         algo = checksums.DEFAULT
         blob = (rowid, algo, checksums.compute(algo, self.entry_key, self.blob), self.blob)
@@ -619,6 +620,54 @@ class PipelineCache:
                 (entry_id(entry_key), entry_key),
             )
             return connection.changes() > 0
+
+    # -- entries by bare entry key (inspection, vyre directory import and export) ----
+
+    def get_entry(self, entry_key: bytes | str) -> bytes | None:
+        """The verified blob of the entry with this 32-byte (or 64-hex) entry key, or None.
+
+        Raises TypeError/ValueError for a malformed key; a damaged entry is a miss.
+        """
+        return self._load(coerce_digest("entry_key", entry_key))
+
+    def put_entry(
+        self, entry_key: bytes | str, blob: bytes, *, created_ms: int | None = None
+    ) -> None:
+        """Store `blob` under a bare entry key, as a vyre directory cache knows it.
+
+        Such an entry has no key columns; `read` and `invalidate_impacted` still reach it,
+        since its key is vyre's `fingerprint.cache_key(program_digest)`. `created_ms`
+        (milliseconds since the epoch) also serves as its last access. Raises as `write`.
+        """
+        key = coerce_digest("entry_key", entry_key)
+        data = _check_blob(blob)
+        if created_ms is not None and (
+            isinstance(created_ms, bool) or not isinstance(created_ms, int)
+        ):
+            raise TypeError(f"created_ms must be an int or None, got {type(created_ms).__name__}")
+        self._insert([_Row(key, None, None, None, data, created_ms)])
+
+    def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int:
+        """Delete the entries with these entry keys in one statement; return how many."""
+        keys = [coerce_digest(f"entry_keys[{i}]", k) for i, k in enumerate(entry_keys)]
+        if not keys or self._disabled:
+            return 0
+        with self._write_transaction("deleting entries") as connection:
+            connection.execute(
+                "DELETE FROM entries WHERE id IN carray(?) AND entry_key IN carray(?)",
+                (apsw.carray(array("q", map(entry_id, keys))), apsw.carray(tuple(keys))),
+            )
+            return connection.changes()
+
+    def check_entry(self, entry_key: bytes | str) -> bool | None:
+        """Whether an entry's bytes match its checksum (None: no such entry); changes nothing."""
+        key = coerce_digest("entry_key", entry_key)
+        if self._disabled:
+            return None
+        fetched = self._fetch(self._connection(), key)
+        if fetched is None:
+            return None
+        return checksums.matches(fetched[0], fetched[1], key, fetched[2])
 
     def __len__(self) -> int:
         """The number of entries."""
