@@ -40,10 +40,11 @@ def fingerprint_to_json(fingerprint: FingerprintSpec) -> dict[str, Any]:
 def _child_env() -> dict[str, str]:
     """The parent's environment, with the benchmarks' and the package's roots
     on ``PYTHONPATH`` so the child imports exactly what the parent did."""
-    paths = [str(Path(__file__).resolve().parent.parent)]
-    package = sys.modules.get("vyre_sqlcache")
-    if package is not None and getattr(package, "__file__", None):
-        paths.append(str(Path(package.__file__).resolve().parent.parent))
+    paths = []
+    package_file = getattr(sys.modules.get("vyre_sqlcache"), "__file__", None)
+    if package_file:
+        paths.append(str(Path(package_file).resolve().parent.parent))
+    paths.append(str(Path(__file__).resolve().parent.parent))
     env = dict(os.environ)
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
@@ -66,6 +67,13 @@ def _start(spec: dict[str, Any]) -> subprocess.Popen[str]:
     return process
 
 
+def _close_stdin(process: subprocess.Popen[str]) -> None:
+    """Close the child's stdin (end of its input) so ``communicate`` skips it."""
+    if process.stdin is not None:
+        process.stdin.close()
+        process.stdin = None
+
+
 def _finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     out, err = process.communicate(timeout=TIMEOUT_S)
     if process.returncode != 0:
@@ -76,8 +84,7 @@ def _finish(process: subprocess.Popen[str]) -> dict[str, Any]:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one child to completion and return its result."""
     process = _start(spec)
-    assert process.stdin is not None
-    process.stdin.close()
+    _close_stdin(process)
     return _finish(process)
 
 
@@ -95,8 +102,7 @@ def run_together(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             process.stdin.write("go\n")
             process.stdin.flush()
         for process in processes:
-            assert process.stdin is not None
-            process.stdin.close()
+            _close_stdin(process)
         return [_finish(process) for process in processes]
     finally:
         for process in processes:
@@ -114,17 +120,39 @@ def _current_rss() -> int:
         return _peak_rss()
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0); False if unsupported.
+
+    Without it an earlier transient peak (imports, opening) could hide the read's.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def _peak_rss() -> int:
-    """Peak resident set size so far, in bytes."""
+    """Peak resident set size of this process image, in bytes.
+
+    On Linux this is ``VmHWM``: ``ru_maxrss`` there also covers the image before
+    ``exec`` (the parent's pages at fork time), which would swamp the figure.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _main() -> None:
     spec = json.loads(sys.stdin.readline())
-    store = make_store(
-        spec["store"], Path(spec["root"]), FingerprintSpec(**spec["fingerprint"])
-    )
+    store = make_store(spec["store"], Path(spec["root"]), FingerprintSpec(**spec["fingerprint"]))
     mode = spec["mode"]
     result: dict[str, Any]
     if mode == "open_first_read":
@@ -141,12 +169,14 @@ def _main() -> None:
         digest = bytes.fromhex(spec["digest"])
         store.open()
         gc.collect()
+        reset = _reset_peak_rss()
         before = _current_rss()
         blob = store.read(digest)
         peak = _peak_rss()
         result = {
             "bytes": 0 if blob is None else len(blob),
             "peak_extra_bytes": max(0, peak - before),
+            "peak_reset": reset,
         }
     elif mode == "reader":
         raw = Path(spec["digests_file"]).read_bytes()

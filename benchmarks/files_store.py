@@ -15,6 +15,7 @@ This is the baseline vyre-sqlcache replaces. It follows
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import struct
@@ -62,10 +63,7 @@ class PipelineDeviceFingerprint:
     ) -> PipelineDeviceFingerprint:
         """Build a fingerprint the way vyre's ``from_parts`` does."""
         digest = blake3.blake3(
-            _FINGERPRINT_DOMAIN
-            + revision.encode()
-            + b"\0extra\0"
-            + revision_extra.encode()
+            _FINGERPRINT_DOMAIN + revision.encode() + b"\0extra\0" + revision_extra.encode()
         ).digest()
         return cls(vendor, device, digest)
 
@@ -95,16 +93,12 @@ class DiskPipelineCache:
         """Root directory used by this cache."""
         return self._root
 
-    def path_for(
-        self, program_digest: bytes, fingerprint: PipelineDeviceFingerprint
-    ) -> str:
+    def path_for(self, program_digest: bytes, fingerprint: PipelineDeviceFingerprint) -> str:
         """Derive the entry path: ``<root>/<hex[0:2]>/<hex>.bin``."""
         hex_key = fingerprint.cache_key(program_digest).hex()
         return os.path.join(self._root, hex_key[:2], hex_key + ".bin")
 
-    def read(
-        self, program_digest: bytes, fingerprint: PipelineDeviceFingerprint
-    ) -> bytes | None:
+    def read(self, program_digest: bytes, fingerprint: PipelineDeviceFingerprint) -> bytes | None:
         """Read a cached blob; ``None`` on a miss."""
         try:
             return _read_bounded(
@@ -133,10 +127,8 @@ class DiskPipelineCache:
                 file.write(data)
             os.rename(tmp, path)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(tmp)
-            except OSError:
-                pass
             raise
         with self._lock:
             self._pending.append(path)

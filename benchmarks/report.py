@@ -17,7 +17,6 @@ STORE_COLOURS = {
     "diskcache": "#2ca02c",
     "lmdb": "#7f7f7f",
 }
-_WINS = {"µs": "faster", "ms": "faster", "reads/s": "faster"}
 
 
 def ratio(subject: float, peer: float, better: str) -> dict[str, float] | None:
@@ -58,25 +57,23 @@ def fmt(value: float) -> str:
         return "0"
     if abs(value) >= 100:
         return f"{value:,.0f}"
-    digits = max(0, 2 - int(math.floor(math.log10(abs(value)))))
+    digits = max(0, 2 - math.floor(math.log10(abs(value))))
     return f"{value:,.{digits}f}"
 
 
 def _ratio_cell(figures: dict[str, float] | None, unit: str) -> str:
     if figures is None:
-        return "–"
+        return "-"
     advantage = figures["x_better"]
     win, lose = {
-        "× payload": ("smaller", "larger"),
-        "× blob": ("less", "more"),
+        "x payload": ("smaller", "larger"),
+        "x blob": ("less", "more"),
     }.get(unit, ("faster", "slower"))
-    word = (
-        f"{fmt(advantage)}× {win}" if advantage >= 1 else f"{fmt(1 / advantage)}× {lose}"
-    )
+    word = f"{fmt(advantage)}x {win}" if advantage >= 1 else f"{fmt(1 / advantage)}x {lose}"
     return f"{fmt(figures['vyre_over_peer'])} ({word})"
 
 
-def _value_cell(figures: dict[str, Any], unit: str, notes: list[str]) -> str:
+def _value_cell(figures: dict[str, Any], notes: list[str]) -> str:
     if "error" in figures:
         notes.append(figures["error"])
         return f"error [{len(notes)}]"
@@ -90,9 +87,7 @@ def _header(doc: dict[str, Any]) -> list[str]:
     meta = doc["meta"]
     settings = meta["settings"]
     versions = meta["versions"]
-    peers = ", ".join(
-        f"{name} {versions.get(name) or '?'}" for name in ("diskcache", "lmdb")
-    )
+    peers = ", ".join(f"{name} {versions.get(name) or '?'}" for name in ("diskcache", "lmdb"))
     match = meta["key_derivation_matches_vyre"]
     rows = [
         ("Date", meta["date"]),
@@ -105,7 +100,7 @@ def _header(doc: dict[str, Any]) -> list[str]:
         (
             "Settings",
             f"N = {settings['n']:,}, {settings['rounds']} rounds"
-            + (", --quick" if settings["quick"] else "")
+            + (", --tiny" if settings.get("tiny") else ", --quick" if settings["quick"] else "")
             + f", seed {settings['seed']}",
         ),
         (
@@ -156,7 +151,7 @@ def _workload_section(name: str, workload: dict[str, Any], ratios: Any) -> list[
     ]
     notes: list[str] = []
     for label, by_store in workload["cases"].items():
-        cells = [_value_cell(by_store[store], unit, notes) for store in stores]
+        cells = [_value_cell(by_store[store], notes) for store in stores]
         if with_ratios:
             case_ratios = ratios.get(label, {})
             cells += [_ratio_cell(case_ratios.get(peer), unit) for peer in peers]
@@ -173,13 +168,13 @@ def _multiproc_scaling(workload: dict[str, Any]) -> list[str]:
     """Aggregate throughput of the readers over that of one process."""
     lines = []
     labels = list(workload["cases"])
-    for many, one in zip(labels[::2], labels[1::2]):
+    for many, one in zip(labels[::2], labels[1::2], strict=False):
         parts = []
         for store in workload["stores"]:
             a = workload["cases"][many][store].get("median")
             b = workload["cases"][one][store].get("median")
             if a and b:
-                parts.append(f"{store} {a / b:.2f}×")
+                parts.append(f"{store} {a / b:.2f}x")
         lines.append(f"Scaling, {many} over {one}: " + ", ".join(parts) + ".")
     return lines
 
@@ -203,7 +198,7 @@ def _headline(doc: dict[str, Any]) -> list[str]:
 
 def markdown(doc: dict[str, Any]) -> str:
     """The whole report as Markdown."""
-    lines = _header(doc) + [""] + _headline(doc)
+    lines = [*_header(doc), "", *_headline(doc)]
     for name, workload in doc["results"].items():
         lines += ["", *_workload_section(name, workload, doc["ratios"].get(name, {}))]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
@@ -215,24 +210,21 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     workloads = list(doc["results"].items())
     columns = 3
     rows = max(1, math.ceil(len(workloads) / columns))
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False
-    )
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
     for axis in axes.flat[len(workloads) :]:
         axis.set_visible(False)
-    for axis, (name, workload) in zip(axes.flat, workloads):
+    for axis, (name, workload) in zip(axes.flat, workloads, strict=False):
         stores = workload["stores"]
         labels = list(workload["cases"])
         width = 0.8 / max(1, len(stores))
         values_seen = []
         for index, store in enumerate(stores):
-            values = [
-                workload["cases"][label][store].get("median", 0.0) for label in labels
-            ]
+            values = [workload["cases"][label][store].get("median", 0.0) for label in labels]
             values_seen += [value for value in values if value > 0]
             axis.bar(
                 [x + (index - (len(stores) - 1) / 2) * width for x in range(len(labels))],
@@ -243,19 +235,22 @@ def chart(doc: dict[str, Any], path: Path) -> None:
             )
         if values_seen and max(values_seen) / min(values_seen) > 20:
             axis.set_yscale("log")
+            axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: fmt(value)))
+            axis.yaxis.set_minor_formatter(NullFormatter())
         axis.set_xticks(range(len(labels)), labels, fontsize=7)
         direction = "higher" if workload["better"] == "higher" else "lower"
         axis.set_title(f"{name} ({workload['unit']}, {direction} is better)", fontsize=9)
         axis.tick_params(axis="y", labelsize=7)
     handles, names = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="upper center", ncol=len(names), fontsize=9)
     meta = doc["meta"]
     figure.suptitle(
-        f"vyre-sqlcache benchmarks — {meta['platform']}, {meta['cpu_count']} CPUs, "
+        f"vyre-sqlcache benchmarks: {meta['platform']}, {meta['cpu_count']} CPUs, "
         f"Python {meta['python']}, SQLite {meta['sqlite']} (medians)",
         y=0.995,
         fontsize=10,
     )
+    figure.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(names))
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -271,9 +266,7 @@ def write(doc: dict[str, Any], out: Path, with_chart: bool = True) -> dict[str, 
         "chart": out / CHART_NAME,
     }
     paths["markdown"].write_text(markdown(doc), encoding="utf-8")
-    paths["json"].write_text(
-        json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    paths["json"].write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if with_chart:
         chart(doc, paths["chart"])
     else:

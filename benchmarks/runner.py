@@ -32,9 +32,7 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         "median": statistics.median(sample.value for sample in samples),
         "rounds": [sample.value for sample in samples],
         **{
-            key: statistics.median(
-                sample.extra[key] for sample in samples if key in sample.extra
-            )
+            key: statistics.median(sample.extra[key] for sample in samples if key in sample.extra)
             for key in extra_keys
         },
     }
@@ -50,9 +48,7 @@ def run(config: Config, workloads: Sequence[str], progress: Progress) -> dict[st
     for workload_name in workloads:
         workload = WORKLOADS[workload_name](config, fixtures)
         names = [
-            name
-            for name in stores
-            if workload.only_stores is None or name in workload.only_stores
+            name for name in stores if workload.only_stores is None or name in workload.only_stores
         ]
         cases: dict[str, dict[str, Any]] = {}
         for case in workload.cases():
@@ -73,9 +69,7 @@ def run(config: Config, workloads: Sequence[str], progress: Progress) -> dict[st
                     if name in errors:
                         continue
                     try:
-                        sample = workload.measure(
-                            name, case, states[name], round_index
-                        )
+                        sample = workload.measure(name, case, states[name], round_index)
                     except Exception as error:
                         errors[name] = _describe(error)
                         progress(f"{tag} {name} FAILED: {errors[name]}")
@@ -86,9 +80,7 @@ def run(config: Config, workloads: Sequence[str], progress: Progress) -> dict[st
                         f"{sample.value:.4g} {workload.unit}"
                     )
             cases[case.label] = {
-                name: {"error": errors[name]}
-                if name in errors
-                else summarize(samples[name])
+                name: {"error": errors[name]} if name in errors else summarize(samples[name])
                 for name in names
             }
         results[workload.name] = {
@@ -104,6 +96,7 @@ def run(config: Config, workloads: Sequence[str], progress: Progress) -> dict[st
         "meta": environment(config, workloads, unavailable),
         "stores": {name: STORES[name].notes for name in stores},
         "results": results,
+        "fixture_populate_times": fixtures.timings,
     }
 
 
@@ -121,7 +114,7 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _filesystem(path: Path) -> str:
+def filesystem(path: Path) -> str:
     """Type of the filesystem holding ``path`` (Linux ``/proc/mounts``)."""
     best, kind = "", "unknown"
     resolved = str(path.resolve())
@@ -164,9 +157,7 @@ def environment(
         sqlite_version = apsw_version = None
     package = sys.modules.get("vyre_sqlcache")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
@@ -176,15 +167,14 @@ def environment(
         "sqlite": sqlite_version,
         "apsw": apsw_version,
         "versions": {
-            "vyre-sqlcache": _version("vyre-sqlcache")
-            or getattr(package, "__version__", None),
+            "vyre-sqlcache": _version("vyre-sqlcache") or getattr(package, "__version__", None),
             "diskcache": _version("diskcache"),
             "lmdb": _version("lmdb"),
             "blake3": _version("blake3"),
             "matplotlib": _version("matplotlib"),
         },
         "workdir": str(config.workdir),
-        "workdir_filesystem": _filesystem(config.workdir),
+        "workdir_filesystem": filesystem(config.workdir),
         "key_derivation_matches_vyre": key_derivation_matches(config),
         "unavailable_stores": unavailable,
         "settings": {
@@ -194,6 +184,7 @@ def environment(
             "n": config.n,
             "rounds": config.rounds,
             "quick": config.quick,
+            "tiny": config.tiny,
             "seed": config.seed,
             "cold_cases": [list(case) for case in config.cold_cases],
             "durable_writes": config.durable_writes,

@@ -23,9 +23,9 @@ try:  # The package under test; absent only while it is being written.
 except ImportError:  # pragma: no cover - depends on the environment
     vyre_sqlcache = None  # type: ignore[assignment]
 try:
-    import diskcache
+    import diskcache  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover
-    diskcache = None  # type: ignore[assignment]
+    diskcache = None
 try:
     import lmdb
 except ImportError:  # pragma: no cover
@@ -106,8 +106,10 @@ class Store(ABC):
         return found
 
     def disk_bytes(self) -> int:
-        """Bytes allocated on disk by the store's files (``st_blocks * 512``)."""
-        return sum(path.stat().st_blocks * 512 for path in self.files())
+        """Bytes allocated on disk (``st_blocks * 512``) by the store's files and
+        directories (the files store's 256 fan-out directories are its cost)."""
+        directories = [Path(directory) for directory, _dirs, _names in os.walk(self.root)]
+        return sum(path.stat().st_blocks * 512 for path in [*directories, *self.files()])
 
     def __enter__(self) -> Store:
         self.open()
@@ -146,7 +148,6 @@ class VyreStore(Store):
         self._cache: Any = None
 
     def open(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         self._cache = vyre_sqlcache.PipelineCache.open(self.root / "cache.sqlite3")
 
     def close(self) -> None:
@@ -158,7 +159,8 @@ class VyreStore(Store):
         self._cache.write(digest, self._fp, blob)
 
     def read(self, digest: bytes) -> bytes | None:
-        return self._cache.read(digest, self._fp)
+        blob: bytes | None = self._cache.read(digest, self._fp)
+        return blob
 
     def flush(self) -> None:
         self._cache.flush()
@@ -244,7 +246,7 @@ class DiskcacheStore(Store):
 
     def invalidate(self, mask: Sequence[int], digests: Sequence[bytes]) -> None:
         with self._cache.transact():
-            for is_impacted, digest in zip(mask, digests):
+            for is_impacted, digest in zip(mask, digests, strict=False):
                 if is_impacted:
                     self._cache.delete(self._fp.cache_key(digest))
 
@@ -271,7 +273,7 @@ class LmdbStore(Store):
         self._env: Any = None
 
     def open(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)  # lmdb makes the last level only
         self._env = lmdb.open(str(self.root), map_size=LMDB_MAP_SIZE, sync=False)
 
     def close(self) -> None:
@@ -292,7 +294,7 @@ class LmdbStore(Store):
 
     def invalidate(self, mask: Sequence[int], digests: Sequence[bytes]) -> None:
         with self._env.begin(write=True) as txn:
-            for is_impacted, digest in zip(mask, digests):
+            for is_impacted, digest in zip(mask, digests, strict=False):
                 if is_impacted:
                     txn.delete(self._fp.cache_key(digest))
 

@@ -17,9 +17,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import blake3
 
@@ -28,64 +28,76 @@ from benchmarks.stores import FingerprintSpec, Store, make_store
 
 KIB = 1024
 MIB = 1024 * 1024
+T = TypeVar("T")
 SMALL_BLOB = 256
 """Entry size of the many-entries workloads (scale, open_first_read_100k)."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything a run depends on; the quick flag shrinks every count."""
+    """Everything a run depends on.
+
+    ``quick`` shrinks every count for a smoke run; ``tiny`` shrinks them further,
+    for the test suite (figures from either are not for publishing).
+    """
 
     sizes: tuple[int, ...] = (4 * KIB, 64 * KIB, MIB)
     n: int = 1000
     rounds: int = 3
     quick: bool = False
+    tiny: bool = False
     seed: int = 0
     stores: tuple[str, ...] = ("vyre-sqlcache", "files", "diskcache", "lmdb")
     workdir: Path = Path(".")
     fingerprint: FingerprintSpec = field(default_factory=FingerprintSpec)
 
+    def pick(self, full: T, quick: T, tiny: T) -> T:
+        """The setting for this run's level."""
+        return tiny if self.tiny else quick if self.quick else full
+
     @property
     def cold_cases(self) -> tuple[tuple[int, int], ...]:
         """(count, blob size) pairs of the cold-start workload."""
-        if self.quick:
-            return ((300, 16 * KIB), (30, MIB))
-        return ((3000, 16 * KIB), (300, MIB))
+        return self.pick(
+            ((3000, 16 * KIB), (300, MIB)),
+            ((300, 16 * KIB), (30, MIB)),
+            ((30, 16 * KIB), (3, MIB)),
+        )
 
     @property
     def durable_writes(self) -> int:
         """Write+flush pairs timed per round by ``durable_write``."""
-        return 10 if self.quick else 100
+        return self.pick(100, 10, 3)
 
     @property
     def subprocess_runs(self) -> int:
         """Fresh processes started per round by the subprocess workloads."""
-        return 1 if self.quick else 3
+        return self.pick(3, 1, 1)
 
     @property
     def open_entries(self) -> int:
         """Entries in the store of ``open_first_read_100k``."""
-        return 10_000 if self.quick else 100_000
+        return self.pick(100_000, 10_000, 1_000)
 
     @property
     def scale_counts(self) -> tuple[int, ...]:
         """Store sizes of the ``scale`` workload."""
-        return (1_000, 10_000) if self.quick else (1_000, 100_000, 1_000_000)
+        return self.pick((1_000, 100_000, 1_000_000), (1_000, 10_000), (100, 1_000))
 
     @property
     def scale_sample(self) -> int:
         """First reads timed per round by ``scale`` (a random sample of keys)."""
-        return 1_000 if self.quick else 10_000
+        return self.pick(10_000, 1_000, 100)
 
     @property
     def memory_blob(self) -> int:
         """Size of the blob read by ``memory_64mib``."""
-        return 64 * MIB
+        return self.pick(64 * MIB, 64 * MIB, 16 * MIB)
 
     def multiproc_count(self, size: int) -> int:
         """Keys shared out among the readers: more for small blobs, so the
         timed window is long compared with waking the processes."""
-        return self.n * 10 if size <= 64 * KIB else self.n
+        return self.n * self.pick(10, 10, 1) if size <= 64 * KIB else self.n
 
 
 @dataclass(frozen=True)
@@ -128,12 +140,20 @@ class Dataset:
         return f"{self.tag}-{self.count}x{self.size}"
 
 
+@lru_cache(maxsize=32)
+def dataset_of(count: int, size: int, seed: int, tag: str = "entry") -> Dataset:
+    """A shared ``Dataset``, so its digest list is computed once per run."""
+    return Dataset(count, size, seed, tag)
+
+
 class Fixtures:
     """Populated stores shared by the read-only workloads of one run."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._roots: dict[tuple[str, Dataset, bool], Path] = {}
+        self.timings: list[dict[str, Any]] = []
+        """How long each fixture took to populate (informative, not a result)."""
 
     def store(self, name: str, root: Path) -> Store:
         """A (closed) adapter for store ``name`` over ``root``."""
@@ -146,8 +166,18 @@ class Fixtures:
             suffix = "-durable" if durable else ""
             root = self.config.workdir / "fixtures" / name / (dataset.label + suffix)
             shutil.rmtree(root, ignore_errors=True)
+            start = time.perf_counter()
             with self.store(name, root) as store:
                 store.populate(dataset.items(), durable=durable)
+            self.timings.append(
+                {
+                    "store": name,
+                    "count": dataset.count,
+                    "size": dataset.size,
+                    "durable": durable,
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+            )
             verify(self.store(name, root), dataset)
             self._roots[key] = root
         return self._roots[key]
@@ -316,7 +346,7 @@ class FirstRead(Workload):
 
     def dataset(self, case: Case) -> Dataset:
         """The N entries of this case's blob size."""
-        return Dataset(self.config.n, case.params["size"], self.config.seed)
+        return dataset_of(self.config.n, case.params["size"], self.config.seed)
 
     def prepare(self, store: str, case: Case) -> Any:
         return self.fixtures.populated(store, self.dataset(case))
@@ -329,9 +359,7 @@ class FirstRead(Workload):
             times, misses = time_reads(opened, [dataset.digests[i] for i in order])
         if misses:
             raise AssertionError(f"{misses} of {len(order)} stored keys missed")
-        return Sample(
-            statistics.median(times) / 1e3, {"p90": percentile(times, 0.9) / 1e3}
-        )
+        return Sample(statistics.median(times) / 1e3, {"p90": percentile(times, 0.9) / 1e3})
 
     def before_timing(self, store: Store, dataset: Dataset) -> None:
         """Hook for subclasses: untimed work between open and the timed reads."""
@@ -359,14 +387,10 @@ class Miss(FirstRead):
     name = "miss"
     title = "Read of an absent key"
     headline = False
-    description = (
-        "In the populated store, read N keys that were never written; median µs."
-    )
+    description = "In the populated store, read N keys that were never written; median µs."
 
     def measure(self, store: str, case: Case, state: Any, round_index: int) -> Sample:
-        absent = Dataset(
-            self.config.n, case.params["size"], self.config.seed, tag="absent"
-        )
+        absent = dataset_of(self.config.n, case.params["size"], self.config.seed, tag="absent")
         with self.fixtures.store(store, state) as opened:
             times, misses = time_reads(opened, absent.digests)
         if misses != absent.count:
@@ -389,13 +413,13 @@ class ColdStart(Workload):
 
     def cases(self) -> list[Case]:
         return [
-            Case(f"{count:,} × {format_size(size)}", {"count": count, "size": size})
+            Case(f"{count:,} x {format_size(size)}", {"count": count, "size": size})
             for count, size in self.config.cold_cases
         ]
 
     def dataset(self, case: Case) -> Dataset:
         """The entries of this case."""
-        return Dataset(case.params["count"], case.params["size"], self.config.seed)
+        return dataset_of(case.params["count"], case.params["size"], self.config.seed)
 
     def prepare(self, store: str, case: Case) -> Any:
         if not hasattr(os, "posix_fadvise"):
@@ -438,7 +462,7 @@ class BulkInstall(Workload):
         return self.size_cases()
 
     def measure(self, store: str, case: Case, state: Any, round_index: int) -> Sample:
-        dataset = Dataset(self.config.n, case.params["size"], self.config.seed)
+        dataset = dataset_of(self.config.n, case.params["size"], self.config.seed)
         root = self.scratch(store, case, round_index)
         clock = time.perf_counter_ns
         total = 0
@@ -469,7 +493,7 @@ class DurableWrite(Workload):
         return self.size_cases()
 
     def measure(self, store: str, case: Case, state: Any, round_index: int) -> Sample:
-        dataset = Dataset(
+        dataset = dataset_of(
             self.config.durable_writes,
             case.params["size"],
             self.config.seed,
@@ -503,7 +527,7 @@ class Invalidate(Workload):
         return self.size_cases()
 
     def measure(self, store: str, case: Case, state: Any, round_index: int) -> Sample:
-        dataset = Dataset(self.config.n, case.params["size"], self.config.seed)
+        dataset = dataset_of(self.config.n, case.params["size"], self.config.seed)
         chosen = set(
             random.Random(self.seed(case.label)).sample(
                 range(dataset.count), max(1, dataset.count // 10)
@@ -539,10 +563,10 @@ class OpenFirstRead(Workload):
 
     def dataset(self) -> Dataset:
         """The many small entries."""
-        return Dataset(self.config.open_entries, SMALL_BLOB, self.config.seed)
+        return dataset_of(self.config.open_entries, SMALL_BLOB, self.config.seed)
 
     def cases(self) -> list[Case]:
-        return [Case(f"{self.config.open_entries:,} × 256 B", {})]
+        return [Case(f"{self.config.open_entries:,} x 256 B", {})]
 
     def prepare(self, store: str, case: Case) -> Any:
         return self.fixtures.populated(store, self.dataset())
@@ -580,14 +604,11 @@ class Scale(Workload):
     )
 
     def cases(self) -> list[Case]:
-        return [
-            Case(f"{count:,} entries", {"count": count})
-            for count in self.config.scale_counts
-        ]
+        return [Case(f"{count:,} entries", {"count": count}) for count in self.config.scale_counts]
 
     def dataset(self, case: Case) -> Dataset:
         """The entries of this case."""
-        return Dataset(case.params["count"], SMALL_BLOB, self.config.seed)
+        return dataset_of(case.params["count"], SMALL_BLOB, self.config.seed)
 
     def prepare(self, store: str, case: Case) -> Any:
         return self.fixtures.populated(store, self.dataset(case))
@@ -608,13 +629,14 @@ class Memory(Workload):
     """Peak extra memory while reading one 64 MiB blob."""
 
     name = "memory_64mib"
-    title = "Peak extra memory reading one 64 MiB blob (× blob size)"
-    unit = "× blob"
+    title = "Peak extra memory reading one 64 MiB blob (x blob size)"
+    unit = "x blob"
     description = (
-        "In a fresh process, open the store, note the resident set size, read one "
-        "64 MiB blob, then take the peak RSS (ru_maxrss); (peak − before) / blob "
-        "size. 1.0 is the returned bytes object alone; mapped file pages that the "
-        "read touches count too."
+        "In a fresh process, open the store, reset the peak RSS (/proc/self/clear_refs) "
+        "and note the RSS, read one 64 MiB blob, then take the peak RSS (VmHWM on "
+        "Linux, where ru_maxrss also counts the parent's pages at fork; ru_maxrss "
+        "elsewhere); (peak - before) / blob size. 1.0 is the returned bytes object "
+        "alone; mapped file pages that the read touches count too."
     )
 
     def cases(self) -> list[Case]:
@@ -622,7 +644,7 @@ class Memory(Workload):
 
     def dataset(self) -> Dataset:
         """The one big blob."""
-        return Dataset(1, self.config.memory_blob, self.config.seed)
+        return dataset_of(1, self.config.memory_blob, self.config.seed)
 
     def prepare(self, store: str, case: Case) -> Any:
         return self.fixtures.populated(store, self.dataset())
@@ -654,7 +676,7 @@ class Multiproc(Workload):
     description = (
         "4 fresh processes open one populated store, wait at a common start, then "
         "each first-reads a disjoint share of the keys (10·N keys for blobs up to "
-        "64 KiB, N above); reads/s = all reads / (last end − first start), "
+        "64 KiB, N above); reads/s = all reads / (last end - first start), "
         "against 1 process reading every key. The machine may have fewer cores "
         "than readers."
     )
@@ -672,7 +694,7 @@ class Multiproc(Workload):
     def dataset(self, case: Case) -> Dataset:
         """The keys shared out among the readers."""
         size = case.params["size"]
-        return Dataset(self.config.multiproc_count(size), size, self.config.seed)
+        return dataset_of(self.config.multiproc_count(size), size, self.config.seed)
 
     def prepare(self, store: str, case: Case) -> Any:
         dataset = self.dataset(case)
@@ -707,18 +729,18 @@ class DiskUsage(Workload):
 
     name = "disk_usage"
     title = "Bytes on disk per payload byte (after flush + close)"
-    unit = "× payload"
+    unit = "x payload"
     repeat = False
     description = (
-        "Populate N entries, flush, close; sum st_blocks × 512 over every file of "
-        "the store, divided by N × blob size. Measured once (deterministic)."
+        "Populate N entries, flush, close; sum st_blocks x 512 over every file of "
+        "the store, divided by N x blob size. Measured once (deterministic)."
     )
 
     def cases(self) -> list[Case]:
         return self.size_cases((4 * KIB, 64 * KIB))
 
     def measure(self, store: str, case: Case, state: Any, round_index: int) -> Sample:
-        dataset = Dataset(self.config.n, case.params["size"], self.config.seed)
+        dataset = dataset_of(self.config.n, case.params["size"], self.config.seed)
         root = self.fixtures.populated(store, dataset, durable=True)
         used = self.fixtures.store(store, root).disk_bytes()
         return Sample(used / (dataset.count * dataset.size), {"bytes": used})

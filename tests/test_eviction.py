@@ -1,0 +1,152 @@
+"""The size cap: LRU eviction in the inserting transaction, coalesced access times, stats."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+from vyre_sqlcache import BlobTooLargeError, DeviceFingerprint, PipelineCache
+from vyre_sqlcache import store as store_module
+
+BLOB = 10_000
+
+
+@pytest.fixture
+def capped(cache_path: Path) -> Iterator[PipelineCache]:
+    with PipelineCache.open(cache_path, max_bytes=10 * BLOB) as cache:
+        yield cache
+
+
+def write_slowly(cache: PipelineCache, fingerprint: DeviceFingerprint, count: int) -> list[bytes]:
+    digests = []
+    for _ in range(count):
+        digest = os.urandom(32)
+        cache.write(digest, fingerprint, os.urandom(BLOB))
+        digests.append(digest)
+        time.sleep(0.003)  # distinct access times, so LRU order is known
+    return digests
+
+
+def test_cap_holds_after_every_commit(
+    capped: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    for _ in range(60):
+        capped.write(
+            os.urandom(32),
+            fingerprint,
+            os.urandom(BLOB // 2 + int.from_bytes(os.urandom(2)) % BLOB),
+        )
+        stats = capped.stats()
+        assert stats.blob_bytes <= 10 * BLOB
+    assert capped.stats().evictions > 0
+    assert capped.stats().total_evictions == capped.stats().evictions
+
+
+def test_least_recently_used_entries_go_first(
+    capped: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    digests = write_slowly(capped, fingerprint, 10)
+    assert capped.read(digests[0], fingerprint) is not None  # now the most recent
+    time.sleep(0.003)
+    capped.write(os.urandom(32), fingerprint, os.urandom(BLOB))
+    present = [capped.read(d, fingerprint) is not None for d in digests]
+    # The oldest untouched entries were evicted (one more than needed: the slack).
+    assert present == [True, False, False] + [True] * 7
+
+
+def test_blob_over_the_cap_is_refused(
+    capped: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    capped.write(os.urandom(32), fingerprint, b"small")
+    with pytest.raises(BlobTooLargeError, match=r"size cap of 100000 bytes"):
+        capped.write(os.urandom(32), fingerprint, bytes(10 * BLOB + 1))
+    assert len(capped) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-5, ValueError), ("1G", TypeError), (1.5, TypeError)]
+)
+def test_bad_caps_are_refused(cache_path: Path, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="max_bytes"):
+        PipelineCache.open(cache_path, max_bytes=value)  # type: ignore[arg-type]
+
+
+def test_eviction_is_one_delete_statement(
+    capped: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    write_slowly(capped, fingerprint, 10)
+    statements: list[str] = []
+    connection = capped._connection()
+    connection.trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: statements.append(event["sql"]))
+    try:
+        capped.write(os.urandom(32), fingerprint, os.urandom(5 * BLOB))
+    finally:
+        connection.trace_v2(0, None)
+    deletes = [s for s in statements if s.startswith("DELETE FROM entries")]
+    assert len(deletes) == 1
+    assert capped.stats().evictions >= 5
+
+
+def test_reads_do_not_write_until_the_touch_interval(
+    cache: PipelineCache,
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, b"x")
+    statements: list[str] = []
+    connection = cache._connection()
+    connection.trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: statements.append(event["sql"]))
+    for _ in range(100):
+        assert cache.read(digest, fingerprint) == b"x"
+    assert not [s for s in statements if not s.startswith("SELECT")]
+    # Once the interval has passed, the next read writes the buffered hits.
+    monkeypatch.setattr(cache, "_next_touch_write", 0.0)
+    cache.read(digest, fingerprint)
+    connection.trace_v2(0, None)
+    assert any(s.startswith("UPDATE entries SET accessed_ms") for s in statements)
+    other = apsw.Connection(str(cache_path))
+    assert other.execute("SELECT hits FROM entries").fetchone() == (101,)
+    assert dict(other.execute("SELECT name, value FROM meta"))["hits"] == 101
+    other.close()
+
+
+def test_touch_interval_is_a_few_seconds() -> None:
+    assert 1 <= store_module.TOUCH_INTERVAL_S <= 10
+
+
+def test_stats_count_this_process_and_keep_totals(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    digest = os.urandom(32)
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest, fingerprint, b"12345")
+        cache.read(digest, fingerprint)
+        cache.read(os.urandom(32), fingerprint)
+        cache.flush()
+        stats = cache.stats()
+        assert (stats.entries, stats.blob_bytes, stats.hits, stats.misses) == (1, 5, 1, 1)
+        assert stats.file_bytes > 0 and stats.total_flushes == 1
+    with PipelineCache.open(cache_path) as cache:
+        cache.read(digest, fingerprint)
+        stats = cache.stats()
+        assert (stats.hits, stats.misses) == (1, 0)
+        assert (stats.total_hits, stats.total_misses) == (2, 1)
+
+
+def test_replacing_an_entry_keeps_the_byte_total_exact(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, bytes(100))
+    cache.write(digest, fingerprint, bytes(40))
+    cache.write(os.urandom(32), fingerprint, bytes(7))
+    assert (cache.stats().entries, cache.stats().blob_bytes) == (2, 47)
+    cache.invalidate_impacted([1], [digest], fingerprint)
+    assert (cache.stats().entries, cache.stats().blob_bytes) == (1, 7)
