@@ -36,11 +36,13 @@ CREATE TABLE entries (
     hits               INTEGER NOT NULL DEFAULT 0 CHECK (hits >= 0)
 ) STRICT;
 
+-- Indexes cost a written page per insert, so only the ones writes need:
+-- eviction walks `entries_lru` from the oldest access; invalidation finds keyed
+-- entries by program (entries written by digest are found by their row id).
+-- Inspection scans `entries`, which holds no blob bytes.
+CREATE INDEX entries_lru ON entries (accessed_ms);
 CREATE INDEX entries_program ON entries (program_digest, vendor, device)
-    WHERE program_digest IS NOT NULL;
-CREATE INDEX entries_lru ON entries (accessed_ms, blob_size);
-CREATE INDEX entries_backend_device ON entries (backend, vendor, device, blob_size);
-CREATE INDEX entries_key_version ON entries (key_version) WHERE key_version IS NOT NULL;
+    WHERE key_version IS NOT NULL AND program_digest IS NOT NULL;
 
 CREATE TABLE blobs (
     id            INTEGER PRIMARY KEY,  -- = entries.id

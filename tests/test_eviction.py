@@ -10,8 +10,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from vyre_sqlcache import BlobTooLargeError, DeviceFingerprint, PipelineCache
-from vyre_sqlcache import store as store_module
+from vyre_sqlcache import BlobTooLargeError, DeviceFingerprint, PipelineCache, bookkeeping
 
 BLOB = 10_000
 
@@ -107,7 +106,7 @@ def test_reads_do_not_write_until_the_touch_interval(
         assert cache.read(digest, fingerprint) == b"x"
     assert not [s for s in statements if not s.startswith("SELECT")]
     # Once the interval has passed, the next read writes the buffered hits.
-    monkeypatch.setattr(cache, "_next_touch_write", 0.0)
+    monkeypatch.setattr(cache._books, "_next_write", 0.0)
     cache.read(digest, fingerprint)
     connection.trace_v2(0, None)
     assert any(s.startswith("UPDATE entries SET accessed_ms") for s in statements)
@@ -118,7 +117,7 @@ def test_reads_do_not_write_until_the_touch_interval(
 
 
 def test_touch_interval_is_a_few_seconds() -> None:
-    assert 1 <= store_module.TOUCH_INTERVAL_S <= 10
+    assert 1 <= bookkeeping.TOUCH_INTERVAL_S <= 10
 
 
 def test_stats_count_this_process_and_keep_totals(

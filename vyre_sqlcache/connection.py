@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 import apsw
 import apsw.bestpractice
@@ -23,9 +26,12 @@ __all__ = [
     "PAGE_SIZE",
     "connect",
     "immediate",
+    "retry_busy",
     "sqlite_errors",
     "translate",
 ]
+
+T = TypeVar("T")
 
 #: Page size of new cache files: 16 KiB keeps a 4 KiB blob inside its b-tree
 #: leaf (one page read a lookup) while wasting at most one page on larger blobs.
@@ -37,7 +43,12 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 def connect(
-    path: Path, *, readonly: bool = False, immutable: bool = False, vfs: str | None = None
+    path: Path,
+    *,
+    readonly: bool = False,
+    immutable: bool = False,
+    mmap: bool = True,
+    vfs: str | None = None,
 ) -> apsw.Connection:
     """Open `path` (through the named SQLite VFS, if any) with the settings every cache uses.
 
@@ -63,13 +74,32 @@ def connect(
         # and refuse writes that could corrupt it deliberately.
         connection.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
         connection.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
-        connection.pragma("mmap_size", MMAP_BYTES)
+        connection.pragma("mmap_size", MMAP_BYTES if mmap else 0)
         # Commits survive a process crash; flush() adds a synced commit for power loss.
         connection.pragma("synchronous", "NORMAL")
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def retry_busy(operation: Callable[[], T], timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> T:
+    """Run `operation`, retrying with growing sleeps while SQLite answers busy.
+
+    SQLite returns SQLITE_BUSY without waiting where waiting could deadlock (a change
+    of journal mode while another process creates the same file, say); this waits
+    those out too, up to `timeout_s`, then lets apsw.BusyError through.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            return operation()
+        except apsw.BusyError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.1)
 
 
 @contextmanager

@@ -72,6 +72,8 @@ def check_u32(name: str, value: Any) -> int:
 
 def coerce_digest(name: str, value: Any) -> bytes:
     """Return a 32-byte hash from bytes-like or 64 hex characters; raise TypeError/ValueError."""
+    if type(value) is bytes and len(value) == HASH_BYTES:
+        return value
     if isinstance(value, str):
         try:
             raw = bytes.fromhex(value)
@@ -109,12 +111,24 @@ class DeviceFingerprint:
     vendor: int
     device: int
     driver_digest: bytes
+    # Everything after the program digest in vyre's key input: the same for every key.
+    _key_suffix: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vendor", check_u32("vendor", self.vendor))
         object.__setattr__(self, "device", check_u32("device", self.device))
         object.__setattr__(
             self, "driver_digest", coerce_digest("driver_digest", self.driver_digest)
+        )
+        object.__setattr__(
+            self,
+            "_key_suffix",
+            b"\0vendor\0"
+            + _LE32.pack(self.vendor)
+            + b"\0device\0"
+            + _LE32.pack(self.device)
+            + b"\0driver\0"
+            + self.driver_digest,
         )
 
     @classmethod
@@ -142,16 +156,7 @@ class DeviceFingerprint:
         Raises TypeError/ValueError if `program_digest` is not 32 bytes (or 64 hex chars).
         """
         digest = coerce_digest("program_digest", program_digest)
-        return blake3.blake3(
-            _DIRECTORY_KEY_DOMAIN
-            + digest
-            + b"\0vendor\0"
-            + _LE32.pack(self.vendor)
-            + b"\0device\0"
-            + _LE32.pack(self.device)
-            + b"\0driver\0"
-            + self.driver_digest
-        ).digest()
+        return blake3.blake3(_DIRECTORY_KEY_DOMAIN + digest + self._key_suffix).digest()
 
 
 def _workgroup(value: Any) -> tuple[int, int, int]:

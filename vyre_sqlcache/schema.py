@@ -86,6 +86,14 @@ def _check_is_ours(connection: apsw.Connection, where: str) -> None:
         )
 
 
+def _checked_version(connection: apsw.Connection, where: str) -> int:
+    version = schema_version(connection)
+    _check_not_newer(version, where)
+    if version == 0:
+        _check_is_ours(connection, where)
+    return version
+
+
 def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     """Check the file is a cache this library can use, then bring its schema up to date.
 
@@ -94,10 +102,12 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     Raises SchemaTooNewError for a file from a newer library, NotACacheError for a
     database that is not a cache, CacheError for a read-only cache that needs a migration.
     """
-    version = schema_version(connection)
-    _check_not_newer(version, where)
-    if version == 0:
-        _check_is_ours(connection, where)
+    # One read transaction, so that both looks see the same moment of the file.
+    connection.execute("BEGIN")
+    try:
+        version = _checked_version(connection, where)
+    finally:
+        connection.execute("COMMIT")
     if readonly:
         if version < latest_version():
             raise CacheError(
@@ -112,10 +122,7 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
         return version
     with immediate(connection):
         # Another process may have migrated between our look and our lock.
-        version = schema_version(connection)
-        _check_not_newer(version, where)
-        if version == 0:
-            _check_is_ours(connection, where)
+        version = _checked_version(connection, where)
         for migration in migrations()[version:]:
             connection.execute(migration.sql)
             # PRAGMA takes no bound parameters; the value is our own int.

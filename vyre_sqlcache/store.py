@@ -8,7 +8,6 @@ import threading
 import time
 import weakref
 from array import array
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -20,8 +19,18 @@ import apsw
 import platformdirs
 
 from . import checksums
+from .bookkeeping import BUMP_META, Bookkeeping
 from .config import DEFAULT_MAX_BYTES, ENV_MAX_SIZE, Settings
-from .connection import BUSY_TIMEOUT_MS, connect, immediate, translate
+from .connection import BUSY_TIMEOUT_MS, connect, immediate, retry_busy, translate
+from .entry import (
+    INSERT_BLOB,
+    INSERT_ENTRY,
+    MAX_BLOB_BYTES,
+    NewEntry,
+    check_blob,
+    check_fingerprint,
+    check_key,
+)
 from .errors import (
     BlobTooLargeError,
     CacheError,
@@ -29,6 +38,7 @@ from .errors import (
     CorruptCacheError,
     ReadOnlyCacheError,
 )
+from .eviction import blob_bytes, evict, make_room
 from .healing import move_aside, needs_check_marker
 from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
 from .schema import prepare
@@ -37,51 +47,25 @@ __all__ = ["MAX_BLOB_BYTES", "CacheStats", "PipelineCache"]
 
 log = logging.getLogger("vyre_sqlcache")
 
-#: Largest blob a cache stores, as vyre's `MAX_DISK_PIPELINE_BLOB_BYTES` (64 MiB).
-MAX_BLOB_BYTES = 64 * 1024 * 1024
-#: Last-access times and hit counts are written at most this often from reads.
-TOUCH_INTERVAL_S = 5.0
-#: Blobs above this size are read with incremental blob I/O instead of in the row.
+#: Blobs above this size are left out of the lookup's row and read with incremental
+#: blob I/O, straight into the returned bytes (one copy instead of two).
 LARGE_BLOB_BYTES = 256 * 1024
-#: Eviction frees this share of the cap beyond what is needed, so that a full
-#: cache does not evict on every write.
-EVICTION_SLACK = 0.05
+#: Blobs above this size are read by a connection without memory mapping, so that
+#: no mapped file pages join the process's resident memory beside the result.
+UNMAPPED_BLOB_BYTES = 8 * 1024 * 1024
 
 _UNSET: Final[Any] = object()
 
-_INSERT_ENTRY = """
-INSERT INTO entries (
-    id, entry_key, key_version, shader_hash, layout_hash, push_constant_size,
-    workgroup_x, workgroup_y, workgroup_z, feature_flags, backend,
-    vendor, device, driver_digest, program_digest, blob_size, created_ms, accessed_ms
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    entry_key = excluded.entry_key, key_version = excluded.key_version,
-    shader_hash = excluded.shader_hash, layout_hash = excluded.layout_hash,
-    push_constant_size = excluded.push_constant_size, workgroup_x = excluded.workgroup_x,
-    workgroup_y = excluded.workgroup_y, workgroup_z = excluded.workgroup_z,
-    feature_flags = excluded.feature_flags, backend = excluded.backend,
-    vendor = excluded.vendor, device = excluded.device, driver_digest = excluded.driver_digest,
-    program_digest = excluded.program_digest, blob_size = excluded.blob_size,
-    created_ms = excluded.created_ms, accessed_ms = excluded.accessed_ms, hits = 0
-"""
-_INSERT_BLOB = (
-    "INSERT OR REPLACE INTO blobs (id, checksum_algo, checksum, data) VALUES (?, ?, ?, ?)"
-)
-# One statement a read-hit; a large blob stays out of the row and is read
-# straight into its result with incremental blob I/O.
+# One statement a read-hit; a large blob is left out of the row.
 _SELECT_BLOB = (
     "SELECT checksum_algo, checksum, length(data), "
     f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END FROM blobs WHERE id = ?"
 )
-_BUMP_META = "UPDATE meta SET value = value + ? WHERE name = ?"
-_BLOB_BYTES = "SELECT value FROM meta WHERE name = 'blob_bytes'"
-_COUNTERS = ("hits", "misses", "evictions", "checksum_failures")
 
 # Bumped in a forked child: connections must never cross a fork.
 _fork_generation = 0
-# Connections inherited through fork are kept referenced so they are never
-# closed (a close could checkpoint or delete the parent's write-ahead log).
+# Connections inherited through fork stay referenced so they are never closed:
+# a close could checkpoint or delete the parent's write-ahead log.
 _abandoned: list[apsw.Connection] = []
 
 
@@ -94,39 +78,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _scalar(connection: apsw.Connection, sql: str, params: tuple[Any, ...] = ()) -> int:
-    row = connection.execute(sql, params).fetchone()
-    return 0 if row is None else int(row[0])
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _check_blob(blob: Any) -> bytes:
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise TypeError(f"blob must be bytes, bytearray or memoryview, got {type(blob).__name__}")
-    size = memoryview(blob).nbytes
-    if size > MAX_BLOB_BYTES:
-        raise BlobTooLargeError(
-            f"blob is {size} bytes, over the {MAX_BLOB_BYTES}-byte (64 MiB) limit of a "
-            "pipeline cache entry; nothing was written"
-        )
-    return bytes(blob)
-
-
-def _check_fingerprint(fingerprint: Any) -> DeviceFingerprint:
-    if not isinstance(fingerprint, DeviceFingerprint):
-        raise TypeError(
-            f"fingerprint must be a DeviceFingerprint, got {type(fingerprint).__name__}"
-        )
-    return fingerprint
-
-
-def _check_key(key: Any) -> PipelineCacheKey:
-    if not isinstance(key, PipelineCacheKey):
-        raise TypeError(f"key must be a PipelineCacheKey, got {type(key).__name__}")
-    return key
 
 
 def _check_max_bytes(value: Any) -> int | None:
@@ -159,51 +112,6 @@ class CacheStats:
     total_flushes: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    """One entry ready to insert: validated and keyed."""
-
-    entry_key: bytes
-    key: PipelineCacheKey | None
-    fingerprint: DeviceFingerprint | None
-    program_digest: bytes | None
-    blob: bytes
-    created_ms: int | None = None
-
-    def params(self, now_ms: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        rowid = entry_id(self.entry_key)
-        when = now_ms if self.created_ms is None else self.created_ms
-        k = self.key
-        key_columns: tuple[Any, ...] = (
-            (
-                k.version,
-                k.shader_hash,
-                k.bind_group_layout_hash,
-                k.push_constant_size,
-                *k.workgroup_size,
-                int(k.feature_flags),
-                k.backend,
-            )
-            if k is not None
-            else (None,) * 9
-        )
-        fp = self.fingerprint
-        device = (None, None, None) if fp is None else (fp.vendor, fp.device, fp.driver_digest)
-        entry = (
-            rowid,
-            self.entry_key,
-            *key_columns,
-            *device,
-            self.program_digest,
-            len(self.blob),
-            when,
-            when,
-        )
-        algo = checksums.DEFAULT
-        blob = (rowid, algo, checksums.compute(algo, self.entry_key, self.blob), self.blob)
-        return entry, blob
-
-
 class PipelineCache:
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
@@ -230,16 +138,12 @@ class PipelineCache:
         self._disabled = disabled
         self._vfs = vfs
         self._closed = False
-        self._reset_connections()
-        # Shared by every thread; guarded by _lock.
+        self._books = Bookkeeping()
         self._unflushed = 0
-        self._touched: dict[int, int] = {}
-        self._pending: Counter[str] = Counter()
-        self._counts: Counter[str] = Counter()
-        self._next_touch_write = time.monotonic() + TOUCH_INTERVAL_S
+        self._reset_connections()
 
     def _reset_connections(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _connections and _unflushed
         self._local = threading.local()
         self._connections: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
         self._generation = _fork_generation
@@ -283,17 +187,13 @@ class PipelineCache:
             max_bytes = DEFAULT_MAX_BYTES if settings.max_bytes is None else settings.max_bytes
             if max_bytes < 1:
                 raise ValueError(f"{ENV_MAX_SIZE} must be at least 1 byte, got {max_bytes}")
-        cap = _check_max_bytes(max_bytes)
-        options: dict[str, Any] = {"max_bytes": cap, "vfs": vfs}
+        options: dict[str, Any] = {"max_bytes": _check_max_bytes(max_bytes), "vfs": vfs}
         if settings.disabled:
             return cls(resolved, readonly=True, immutable=False, disabled=True, **options)
-        immutable = False
-        if not readonly:
-            readonly = cls._must_open_readonly(resolved)
-            if readonly:
-                log.info("vyre-sqlcache: %s is not writable; opening it read-only", resolved)
-        if readonly:
-            immutable = cls._needs_immutable(resolved)
+        if not readonly and cls._must_open_readonly(resolved):
+            log.info("vyre-sqlcache: %s is not writable; opening it read-only", resolved)
+            readonly = True
+        immutable = readonly and cls._needs_immutable(resolved)
         cache = cls(resolved, readonly=readonly, immutable=immutable, disabled=False, **options)
         try:
             cache._first_connection(verify=verify)
@@ -308,9 +208,8 @@ class PipelineCache:
     def _must_open_readonly(path: Path) -> bool:
         """Whether the file (or, for a new one, its folder) cannot be written."""
         if path.exists():
-            folder_ok = os.access(path.parent, os.W_OK) or all(
-                Path(str(path) + side).exists() for side in ("-wal", "-shm")
-            )
+            sides_exist = all(Path(str(path) + side).exists() for side in ("-wal", "-shm"))
+            folder_ok = sides_exist or os.access(path.parent, os.W_OK)
             return not (os.access(path, os.W_OK) and folder_ok)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,12 +234,12 @@ class PipelineCache:
         try:
             connection = self._open_connection()
             try:
-                prepare(connection, where, readonly=self._readonly)
+                retry_busy(lambda: prepare(connection, where, readonly=self._readonly))
                 if verify or marker.exists():
                     problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
                     if problems != ["ok"]:
                         raise CorruptCacheError(
-                            f"{where} fails quick_check: {'; '.join(problems[:3])}"
+                            f"{where} fails quick_check: {'; '.join(map(str, problems[:3]))}"
                         )
                     marker.unlink(missing_ok=True)
             except BaseException:
@@ -348,15 +247,19 @@ class PipelineCache:
                 raise
         except apsw.Error as error:
             raise translate(error, "opening the cache", self._path) from error
-        self._adopt(connection)
+        self._local.connection = connection
+        self._register(connection)
 
-    def _open_connection(self) -> apsw.Connection:
+    def _open_connection(self, *, mmap: bool = True) -> apsw.Connection:
         return connect(
-            self._path, readonly=self._readonly, immutable=self._immutable, vfs=self._vfs
+            self._path,
+            readonly=self._readonly,
+            immutable=self._immutable,
+            mmap=mmap,
+            vfs=self._vfs,
         )
 
-    def _adopt(self, connection: apsw.Connection) -> None:
-        self._local.connection = connection
+    def _register(self, connection: apsw.Connection) -> None:
         with self._lock:
             # Connections of threads that have ended are closed here, so a program
             # that starts many short-lived threads does not collect open files.
@@ -378,13 +281,28 @@ class PipelineCache:
             # A forked child: the parent's connections are not ours to use or close.
             _abandoned.extend(connection for _, connection in self._connections)
             self._reset_connections()
+            self._books.reset_lock()
         connection: apsw.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            try:
-                connection = self._open_connection()
-            except apsw.Error as error:
-                raise translate(error, "opening a connection", self._path) from error
-            self._adopt(connection)
+            connection = self._new_connection(mmap=True)
+            self._local.connection = connection
+        return connection
+
+    def _large_blob_connection(self) -> apsw.Connection:
+        """This thread's connection without memory mapping, for large blobs."""
+        self._connection()  # the same checks, and a fork resets both
+        connection: apsw.Connection | None = getattr(self._local, "large", None)
+        if connection is None:
+            connection = self._new_connection(mmap=False)
+            self._local.large = connection
+        return connection
+
+    def _new_connection(self, *, mmap: bool) -> apsw.Connection:
+        try:
+            connection = self._open_connection(mmap=mmap)
+        except apsw.Error as error:
+            raise translate(error, "opening a connection", self._path) from error
+        self._register(connection)
         return connection
 
     def close(self) -> None:
@@ -395,13 +313,11 @@ class PipelineCache:
         try:
             if not self._readonly and self._generation == _fork_generation:
                 connection = self._connection()
-                self._write_bookkeeping_now(connection, wait=False)
+                self._write_bookkeeping_now(connection)
                 try:
                     connection.pragma("wal_checkpoint", "TRUNCATE")
                 except apsw.Error as error:
-                    log.warning(
-                        "vyre-sqlcache: checkpoint on close of %s failed: %s", self._path, error
-                    )
+                    log.warning("vyre-sqlcache: checkpoint on close of %s failed: %s", self, error)
         finally:
             self._closed = True
             with self._lock:
@@ -420,6 +336,9 @@ class PipelineCache:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        return f"PipelineCache({str(self._path)!r})"
 
     @property
     def path(self) -> Path:
@@ -452,18 +371,28 @@ class PipelineCache:
         arguments, ReadOnlyCacheError on a read-only cache, CacheFullError when the disk is
         full even after eviction; nothing is written when it raises.
         """
-        fp = _check_fingerprint(fingerprint)
-        digest = coerce_digest("program_digest", program_digest)
-        data = _check_blob(blob)
-        self._insert([_Row(fp.cache_key(digest), None, fp, digest, data)])
+        self.write_many([(program_digest, blob)], fingerprint)
+
+    def write_many(
+        self, items: Iterable[tuple[bytes | str, bytes]], fingerprint: DeviceFingerprint
+    ) -> None:
+        """Store many `(program_digest, blob)` pairs in one transaction: all or none.
+
+        Raises as `write` does, before anything is written.
+        """
+        fp = check_fingerprint(fingerprint)
+        entries = []
+        for index, (program_digest, blob) in enumerate(items):
+            digest = coerce_digest(f"program_digest (item {index})", program_digest)
+            entries.append(NewEntry(fp.cache_key(digest), None, fp, digest, check_blob(blob)))
+        self._insert(entries)
 
     def read(self, program_digest: bytes | str, fingerprint: DeviceFingerprint) -> bytes | None:
         """The blob stored for a program on a device, or None on a miss.
 
         Raises TypeError/ValueError for bad arguments; a damaged entry is a miss.
         """
-        fp = _check_fingerprint(fingerprint)
-        return self._load(fp.cache_key(program_digest))
+        return self._load(check_fingerprint(fingerprint).cache_key(program_digest))
 
     def flush(self) -> None:
         """Make every earlier write of this object durable (survives power loss).
@@ -475,17 +404,17 @@ class PipelineCache:
             return
         connection = self._connection()
         with self._lock:
-            if self._unflushed == 0:
-                return
             flushing = self._unflushed
+        if flushing == 0:
+            return
         try:
             # One commit with synchronous=FULL syncs the write-ahead log, and with it
             # every frame committed before: this object's and other processes'.
             connection.pragma("synchronous", "FULL")
             try:
                 with immediate(connection):
-                    self._write_bookkeeping(connection)
-                    connection.execute(_BUMP_META, (1, "flushes"))
+                    self._books.write(connection, _now_ms())
+                    connection.execute(BUMP_META, (1, "flushes"))
             finally:
                 connection.pragma("synchronous", "NORMAL")
         except apsw.Error as error:
@@ -505,7 +434,7 @@ class PipelineCache:
         `program_digest`. Returns how many entries were deleted. Raises ValueError if the
         two sequences differ in length, TypeError/ValueError for a bad mask value or digest.
         """
-        fp = _check_fingerprint(fingerprint)
+        fp = check_fingerprint(fingerprint)
         if len(impact_mask) != len(program_digests):
             raise ValueError(
                 f"impact_mask has {len(impact_mask)} values but program_digests has "
@@ -522,7 +451,8 @@ class PipelineCache:
         ids = array("q", (entry_id(fp.cache_key(d)) for d in impacted))
         with self._write_transaction("invalidating entries") as connection:
             connection.execute(
-                "DELETE FROM entries WHERE id IN carray(?1) OR (program_digest IN carray(?2) "
+                "DELETE FROM entries WHERE id IN carray(?1) OR (key_version IS NOT NULL "
+                "AND program_digest IS NOT NULL AND program_digest IN carray(?2) "
                 "AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)",
                 (
                     apsw.carray(ids),
@@ -559,29 +489,29 @@ class PipelineCache:
 
         Raises as `write` does, before anything is written.
         """
-        fp = _check_fingerprint(fingerprint)
-        rows = []
+        fp = check_fingerprint(fingerprint)
+        entries = []
         for item in items:
-            key = _check_key(item[0])
-            data = _check_blob(item[1])
+            key = check_key(item[0])
+            data = check_blob(item[1])
             raw_digest = item[2] if len(item) > 2 else None
             digest = None if raw_digest is None else coerce_digest("program_digest", raw_digest)
-            rows.append(_Row(key.entry_key(fp), key, fp, digest, data))
-        self._insert(rows)
+            entries.append(NewEntry(key.entry_key(fp), key, fp, digest, data))
+        self._insert(entries)
 
     def get(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bytes | None:
         """The blob stored under `key` on a device, or None on a miss.
 
         Raises TypeError for bad arguments; a damaged entry is a miss.
         """
-        return self._load(_check_key(key).entry_key(_check_fingerprint(fingerprint)))
+        return self._load(check_key(key).entry_key(check_fingerprint(fingerprint)))
 
     def get_many(
         self, keys: Iterable[PipelineCacheKey], fingerprint: DeviceFingerprint
     ) -> list[bytes | None]:
         """The blobs of many keys (None for each miss), read from one snapshot."""
-        fp = _check_fingerprint(fingerprint)
-        entry_keys = [_check_key(k).entry_key(fp) for k in keys]
+        fp = check_fingerprint(fingerprint)
+        entry_keys = [check_key(k).entry_key(fp) for k in keys]
         if self._disabled:
             return [self._load(k) for k in entry_keys]
         connection = self._connection()
@@ -590,36 +520,30 @@ class PipelineCache:
         except apsw.Error as error:
             raise translate(error, "reading entries", self._path) from error
         try:
-            results = [self._fetch(connection, k) for k in entry_keys]
+            fetched = [self._fetch(connection, k) for k in entry_keys]
         finally:
             connection.execute("COMMIT")
-        return [self._verified(k, r) for k, r in zip(entry_keys, results, strict=True)]
+        return [self._verified(k, f) for k, f in zip(entry_keys, fetched, strict=True)]
 
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Whether an entry is stored under `key` on a device (its bytes are not verified)."""
-        entry_key = _check_key(key).entry_key(_check_fingerprint(fingerprint))
+        entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
         if self._disabled:
             return False
-        connection = self._connection()
         try:
-            row = connection.execute(
-                "SELECT entry_key FROM entries WHERE id = ?", (entry_id(entry_key),)
-            ).fetchone()
+            row = (
+                self._connection()
+                .execute("SELECT entry_key FROM entries WHERE id = ?", (entry_id(entry_key),))
+                .fetchone()
+            )
         except apsw.Error as error:
             raise translate(error, "looking up an entry", self._path) from error
         return row is not None and row[0] == entry_key
 
     def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Delete the entry under `key` on a device; return whether there was one."""
-        entry_key = _check_key(key).entry_key(_check_fingerprint(fingerprint))
-        if self._disabled:
-            return False
-        with self._write_transaction("deleting an entry") as connection:
-            connection.execute(
-                "DELETE FROM entries WHERE id = ? AND entry_key = ?",
-                (entry_id(entry_key), entry_key),
-            )
-            return connection.changes() > 0
+        entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
+        return self.delete_entries([entry_key]) > 0
 
     # -- entries by bare entry key (inspection, vyre directory import and export) ----
 
@@ -640,12 +564,12 @@ class PipelineCache:
         (milliseconds since the epoch) also serves as its last access. Raises as `write`.
         """
         key = coerce_digest("entry_key", entry_key)
-        data = _check_blob(blob)
+        data = check_blob(blob)
         if created_ms is not None and (
             isinstance(created_ms, bool) or not isinstance(created_ms, int)
         ):
             raise TypeError(f"created_ms must be an int or None, got {type(created_ms).__name__}")
-        self._insert([_Row(key, None, None, None, data, created_ms)])
+        self._insert([NewEntry(key, None, None, None, data, created_ms)])
 
     def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int:
         """Delete the entries with these entry keys in one statement; return how many."""
@@ -665,44 +589,42 @@ class PipelineCache:
         if self._disabled:
             return None
         fetched = self._fetch(self._connection(), key)
-        if fetched is None:
-            return None
-        return checksums.matches(fetched[0], fetched[1], key, fetched[2])
+        return None if fetched is None else checksums.matches(*fetched[:2], key, fetched[2])
+
+    # -- size and counters -------------------------------------------------------------
 
     def __len__(self) -> int:
         """The number of entries."""
         return self.stats().entries
 
     def stats(self) -> CacheStats:
-        """Sizes and counters: this object's hits/misses/evictions/checksum failures, and
-        the totals kept in the file (which include this object's once written)."""
-        with self._lock:
-            counts = Counter(self._counts)
+        """Sizes and counters: this object's hits, misses, evictions and checksum failures,
+        and the totals kept in the file (which include this object's unwritten ones)."""
+        counts = self._books.counts()
         totals: dict[str, int] = {}
         file_bytes = 0
         if not self._disabled:
-            connection = self._connection()
             try:
-                totals = dict(connection.execute("SELECT name, value FROM meta"))
+                rows = self._connection().execute("SELECT name, value FROM meta").fetchall()
             except apsw.Error as error:
                 raise translate(error, "reading statistics", self._path) from error
+            totals = {str(name): int(value) for name, value in rows}  # type: ignore[arg-type]
             for suffix in ("", "-wal"):
                 with suppress(FileNotFoundError):
                     file_bytes += os.stat(str(self._path) + suffix).st_size
-        with self._lock:
-            pending = Counter(self._pending)
+        hits, misses = self._books.unwritten()
         return CacheStats(
             path=self._path,
             entries=totals.get("entries", 0),
             blob_bytes=totals.get("blob_bytes", 0),
             file_bytes=file_bytes,
             max_bytes=self._max_bytes,
-            hits=counts["hits"],
-            misses=counts["misses"],
-            evictions=counts["evictions"],
-            checksum_failures=counts["checksum_failures"],
-            total_hits=totals.get("hits", 0) + pending["hits"],
-            total_misses=totals.get("misses", 0) + pending["misses"],
+            hits=counts.hits,
+            misses=counts.misses,
+            evictions=counts.evictions,
+            checksum_failures=counts.checksum_failures,
+            total_hits=totals.get("hits", 0) + hits,
+            total_misses=totals.get("misses", 0) + misses,
             total_evictions=totals.get("evictions", 0),
             total_checksum_failures=totals.get("checksum_failures", 0),
             total_flushes=totals.get("flushes", 0),
@@ -712,6 +634,7 @@ class PipelineCache:
 
     @contextmanager
     def _write_transaction(self, what: str) -> Iterator[apsw.Connection]:
+        """A `BEGIN IMMEDIATE` transaction on this thread's connection, bookkeeping first."""
         if self._readonly:
             raise ReadOnlyCacheError(
                 f"the cache {self._path} is open read-only; open it without readonly=True, "
@@ -720,97 +643,60 @@ class PipelineCache:
         connection = self._connection()
         try:
             with immediate(connection):
-                self._write_bookkeeping(connection)
+                self._books.write(connection, _now_ms())
                 yield connection
         except apsw.Error as error:
             self._note_damage(error)
             raise translate(error, what, self._path) from error
 
-    def _insert(self, rows: list[_Row]) -> None:
-        if not rows:
+    def _insert(self, entries: list[NewEntry]) -> None:
+        if not entries:
             return
+        incoming = sum(len(entry.blob) for entry in entries)
         cap = self._max_bytes
-        if cap is not None:
-            incoming = sum(len(row.blob) for row in rows)
-            if incoming > cap:
-                raise BlobTooLargeError(
-                    f"{'blob is' if len(rows) == 1 else f'{len(rows)} blobs are'} {incoming} "
-                    f"bytes, over the cache's size cap of {cap} bytes (max_bytes / "
-                    f"{ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
-                )
+        if cap is not None and incoming > cap:
+            what = "blob is" if len(entries) == 1 else f"{len(entries)} blobs are"
+            raise BlobTooLargeError(
+                f"{what} {incoming} bytes, over the cache's size cap of {cap} bytes "
+                f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
+            )
         if self._disabled:
             return
         now = _now_ms()
-        params = [row.params(now) for row in rows]
-        ids = array("q", (p[0][0] for p in params))
+        params = [entry.params(now) for entry in entries]
+        ids = array("q", (entry.rowid for entry in entries))
         for attempt in range(2):
             try:
                 with self._write_transaction("storing entries") as connection:
                     if cap is not None:
-                        self._make_room(connection, ids, incoming, cap)
-                    connection.executemany(_INSERT_ENTRY, [p[0] for p in params])
-                    connection.executemany(_INSERT_BLOB, [p[1] for p in params])
+                        self._books.evicted(make_room(connection, ids, incoming, cap))
+                    connection.executemany(INSERT_ENTRY, [p[0] for p in params])
+                    connection.executemany(INSERT_BLOB, [p[1] for p in params])
                 break
             except CacheFullError:
-                if attempt or not self._evict_for_full_disk(sum(len(r.blob) for r in rows)):
+                if attempt or not self._evict_for_full_disk(incoming):
                     raise
                 log.warning("vyre-sqlcache: %s hit a full disk; evicted and retrying", self._path)
         with self._lock:
-            self._unflushed += len(rows)
-
-    def _make_room(
-        self, connection: apsw.Connection, ids: array[int], incoming: int, cap: int
-    ) -> None:
-        """Evict least-recently-used entries so that the insert keeps blob bytes under `cap`."""
-        total = _scalar(connection, _BLOB_BYTES)
-        replaced = _scalar(
-            connection,
-            "SELECT coalesce(sum(blob_size), 0) FROM entries WHERE id IN carray(?)",
-            (apsw.carray(ids),),
-        )
-        excess = total - replaced + incoming - cap
-        if excess > 0:
-            self._evict(connection, excess + int(cap * EVICTION_SLACK), keep=set(ids))
-
-    def _evict(self, connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> int:
-        """Delete least-recently-used entries (in one statement) until enough bytes are free."""
-        victims: array[int] = array("q")
-        freed = 0
-        last: tuple[Any, ...] = (-(2**63), -(2**63))
-        while freed < bytes_to_free:
-            batch = connection.execute(
-                "SELECT accessed_ms, id, blob_size FROM entries "
-                "WHERE (accessed_ms, id) > (?, ?) ORDER BY accessed_ms, id LIMIT 256",
-                last,
-            ).fetchall()
-            if not batch:
-                break
-            for accessed, rowid, size in batch:
-                last = (accessed, rowid)
-                assert isinstance(rowid, int) and isinstance(size, int)
-                if rowid in keep:
-                    continue
-                victims.append(rowid)
-                freed += size
-                if freed >= bytes_to_free:
-                    break
-        if victims:
-            connection.execute("DELETE FROM entries WHERE id IN carray(?)", (apsw.carray(victims),))
-            connection.execute(_BUMP_META, (len(victims), "evictions"))
-            with self._lock:
-                self._counts["evictions"] += len(victims)
-        return len(victims)
+            self._unflushed += len(entries)
 
     def _evict_for_full_disk(self, incoming: int) -> bool:
-        """Free room after SQLITE_FULL: at least `incoming` bytes, at least a quarter."""
+        """Free room after SQLITE_FULL: at least `incoming` bytes and a quarter of the blobs."""
         try:
             with self._write_transaction("evicting for a full disk") as connection:
-                total = _scalar(connection, _BLOB_BYTES)
-                return self._evict(connection, max(incoming, total // 4), keep=set()) > 0
+                evicted = evict(connection, max(incoming, blob_bytes(connection) // 4), set())
         except CacheError:
             return False
+        self._books.evicted(evicted)
+        return evicted > 0
 
     # -- internals: reading ----------------------------------------------------------
+
+    def _load(self, entry_key: bytes) -> bytes | None:
+        if self._disabled:
+            self._books.miss(persist=False)
+            return None
+        return self._verified(entry_key, self._fetch(self._connection(), entry_key))
 
     def _fetch(
         self, connection: apsw.Connection, entry_key: bytes
@@ -823,110 +709,81 @@ class PipelineCache:
                 return None
             algo, checksum, size, data = row
             if data is None:
-                with connection.blob_open("main", "blobs", "data", rowid, False) as blob:
-                    data = blob.read(size)
+                if size > UNMAPPED_BLOB_BYTES:
+                    connection = self._large_blob_connection()
+                # The blob may be replaced between the select and this read: a checksum
+                # that then fails is looked at again before anything is dropped.
+                blob = connection.blob_open("main", "blobs", "data", rowid, False)
+                try:
+                    data = blob.read()
+                finally:
+                    blob.close()
         except apsw.Error as error:
             # A read never takes the application down: damage or I/O trouble is a miss.
             self._note_damage(error)
-            log.warning(
-                "vyre-sqlcache: reading %s from %s failed: %s", entry_key.hex(), self._path, error
-            )
+            log.warning("vyre-sqlcache: reading %s failed: %s", entry_key.hex(), error)
             return None
         return algo, checksum, data
 
-    def _load(self, entry_key: bytes) -> bytes | None:
-        if self._disabled:
-            with self._lock:
-                self._counts["misses"] += 1
-            return None
-        return self._verified(entry_key, self._fetch(self._connection(), entry_key))
-
     def _verified(self, entry_key: bytes, fetched: tuple[str, bytes, bytes] | None) -> bytes | None:
-        """Return `data` if its checksum holds, recording the hit or miss; None otherwise."""
-        rowid = entry_id(entry_key)
-        algo, checksum, data = fetched if fetched is not None else (None, b"", b"")
-        ok = algo is not None and checksums.matches(algo, checksum, entry_key, data)
-        with self._lock:
-            if ok:
-                self._counts["hits"] += 1
-                self._pending["hits"] += 1
-                self._touched[rowid] = self._touched.get(rowid, 0) + 1
-            else:
-                self._counts["misses"] += 1
-                self._pending["misses"] += 1
-            due = time.monotonic() >= self._next_touch_write
-        if algo is not None and not ok:
+        """The fetched data if its checksum holds, counting the hit or miss; else None."""
+        if fetched is None:
+            self._books.miss()
+            return None
+        algo, checksum, data = fetched
+        if not checksums.matches(algo, checksum, entry_key, data):
+            self._books.miss()
             self._on_mismatch(entry_key, algo)
-        elif due and not self._readonly:
+            return None
+        if self._books.hit(entry_id(entry_key)) and not self._readonly:
             self._write_bookkeeping_now(self._connection(), wait=False)
-        return data if ok else None
+        return data
 
     def _on_mismatch(self, entry_key: bytes, algo: str) -> None:
-        """Drop an entry whose bytes fail their checksum, unless the row is another key's."""
-        rowid = entry_id(entry_key)
-        connection = self._connection()
-        try:
-            owner = connection.execute(
-                "SELECT entry_key FROM entries WHERE id = ?", (rowid,)
-            ).fetchone()
-        except apsw.Error:
-            owner = None
-        if owner is not None and owner[0] != entry_key:
-            return  # another key shares the row id: a miss for us, not damage
-        log.warning(
-            "vyre-sqlcache: entry %s in %s failed its %s checksum; dropping it (it will be "
-            "recompiled)",
-            entry_key.hex(),
-            self._path,
-            algo,
-        )
-        with self._lock:
-            self._counts["checksum_failures"] += 1
+        """Drop an entry whose bytes fail their checksum, once a locked second look agrees.
+
+        The second look, under the write lock, rules out a blob replaced between two
+        statements of the read, and a row that belongs to another key sharing the row id.
+        """
+        self._books.checksum_failed()
         if self._readonly:
+            log.warning("vyre-sqlcache: entry %s failed its checksum", entry_key.hex())
             return
+        rowid = entry_id(entry_key)
         try:
             with self._write_transaction("dropping a damaged entry") as connection:
+                owner = connection.execute(
+                    "SELECT entry_key FROM entries WHERE id = ?", (rowid,)
+                ).fetchone()
+                if owner is not None and owner[0] != entry_key:
+                    return  # another key's row: a miss for us, not damage
+                again = self._fetch(connection, entry_key)
+                if again is not None and checksums.matches(*again[:2], entry_key, again[2]):
+                    return  # replaced while we read: it is good now
+                log.warning(
+                    "vyre-sqlcache: entry %s in %s failed its %s checksum; dropping it "
+                    "(it will be recompiled)",
+                    entry_key.hex(),
+                    self._path,
+                    algo,
+                )
                 connection.execute("DELETE FROM entries WHERE id = ?", (rowid,))
                 connection.execute("DELETE FROM blobs WHERE id = ?", (rowid,))
-                connection.execute(_BUMP_META, (1, "checksum_failures"))
+                connection.execute(BUMP_META, (1, "checksum_failures"))
         except CacheError as error:
             log.warning("vyre-sqlcache: could not drop the damaged entry: %s", error)
 
-    # -- internals: bookkeeping -----------------------------------------------------
+    # -- internals: bookkeeping and damage --------------------------------------------
 
-    def _write_bookkeeping(self, connection: apsw.Connection) -> None:
-        """Write buffered access times, hit counts and counters, inside the caller's txn."""
-        with self._lock:
-            touched, self._touched = self._touched, {}
-            pending, self._pending = self._pending, Counter()
-            self._next_touch_write = time.monotonic() + TOUCH_INTERVAL_S
-        if not touched and not pending:
-            return
-        try:
-            now = _now_ms()
-            connection.executemany(
-                "UPDATE entries SET accessed_ms = ?, hits = hits + ? WHERE id = ?",
-                [(now, hits, rowid) for rowid, hits in touched.items()],
-            )
-            connection.executemany(
-                _BUMP_META, [(delta, name) for name, delta in pending.items() if delta]
-            )
-        except BaseException:
-            with self._lock:  # not written: keep them for the next write
-                for rowid, hits in touched.items():
-                    self._touched[rowid] = self._touched.get(rowid, 0) + hits
-                self._pending.update(pending)
-            raise
-
-    def _write_bookkeeping_now(self, connection: apsw.Connection, *, wait: bool) -> None:
-        """Write buffered bookkeeping in its own transaction; never blocks a read for long."""
+    def _write_bookkeeping_now(self, connection: apsw.Connection, *, wait: bool = True) -> None:
+        """Write buffered bookkeeping in its own transaction; from a read, never wait."""
         if not wait:
             connection.set_busy_timeout(0)
         try:
             with immediate(connection):
-                self._write_bookkeeping(connection)
+                self._books.write(connection, _now_ms())
         except apsw.Error as error:
-            # Bookkeeping is best effort: a busy or read-only file keeps it for later.
+            # Best effort: a busy or read-only file keeps the buffer for later.
             log.debug("vyre-sqlcache: access times not written yet: %s", error)
         finally:
             if not wait:
