@@ -89,13 +89,18 @@ class Store(ABC):
     def invalidate(self, mask: Sequence[int], digests: Sequence[bytes]) -> None:
         """Remove the entries of ``digests`` whose ``mask`` value is non-zero."""
 
+    def write_batch(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store many entries through the store's batch API (one call each without one)."""
+        for digest, blob in items:
+            self.write(digest, blob)
+
     def populate(self, items: Iterable[tuple[bytes, bytes]], durable: bool) -> None:
         """Fill an open store through its batch path (untimed fixture setup).
 
         ``durable=False`` lets a store skip syncing when only reads follow.
         """
-        for digest, blob in items:
-            self.write(digest, blob)
+        for chunk in _chunks(items):
+            self.write_batch(chunk)
         self.flush()
 
     def files(self) -> list[Path]:
@@ -157,6 +162,9 @@ class VyreStore(Store):
 
     def write(self, digest: bytes, blob: bytes) -> None:
         self._cache.write(digest, self._fp, blob)
+
+    def write_batch(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        self._cache.write_many(items, self._fp)
 
     def read(self, digest: bytes) -> bytes | None:
         blob: bytes | None = self._cache.read(digest, self._fp)
@@ -250,11 +258,14 @@ class DiskcacheStore(Store):
                 if is_impacted:
                     self._cache.delete(self._fp.cache_key(digest))
 
+    def write_batch(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        with self._cache.transact():
+            for digest, blob in items:
+                self.write(digest, blob)
+
     def populate(self, items: Iterable[tuple[bytes, bytes]], durable: bool) -> None:
         for chunk in _chunks(items):
-            with self._cache.transact():
-                for digest, blob in chunk:
-                    self.write(digest, blob)
+            self.write_batch(chunk)
 
 
 class LmdbStore(Store):
@@ -298,11 +309,14 @@ class LmdbStore(Store):
                 if is_impacted:
                     txn.delete(self._fp.cache_key(digest))
 
+    def write_batch(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        with self._env.begin(write=True) as txn:
+            for digest, blob in items:
+                txn.put(self._fp.cache_key(digest), blob)
+
     def populate(self, items: Iterable[tuple[bytes, bytes]], durable: bool) -> None:
         for chunk in _chunks(items):
-            with self._env.begin(write=True) as txn:
-                for digest, blob in chunk:
-                    txn.put(self._fp.cache_key(digest), blob)
+            self.write_batch(chunk)
         if durable:
             self.flush()
 

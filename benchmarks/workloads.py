@@ -478,6 +478,31 @@ class BulkInstall(Workload):
         return Sample(total / 1e6, {"per_entry_us": total / 1e3 / dataset.count})
 
 
+class BulkInstallBatch(BulkInstall):
+    """N entries through each store's batch API, then one durable flush."""
+
+    name = "bulk_install_batch"
+    title = "Bulk install through the batch API: N entries + one durable flush"
+    description = (
+        "Into an empty store, install N entries with one call of the store's batch API "
+        "(vyre-sqlcache write_many, diskcache transact, LMDB one transaction; the files "
+        "store has none, so one write per entry), then flush once; total ms."
+    )
+
+    def measure(self, store: str, case: Case, state: Any, round_index: int) -> Sample:
+        dataset = dataset_of(self.config.n, case.params["size"], self.config.seed)
+        items = list(dataset.items())
+        root = self.scratch(store, case, round_index)
+        clock = time.perf_counter_ns
+        with self.fixtures.store(store, root) as opened, gc_paused():
+            start = clock()
+            opened.write_batch(items)
+            opened.flush()
+            total = clock() - start
+        shutil.rmtree(root, ignore_errors=True)
+        return Sample(total / 1e6, {"per_entry_us": total / 1e3 / dataset.count})
+
+
 class DurableWrite(Workload):
     """One write followed by a durable flush."""
 
@@ -754,6 +779,7 @@ WORKLOADS: dict[str, type[Workload]] = {
         Reread,
         Miss,
         BulkInstall,
+        BulkInstallBatch,
         DurableWrite,
         Invalidate,
         OpenFirstRead,

@@ -248,6 +248,7 @@ class PipelineCache:
         except apsw.Error as error:
             raise translate(error, "opening the cache", self._path) from error
         self._local.connection = connection
+        self._local.cursor = connection.cursor()
         self._register(connection)
 
     def _open_connection(self, *, mmap: bool = True) -> apsw.Connection:
@@ -286,7 +287,14 @@ class PipelineCache:
         if connection is None:
             connection = self._new_connection(mmap=True)
             self._local.connection = connection
+            self._local.cursor = connection.cursor()
         return connection
+
+    def _cursor(self) -> apsw.Cursor:
+        """This thread's reusable cursor on its connection (saves a cursor a read)."""
+        self._connection()
+        cursor: apsw.Cursor = self._local.cursor
+        return cursor
 
     def _large_blob_connection(self) -> apsw.Connection:
         """This thread's connection without memory mapping, for large blobs."""
@@ -520,7 +528,8 @@ class PipelineCache:
         except apsw.Error as error:
             raise translate(error, "reading entries", self._path) from error
         try:
-            fetched = [self._fetch(connection, k) for k in entry_keys]
+            cursor = connection.cursor()
+            fetched = [self._fetch(cursor, k) for k in entry_keys]
         finally:
             connection.execute("COMMIT")
         return [self._verified(k, f) for k, f in zip(entry_keys, fetched, strict=True)]
@@ -588,7 +597,7 @@ class PipelineCache:
         key = coerce_digest("entry_key", entry_key)
         if self._disabled:
             return None
-        fetched = self._fetch(self._connection(), key)
+        fetched = self._fetch(self._cursor(), key)
         return None if fetched is None else checksums.matches(*fetched[:2], key, fetched[2])
 
     # -- size and counters -------------------------------------------------------------
@@ -696,20 +705,21 @@ class PipelineCache:
         if self._disabled:
             self._books.miss(persist=False)
             return None
-        return self._verified(entry_key, self._fetch(self._connection(), entry_key))
+        return self._verified(entry_key, self._fetch(self._cursor(), entry_key))
 
-    def _fetch(
-        self, connection: apsw.Connection, entry_key: bytes
-    ) -> tuple[str, bytes, bytes] | None:
+    def _fetch(self, cursor: apsw.Cursor, entry_key: bytes) -> tuple[str, bytes, bytes] | None:
         """The (checksum algorithm, checksum, data) of an entry, unverified, or None."""
         rowid = entry_id(entry_key)
         try:
-            row = connection.execute(_SELECT_BLOB, (rowid,)).fetchone()
-            if row is None:
+            # fetchall, not fetchone: running the statement to its end resets it, so
+            # no read transaction stays open between calls.
+            rows = cursor.execute(_SELECT_BLOB, (rowid,)).fetchall()
+            if not rows:
                 return None
-            algo, checksum, size, data = row
+            algo, checksum, size, data = rows[0]
+            connection = cursor.connection
             if data is None:
-                if size > UNMAPPED_BLOB_BYTES:
+                if size > UNMAPPED_BLOB_BYTES:  # type: ignore[operator]
                     connection = self._large_blob_connection()
                 # The blob may be replaced between the select and this read: a checksum
                 # that then fails is looked at again before anything is dropped.
@@ -723,7 +733,7 @@ class PipelineCache:
             self._note_damage(error)
             log.warning("vyre-sqlcache: reading %s failed: %s", entry_key.hex(), error)
             return None
-        return algo, checksum, data
+        return algo, checksum, data  # type: ignore[return-value]
 
     def _verified(self, entry_key: bytes, fetched: tuple[str, bytes, bytes] | None) -> bytes | None:
         """The fetched data if its checksum holds, counting the hit or miss; else None."""
@@ -757,7 +767,7 @@ class PipelineCache:
                 ).fetchone()
                 if owner is not None and owner[0] != entry_key:
                     return  # another key's row: a miss for us, not damage
-                again = self._fetch(connection, entry_key)
+                again = self._fetch(connection.cursor(), entry_key)
                 if again is not None and checksums.matches(*again[:2], entry_key, again[2]):
                     return  # replaced while we read: it is good now
                 log.warning(
