@@ -46,15 +46,17 @@ def connect(
     path: Path,
     *,
     readonly: bool = False,
+    query_only: bool = False,
     immutable: bool = False,
     mmap: bool = True,
     vfs: str | None = None,
 ) -> apsw.Connection:
     """Open `path` (through the named SQLite VFS, if any) with the settings every cache uses.
 
-    `immutable` is for read-only media with no write-ahead log to read: SQLite then
-    needs no -shm file and takes no locks. Raises apsw errors as they come; callers
-    translate them with `translate` or `sqlite_errors`.
+    `query_only` refuses every change made through this connection. `immutable` is for
+    read-only media with no write-ahead log to read: SQLite then needs no -shm file and
+    takes no locks. `mmap=False` reads through SQLite's page cache instead of a memory
+    map. Raises apsw errors as they come; callers translate them with `translate`.
     """
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     if not readonly:
@@ -75,6 +77,8 @@ def connect(
         connection.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
         connection.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
         connection.pragma("mmap_size", MMAP_BYTES if mmap else 0)
+        if query_only:
+            connection.pragma("query_only", True)
         # Commits survive a process crash; flush() adds a synced commit for power loss.
         connection.pragma("synchronous", "NORMAL")
     except BaseException:

@@ -7,12 +7,29 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["SIDE_FILES", "move_aside", "needs_check_marker"]
+__all__ = ["SIDE_FILES", "is_not_sqlite", "move_aside", "needs_check_marker"]
 
 log = logging.getLogger("vyre_sqlcache")
 
 #: Files SQLite keeps beside a database in WAL mode.
 SIDE_FILES = ("-wal", "-shm")
+
+
+_MAGIC = b"SQLite format 3\0"
+
+
+def is_not_sqlite(path: Path) -> bool:
+    """Whether `path` holds bytes that cannot be a SQLite database (a 16-byte look).
+
+    Looked at before SQLite opens the file, because SQLite removes the -wal file of a
+    database it cannot read, and a file moved aside should keep it.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_MAGIC))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return False
+    return bool(head) and head != _MAGIC[: len(head)]
 
 
 def needs_check_marker(path: Path) -> Path:

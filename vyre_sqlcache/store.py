@@ -39,7 +39,7 @@ from .errors import (
     ReadOnlyCacheError,
 )
 from .eviction import blob_bytes, evict, make_room
-from .healing import move_aside, needs_check_marker
+from .healing import is_not_sqlite, move_aside, needs_check_marker
 from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
 from .schema import prepare
 
@@ -125,6 +125,7 @@ class PipelineCache:
         path: Path,
         *,
         readonly: bool,
+        file_readonly: bool,
         immutable: bool,
         max_bytes: int | None,
         disabled: bool,
@@ -132,7 +133,8 @@ class PipelineCache:
     ) -> None:
         """Set up a cache object; use `PipelineCache.open` instead."""
         self._path = path
-        self._readonly = readonly
+        self._readonly = readonly  # writes are refused
+        self._file_readonly = file_readonly  # the OS will not let us write the file
         self._immutable = immutable
         self._max_bytes = max_bytes
         self._disabled = disabled
@@ -189,13 +191,38 @@ class PipelineCache:
                 raise ValueError(f"{ENV_MAX_SIZE} must be at least 1 byte, got {max_bytes}")
         options: dict[str, Any] = {"max_bytes": _check_max_bytes(max_bytes), "vfs": vfs}
         if settings.disabled:
-            return cls(resolved, readonly=True, immutable=False, disabled=True, **options)
-        if not readonly and cls._must_open_readonly(resolved):
+            return cls(
+                resolved,
+                readonly=True,
+                file_readonly=True,
+                immutable=False,
+                disabled=True,
+                **options,
+            )
+        # A cache asked to be read-only but on a writable file still opens the file for
+        # writing, with SQLite's query_only set: its last close can then fold the
+        # write-ahead log back into the file, leaving one file at rest.
+        if readonly and not resolved.exists():
+            raise CacheError(
+                f"{resolved} does not exist, and a read-only cache cannot create it; "
+                "open it without readonly=True first, or check the path"
+            )
+        file_readonly = cls._must_open_readonly(resolved)
+        if file_readonly and not readonly:
             log.info("vyre-sqlcache: %s is not writable; opening it read-only", resolved)
-            readonly = True
-        immutable = readonly and cls._needs_immutable(resolved)
-        cache = cls(resolved, readonly=readonly, immutable=immutable, disabled=False, **options)
+        readonly = readonly or file_readonly
+        immutable = file_readonly and cls._needs_immutable(resolved)
+        cache = cls(
+            resolved,
+            readonly=readonly,
+            file_readonly=file_readonly,
+            immutable=immutable,
+            disabled=False,
+            **options,
+        )
         try:
+            if is_not_sqlite(resolved):
+                raise CorruptCacheError(f"{resolved} is not a SQLite database")
             cache._first_connection(verify=verify)
         except CorruptCacheError as error:
             if strict or readonly:
@@ -254,7 +281,8 @@ class PipelineCache:
     def _open_connection(self, *, mmap: bool = True) -> apsw.Connection:
         return connect(
             self._path,
-            readonly=self._readonly,
+            readonly=self._file_readonly,
+            query_only=self._readonly,
             immutable=self._immutable,
             mmap=mmap,
             vfs=self._vfs,

@@ -1,0 +1,190 @@
+"""Threads and processes on one cache file, and fork safety."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+
+
+def digest_of(*parts: object) -> bytes:
+    return hashlib.blake2b(repr(parts).encode(), digest_size=32).digest()
+
+
+def blob_of(digest: bytes, size: int = 3000) -> bytes:
+    return (digest * (size // 32 + 1))[:size]
+
+
+def run_threads(count: int, target: object, *args: object) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            target(index, *args)  # type: ignore[operator]
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return errors
+
+
+def test_threads_get_their_own_connections(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    seen: list[object] = []
+
+    def work(index: int) -> None:
+        digest = digest_of("thread", index)
+        cache.write(digest, fingerprint, blob_of(digest))
+        assert cache.read(digest, fingerprint) == blob_of(digest)
+        seen.append(cache._connection())
+
+    assert not run_threads(4, work)
+    assert len({id(connection) for connection in seen}) == 4
+
+
+def test_readers_and_writers_in_threads(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    shared = [digest_of("shared", i) for i in range(200)]
+    cache.write_many([(d, blob_of(d)) for d in shared], fingerprint)
+
+    def work(index: int) -> None:
+        for round_ in range(50):
+            if index == 0:
+                digest = digest_of("new", round_)
+                cache.write(digest, fingerprint, blob_of(digest))
+            for digest in shared[index::4]:
+                assert cache.read(digest, fingerprint) == blob_of(digest)
+
+    assert not run_threads(4, work)
+    assert len(cache) == 250
+    assert cache.stats().hits == 50 * 200
+
+
+def test_connections_of_ended_threads_are_closed(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    for round_ in range(20):
+        assert not run_threads(2, lambda i, r=round_: cache.read(digest_of(r, i), fingerprint))
+    # Each new connection closes those of threads that have ended.
+    assert len(cache._connections) <= 3
+
+
+def _writer(path: str, worker: int, count: int, done: multiprocessing.Queue[object]) -> None:
+    fingerprint = DeviceFingerprint.from_parts(7, 8, "driver")
+    try:
+        with PipelineCache.open(path, max_bytes=None) as cache:
+            for i in range(count):
+                digest = digest_of(worker, i)
+                cache.write(digest, fingerprint, blob_of(digest, 2000 + i))
+                if i % 10 == 0:
+                    cache.flush()
+                    other = digest_of((worker + 1) % 4, i)
+                    got = cache.read(other, fingerprint)
+                    assert got is None or got == blob_of(other, 2000 + i)
+            cache.flush()
+        done.put(None)
+    except BaseException as error:
+        done.put(repr(error))
+
+
+def test_processes_write_one_file_without_errors_or_loss(cache_path: Path) -> None:
+    cache_path.parent.mkdir(parents=True)
+    context = multiprocessing.get_context("spawn")
+    done: multiprocessing.Queue[object] = context.Queue()
+    count = 100
+    processes = [
+        context.Process(target=_writer, args=(str(cache_path), w, count, done)) for w in range(4)
+    ]
+    for process in processes:
+        process.start()
+    results = [done.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    assert results == [None] * 4
+    fingerprint = DeviceFingerprint.from_parts(7, 8, "driver")
+    with PipelineCache.open(cache_path) as cache:
+        assert len(cache) == 4 * count
+        for worker in range(4):
+            for i in range(count):
+                digest = digest_of(worker, i)
+                assert cache.read(digest, fingerprint) == blob_of(digest, 2000 + i)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_forked_child_opens_its_own_connection(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    parent_digest = digest_of("parent")
+    cache.write(parent_digest, fingerprint, b"from the parent")
+    parent_connection = cache._connection()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        status = 1
+        try:
+            assert cache._connection() is not parent_connection
+            assert cache.read(parent_digest, fingerprint) == b"from the parent"
+            cache.write(digest_of("child"), fingerprint, b"from the child")
+            cache.flush()
+            os.write(write, b"ok")
+            status = 0
+        except BaseException as error:
+            os.write(write, repr(error).encode()[:500])
+        finally:
+            os._exit(status)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    message = os.read(read, 1000)
+    os.close(read)
+    assert (status, message) == (0, b"ok")
+    # The parent's connection still works and sees the child's write.
+    assert cache._connection() is parent_connection
+    assert cache.read(digest_of("child"), fingerprint) == b"from the child"
+
+
+def test_one_file_at_rest_after_the_last_close(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    first = PipelineCache.open(cache_path)
+    second = PipelineCache.open(cache_path)
+    first.write(digest_of(1), fingerprint, os.urandom(50_000))
+    second.write(digest_of(2), fingerprint, os.urandom(50_000))
+    first.close()
+    wal = Path(str(cache_path) + "-wal")
+    second.close()
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = cache_path.with_name("copy.sqlite3")
+    copy.write_bytes(cache_path.read_bytes())
+    with PipelineCache.open(copy) as cache:
+        assert cache.read(digest_of(1), fingerprint) is not None
+        assert cache.read(digest_of(2), fingerprint) is not None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_reads_do_not_wait_for_a_writer_holding_the_lock(
+    cache: PipelineCache, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    import apsw
+
+    digest = digest_of("r")
+    cache.write(digest, fingerprint, b"readable")
+    blocker = apsw.Connection(str(cache_path))
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert cache.read(digest, fingerprint) == b"readable"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()

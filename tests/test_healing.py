@@ -1,0 +1,147 @@
+"""Self-healing: damaged files are moved aside; a full disk evicts and retries."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import apsw
+import pytest
+
+from vyre_sqlcache import (
+    CacheFullError,
+    CorruptCacheError,
+    DeviceFingerprint,
+    PipelineCache,
+)
+from vyre_sqlcache.healing import needs_check_marker
+
+
+def populate(path: Path, fingerprint: DeviceFingerprint, count: int = 200) -> list[bytes]:
+    digests = [os.urandom(32) for _ in range(count)]
+    with PipelineCache.open(path) as cache:
+        cache.write_many([(d, d * 100) for d in digests], fingerprint)
+    return digests
+
+
+def aside(path: Path) -> list[Path]:
+    moved = path.parent.glob(path.name + ".corrupt-*")
+    return sorted(p for p in moved if not p.name.endswith(("-wal", "-shm")))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a database" * 1000, b"SQLite format 3\x00" + b"\xff" * 5000, b"\x00" * 100],
+    ids=["text", "bad-header", "zeros"],
+)
+def test_a_file_that_is_not_a_database_is_moved_aside(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    content: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache_path.parent.mkdir(parents=True)
+    cache_path.write_bytes(content)
+    Path(str(cache_path) + "-wal").write_bytes(b"stale wal")
+    with caplog.at_level(logging.WARNING, logger="vyre_sqlcache"):
+        cache = PipelineCache.open(cache_path)
+    with cache:
+        digest = os.urandom(32)
+        cache.write(digest, fingerprint, b"fresh")
+        assert cache.read(digest, fingerprint) == b"fresh"
+    (moved,) = aside(cache_path)
+    assert moved.read_bytes() == content
+    if not content.startswith(b"SQLite"):  # SQLite itself drops the -wal of the other
+        assert Path(str(moved) + "-wal").read_bytes() == b"stale wal"
+    assert "moved it to" in caplog.text
+
+
+def test_strict_raises_and_leaves_the_file(cache_path: Path) -> None:
+    cache_path.parent.mkdir(parents=True)
+    cache_path.write_bytes(b"garbage" * 1000)
+    with pytest.raises(CorruptCacheError, match="not a SQLite database"):
+        PipelineCache.open(cache_path, strict=True)
+    assert cache_path.read_bytes() == b"garbage" * 1000
+    assert not aside(cache_path)
+
+
+def damage_btree_page(path: Path) -> None:
+    """Overwrite an interior page of the `blobs` table with garbage."""
+    connection = apsw.Connection(str(path))
+    page_size = connection.pragma("page_size")
+    (root,) = connection.execute(
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'blobs'"
+    ).fetchone()
+    connection.close()
+    with open(path, "r+b") as file:
+        file.seek((root - 1) * page_size + 100)
+        file.write(os.urandom(page_size - 200))
+
+
+def test_verify_moves_a_file_failing_quick_check_aside(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    populate(cache_path, fingerprint)
+    damage_btree_page(cache_path)
+    with PipelineCache.open(cache_path, verify=True) as cache:
+        assert len(cache) == 0
+    assert len(aside(cache_path)) == 1
+
+
+def test_damage_met_in_use_is_a_miss_and_heals_at_the_next_open(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    digests = populate(cache_path, fingerprint)
+    damage_btree_page(cache_path)
+    with PipelineCache.open(cache_path) as cache:  # opening does not scan
+        results = [cache.read(d, fingerprint) for d in digests]
+    # Never wrong bytes: each read is the right blob or a miss.
+    assert all(r is None or r == d * 100 for r, d in zip(results, digests, strict=True))
+    assert None in results
+    assert needs_check_marker(cache_path).exists()
+    with PipelineCache.open(cache_path) as cache:
+        assert len(cache) == 0
+        cache.write(digests[0], fingerprint, b"again")
+    assert len(aside(cache_path)) == 1
+    assert not needs_check_marker(cache_path).exists()
+
+
+def fill_until_full(cache: PipelineCache, fingerprint: DeviceFingerprint) -> list[bytes]:
+    written = []
+    for _ in range(1000):
+        digest = os.urandom(32)
+        try:
+            cache.write(digest, fingerprint, os.urandom(20_000))
+        except CacheFullError:
+            break
+        written.append(digest)
+    return written
+
+
+def test_a_full_disk_evicts_and_retries(cache_path: Path, fingerprint: DeviceFingerprint) -> None:
+    with PipelineCache.open(cache_path, max_bytes=None) as cache:
+        cache._connection().pragma("max_page_count", 200)  # about 3 MiB
+        written = []
+        for _ in range(400):
+            digest = os.urandom(32)
+            cache.write(digest, fingerprint, os.urandom(20_000))  # never raises: evicts
+            written.append(digest)
+        assert cache.stats().evictions > 0
+        assert cache.read(written[-1], fingerprint) is not None
+        assert cache._connection().execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_blob_that_cannot_fit_raises_cache_full_and_the_cache_stays_usable(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    digest = os.urandom(32)
+    with PipelineCache.open(cache_path, max_bytes=None) as cache:
+        cache.write(digest, fingerprint, b"kept")
+        cache._connection().pragma("max_page_count", 40)
+        with pytest.raises(CacheFullError, match="disk is full"):
+            cache.write(os.urandom(32), fingerprint, os.urandom(2_000_000))
+        assert cache._connection().execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        cache.write(os.urandom(32), fingerprint, b"small still fits")
+    with PipelineCache.open(cache_path) as cache:
+        assert cache.stats().entries >= 1

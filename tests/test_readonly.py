@@ -1,0 +1,148 @@
+"""Read-only caches: asked for, without write permission, and on read-only media."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vyre_sqlcache import DeviceFingerprint, PipelineCache, ReadOnlyCacheError
+
+DIGEST = bytes(range(32))
+
+# Run in a child process: opens the cache, checks reads and refused writes, prints
+# the files of the folder afterwards.
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache, ReadOnlyCacheError
+    path = sys.argv[1]
+    fp = DeviceFingerprint.from_parts(1, 2, "r")
+    with PipelineCache.open(path) as cache:
+        assert cache.readonly, "expected a read-only cache"
+        assert cache.read(bytes(range(32)), fp) == b"stored blob"
+        assert cache.read(bytes(32), fp) is None
+        try:
+            cache.write(bytes(32), fp, b"x")
+        except ReadOnlyCacheError:
+            pass
+        else:
+            raise AssertionError("write was accepted")
+    print(sorted(os.listdir(os.path.dirname(path))))
+    """
+)
+
+
+@pytest.fixture
+def stored() -> Iterator[Path]:
+    # Not under tmp_path: its parents are private to root, and one test reads the
+    # cache as another user.
+    folder = Path(tempfile.mkdtemp(prefix="vyre-ro-"))
+    os.chmod(folder, 0o755)
+    path = folder / "pipelines.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(DIGEST, DeviceFingerprint.from_parts(1, 2, "r"), b"stored blob")
+    yield path
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_readonly_reads_and_refuses_writes(stored: Path, fingerprint: DeviceFingerprint) -> None:
+    before = stored.read_bytes()
+    fp = DeviceFingerprint.from_parts(1, 2, "r")
+    with PipelineCache.open(stored, readonly=True) as cache:
+        assert cache.readonly
+        assert cache.read(DIGEST, fp) == b"stored blob"
+        calls = [
+            lambda: cache.write(DIGEST, fp, b"new"),
+            lambda: cache.invalidate_impacted([1], [DIGEST], fp),
+            lambda: cache.put_entry(bytes(32), b"x"),
+            lambda: cache.delete_entries([bytes(32)]),
+        ]
+        for call in calls:
+            with pytest.raises(ReadOnlyCacheError, match="read-only"):
+                call()
+        cache.flush()  # nothing pending: fine
+    assert stored.read_bytes() == before
+    assert sorted(p.name for p in stored.parent.iterdir()) == [stored.name]
+
+
+def test_readonly_open_of_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    from vyre_sqlcache import CacheError
+
+    with pytest.raises(CacheError, match="does not exist, and a read-only cache cannot"):
+        PipelineCache.open(tmp_path / "missing.sqlite3", readonly=True)
+    assert not (tmp_path / "missing.sqlite3").exists()
+
+
+def run_child(*prefix: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_without_write_permission_the_cache_opens_read_only(stored: Path) -> None:
+    os.chmod(stored.parent, 0o755)
+    os.chmod(stored, 0o644)
+    if os.geteuid() == 0:
+        # Root ignores permissions: run the child as nobody.
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is needed to drop root in this test"
+        result = run_child(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", path=stored)
+    else:
+        os.chmod(stored.parent, 0o555)
+        os.chmod(stored, 0o444)
+        try:
+            result = run_child(path=stored)
+        finally:
+            os.chmod(stored.parent, 0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([stored.name])
+
+
+def can_bind_mount_read_only(tmp_path: Path) -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    probe = subprocess.run(
+        [
+            unshare,
+            "-rm",
+            "sh",
+            "-c",
+            f"mount --bind {tmp_path} {tmp_path} && mount -o remount,ro,bind {tmp_path}",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    return probe.returncode == 0
+
+
+def test_on_read_only_media_the_cache_opens_immutable(stored: Path) -> None:
+    if not can_bind_mount_read_only(stored.parent):
+        pytest.skip("this machine allows no user-namespace mounts (unshare -rm)")
+    folder = stored.parent
+    script = (
+        f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} && "
+        f"exec {sys.executable} -c '{CHILD}' {stored}"
+    )
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([stored.name])
