@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
 
-from vyre_sqlcache import DeviceFingerprint, PipelineCache
+from tests.test_vyredir import make_vyre_tree, tree
+from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
 from vyre_sqlcache.cli import main
+from vyre_sqlcache.inspection import read_only
+from vyre_sqlcache.vyredir import entry_path
 
 
 def test_demo_removes_its_entries_and_leaves_others(
@@ -81,3 +91,582 @@ def test_python_dash_m_runs(cache_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- the inspection and maintenance commands ------------------------------------------------
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Filled:
+    """A cache with five entries of every kind, by name; and a program digests file."""
+
+    path: Path
+    keys: dict[str, str]
+    digests_file: Path
+
+    def names(self, hex_keys: Iterable[str]) -> set[str]:
+        by_key = {key: name for name, key in self.keys.items()}
+        return {by_key[key] for key in hex_keys}
+
+
+@pytest.fixture
+def filled(
+    cache_path: Path,
+    tmp_path: Path,
+    fingerprint: DeviceFingerprint,
+    other_fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+) -> Filled:
+    digests = {name: os.urandom(32) for name in ("nv_f16", "program", "imported")}
+    keyed = {
+        "nv_f16": (make_key(backend="vulkan", feature_flags=FeatureFlags.F16), fingerprint, 1000),
+        "nv_sub": (make_key(backend="cuda"), fingerprint, 200),
+        "amd_both": (
+            make_key(feature_flags=FeatureFlags.F16 | FeatureFlags.SUBGROUP_OPS),
+            other_fingerprint,
+            5000,
+        ),
+    }
+    keys: dict[str, str] = {}
+    with PipelineCache.open(cache_path) as cache:
+        for name, (key, fp, size) in keyed.items():
+            cache.put(key, fp, os.urandom(size), program_digest=digests.get(name))
+            keys[name] = key.entry_key(fp).hex()
+        cache.write(digests["program"], fingerprint, os.urandom(300))
+        keys["program"] = fingerprint.cache_key(digests["program"]).hex()
+        imported = fingerprint.cache_key(digests["imported"])
+        cache.put_entry(imported, os.urandom(50), created_ms=time.time_ns() // 10**6 - 10 * DAY_MS)
+        keys["imported"] = imported.hex()
+        time.sleep(0.01)  # the hits below are the latest accesses, by some milliseconds
+        for _ in range(2):
+            assert cache.get(keyed["nv_f16"][0], fingerprint) is not None
+    digests_file = tmp_path / "digests.txt"
+    digests_file.write_text(
+        "# programs touched by the change\n" + "".join(f"{d.hex()}\n\n" for d in digests.values())
+    )
+    return Filled(cache_path, keys, digests_file)
+
+
+class Cli:
+    """`main` with captured output."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self._capsys = capsys
+
+    def run(self, path: Path, *argv: str) -> tuple[int, str, str]:
+        """`main` on the cache at `path`: (exit status, stdout, stderr)."""
+        self._capsys.readouterr()
+        code = main(["--path", str(path), *argv])
+        out, err = self._capsys.readouterr()
+        return code, out, err
+
+    def json(self, path: Path, *argv: str) -> Any:
+        """The parsed `--json` output of a command that must succeed."""
+        code, out, err = self.run(path, *argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(capsys)
+
+
+def state(path: Path) -> list[Any]:
+    """Everything a command could change: schema, entries, blobs, counters, user_version."""
+    with read_only(path) as connection:
+        return [
+            connection.execute(sql).fetchall()
+            for sql in (
+                "SELECT type, name, sql FROM sqlite_schema ORDER BY name",
+                "SELECT * FROM entries ORDER BY id",
+                "SELECT * FROM blobs ORDER BY id",
+                "SELECT * FROM meta ORDER BY name",
+                "PRAGMA user_version",
+            )
+        ]
+
+
+def one_error_line(err: str) -> str:
+    assert err.count("\n") == 1 and err.startswith("vyre-sqlcache: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("command", ["info", "stats"])
+def test_info_human_and_json(cli: Cli, filled: Filled, command: str) -> None:
+    code, out, err = cli.run(filled.path, command)
+    assert code == 0, err
+    assert f"path               {filled.path}" in out
+    assert "schema version     2" in out
+    assert f"SQLite             {apsw.sqlite_lib_version()}" in out
+    assert "entries            5" in out
+    assert "hits / misses      2 / 0 (100.0% hits)" in out
+    assert "size cap           1073741824 (1.0 GiB)" in out
+    assert re.search(r"^vulkan\s+0x1002\s+0x744c\s+1\s+5000\s+0\s", out, re.M), out
+
+    info = cli.json(filled.path, command)
+    assert info["entries"] == 5 and info["blob_bytes"] == 1000 + 200 + 5000 + 300 + 50
+    assert info["schema_version"] == 2 and info["hits"] == 2
+    groups = {(g["backend"], g["vendor_hex"], g["device_hex"]): g for g in info["by_device"]}
+    assert set(groups) == {
+        ("vulkan", "0x10de", "0x2684"),
+        ("cuda", "0x10de", "0x2684"),
+        (None, "0x10de", "0x2684"),
+        ("vulkan", "0x1002", "0x744c"),
+        (None, None, None),
+    }
+    assert groups["vulkan", "0x10de", "0x2684"]["hits"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], {"nv_f16", "nv_sub", "amd_both", "program", "imported"}),
+        (["--backend", "vulkan"], {"nv_f16", "amd_both"}),
+        (["--vendor", "0x10de"], {"nv_f16", "nv_sub", "program"}),
+        (["--vendor", "4098"], {"amd_both"}),
+        (["--device", "0x744C"], {"amd_both"}),
+        (["--flag", "F16"], {"nv_f16", "amd_both"}),
+        (["--flag", "f16", "--flag", "SUBGROUP_OPS"], {"amd_both"}),
+        (["--flag", "0x100000"], set()),
+        (["--min-size", "1000"], {"nv_f16", "amd_both"}),
+        (["--min-size", "4K"], {"amd_both"}),
+        (["--older-than", "7d"], {"imported"}),
+        (["--older-than", "239h"], {"imported"}),
+        (["--older-than", "11d"], set()),
+        (["--backend", "vulkan", "--vendor", "0x10de"], {"nv_f16"}),
+    ],
+)
+def test_ls_filters(cli: Cli, filled: Filled, args: list[str], expected: set[str]) -> None:
+    rows = cli.json(filled.path, "ls", *args)
+    assert filled.names(r["entry_key"] for r in rows) == expected
+    code, out, _ = cli.run(filled.path, "ls", *args)
+    assert code == 0
+    assert filled.names(re.findall(r"^[0-9a-f]{64}", out, re.M)) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--sort", "size", "--limit", "2"], ["amd_both", "nv_f16"]),
+        (["--sort", "size", "--reverse", "--limit", "1"], ["imported"]),
+        (["--sort", "hits", "--limit", "1"], ["nv_f16"]),
+        (["--sort", "created", "--reverse", "--limit", "1"], ["imported"]),
+        (["--sort", "accessed", "--limit", "1"], ["nv_f16"]),
+    ],
+)
+def test_ls_sort_and_limit(cli: Cli, filled: Filled, args: list[str], expected: list[str]) -> None:
+    rows = cli.json(filled.path, "ls", *args)
+    by_key = {key: name for name, key in filled.keys.items()}
+    assert [by_key[r["entry_key"]] for r in rows] == expected
+
+
+def test_ls_human_table_shows_the_view(cli: Cli, filled: Filled) -> None:
+    code, out, _ = cli.run(filled.path, "ls", "--vendor", "0x1002")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == [
+        "entry", "key", "kind", "backend", "vendor", "device", "flags", "workgroup", "size",
+        "created", "accessed", "hits",
+    ]  # fmt: skip
+    assert row.split()[:8] == [
+        filled.keys["amd_both"], "keyed", "vulkan", "0x1002", "0x744c", "SUBGROUP_OPS,F16",
+        "64x1x1", "5000",
+    ]  # fmt: skip
+
+
+def test_put_get_rm_round_trip(cli: Cli, cache_path: Path, tmp_path: Path) -> None:
+    key = os.urandom(32).hex()
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"\x03\x02\x23\x07 pipeline")
+    code, out, err = cli.run(cache_path, "put", key.upper(), str(source))
+    assert code == 0 and f"stored 13 bytes under {key}" in out, err
+    code, _, err = cli.run(cache_path, "get", key, "-o", str(tmp_path / "back.bin"))
+    assert code == 0, err
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    code, out, _ = cli.run(cache_path, "rm", key)
+    assert code == 0 and "removed 1 entry" in out
+    code, _, err = cli.run(cache_path, "get", key, "-o", str(tmp_path / "again.bin"))
+    assert code == 1 and f"no entry with key {key}" in one_error_line(err)
+    assert not (tmp_path / "again.bin").exists()
+
+
+def test_get_to_stdout(filled: Filled, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    with PipelineCache.open(filled.path) as cache:
+        blob = cache.get_entry(filled.keys["program"])
+    assert main(["--path", str(filled.path), "get", filled.keys["program"], "-o", "-"]) == 0
+    assert capsysbinary.readouterr().out == blob
+
+
+def test_rm_removes_what_exists_and_reports_the_rest(cli: Cli, filled: Filled) -> None:
+    missing = os.urandom(32).hex()
+    code, out, err = cli.run(
+        filled.path, "rm", filled.keys["nv_sub"], missing, filled.keys["program"]
+    )
+    assert code == 1 and "removed 2 entries" in out
+    assert f"no entry with key {missing}" in one_error_line(err)
+    rows = cli.json(filled.path, "ls")
+    assert filled.names(r["entry_key"] for r in rows) == {"nv_f16", "amd_both", "imported"}
+
+
+NVIDIA_DIGESTS = ["--program-digests", "{digests}", "--vendor", "0x10de", "--device", "0x2684"]
+
+
+@pytest.mark.parametrize(
+    ("args", "removed"),
+    [
+        (["--backend", "vulkan"], {"nv_f16", "amd_both"}),
+        (["--device", "0x2684"], {"nv_f16", "nv_sub", "program"}),
+        (["--vendor", "0x1002", "--device", "0x744c"], {"amd_both"}),
+        (["--key-version", "1"], {"nv_f16", "nv_sub", "amd_both"}),
+        (["--key-version", "2"], set()),
+        (["--all"], {"nv_f16", "nv_sub", "amd_both", "program", "imported"}),
+        # by program digest on any device: imported entries know no program digest
+        (["--program-digests", "{digests}"], {"nv_f16", "program"}),
+        (["--program-digests", "{digests}", "--backend", "vulkan"], {"nv_f16"}),
+        # with the device's fingerprint, as invalidate_impacted: imported ones too
+        (
+            [*NVIDIA_DIGESTS, "--revision", "550.54.14"],
+            {"nv_f16", "program", "imported"},
+        ),
+        (
+            [*NVIDIA_DIGESTS, "--revision", "another driver"],
+            set(),
+        ),
+    ],
+)
+def test_invalidate(cli: Cli, filled: Filled, args: list[str], removed: set[str]) -> None:
+    argv = [a.replace("{digests}", str(filled.digests_file)) for a in args]
+    code, out, err = cli.run(filled.path, "invalidate", *argv)
+    assert code == 0, err
+    assert f"invalidated {len(removed)} entr" in out
+    left = filled.names(r["entry_key"] for r in cli.json(filled.path, "ls"))
+    assert left == set(filled.keys) - removed
+
+
+def test_sql_reads_through_the_views(cli: Cli, filled: Filled) -> None:
+    query = "SELECT kind, count(*) AS n FROM pipelines_v GROUP BY kind ORDER BY kind"
+    assert cli.json(filled.path, "sql", query) == [
+        {"kind": "imported", "n": 1},
+        {"kind": "keyed", "n": 3},
+        {"kind": "program", "n": 1},
+    ]
+    code, out, _ = cli.run(filled.path, "sql", query)
+    assert code == 0
+    assert out.splitlines() == ["kind      n", "imported  1", "keyed     3", "program   1"]
+    code, out, _ = cli.run(filled.path, "sql", "SELECT entry_key FROM entries WHERE 0")
+    assert code == 0 and out.strip() == "entry_key"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM entries",
+        "UPDATE meta SET value = 0",
+        "INSERT INTO meta VALUES ('x', 1)",
+        "DROP VIEW pipelines_v",
+        "CREATE TABLE t (x)",
+        "PRAGMA user_version = 99",
+        "PRAGMA journal_mode = DELETE",
+        "SELECT 1; DELETE FROM blobs",
+        "PRAGMA query_only = 0; DELETE FROM entries",
+        "VACUUM",
+        "VACUUM INTO '{tmp}/copy.sqlite3'",
+        "ATTACH '{tmp}/other.sqlite3' AS o; CREATE TABLE o.t (x)",
+        "REINDEX",
+        "SELECT load_extension('x')",
+        "SELECT nope FROM nowhere",
+    ],
+)
+def test_sql_refuses_anything_but_reads(
+    cli: Cli, filled: Filled, tmp_path: Path, query: str
+) -> None:
+    before = state(filled.path)
+    code, out, err = cli.run(filled.path, "sql", query.replace("{tmp}", str(tmp_path)))
+    assert code == 1 and out == ""
+    one_error_line(err)
+    assert state(filled.path) == before
+    assert not (tmp_path / "copy.sqlite3").exists() and not (tmp_path / "other.sqlite3").exists()
+
+
+def test_sql_says_why_a_write_is_refused(cli: Cli, filled: Filled) -> None:
+    _, _, err = cli.run(filled.path, "sql", "DELETE FROM entries")
+    assert "'sql' only reads the cache" in err
+
+
+def _drop_blob(path: Path, entry_key: str) -> None:
+    connection = apsw.Connection(str(path))
+    connection.execute(
+        "DELETE FROM blobs WHERE id = (SELECT id FROM entries WHERE entry_key = ?)",
+        (bytes.fromhex(entry_key),),
+    )
+    connection.close()
+
+
+def _damage_blob(path: Path, entry_key: str) -> None:
+    connection = apsw.Connection(str(path))
+    connection.execute(
+        "UPDATE blobs SET data = zeroblob(length(data)) "
+        "WHERE id = (SELECT id FROM entries WHERE entry_key = ?)",
+        (bytes.fromhex(entry_key),),
+    )
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "finding"),
+    [
+        (_damage_blob, "1 fail their checksum, 0 have no blob"),
+        (_drop_blob, "0 fail their checksum, 1 have no blob"),
+    ],
+)
+def test_check_finds_and_repairs_bad_entries(
+    cli: Cli, filled: Filled, damage: Callable[[Path, str], None], finding: str
+) -> None:
+    code, out, err = cli.run(filled.path, "check")
+    assert code == 0 and "integrity: ok" in out and "checked 5 entries: 0 fail" in out, err
+    damage(filled.path, filled.keys["nv_sub"])
+
+    code, out, err = cli.run(filled.path, "check")
+    assert code == 1 and f"checked 5 entries: {finding}" in out
+    assert filled.keys["nv_sub"] in out and "check --repair" in one_error_line(err)
+    code, out, _ = cli.run(filled.path, "check", "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and report["dropped"] == 0
+    assert report["damaged"] + report["missing_blob"] == [filled.keys["nv_sub"]]
+
+    code, out, err = cli.run(filled.path, "check", "--repair")
+    assert code == 0 and "dropped 1 bad entries" in out, err
+    assert cli.json(filled.path, "check") == {
+        "ok": True,
+        "integrity": ["ok"],
+        "checked": 4,
+        "damaged": [],
+        "missing_blob": [],
+        "dropped": 0,
+    }
+
+
+def test_compact_shrinks_the_file(
+    cli: Cli,
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+) -> None:
+    keys = [make_key() for _ in range(100)]
+    with PipelineCache.open(cache_path) as cache:
+        cache.put_many([(k, os.urandom(20_000)) for k in keys], fingerprint)
+        for key in keys[1:]:
+            cache.delete(key, fingerprint)
+    before = cache_path.stat().st_size
+    code, out, err = cli.run(cache_path, "compact")
+    assert code == 0 and f"compacted {cache_path}" in out, err
+    assert cache_path.stat().st_size < before / 4
+    assert not os.path.exists(f"{cache_path}-wal") or os.path.getsize(f"{cache_path}-wal") == 0
+    with PipelineCache.open(cache_path) as cache:
+        assert len(cache) == 1 and cache.get(keys[0], fingerprint) is not None
+
+
+def test_import_and_export_dir(
+    cli: Cli, cache_path: Path, tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    programs = make_vyre_tree(tmp_path / "vyre", fingerprint, 30)
+    key = next(iter(programs))
+    temporary = entry_path(tmp_path / "vyre", fingerprint.cache_key(key))
+    temporary = temporary.with_name(temporary.name + ".tmp.1.0")
+    temporary.write_bytes(b"half")
+    code, out, err = cli.run(cache_path, "import-dir", str(tmp_path / "vyre"))
+    assert code == 0 and "imported 30 entries" in out and "(0 already there, 1 skipped)" in out
+    assert str(temporary) in one_error_line(err)
+    code, out, _ = cli.run(cache_path, "import-dir", str(tmp_path / "vyre"))
+    assert code == 0 and "imported 0 entries" in out and "30 already there" in out
+
+    code, out, err = cli.run(cache_path, "export-dir", str(tmp_path / "out"))
+    assert code == 0 and "exported 30 entries" in out, err
+    temporary.unlink()
+    assert tree(tmp_path / "out") == tree(tmp_path / "vyre")
+
+
+def test_export_dir_reports_damaged_entries(cli: Cli, filled: Filled, tmp_path: Path) -> None:
+    _damage_blob(filled.path, filled.keys["program"])
+    code, out, err = cli.run(filled.path, "export-dir", str(tmp_path / "out"))
+    assert code == 1 and "exported 1 entries" in out and "3 keyed entries left out" in out
+    assert filled.keys["program"] in one_error_line(err)
+
+
+def test_progress_bars_show_on_a_terminal(
+    cache_path: Path,
+    tmp_path: Path,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    make_vyre_tree(tmp_path / "vyre", fingerprint, 5)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["--path", str(cache_path), "import-dir", str(tmp_path / "vyre")]) == 0
+    assert main(["--path", str(cache_path), "check"]) == 0
+    assert "importing" in terminal.getvalue() and "checking" in terminal.getvalue()
+
+
+def test_the_path_comes_from_the_environment(
+    cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VYRE_SQLCACHE_PATH", str(cache_path))
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"blob")
+    key = os.urandom(32).hex()
+    assert main(["put", key, str(source)]) == 0
+    with PipelineCache.open(cache_path) as cache:
+        assert cache.get_entry(key) == b"blob"
+
+
+KEY = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["get", "abc", "-o", "{tmp}/x"], "64 hex characters"),
+        (["get", "zz" * 32, "-o", "{tmp}/x"], "not hex"),
+        (["rm", KEY, "12"], "64 hex characters"),
+        (["put", "12", "{tmp}/blob"], "64 hex characters"),
+        (["ls", "--vendor", "0xZZ"], "--vendor: expected a number"),
+        (["ls", "--device", "0x1FFFFFFFF"], "--device: expected a number in 0..0xffffffff"),
+        (["ls", "--older-than", "7x"], "--older-than: expected a duration"),
+        (["ls", "--flag", "NOPE"], "--flag: unknown feature flag 'NOPE'"),
+        (["ls", "--min-size", "lots"], "--min-size: a size must be"),
+        (["ls", "--limit", "0"], "--limit: expected a whole number"),
+        (["invalidate"], "say what to invalidate"),
+        (["invalidate", "--revision", "r", "--vendor", "1"], "--revision needs"),
+    ],
+)
+def test_malformed_arguments_exit_2_with_one_line(
+    cli: Cli, filled: Filled, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    (tmp_path / "blob").write_bytes(b"blob")
+    before = state(filled.path)
+    code, out, err = cli.run(filled.path, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+    assert state(filled.path) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["put", KEY, "{tmp}/missing.bin"], "cannot read"),
+        (["put", KEY, "{tmp}"], "cannot read"),
+        (["put", KEY, "{tmp}/huge.bin"], "over the 67108864-byte limit"),
+        (["import-dir", "{tmp}/missing"], "is not a folder"),
+        (["invalidate", "--program-digests", "{tmp}/missing.txt"], "cannot read program"),
+        (["invalidate", "--program-digests", "{tmp}/bad.txt"], "line 2 must be 64 hex"),
+        (["export-dir", "{tmp}/file"], "is not a folder"),
+    ],
+)
+def test_bad_input_exits_1_with_one_line_and_changes_nothing(
+    cli: Cli, filled: Filled, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    with open(tmp_path / "huge.bin", "wb") as out:
+        out.truncate(64 * 1024 * 1024 + 1)
+    (tmp_path / "bad.txt").write_text(f"{KEY}\n{KEY[:10]}\n")
+    (tmp_path / "file").write_text("not a folder")
+    before = state(filled.path)
+    code, out, err = cli.run(filled.path, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 1 and out == ""
+    assert message in one_error_line(err)
+    assert state(filled.path) == before
+
+
+def _other_programs_database(path: Path) -> str:
+    connection = apsw.Connection(str(path))
+    connection.execute("CREATE TABLE notes (text)")
+    connection.close()
+    return "not a vyre-sqlcache cache"
+
+
+def _newer_cache(path: Path) -> str:
+    connection = apsw.Connection(str(path))
+    connection.execute("CREATE TABLE future (x); PRAGMA user_version = 999")
+    connection.close()
+    return "schema version 999"
+
+
+def _not_sqlite(path: Path) -> str:
+    path.write_bytes(b"this is not a database, " * 200)
+    return "not a SQLite database"
+
+
+def _missing(path: Path) -> str:
+    return "no cache at"
+
+
+READING = [
+    ["info"],
+    ["ls"],
+    ["sql", "SELECT 1"],
+    ["check", "--repair"],
+    ["compact"],
+    ["rm", KEY],
+    ["get", KEY, "-o", "{tmp}/out.bin"],
+    ["invalidate", "--all"],
+    ["export-dir", "{tmp}/out"],
+]
+#: Commands that create a cache where there is none.
+CREATING = [["put", KEY, "{tmp}/blob.bin"], ["import-dir", "{tmp}/vyre"]]
+UNUSABLE = [_other_programs_database, _newer_cache, _not_sqlite]
+
+
+@pytest.mark.parametrize(
+    ("make", "argv"),
+    [(make, argv) for make in [*UNUSABLE, _missing] for argv in READING]
+    + [(make, argv) for make in UNUSABLE for argv in CREATING],
+    ids=lambda value: value[0] if isinstance(value, list) else value.__name__.strip("_"),
+)
+def test_a_file_that_is_not_a_usable_cache_is_one_line_and_untouched(
+    cli: Cli, tmp_path: Path, argv: list[str], make: Callable[[Path], str]
+) -> None:
+    (tmp_path / "blob.bin").write_bytes(b"blob")
+    (tmp_path / "vyre" / "ab").mkdir(parents=True)
+    (tmp_path / "vyre" / "ab" / f"{KEY}.bin").write_bytes(b"blob")
+    folder = tmp_path / "db"
+    folder.mkdir()
+    path = folder / "file.sqlite3"
+    message = make(path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, out, err = cli.run(path, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 1 and out == ""
+    assert message in one_error_line(err)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out").exists()
+
+
+def test_console_script_commands_and_exit_statuses(cache_path: Path, tmp_path: Path) -> None:
+    script = shutil.which("vyre-sqlcache", path=os.path.dirname(sys.executable))
+    assert script is not None, "the console script is not installed"
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [script, "--path", str(cache_path), *argv], capture_output=True, timeout=120
+        )
+
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01 blob")
+    assert cli("put", KEY, str(tmp_path / "blob.bin")).returncode == 0
+    listed = cli("ls", "--json")
+    assert listed.returncode == 0
+    assert [row["entry_key"] for row in json.loads(listed.stdout)] == [KEY]
+    got = cli("get", KEY, "-o", "-")
+    assert got.returncode == 0 and got.stdout == b"\x00\x01 blob"
+    refused = cli("sql", "DELETE FROM entries")
+    assert refused.returncode == 1 and refused.stderr.startswith(b"vyre-sqlcache: refused")
+    bad = cli("rm", "not-hex")
+    assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1 and b"Traceback" not in bad.stderr
+    assert cli("check").returncode == 0
+    assert cli("rm", KEY).returncode == 0
+    assert cli("get", KEY, "-o", "-").returncode == 1

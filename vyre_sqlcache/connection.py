@@ -140,7 +140,8 @@ _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
     (
         apsw.CorruptError,
         CorruptCacheError,
-        "the file is damaged; delete it (it is only a cache) or run 'vyre-sqlcache check --repair'",
+        "the file is damaged; run 'vyre-sqlcache check' to see how, or delete it "
+        "(it is only a cache)",
     ),
     (
         apsw.NotADBError,
