@@ -199,14 +199,14 @@ class PipelineCache:
                 disabled=True,
                 **options,
             )
-        # A cache asked to be read-only but on a writable file still opens the file for
-        # writing, with SQLite's query_only set: its last close can then fold the
-        # write-ahead log back into the file, leaving one file at rest.
         if readonly and not resolved.exists():
             raise CacheError(
                 f"{resolved} does not exist, and a read-only cache cannot create it; "
                 "open it without readonly=True first, or check the path"
             )
+        # A cache asked to be read-only but on a writable file still opens the file for
+        # writing, with SQLite's query_only set: its last close can then fold the
+        # write-ahead log back into the file, leaving one file at rest.
         file_readonly = cls._must_open_readonly(resolved)
         if file_readonly and not readonly:
             log.info("vyre-sqlcache: %s is not writable; opening it read-only", resolved)
@@ -350,6 +350,9 @@ class PipelineCache:
             if not self._readonly and self._generation == _fork_generation:
                 connection = self._connection()
                 self._write_bookkeeping_now(connection)
+                # Another process reading the file would hold the checkpoint up for the
+                # whole busy timeout: an application that is quitting should not wait.
+                connection.set_busy_timeout(100)
                 try:
                     connection.pragma("wal_checkpoint", "TRUNCATE")
                 except apsw.Error as error:
