@@ -64,3 +64,58 @@ def abandon(cache: Any) -> None:
     cache._closed = True
     for _, connection in cache._connections:
         connection.close()
+
+
+# -- helpers for the reliability and hostile-input tests ---------------------------------
+
+
+def crash_copy(database: Path, target: Path) -> None:
+    """Copy a live cache's file and write-ahead log, as a crash would leave them (no -shm).
+
+    Take it while the cache is open: closing would fold the log into the file.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal"):
+        source = Path(str(database) + suffix)
+        if source.exists():
+            shutil.copyfile(source, Path(str(target) + suffix))
+
+
+def dump(database: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, the schema and user_version, read without changing a byte."""
+    uri = database.resolve().as_uri() + "?mode=ro"
+    connection = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    try:
+        schema = connection.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name"
+        ).fetchall()
+        tables = [name for kind, name, _, _ in schema if kind == "table"]
+        result: dict[str, list[tuple[Any, ...]]] = {"sqlite_schema": schema}
+        for table in tables:
+            result[table] = connection.execute(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
+        result["user_version"] = connection.execute("PRAGMA user_version").fetchall()
+        return result
+    finally:
+        connection.close()
+
+
+def page_map(database: Path) -> tuple[dict[str, list[int]], int]:
+    """The pages of each b-tree as `{'table:leaf'|'table:internal'|'table:overflow': [pageno]}`
+    (from SQLite's dbstat), and the page size."""
+    connection = apsw.Connection(str(database))
+    try:
+        pages: dict[str, list[int]] = {}
+        for name, pageno, pagetype in connection.execute(
+            "SELECT name, pageno, pagetype FROM dbstat"
+        ):
+            pages.setdefault(f"{name}:{pagetype}", []).append(int(pageno))
+        return pages, int(connection.pragma("page_size"))
+    finally:
+        connection.close()
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Write `data` at `offset` of a file, in place."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(data)

@@ -7,7 +7,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["SIDE_FILES", "is_not_sqlite", "move_aside", "needs_check_marker"]
+__all__ = ["SIDE_FILES", "header_damage", "is_not_sqlite", "move_aside", "needs_check_marker"]
 
 log = logging.getLogger("vyre_sqlcache")
 
@@ -30,6 +30,31 @@ def is_not_sqlite(path: Path) -> bool:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return False
     return bool(head) and head != _MAGIC[: len(head)]
+
+
+def header_damage(path: Path) -> str | None:
+    """What is wrong with the fields of a SQLite header that SQLite would not refuse at
+    open but that leave the file unwritable or unreadable later; None if nothing.
+
+    (A write version above 2 makes SQLite open the file read-only; a schema format
+    above 4 fails every statement with 'unsupported file format'.)
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    if len(header) < 100 or not header.startswith(_MAGIC):
+        return None  # empty, or not SQLite at all: is_not_sqlite's business
+    if header[18] not in (1, 2) or header[19] not in (1, 2):
+        return f"file format versions {header[18]}/{header[19]} (1 or 2 expected)"
+    schema_format = int.from_bytes(header[44:48], "big")
+    if schema_format > 4:
+        return f"schema format {schema_format} (at most 4 expected)"
+    encoding = int.from_bytes(header[56:60], "big")
+    if encoding > 3:
+        return f"text encoding {encoding} (1, 2 or 3 expected)"
+    return None
 
 
 def needs_check_marker(path: Path) -> Path:

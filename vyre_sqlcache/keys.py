@@ -197,6 +197,9 @@ class PipelineCacheKey:
             raise TypeError(f"backend must be a non-empty str, got {type(self.backend).__name__}")
         if not self.backend:
             raise ValueError("backend must be a non-empty str, got ''")
+        if self.backend.startswith("\x00"):
+            # SQLite counts the characters before the first NUL: the schema sees ''.
+            raise ValueError(f"backend must not start with a NUL character, got {self.backend!r}")
         try:
             backend_bytes = self.backend.encode("utf-8")
         except UnicodeEncodeError:

@@ -10,7 +10,7 @@ from pathlib import Path
 import apsw
 
 from .connection import PAGE_SIZE, immediate
-from .errors import CacheError, NotACacheError, SchemaTooNewError
+from .errors import CacheError, CorruptCacheError, NotACacheError, SchemaTooNewError
 
 __all__ = ["Migration", "latest_version", "migrations", "prepare", "schema_version"]
 
@@ -66,6 +66,39 @@ def schema_version(connection: apsw.Connection) -> int:
     return int(row[0])
 
 
+#: A user_version at most this far past ours may be a newer library's; further, or
+#: negative, it can only be a damaged header.
+PLAUSIBLE_VERSIONS_AHEAD = 1000
+
+_Schema = frozenset[tuple[bytes, ...]]
+_COMMENT = re.compile(rb"--[^\n]*")
+
+
+def _schema_objects(connection: apsw.Connection) -> _Schema:
+    """The tables, indexes, triggers and views of the main database, as raw bytes (a damaged
+    schema need not be UTF-8); comments and spacing in their SQL do not count."""
+    rows = connection.execute(
+        "SELECT CAST(type AS BLOB), CAST(name AS BLOB), CAST(tbl_name AS BLOB), "
+        "CAST(sql AS BLOB) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    return frozenset(
+        (bytes(t), bytes(n), bytes(b), b" ".join(_COMMENT.sub(b"", bytes(s or b"")).split()))  # type: ignore[arg-type]
+        for t, n, b, s in rows
+    )
+
+
+@cache
+def expected_schema(version: int) -> _Schema:
+    """The schema objects migrations 1..version create (built once, in memory)."""
+    connection = apsw.Connection(":memory:")
+    try:
+        for migration in migrations()[:version]:
+            connection.execute(migration.sql)
+        return _schema_objects(connection)
+    finally:
+        connection.close()
+
+
 def _check_not_newer(version: int, where: str) -> None:
     if version > latest_version():
         raise SchemaTooNewError(
@@ -87,11 +120,38 @@ def _check_is_ours(connection: apsw.Connection, where: str) -> None:
 
 
 def _checked_version(connection: apsw.Connection, where: str) -> int:
+    """The file's schema version, once its objects are exactly those of that version.
+
+    A plausible newer version is a newer library's file (SchemaTooNewError). A file with
+    most of our objects but not exactly those of its version (a damaged header or schema,
+    a planted trigger or view) is damaged (CorruptCacheError: moved aside, never run);
+    anything else is another program's database (NotACacheError: never touched).
+    """
     version = schema_version(connection)
-    _check_not_newer(version, where)
+    objects = _schema_objects(connection)
+    latest = latest_version()
+    if 0 <= version <= latest and objects == expected_schema(version):
+        return version
+    if latest < version <= latest + PLAUSIBLE_VERSIONS_AHEAD:
+        _check_not_newer(version, where)
+    if _mostly_ours(objects):
+        raise CorruptCacheError(
+            f"{where} has vyre-sqlcache's tables, but not exactly the schema of version "
+            f"{version} (user_version): it is damaged, or something changed it"
+        )
     if version == 0:
         _check_is_ours(connection, where)
-    return version
+    raise NotACacheError(
+        f"{where} is a SQLite database but not a vyre-sqlcache cache (user_version "
+        f"{version}, other tables); choose another path (the file was not modified)"
+    )
+
+
+def _mostly_ours(objects: _Schema) -> bool:
+    """Whether at least half of our schema's objects (by type and name) are there: then
+    the file is ours, damaged or tampered with, rather than another program's."""
+    ours = {entry[:2] for entry in expected_schema(latest_version())}
+    return 2 * len(ours & {entry[:2] for entry in objects}) >= len(ours)
 
 
 def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:

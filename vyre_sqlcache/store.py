@@ -39,7 +39,7 @@ from .errors import (
     ReadOnlyCacheError,
 )
 from .eviction import blob_bytes, evict, make_room
-from .healing import is_not_sqlite, move_aside, needs_check_marker
+from .healing import header_damage, is_not_sqlite, move_aside, needs_check_marker
 from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
 from .schema import prepare
 
@@ -223,6 +223,9 @@ class PipelineCache:
         try:
             if is_not_sqlite(resolved):
                 raise CorruptCacheError(f"{resolved} is not a SQLite database")
+            damage = header_damage(resolved)
+            if damage is not None:
+                raise CorruptCacheError(f"{resolved} has a damaged header: {damage}")
             cache._first_connection(verify=verify)
         except CorruptCacheError as error:
             if strict or readonly:
@@ -501,7 +504,9 @@ class PipelineCache:
                     fp.driver_digest,
                 ),
             )
-            return connection.changes()
+            removed = connection.changes()
+        self._note_unflushed(removed)
+        return removed
 
     # -- the key API: entries by PipelineCacheKey -------------------------------------
 
@@ -530,7 +535,12 @@ class PipelineCache:
         """
         fp = check_fingerprint(fingerprint)
         entries = []
-        for item in items:
+        for index, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise TypeError(
+                    f"put_many items must be (key, blob) or (key, blob, program_digest) "
+                    f"tuples; item {index} is {type(item).__name__} {item!r:.80}"
+                )
             key = check_key(item[0])
             data = check_blob(item[1])
             raw_digest = item[2] if len(item) > 2 else None
@@ -562,7 +572,14 @@ class PipelineCache:
             cursor = connection.cursor()
             fetched = [self._fetch(cursor, k) for k in entry_keys]
         finally:
-            connection.execute("COMMIT")
+            # SQLite rolls the transaction back itself after an I/O error, and a read
+            # that met damage may leave COMMIT failing: end it without raising.
+            if not connection.get_autocommit():
+                try:
+                    connection.execute("COMMIT")
+                except apsw.Error:
+                    with suppress(apsw.Error):
+                        connection.execute("ROLLBACK")
         return [self._verified(k, f) for k, f in zip(entry_keys, fetched, strict=True)]
 
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
@@ -609,6 +626,11 @@ class PipelineCache:
             isinstance(created_ms, bool) or not isinstance(created_ms, int)
         ):
             raise TypeError(f"created_ms must be an int or None, got {type(created_ms).__name__}")
+        if created_ms is not None and not -(2**63) <= created_ms < 2**63:
+            raise ValueError(
+                f"created_ms must be milliseconds since the epoch in a signed 64-bit int, "
+                f"got {created_ms}"
+            )
         self._insert([NewEntry(key, None, None, None, data, created_ms)])
 
     def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int:
@@ -621,7 +643,9 @@ class PipelineCache:
                 "DELETE FROM entries WHERE id IN carray(?) AND entry_key IN carray(?)",
                 (apsw.carray(array("q", map(entry_id, keys))), apsw.carray(tuple(keys))),
             )
-            return connection.changes()
+            removed = connection.changes()
+        self._note_unflushed(removed)
+        return removed
 
     def check_entry(self, entry_key: bytes | str) -> bool | None:
         """Whether an entry's bytes match its checksum (None: no such entry); changes nothing."""
@@ -717,8 +741,13 @@ class PipelineCache:
                 if attempt or not self._evict_for_full_disk(incoming):
                     raise
                 log.warning("vyre-sqlcache: %s hit a full disk; evicted and retrying", self._path)
-        with self._lock:
-            self._unflushed += len(entries)
+        self._note_unflushed(len(entries))
+
+    def _note_unflushed(self, changes: int) -> None:
+        """Count changes the next flush() must make durable (stores and deletions alike)."""
+        if changes:
+            with self._lock:
+                self._unflushed += changes
 
     def _evict_for_full_disk(self, incoming: int) -> bool:
         """Free room after SQLITE_FULL: at least `incoming` bytes and a quarter of the blobs."""

@@ -1,0 +1,39 @@
+"""`python -m vyre_sqlcache.torture`: runs every trial and prints the figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vyre_sqlcache.torture import main
+
+
+def test_the_command_prints_a_table_of_every_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--kills", "2", "--corruptions", "6", "--seconds", "1", "--faults", "2"]
+    code = main([*argv, "--seed", "5", "--workdir", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert out.startswith("vyre-sqlcache torture, seed 5 (kills ")
+    assert "| trial | figure | value |" in out
+    for trial in ("kills", "contention", "faults", "corruption"):
+        assert f"| {trial} |" in out
+    assert "| kills | kills survived (of which with a power cut) | 2 (" in out
+    assert "| corruption | corrupt files tried (by damage) | 6 (" in out
+    # Exit status 1 and FAIL exactly when a bold (must be zero) figure is not.
+    assert (code, out.rstrip().splitlines()[-1].split(":")[0]) in ((0, "PASS"), (1, "FAIL"))
+
+
+def test_the_command_runs_as_a_module() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vyre_sqlcache.torture", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    for option in ("--kills", "--corruptions", "--seconds", "--seed"):
+        assert option in done.stdout
