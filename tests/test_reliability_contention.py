@@ -9,13 +9,8 @@ import random
 from pathlib import Path
 
 from vyre_sqlcache import PipelineCache
-from vyre_sqlcache.torture import (
-    _Contender,
-    entry_key_of,
-    run_contention,
-    tag_matches,
-    tagged_blob,
-)
+from vyre_sqlcache.torture.common import entry_key_of, tag_matches, tagged_blob
+from vyre_sqlcache.torture.contention import _Contender, run_contention
 
 
 def test_four_processes_with_a_small_cap(tmp_path: Path) -> None:

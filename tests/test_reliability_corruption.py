@@ -21,13 +21,12 @@ from typing import Any
 import pytest
 
 from vyre_sqlcache import CacheError, CorruptCacheError, PipelineCache
-from vyre_sqlcache.torture import (
-    FINGERPRINT,
+from vyre_sqlcache.torture.common import FINGERPRINT, pipeline_key
+from vyre_sqlcache.torture.corruption import (
     Template,
     TrialWorker,
     damage,
     make_template,
-    pipeline_key,
     run_corruptions,
 )
 

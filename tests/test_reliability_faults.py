@@ -15,20 +15,18 @@ from pathlib import Path
 import pytest
 
 from vyre_sqlcache import CacheError, CacheFullError, PipelineCache
-from vyre_sqlcache.torture import (
+from vyre_sqlcache.torture.common import (
     FINGERPRINT,
-    FaultPlan,
-    FaultyVFS,
     check_file,
     entry_key_of,
     invalidate_slots,
     pipeline_key,
     program_digest,
     read_slot,
-    registered,
-    run_faults,
     write_slots,
 )
+from vyre_sqlcache.torture.faults import run_faults
+from vyre_sqlcache.torture.shims import FaultPlan, FaultyVFS, registered
 
 KINDS = ["read", "write", "sync", "full"]
 #: Slots 0..7: four program entries (0, 1, 2, 4...) and keyed ones (3, 7).

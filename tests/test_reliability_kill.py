@@ -13,20 +13,9 @@ from pathlib import Path
 import pytest
 
 from vyre_sqlcache import PipelineCache
-from vyre_sqlcache.torture import (
-    FINGERPRINT,
-    KillReport,
-    SyncTrackingVFS,
-    _KillModel,
-    check_file,
-    mark_synced,
-    power_cut,
-    read_slot,
-    registered,
-    run_kills,
-    sha,
-    write_slots,
-)
+from vyre_sqlcache.torture.common import FINGERPRINT, check_file, read_slot, sha, write_slots
+from vyre_sqlcache.torture.kills import KillReport, _KillModel, run_kills
+from vyre_sqlcache.torture.shims import SyncTrackingVFS, mark_synced, power_cut, registered
 
 from .vfs import abandon
 
