@@ -1,62 +1,29 @@
-"""apsw VFS shims for tests: a disk that loses whatever was not synced."""
+"""Test helpers for files: a disk that loses whatever was not synced, crash copies, dumps.
+
+The VFS shims themselves live in `vyre_sqlcache.torture.shims`, so that the torture
+command has them too; this module re-exports them for the tests.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import apsw
 
-_SYNCED = ".synced"
+from vyre_sqlcache.torture.corruption import overwrite, page_map
+from vyre_sqlcache.torture.shims import SyncTrackingVFS, power_cut
 
-
-def _filename(name: Any) -> str:
-    return name.filename() if isinstance(name, apsw.URIFilename) else str(name)
-
-
-class _SyncTrackingFile(apsw.VFSFile):  # type: ignore[misc]
-    def __init__(self, vfs: SyncTrackingVFS, name: Any, flags: list[int]) -> None:
-        super().__init__(vfs.base, name, flags)
-        self._vfs = vfs
-        self._path = _filename(name)
-
-    def xSync(self, flags: int) -> None:
-        super().xSync(flags)
-        # What a sync makes durable is the file as it is now.
-        shutil.copyfile(self._path, self._path + _SYNCED)
-        self._vfs.syncs += 1
-
-
-class SyncTrackingVFS(apsw.VFS):  # type: ignore[misc]
-    """Passes everything through, and keeps a copy of each file as of its last xSync."""
-
-    def __init__(self, name: str = "synctrack", base: str = "") -> None:
-        self.base = base
-        self.name = name
-        self.syncs = 0
-        super().__init__(name, base)
-
-    def xOpen(self, name: Any, flags: list[int]) -> _SyncTrackingFile:
-        return _SyncTrackingFile(self, name, flags)
-
-    def xDelete(self, filename: str, syncdir: bool) -> None:
-        super().xDelete(filename, syncdir)
-        Path(filename + _SYNCED).unlink(missing_ok=True)
-
-
-def power_cut(database: Path) -> None:
-    """Replace the database and its WAL by their last synced contents, as a power cut would."""
-    for suffix in ("", "-wal", "-journal"):
-        path = Path(str(database) + suffix)
-        synced = Path(str(path) + _SYNCED)
-        if synced.exists():
-            os.replace(synced, path)
-        else:
-            path.unlink(missing_ok=True)
-    # The shared-memory index is rebuilt from the WAL after a crash.
-    Path(str(database) + "-shm").unlink(missing_ok=True)
+__all__ = [
+    "SyncTrackingVFS",
+    "abandon",
+    "crash_copy",
+    "dump",
+    "overwrite",
+    "page_map",
+    "power_cut",
+]
 
 
 def abandon(cache: Any) -> None:
@@ -97,25 +64,3 @@ def dump(database: Path) -> dict[str, list[tuple[Any, ...]]]:
         return result
     finally:
         connection.close()
-
-
-def page_map(database: Path) -> tuple[dict[str, list[int]], int]:
-    """The pages of each b-tree as `{'table:leaf'|'table:internal'|'table:overflow': [pageno]}`
-    (from SQLite's dbstat), and the page size."""
-    connection = apsw.Connection(str(database))
-    try:
-        pages: dict[str, list[int]] = {}
-        for name, pageno, pagetype in connection.execute(
-            "SELECT name, pageno, pagetype FROM dbstat"
-        ):
-            pages.setdefault(f"{name}:{pagetype}", []).append(int(pageno))
-        return pages, int(connection.pragma("page_size"))
-    finally:
-        connection.close()
-
-
-def overwrite(path: Path, offset: int, data: bytes) -> None:
-    """Write `data` at `offset` of a file, in place."""
-    with open(path, "r+b") as file:
-        file.seek(offset)
-        file.write(data)

@@ -101,7 +101,7 @@ def _store(
         allowed.setdefault(slot, []).append(str(sha(blob)))
 
 
-def _page_map(database: Path) -> tuple[dict[str, list[int]], int]:
+def page_map(database: Path) -> tuple[dict[str, list[int]], int]:
     """Pages by `table:pagetype` (from dbstat), and the page size."""
     connection = apsw.Connection(str(database))
     try:
@@ -131,7 +131,7 @@ def make_template(folder: Path, *, with_wal: bool, seed: int = 0) -> Template:
         for start in range(0, 64, 16):
             _store(cache, items[start : start + 16], allowed)
     if not with_wal:
-        pages, page_size = _page_map(source)
+        pages, page_size = page_map(source)
         shutil.copyfile(source, target / "cache.sqlite3")
         return Template(target, "cache.sqlite3", allowed, pages, page_size, False)
     cache = PipelineCache.open(source, max_bytes=None)
@@ -141,7 +141,7 @@ def make_template(folder: Path, *, with_wal: bool, seed: int = 0) -> Template:
     invalidate_slots(cache, invalidated, [1, 1, 1])
     for slot in invalidated:
         allowed[slot].append(None)
-    pages, page_size = _page_map(source)
+    pages, page_size = page_map(source)
     # What a crash leaves: the main file and the log, no shared-memory index.
     for suffix in ("", "-wal"):
         shutil.copyfile(str(source) + suffix, str(target / "cache.sqlite3") + suffix)
@@ -149,7 +149,8 @@ def make_template(folder: Path, *, with_wal: bool, seed: int = 0) -> Template:
     return Template(target, "cache.sqlite3", allowed, pages, page_size, True)
 
 
-def _overwrite(path: Path, offset: int, data: bytes) -> None:
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Write `data` at `offset` of a file, in place."""
     with open(path, "r+b") as file:
         file.seek(offset)
         file.write(data)
@@ -162,17 +163,17 @@ def _damage_page(path: Path, template: Template, rng: random.Random) -> str:
     start = (page - 1) * size
     how = rng.choice(["random", "zeros", "scribble", "other-page"])
     if how == "random":
-        _overwrite(path, start, rng.randbytes(size))
+        overwrite(path, start, rng.randbytes(size))
     elif how == "zeros":
-        _overwrite(path, start, bytes(size))
+        overwrite(path, start, bytes(size))
     elif how == "scribble":
         for _ in range(rng.randint(1, 8)):
-            _overwrite(path, start + rng.randrange(size), rng.randbytes(rng.randint(1, 8)))
+            overwrite(path, start + rng.randrange(size), rng.randbytes(rng.randint(1, 8)))
     else:  # a misdirected write: another page's bytes land here
         other = rng.choice([p for group in template.pages.values() for p in group])
         with open(path, "rb") as file:
             file.seek((other - 1) * size)
-            _overwrite(path, start, file.read(size))
+            overwrite(path, start, file.read(size))
     return f"page {page} ({group}) {how}"
 
 
@@ -185,13 +186,13 @@ def _damage_wal(path: Path, template: Template, rng: random.Random) -> str:
     frame = rng.randrange(frames)
     start = 32 + frame * frame_size
     if how == "header":
-        _overwrite(wal, rng.randrange(32), rng.randbytes(rng.randint(1, 4)))
+        overwrite(wal, rng.randrange(32), rng.randbytes(rng.randint(1, 4)))
     elif how == "frame-header":
-        _overwrite(wal, start + rng.randrange(24), rng.randbytes(rng.randint(1, 4)))
+        overwrite(wal, start + rng.randrange(24), rng.randbytes(rng.randint(1, 4)))
     elif how == "frame-data":
-        _overwrite(wal, start + 24 + rng.randrange(template.page_size), rng.randbytes(8))
+        overwrite(wal, start + 24 + rng.randrange(template.page_size), rng.randbytes(8))
     elif how == "frame-zeros":
-        _overwrite(wal, start, bytes(frame_size))
+        overwrite(wal, start, bytes(frame_size))
     else:
         os.truncate(wal, rng.randrange(size))
     return f"wal {how} (frame {frame} of {frames})"
@@ -206,18 +207,18 @@ def damage(path: Path, template: Template, rng: random.Random) -> tuple[str, str
     size = path.stat().st_size
     if kind == "header":
         for _ in range(rng.randint(1, 4)):
-            _overwrite(path, rng.randrange(100), rng.randbytes(1))
+            overwrite(path, rng.randrange(100), rng.randbytes(1))
         return kind, "header bytes"
     if kind == "page":
         return kind, _damage_page(path, template, rng)
     if kind == "bytes":
         spots = rng.randint(1, 32)
         for _ in range(spots):
-            _overwrite(path, rng.randrange(size), rng.randbytes(rng.randint(1, 16)))
+            overwrite(path, rng.randrange(size), rng.randbytes(rng.randint(1, 16)))
         return kind, f"{spots} random spots"
     if kind == "sector":
         sector = rng.choice([512, 4096])
-        _overwrite(path, rng.randrange(size // sector) * sector, bytes(sector))
+        overwrite(path, rng.randrange(size // sector) * sector, bytes(sector))
         return kind, f"a zeroed {sector}-byte sector"
     if kind == "truncate":
         os.truncate(path, rng.randrange(size))
