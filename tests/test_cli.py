@@ -42,6 +42,11 @@ def test_demo_removes_its_entries_and_leaves_others(
         assert cache.read(digest, fingerprint) == b"user's pipeline"
 
 
+def test_demo_on_a_new_file_leaves_no_file(cache_path: Path) -> None:
+    assert main(["--path", str(cache_path), "demo", "--count", "20"]) == 0
+    assert not list(cache_path.parent.glob(cache_path.name + "*"))
+
+
 def test_demo_keep_keeps_what_was_not_invalidated(cache_path: Path) -> None:
     assert main(["--path", str(cache_path), "demo", "--count", "20", "--keep"]) == 0
     with PipelineCache.open(cache_path) as cache:

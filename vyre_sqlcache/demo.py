@@ -22,6 +22,7 @@ def run(path: Path | None, *, count: int, keep: bool, seed: int) -> int:
     """
     rng = random.Random(seed)
     fingerprint = DeviceFingerprint.from_parts(0x10DE, 0x2684, "demo-driver-1.0")
+    created = not PipelineCache.resolve_path(path).exists()
     with PipelineCache.open(path) as cache:
         print(f"cache: {cache.path}")
         before = len(cache)
@@ -72,5 +73,10 @@ def run(path: Path | None, *, count: int, keep: bool, seed: int) -> int:
             print(
                 f"removed the demo's entries: {len(cache)} entries remain (use --keep to keep them)"
             )
+    if created and not keep:
+        # The demo made the file: leave no file behind, as there was none.
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(cache.path) + suffix).unlink(missing_ok=True)
+        print(f"removed {cache.path}, which the demo had created")
     ok = intact == count and gone == sum(mask)
     return 0 if ok else 1

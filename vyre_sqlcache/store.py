@@ -158,6 +158,14 @@ class PipelineCache:
         return platformdirs.user_cache_path("vyre", appauthor=False) / "pipelines.sqlite3"
 
     @classmethod
+    def resolve_path(cls, path: str | Path | None, settings: Settings | None = None) -> Path:
+        """The file `open(path)` uses: `path`, else `$VYRE_SQLCACHE_PATH`, else the default."""
+        if path is None:
+            settings = Settings.from_environment() if settings is None else settings
+            path = settings.path or cls.default_path()
+        return Path(path).expanduser()
+
+    @classmethod
     def open(
         cls,
         path: str | Path | None = None,
@@ -182,9 +190,7 @@ class PipelineCache:
         environment variable or argument), CacheError (cannot open).
         """
         settings = Settings.from_environment()
-        if path is None:
-            path = settings.path or cls.default_path()
-        resolved = Path(path).expanduser()
+        resolved = cls.resolve_path(path, settings)
         if max_bytes is _UNSET:
             max_bytes = DEFAULT_MAX_BYTES if settings.max_bytes is None else settings.max_bytes
             if max_bytes < 1:
