@@ -27,7 +27,6 @@ __all__ = [
     "connect",
     "immediate",
     "retry_busy",
-    "sqlite_errors",
     "translate",
 ]
 
@@ -157,12 +156,3 @@ def translate(error: apsw.Error, what: str, path: Path) -> CacheError:
         if isinstance(error, apsw_type):
             return cache_type(f"{what} failed on {path}: {error}; {advice}")
     return CacheError(f"{what} failed on {path}: {error}")
-
-
-@contextmanager
-def sqlite_errors(what: str, path: Path) -> Iterator[None]:
-    """Turn an apsw error raised in the block into the matching `CacheError` subclass."""
-    try:
-        yield
-    except apsw.Error as error:
-        raise translate(error, what, path) from error
