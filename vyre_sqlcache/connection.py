@@ -80,6 +80,8 @@ def connect(
             connection.pragma("query_only", True)
         # Commits survive a process crash; flush() adds a synced commit for power loss.
         connection.pragma("synchronous", "NORMAL")
+        # Checkpoints run in a background thread (checkpointer.py), not inside commits.
+        connection.pragma("wal_autocheckpoint", 0)
     except BaseException:
         connection.close()
         raise

@@ -20,6 +20,7 @@ import platformdirs
 
 from . import checksums
 from .bookkeeping import BUMP_META, Bookkeeping
+from .checkpointer import Checkpointer
 from .config import DEFAULT_MAX_BYTES, ENV_MAX_SIZE, Settings
 from .connection import BUSY_TIMEOUT_MS, connect, immediate, retry_busy, translate
 from .entry import (
@@ -148,6 +149,9 @@ class PipelineCache:
         self._lock = threading.Lock()  # guards _connections and _unflushed
         self._local = threading.local()
         self._connections: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
+        self._checkpointer = Checkpointer(
+            lambda: self._open_connection(mmap=False), Path(str(self._path) + "-wal")
+        )
         self._generation = _fork_generation
 
     # -- opening and closing -------------------------------------------------------
@@ -357,6 +361,7 @@ class PipelineCache:
             return
         try:
             if not self._readonly and self._generation == _fork_generation:
+                self._checkpointer.stop()
                 connection = self._connection()
                 self._write_bookkeeping_now(connection)
                 # Another process reading the file would hold the checkpoint up for the
@@ -718,6 +723,7 @@ class PipelineCache:
         except apsw.Error as error:
             self._note_damage(error)
             raise translate(error, what, self._path) from error
+        self._checkpointer.poke()
 
     def _insert(self, entries: list[NewEntry]) -> None:
         if not entries:

@@ -1,0 +1,67 @@
+"""Background checkpoints: commits never checkpoint; a thread folds the log back."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from vyre_sqlcache import DeviceFingerprint, PipelineCache, checkpointer
+
+
+def checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "vyre-sqlcache checkpoint"]
+
+
+def test_commits_do_not_checkpoint(cache: PipelineCache) -> None:
+    assert cache._connection().pragma("wal_autocheckpoint") == 0
+
+
+def test_a_grown_log_is_checkpointed_in_the_background(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_BYTES", 256 * 1024)
+    with PipelineCache.open(cache_path) as cache:
+        before = cache_path.stat().st_size
+        digests = [os.urandom(32) for _ in range(20)]
+        for digest in digests:
+            cache.write(digest, fingerprint, os.urandom(50_000))
+        deadline = time.monotonic() + 30
+        while cache._checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache._checkpointer.checkpoints > 0
+        # The database file itself received the pages while the cache stayed open.
+        assert cache_path.stat().st_size > before + 500_000
+        assert len(checkpoint_threads()) == 1
+        for digest in digests:
+            assert cache.read(digest, fingerprint) is not None
+    assert checkpoint_threads() == []
+    wal = Path(str(cache_path) + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_a_small_log_starts_no_thread(cache: PipelineCache, fingerprint: DeviceFingerprint) -> None:
+    cache.write(os.urandom(32), fingerprint, b"small")
+    assert cache._checkpointer._thread is None
+
+
+def test_a_checkpoint_does_not_block_a_writer_or_reader(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_BYTES", 64 * 1024)
+    with PipelineCache.open(cache_path) as cache:
+        reader = apsw.Connection(str(cache_path))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM entries").fetchall()  # holds a snapshot
+        try:
+            for _ in range(30):
+                digest = os.urandom(32)
+                cache.write(digest, fingerprint, os.urandom(20_000))
+                assert cache.read(digest, fingerprint) is not None
+        finally:
+            reader.execute("COMMIT")
+            reader.close()

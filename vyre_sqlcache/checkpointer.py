@@ -1,0 +1,89 @@
+"""Checkpoints in a background thread, so that no write waits for one.
+
+In WAL mode every commit appends to the write-ahead log; a checkpoint copies the
+log back into the database file and syncs it. SQLite's automatic checkpoint runs
+inside whichever commit crosses the threshold, so one unlucky write pays for
+copying everyone's megabytes. Cache connections turn that off, and each cache
+object that writes keeps one thread that runs a PASSIVE checkpoint (it never
+waits for, nor blocks, readers and writers) once the log has grown past
+`WAL_CHECKPOINT_BYTES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import apsw
+
+__all__ = ["WAL_CHECKPOINT_BYTES", "Checkpointer"]
+
+log = logging.getLogger("vyre_sqlcache")
+
+#: The log size that wakes the checkpoint thread (SQLite's default is 1000 pages).
+WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
+
+
+class Checkpointer:
+    """Wakes a daemon thread to checkpoint when the write-ahead log has grown."""
+
+    def __init__(self, open_connection: Callable[[], apsw.Connection], wal: Path) -> None:
+        self._open_connection = open_connection
+        self._wal = wal
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self.checkpoints = 0
+
+    def poke(self) -> None:
+        """After a commit: wake the thread if the log is past the threshold (one stat)."""
+        try:
+            if os.stat(self._wal).st_size < WAL_CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return
+        with self._lock:
+            if self._stopped:
+                return
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="vyre-sqlcache checkpoint", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (it finishes a checkpoint under way) and close its connection."""
+        with self._lock:
+            self._stopped = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        connection: apsw.Connection | None = None
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopped:
+                    return
+                if connection is None:
+                    connection = self._open_connection()
+                try:
+                    connection.pragma("wal_checkpoint", "PASSIVE")
+                    self.checkpoints += 1
+                except apsw.Error as error:
+                    # Best effort: the next commit past the threshold tries again, and
+                    # close() checkpoints too.
+                    log.debug("vyre-sqlcache: background checkpoint failed: %s", error)
+        except Exception as error:
+            log.warning("vyre-sqlcache: the checkpoint thread stopped: %s", error)
+        finally:
+            if connection is not None:
+                connection.close()
