@@ -25,6 +25,18 @@ def rotated(stores: Sequence[str], round_index: int) -> list[str]:
     return [*stores[shift:], *stores[:shift]]
 
 
+def settle() -> None:
+    """Write back every dirty page now, untimed.
+
+    Populating a store leaves hundreds of MB for the kernel to write back; its
+    flusher threads would otherwise take a core (of two here) from whatever is
+    timed next.
+    """
+    sync = getattr(os, "sync", None)
+    if sync is not None:
+        sync()
+
+
 def summarize(samples: list[Sample]) -> dict[str, Any]:
     """Median of the rounds' values (and of each extra figure)."""
     extra_keys = sorted({key for sample in samples for key in sample.extra})
@@ -68,6 +80,7 @@ def run(config: Config, workloads: Sequence[str], progress: Progress) -> dict[st
                 for name in rotated(names, round_index):
                     if name in errors:
                         continue
+                    settle()
                     try:
                         sample = workload.measure(name, case, states[name], round_index)
                     except Exception as error:
