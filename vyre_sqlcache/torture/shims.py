@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import apsw
 
 #: Suffix of the copy of a file as of its last sync (`SyncTrackingVFS`).
 SYNCED = ".synced"
+#: Suffix of a copy being made.
+TEMPORARY = ".tmp"
 
 
 def _filename(name: Any) -> str | None:
@@ -24,7 +27,7 @@ def _filename(name: Any) -> str | None:
 
 def _copy_atomically(source: str, target: str) -> None:
     """Copy `source` over `target` so that a kill mid-copy leaves the old `target` whole."""
-    temporary = target + ".tmp"
+    temporary = target + TEMPORARY
     shutil.copyfile(source, temporary)
     os.replace(temporary, target)
 
@@ -37,10 +40,13 @@ class _SyncTrackingFile(apsw.VFSFile):
 
     def xSync(self, flags: int) -> None:
         super().xSync(flags)
-        if self._path is not None:
-            # What a sync makes durable is the file as it is now.
-            _copy_atomically(self._path, self._path + SYNCED)
-        self._vfs.syncs += 1
+        # Threads sync at once (a flush and the checkpoint thread): one copy at a
+        # time, each taken after its own sync, so the last copy is the newest.
+        with self._vfs.copying:
+            if self._path is not None:
+                # What a sync makes durable is the file as it is now.
+                _copy_atomically(self._path, self._path + SYNCED)
+            self._vfs.syncs += 1
 
 
 class SyncTrackingVFS(apsw.VFS):
@@ -54,6 +60,7 @@ class SyncTrackingVFS(apsw.VFS):
         self.base = base
         self.name = name
         self.syncs = 0
+        self.copying = threading.Lock()
         super().__init__(name, base)
 
     def xOpen(self, name: Any, flags: list[int]) -> _SyncTrackingFile:
@@ -61,7 +68,8 @@ class SyncTrackingVFS(apsw.VFS):
 
     def xDelete(self, filename: str, syncdir: bool) -> None:
         super().xDelete(filename, syncdir)
-        Path(filename + SYNCED).unlink(missing_ok=True)
+        with self.copying:
+            Path(filename + SYNCED).unlink(missing_ok=True)
 
 
 def power_cut(database: Path) -> None:
@@ -73,7 +81,7 @@ def power_cut(database: Path) -> None:
             os.replace(synced, path)
         else:
             path.unlink(missing_ok=True)
-        Path(str(synced) + ".tmp").unlink(missing_ok=True)
+        Path(str(synced) + TEMPORARY).unlink(missing_ok=True)
     # The shared-memory index is rebuilt from the WAL after a crash.
     Path(str(database) + "-shm").unlink(missing_ok=True)
 
