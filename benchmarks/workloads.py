@@ -96,7 +96,10 @@ class Config:
 
     def multiproc_count(self, size: int) -> int:
         """Keys shared out among the readers: more for small blobs, so the
-        timed window is long compared with waking the processes."""
+        timed window (0.1 s or more for one process) is long compared with waking
+        the processes."""
+        if size <= 4 * KIB:
+            return self.n * self.pick(40, 10, 1)
         return self.n * self.pick(10, 10, 1) if size <= 64 * KIB else self.n
 
 
@@ -703,8 +706,8 @@ class Multiproc(Workload):
     groups: ClassVar[int] = 3
     description = (
         "4 fresh processes open one populated store, wait at a common start, then "
-        "each first-reads a disjoint share of the keys (10·N keys for blobs up to "
-        "64 KiB, N above); reads/s = all reads / (last end - first start), "
+        "each first-reads a disjoint share of the keys (40·N keys for blobs up to "
+        "4 KiB, 10·N up to 64 KiB, N above); reads/s = all reads / (last end - first start), "
         "against 1 process reading every key; a sample is the median of 3 such "
         "groups. The machine may have fewer cores than readers."
     )
