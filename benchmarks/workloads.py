@@ -701,8 +701,8 @@ class Multiproc(Workload):
     unit = "reads/s"
     better = "higher"
     procs: ClassVar[int] = 4
-    #: Groups of fresh readers a sample; one group runs for tens of ms, so a single
-    #: late wake-up moves it by a third.
+    #: Groups of fresh readers a sample: one late wake-up can move a single group's
+    #: figure by a third.
     groups: ClassVar[int] = 3
     description = (
         "4 fresh processes open one populated store, wait at a common start, then "
