@@ -16,6 +16,9 @@ import pytest
 from vyre_sqlcache import DeviceFingerprint, PipelineCache, ReadOnlyCacheError
 
 DIGEST = bytes(range(32))
+# Over 256 KiB: read by the connection without a memory map, which must open read-only too.
+LARGE_DIGEST = bytes(range(1, 33))
+LARGE_BLOB = bytes(range(256)) * 1200
 
 # Run in a child process: opens the cache, checks reads and refused writes, prints
 # the files of the folder afterwards.
@@ -28,6 +31,7 @@ CHILD = textwrap.dedent(
     with PipelineCache.open(path) as cache:
         assert cache.readonly, "expected a read-only cache"
         assert cache.read(bytes(range(32)), fp) == b"stored blob"
+        assert cache.read(bytes(range(1, 33)), fp) == bytes(range(256)) * 1200
         assert cache.read(bytes(32), fp) is None
         try:
             cache.write(bytes(32), fp, b"x")
@@ -49,6 +53,7 @@ def stored() -> Iterator[Path]:
     path = folder / "pipelines.sqlite3"
     with PipelineCache.open(path) as cache:
         cache.write(DIGEST, DeviceFingerprint.from_parts(1, 2, "r"), b"stored blob")
+        cache.write(LARGE_DIGEST, DeviceFingerprint.from_parts(1, 2, "r"), LARGE_BLOB)
     yield path
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -59,6 +64,7 @@ def test_readonly_reads_and_refuses_writes(stored: Path, fingerprint: DeviceFing
     with PipelineCache.open(stored, readonly=True) as cache:
         assert cache.readonly
         assert cache.read(DIGEST, fp) == b"stored blob"
+        assert cache.read(LARGE_DIGEST, fp) == LARGE_BLOB
         calls = [
             lambda: cache.write(DIGEST, fp, b"new"),
             lambda: cache.invalidate_impacted([1], [DIGEST], fp),
