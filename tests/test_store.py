@@ -457,3 +457,9 @@ def test_threads_share_one_cache(cache: PipelineCache, fingerprint: DeviceFinger
         thread.join(timeout=60)
     assert not errors
     assert len(cache) == 400
+
+
+def test_opening_a_folder_names_the_mistake(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="is a folder; give the path of a cache file"):
+        PipelineCache.open(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -210,6 +210,11 @@ class PipelineCache:
                 disabled=True,
                 **options,
             )
+        if resolved.is_dir():
+            raise CacheError(
+                f"{resolved} is a folder; give the path of a cache file, such as "
+                f"{resolved / 'pipelines.sqlite3'}"
+            )
         if readonly and not resolved.exists():
             raise CacheError(
                 f"{resolved} does not exist, and a read-only cache cannot create it; "
