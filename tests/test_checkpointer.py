@@ -24,14 +24,16 @@ def test_commits_do_not_checkpoint(cache: PipelineCache) -> None:
 def test_a_grown_log_is_checkpointed_in_the_background(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_BYTES", 256 * 1024)
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 16)
     with PipelineCache.open(cache_path) as cache:
         before = cache_path.stat().st_size
         digests = [os.urandom(32) for _ in range(20)]
         for digest in digests:
             cache.write(digest, fingerprint, os.urandom(50_000))
+        # The first checkpoint may run while only a few writes are in the log; the
+        # last write wakes the thread again, and its checkpoint copies the rest.
         deadline = time.monotonic() + 30
-        while cache._checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+        while cache_path.stat().st_size <= before + 500_000 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert cache._checkpointer.checkpoints > 0
         # The database file itself received the pages while the cache stayed open.
@@ -44,6 +46,29 @@ def test_a_grown_log_is_checkpointed_in_the_background(
     assert not wal.exists() or wal.stat().st_size == 0
 
 
+def test_after_a_checkpoint_small_writes_wake_no_thread(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite reuses a grown log from its start without shrinking the file: the log's
+    # page count, not its file size, says when a checkpoint is due.
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
+    with PipelineCache.open(cache_path) as cache:
+        before = cache_path.stat().st_size
+        for _ in range(20):
+            cache.write(os.urandom(32), fingerprint, os.urandom(100_000))
+        deadline = time.monotonic() + 30
+        while cache_path.stat().st_size <= before + 1_900_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # let a checkpoint woken by the last write finish
+        checkpoints = cache._checkpointer.checkpoints
+        assert checkpoints > 0
+        assert Path(str(cache_path) + "-wal").stat().st_size > 64 * 16384
+        for _ in range(3):
+            cache.write(os.urandom(32), fingerprint, b"small")
+        time.sleep(0.3)
+        assert cache._checkpointer.checkpoints == checkpoints
+
+
 def test_a_small_log_starts_no_thread(cache: PipelineCache, fingerprint: DeviceFingerprint) -> None:
     cache.write(os.urandom(32), fingerprint, b"small")
     assert cache._checkpointer._thread is None
@@ -52,7 +77,7 @@ def test_a_small_log_starts_no_thread(cache: PipelineCache, fingerprint: DeviceF
 def test_a_checkpoint_does_not_block_a_writer_or_reader(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_BYTES", 64 * 1024)
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 4)
     with PipelineCache.open(cache_path) as cache:
         reader = apsw.Connection(str(cache_path))
         reader.execute("BEGIN")

@@ -5,47 +5,53 @@ log back into the database file and syncs it. SQLite's automatic checkpoint runs
 inside whichever commit crosses the threshold, so one unlucky write pays for
 copying everyone's megabytes. Cache connections turn that off, and each cache
 object that writes keeps one thread that runs a PASSIVE checkpoint (it never
-waits for, nor blocks, readers and writers) once the log has grown past
-`WAL_CHECKPOINT_BYTES`.
+waits for, nor blocks, readers and writers) once a commit leaves more than
+`WAL_CHECKPOINT_PAGES` pages in the log. SQLite's WAL hook reports that count
+after every commit; the log file's size would not do, since SQLite reuses a
+grown log from its start without shrinking it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import apsw
 
-__all__ = ["WAL_CHECKPOINT_BYTES", "Checkpointer"]
+__all__ = ["WAL_CHECKPOINT_PAGES", "Checkpointer"]
 
 log = logging.getLogger("vyre_sqlcache")
 
-#: The log size that wakes the checkpoint thread (SQLite's default is 1000 pages).
-WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
+#: Pages in the log that wake the checkpoint thread: 16 MiB of 16 KiB pages
+#: (SQLite's own automatic checkpoint runs at 1000).
+WAL_CHECKPOINT_PAGES = 1024
 
 
 class Checkpointer:
     """Wakes a daemon thread to checkpoint when the write-ahead log has grown."""
 
-    def __init__(self, open_connection: Callable[[], apsw.Connection], wal: Path) -> None:
+    def __init__(self, open_connection: Callable[[], apsw.Connection]) -> None:
         self._open_connection = open_connection
-        self._wal = wal
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.checkpoints = 0
 
-    def poke(self) -> None:
-        """After a commit: wake the thread if the log is past the threshold (one stat)."""
-        try:
-            if os.stat(self._wal).st_size < WAL_CHECKPOINT_BYTES:
-                return
-        except OSError:
-            return
+    def wal_hook(self, connection: apsw.Connection, database: str, pages: int) -> int:
+        """SQLite's WAL hook, after every commit: wake the thread past the threshold."""
+        if pages > WAL_CHECKPOINT_PAGES:
+            try:
+                self.wake()
+            except Exception as error:
+                # An error returned here would fail a statement whose commit has
+                # already happened; close() checkpoints anyway.
+                log.debug("vyre-sqlcache: could not wake the checkpoint thread: %s", error)
+        return apsw.SQLITE_OK
+
+    def wake(self) -> None:
+        """Start the thread if needed and have it checkpoint once more."""
         with self._lock:
             if self._stopped:
                 return

@@ -150,9 +150,7 @@ class PipelineCache:
         self._lock = threading.Lock()  # guards _connections and _unflushed
         self._local = threading.local()
         self._connections: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
-        self._checkpointer = Checkpointer(
-            lambda: self._open_connection(mmap=False), Path(str(self._path) + "-wal")
-        )
+        self._checkpointer = Checkpointer(lambda: self._open_connection(mmap=False))
         self._generation = _fork_generation
 
     # -- opening and closing -------------------------------------------------------
@@ -298,7 +296,7 @@ class PipelineCache:
         self._register(connection)
 
     def _open_connection(self, *, mmap: bool = True) -> apsw.Connection:
-        return connect(
+        connection = connect(
             self._path,
             readonly=self._file_readonly,
             query_only=self._readonly,
@@ -306,6 +304,9 @@ class PipelineCache:
             mmap=mmap,
             vfs=self._vfs,
         )
+        if not self._readonly:
+            connection.set_wal_hook(self._checkpointer.wal_hook)
+        return connection
 
     def _register(self, connection: apsw.Connection) -> None:
         with self._lock:
@@ -729,7 +730,6 @@ class PipelineCache:
         except apsw.Error as error:
             self._note_damage(error)
             raise translate(error, what, self._path) from error
-        self._checkpointer.poke()
 
     def _insert(self, entries: list[NewEntry]) -> None:
         if not entries:
