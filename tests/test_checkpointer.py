@@ -17,6 +17,25 @@ def checkpoint_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "vyre-sqlcache checkpoint"]
 
 
+def write_until_checkpointed(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, count: int, size: int
+) -> list[bytes]:
+    """Write `count` blobs of `size` bytes; wait until the file itself holds most of them.
+
+    The first checkpoint may run while only a few writes are in the log; the last
+    write wakes the thread again, and its checkpoint copies the rest.
+    """
+    before = cache.path.stat().st_size
+    digests = [os.urandom(32) for _ in range(count)]
+    for digest in digests:
+        cache.write(digest, fingerprint, os.urandom(size))
+    grown = before + count * size * 9 // 10
+    deadline = time.monotonic() + 30
+    while cache.path.stat().st_size <= grown and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return digests
+
+
 def test_commits_do_not_checkpoint(cache: PipelineCache) -> None:
     assert cache._connection().pragma("wal_autocheckpoint") == 0
 
@@ -27,14 +46,7 @@ def test_a_grown_log_is_checkpointed_in_the_background(
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 16)
     with PipelineCache.open(cache_path) as cache:
         before = cache_path.stat().st_size
-        digests = [os.urandom(32) for _ in range(20)]
-        for digest in digests:
-            cache.write(digest, fingerprint, os.urandom(50_000))
-        # The first checkpoint may run while only a few writes are in the log; the
-        # last write wakes the thread again, and its checkpoint copies the rest.
-        deadline = time.monotonic() + 30
-        while cache_path.stat().st_size <= before + 500_000 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        digests = write_until_checkpointed(cache, fingerprint, 20, 50_000)
         assert cache._checkpointer.checkpoints > 0
         # The database file itself received the pages while the cache stayed open.
         assert cache_path.stat().st_size > before + 500_000
@@ -53,12 +65,7 @@ def test_after_a_checkpoint_small_writes_wake_no_thread(
     # page count, not its file size, says when a checkpoint is due.
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
     with PipelineCache.open(cache_path) as cache:
-        before = cache_path.stat().st_size
-        for _ in range(20):
-            cache.write(os.urandom(32), fingerprint, os.urandom(100_000))
-        deadline = time.monotonic() + 30
-        while cache_path.stat().st_size <= before + 1_900_000 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        write_until_checkpointed(cache, fingerprint, 20, 100_000)
         time.sleep(0.3)  # let a checkpoint woken by the last write finish
         checkpoints = cache._checkpointer.checkpoints
         assert checkpoints > 0
