@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import apsw
-from tqdm import tqdm
 
 from . import demo, inspection, vyredir
 from .config import Settings, parse_size
@@ -159,7 +158,14 @@ def _bytes(count: int | None) -> str:
 
 
 def _progress(items: Iterable[T], total: int, what: str) -> Iterable[T]:
-    """A progress bar on stderr when it is a terminal."""
+    """A progress bar on stderr when it is a terminal and tqdm (optional: the `progress`
+    extra) is installed."""
+    if not sys.stderr.isatty():
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
     return tqdm(
         items,
         total=total,
@@ -172,7 +178,11 @@ def _progress(items: Iterable[T], total: int, what: str) -> Iterable[T]:
 
 
 def _note(message: str) -> None:
-    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+    bars = sys.modules.get("tqdm")  # loaded only once a bar was drawn: write around it
+    if bars is None:
+        print(f"{PROG}: {message}", file=sys.stderr)
+    else:
+        bars.tqdm.write(f"{PROG}: {message}", file=sys.stderr)
 
 
 # -- opening ----------------------------------------------------------------------------
