@@ -10,7 +10,10 @@ from pathlib import Path
 import apsw
 import pytest
 
-from vyre_sqlcache import DeviceFingerprint, PipelineCache, checkpointer
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+from vyre_sqlcache import _checkpointer as checkpointer
+
+from .helpers import connection_of, count_checkpoints
 
 
 def checkpoint_threads() -> list[threading.Thread]:
@@ -37,17 +40,18 @@ def write_until_checkpointed(
 
 
 def test_commits_do_not_checkpoint(cache: PipelineCache) -> None:
-    assert cache._connection().pragma("wal_autocheckpoint") == 0
+    assert connection_of(cache).pragma("wal_autocheckpoint") == 0
 
 
 def test_a_grown_log_is_checkpointed_in_the_background(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 16)
+    done = count_checkpoints(monkeypatch)
     with PipelineCache.open(cache_path) as cache:
         before = cache_path.stat().st_size
         digests = write_until_checkpointed(cache, fingerprint, 20, 50_000)
-        assert cache._checkpointer.checkpoints > 0
+        assert len(done) > 0
         # The database file itself received the pages while the cache stayed open.
         assert cache_path.stat().st_size > before + 500_000
         assert len(checkpoint_threads()) == 1
@@ -64,21 +68,22 @@ def test_after_a_checkpoint_small_writes_wake_no_thread(
     # SQLite reuses a grown log from its start without shrinking the file: the log's
     # page count, not its file size, says when a checkpoint is due.
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
+    done = count_checkpoints(monkeypatch)
     with PipelineCache.open(cache_path) as cache:
         write_until_checkpointed(cache, fingerprint, 20, 100_000)
         time.sleep(0.3)  # let a checkpoint woken by the last write finish
-        checkpoints = cache._checkpointer.checkpoints
+        checkpoints = len(done)
         assert checkpoints > 0
         assert Path(str(cache_path) + "-wal").stat().st_size > 64 * 16384
         for _ in range(3):
             cache.write(os.urandom(32), fingerprint, b"small")
         time.sleep(0.3)
-        assert cache._checkpointer.checkpoints == checkpoints
+        assert len(done) == checkpoints
 
 
 def test_a_small_log_starts_no_thread(cache: PipelineCache, fingerprint: DeviceFingerprint) -> None:
     cache.write(os.urandom(32), fingerprint, b"small")
-    assert cache._checkpointer._thread is None
+    assert checkpoint_threads() == []
 
 
 def test_a_checkpoint_does_not_block_a_writer_or_reader(

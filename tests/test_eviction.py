@@ -6,11 +6,19 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import apsw
 import pytest
 
-from vyre_sqlcache import BlobTooLargeError, DeviceFingerprint, PipelineCache, bookkeeping
+from vyre_sqlcache import (
+    BlobTooLargeError,
+    DeviceFingerprint,
+    PipelineCache,
+    _bookkeeping,
+)
+
+from .helpers import connection_of
 
 BLOB = 10_000
 
@@ -80,7 +88,7 @@ def test_eviction_is_one_delete_statement(
 ) -> None:
     write_slowly(capped, fingerprint, 10)
     statements: list[str] = []
-    connection = capped._connection()
+    connection = connection_of(capped)
     connection.trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: statements.append(event["sql"]))
     try:
         capped.write(os.urandom(32), fingerprint, os.urandom(5 * BLOB))
@@ -100,13 +108,14 @@ def test_reads_do_not_write_until_the_touch_interval(
     digest = os.urandom(32)
     cache.write(digest, fingerprint, b"x")
     statements: list[str] = []
-    connection = cache._connection()
+    connection = connection_of(cache)
     connection.trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: statements.append(event["sql"]))
     for _ in range(100):
         assert cache.read(digest, fingerprint) == b"x"
     assert not [s for s in statements if not s.startswith("SELECT")]
     # Once the interval has passed, the next read writes the buffered hits.
-    monkeypatch.setattr(cache._books, "_next_write", 0.0)
+    later = time.monotonic() + 2 * _bookkeeping.TOUCH_INTERVAL_S
+    monkeypatch.setattr(_bookkeeping, "time", SimpleNamespace(monotonic=lambda: later))
     cache.read(digest, fingerprint)
     connection.trace_v2(0, None)
     assert any(s.startswith("UPDATE entries SET accessed_ms") for s in statements)
@@ -117,7 +126,7 @@ def test_reads_do_not_write_until_the_touch_interval(
 
 
 def test_touch_interval_is_a_few_seconds() -> None:
-    assert 1 <= bookkeeping.TOUCH_INTERVAL_S <= 10
+    assert 1 <= _bookkeeping.TOUCH_INTERVAL_S <= 10
 
 
 def test_stats_count_this_process_and_keep_totals(

@@ -13,9 +13,12 @@ from vyre_sqlcache import (
     CacheFullError,
     CorruptCacheError,
     DeviceFingerprint,
+    NotACacheError,
     PipelineCache,
 )
-from vyre_sqlcache.healing import needs_check_marker
+from vyre_sqlcache._cachefile import KEEP_CORRUPT_COPIES, needs_check_marker
+
+from .helpers import connection_of
 
 
 def populate(path: Path, fingerprint: DeviceFingerprint, count: int = 200) -> list[bytes]:
@@ -59,11 +62,29 @@ def test_a_file_that_is_not_a_database_is_moved_aside(
 
 def test_strict_raises_and_leaves_the_file(cache_path: Path) -> None:
     cache_path.parent.mkdir(parents=True)
-    cache_path.write_bytes(b"garbage" * 1000)
+    cache_path.write_bytes(b"\0" * 4096)  # a zeroed first page: a damaged cache
     with pytest.raises(CorruptCacheError, match="not a SQLite database"):
         PipelineCache.open(cache_path, strict=True)
-    assert cache_path.read_bytes() == b"garbage" * 1000
+    assert cache_path.read_bytes() == b"\0" * 4096
     assert not aside(cache_path)
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "pipelines.sqlite3"])
+def test_another_programs_file_is_never_moved(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"my notes, not a cache\n" * 100)
+    with pytest.raises(NotACacheError, match="not a SQLite database"):
+        PipelineCache.open(path)
+    assert path.read_bytes() == b"my notes, not a cache\n" * 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_damaged_copies_do_not_pile_up(cache_path: Path) -> None:
+    cache_path.parent.mkdir(parents=True)
+    for round_ in range(KEEP_CORRUPT_COPIES + 3):
+        cache_path.write_bytes(b"\0" * 4096)
+        PipelineCache.open(cache_path).close()
+        assert len(aside(cache_path)) == min(round_ + 1, KEEP_CORRUPT_COPIES)
 
 
 def damage_btree_page(path: Path) -> None:
@@ -121,7 +142,7 @@ def fill_until_full(cache: PipelineCache, fingerprint: DeviceFingerprint) -> lis
 
 def test_a_full_disk_evicts_and_retries(cache_path: Path, fingerprint: DeviceFingerprint) -> None:
     with PipelineCache.open(cache_path, max_bytes=None) as cache:
-        cache._connection().pragma("max_page_count", 200)  # about 3 MiB
+        connection_of(cache).pragma("max_page_count", 200)  # about 3 MiB
         written = []
         for _ in range(400):
             digest = os.urandom(32)
@@ -129,7 +150,7 @@ def test_a_full_disk_evicts_and_retries(cache_path: Path, fingerprint: DeviceFin
             written.append(digest)
         assert cache.stats().evictions > 0
         assert cache.read(written[-1], fingerprint) is not None
-        assert cache._connection().execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert connection_of(cache).execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 def test_a_blob_that_cannot_fit_raises_cache_full_and_the_cache_stays_usable(
@@ -138,10 +159,10 @@ def test_a_blob_that_cannot_fit_raises_cache_full_and_the_cache_stays_usable(
     digest = os.urandom(32)
     with PipelineCache.open(cache_path, max_bytes=None) as cache:
         cache.write(digest, fingerprint, b"kept")
-        cache._connection().pragma("max_page_count", 40)
+        connection_of(cache).pragma("max_page_count", 40)
         with pytest.raises(CacheFullError, match="disk is full"):
             cache.write(os.urandom(32), fingerprint, os.urandom(2_000_000))
-        assert cache._connection().execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert connection_of(cache).execute("PRAGMA integrity_check").fetchone() == ("ok",)
         cache.write(os.urandom(32), fingerprint, b"small still fits")
     with PipelineCache.open(cache_path) as cache:
         assert cache.stats().entries >= 1

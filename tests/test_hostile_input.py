@@ -25,11 +25,14 @@ from vyre_sqlcache import (
     PipelineCache,
     PipelineCacheKey,
     SchemaTooNewError,
-    checksums,
 )
+from vyre_sqlcache import (
+    _checksums as checksums,
+)
+from vyre_sqlcache._schema import latest_version
 from vyre_sqlcache.keys import entry_id
-from vyre_sqlcache.schema import latest_version
 
+from .helpers import connection_of
 from .vfs import dump
 
 FP = DeviceFingerprint.from_parts(0x10DE, 0x2684, "hostile")
@@ -335,7 +338,7 @@ def evil_calls() -> Iterator[list[object]]:
 
 def test_connections_are_defensive_and_distrust_the_schema(tmp_path: Path) -> None:
     with PipelineCache.open(tmp_path / "cache.sqlite3") as cache:
-        connection = cache._connection()
+        connection = connection_of(cache)
         assert connection.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, -1) == 1
         assert connection.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, -1) == 0
         with pytest.raises(apsw.Error):  # defensive: the schema cannot be rewritten

@@ -10,8 +10,8 @@ import apsw
 import pytest
 
 from vyre_sqlcache import DeviceFingerprint, NotACacheError, PipelineCache, SchemaTooNewError
-from vyre_sqlcache.connection import PAGE_SIZE
-from vyre_sqlcache.schema import latest_version, migrations
+from vyre_sqlcache._connections import PAGE_SIZE
+from vyre_sqlcache._schema import latest_version, migrations
 
 
 def test_migrations_are_numbered_sql_files() -> None:

@@ -26,6 +26,8 @@ from vyre_sqlcache import (
 )
 from vyre_sqlcache.keys import entry_id
 
+from .helpers import connection_of
+
 KeyFactory = Callable[..., PipelineCacheKey]
 
 
@@ -242,11 +244,11 @@ def test_invalidate_is_one_delete_statement(
     def trace(sql: str) -> None:
         statements.append(sql)
 
-    cache._connection().trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: trace(event["sql"]))
+    connection_of(cache).trace_v2(apsw.SQLITE_TRACE_STMT, lambda event: trace(event["sql"]))
     try:
         cache.invalidate_impacted([1] * 200, digests, fingerprint)
     finally:
-        cache._connection().trace_v2(0, None)
+        connection_of(cache).trace_v2(0, None)
     deletes = [s for s in statements if s.lstrip().upper().startswith("DELETE FROM ENTRIES")]
     assert len(deletes) == 1
     assert len(cache) == 0
@@ -355,7 +357,7 @@ def test_row_id_collision_is_a_miss_not_a_wipe(
     owner_key = fingerprint.cache_key(digest)
     # Another key whose first 8 bytes (the row id) are the same.
     colliding = owner_key[:8] + bytes(24)
-    assert cache._load(colliding) is None
+    assert cache.get_entry(colliding) is None
     assert cache.read(digest, fingerprint) == b"owner"
 
 

@@ -19,7 +19,7 @@ import apsw
 import pytest
 
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
-from vyre_sqlcache.schema import latest_version, migrations
+from vyre_sqlcache._schema import latest_version, migrations
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SQLITE3_SHELL = shutil.which("sqlite3")

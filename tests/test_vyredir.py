@@ -10,8 +10,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from vyre_sqlcache import DeviceFingerprint, PipelineCache, PipelineCacheKey
-from vyre_sqlcache.entry import MAX_BLOB_BYTES
+from vyre_sqlcache import MAX_BLOB_BYTES, DeviceFingerprint, PipelineCache, PipelineCacheKey
 from vyre_sqlcache.errors import CacheError
 from vyre_sqlcache.inspection import read_only
 from vyre_sqlcache.vyredir import (

@@ -6,6 +6,8 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 
 from __future__ import annotations
 
+from ._schema import latest_version as _latest_version
+from .cache import MAX_BLOB_BYTES, CacheStats, PipelineCache
 from .errors import (
     BlobTooLargeError,
     CacheBusyError,
@@ -17,13 +19,16 @@ from .errors import (
     SchemaTooNewError,
 )
 from .keys import CURRENT_KEY_VERSION, DeviceFingerprint, FeatureFlags, PipelineCacheKey
-from .store import MAX_BLOB_BYTES, CacheStats, PipelineCache
 
 __version__ = "0.1.0"
+
+#: The schema version this library writes (`PRAGMA user_version` of its files).
+SCHEMA_VERSION: int = _latest_version()
 
 __all__ = [
     "CURRENT_KEY_VERSION",
     "MAX_BLOB_BYTES",
+    "SCHEMA_VERSION",
     "BlobTooLargeError",
     "CacheBusyError",
     "CacheError",

@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 import apsw
 
 from . import demo, inspection, vyredir
+from ._checks import MAX_BLOB_BYTES
+from ._connections import connect
+from ._schema import schema_version
+from .cache import PipelineCache
 from .config import Settings, parse_size
-from .connection import connect
-from .entry import MAX_BLOB_BYTES
 from .errors import CacheError
 from .keys import U32_MAX, DeviceFingerprint, FeatureFlags, coerce_digest
-from .schema import schema_version
-from .store import PipelineCache
 
 __all__ = ["main"]
 

@@ -6,8 +6,8 @@ import random
 import time
 from pathlib import Path
 
+from .cache import PipelineCache
 from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey
-from .store import PipelineCache
 
 __all__ = ["DEMO_BACKEND", "run"]
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 import apsw
 
-from .connection import BUSY_TIMEOUT_MS, translate
+from ._connections import BUSY_TIMEOUT_MS, translate
+from .cache import PipelineCache
 from .errors import CacheError
 from .keys import entry_id
-from .store import PipelineCache
 
 __all__ = [
     "SORTS",

@@ -18,11 +18,11 @@ from typing import Any
 
 import apsw
 
-from . import checksums
-from .entry import MAX_BLOB_BYTES
+from . import _checksums as checksums
+from ._checks import MAX_BLOB_BYTES
+from .cache import PipelineCache
 from .errors import BlobTooLargeError, CacheError
 from .keys import entry_id
-from .store import PipelineCache
 
 __all__ = [
     "ExportReport",

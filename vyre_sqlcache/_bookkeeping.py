@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import apsw
 
+from . import _rows
+
 __all__ = ["TOUCH_INTERVAL_S", "Bookkeeping", "Counts"]
 
 #: Access times and hit counts are written from reads at most this often.
 TOUCH_INTERVAL_S = 5.0
-
-BUMP_META = "UPDATE meta SET value = value + ? WHERE name = ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +40,6 @@ class Bookkeeping:
         self._unwritten_misses = 0
         self._hits = self._misses = self._evictions = self._checksum_failures = 0
         self._next_write = time.monotonic() + TOUCH_INTERVAL_S
-
-    def reset_lock(self) -> None:
-        """A fresh lock for a forked child (another thread may have held the old one)."""
-        self._lock = threading.Lock()
 
     def hit(self, rowid: int) -> bool:
         """Count a hit on `rowid`; return whether buffered bookkeeping is due to be written."""
@@ -88,11 +84,7 @@ class Bookkeeping:
         if not touched and not misses:
             return
         try:
-            connection.executemany(
-                "UPDATE entries SET accessed_ms = ?, hits = hits + ? WHERE id = ?",
-                [(now_ms, hits, rowid) for rowid, hits in touched.items()],
-            )
-            connection.executemany(BUMP_META, [(sum(touched.values()), "hits"), (misses, "misses")])
+            _rows.write_access(connection, touched, misses, now_ms)
         except BaseException:
             with self._lock:
                 for rowid, hits in touched.items():

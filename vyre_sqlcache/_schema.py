@@ -9,16 +9,13 @@ from pathlib import Path
 
 import apsw
 
-from .connection import PAGE_SIZE, immediate
+from ._connections import PAGE_SIZE, transaction
 from .errors import CacheError, CorruptCacheError, NotACacheError, SchemaTooNewError
 
 __all__ = ["Migration", "latest_version", "migrations", "prepare", "schema_version"]
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-_HERE = Path(__file__).resolve().parent
-# Installed wheels carry the files inside the package; a source checkout has
-# them at the top level, beside the package.
-_SEARCH = (_HERE / "migrations", _HERE.parent / "migrations")
+_FOLDER = Path(__file__).resolve().parent / "migrations"
 
 
 @dataclass(frozen=True)
@@ -36,11 +33,10 @@ def migrations() -> tuple[Migration, ...]:
 
     Raises RuntimeError if the files are missing or misnumbered (a broken install).
     """
-    folder = next((d for d in _SEARCH if d.is_dir()), None)
-    if folder is None:
+    folder = _FOLDER
+    if not folder.is_dir():
         raise RuntimeError(
-            f"vyre-sqlcache cannot find its migrations (looked in {', '.join(map(str, _SEARCH))}); "
-            "reinstall the package"
+            f"vyre-sqlcache cannot find its migrations in {folder}; reinstall the package"
         )
     found = []
     for path in sorted(folder.glob("*.sql")):
@@ -163,11 +159,8 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     database that is not a cache, CacheError for a read-only cache that needs a migration.
     """
     # One read transaction, so that both looks see the same moment of the file.
-    connection.execute("BEGIN")
-    try:
+    with transaction(connection, "DEFERRED"):
         version = _checked_version(connection, where)
-    finally:
-        connection.execute("COMMIT")
     if readonly:
         if version < latest_version():
             raise CacheError(
@@ -180,7 +173,7 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     connection.pragma("journal_mode", "wal")
     if version == latest_version():
         return version
-    with immediate(connection):
+    with transaction(connection):
         # Another process may have migrated between our look and our lock.
         version = _checked_version(connection, where)
         for migration in migrations()[version:]:

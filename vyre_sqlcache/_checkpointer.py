@@ -31,20 +31,20 @@ WAL_CHECKPOINT_PAGES = 1024
 class Checkpointer:
     """Wakes a daemon thread to checkpoint when the write-ahead log has grown."""
 
-    def __init__(self, open_connection: Callable[[], apsw.Connection]) -> None:
-        self._open_connection = open_connection
+    def __init__(self, checkpoint: Callable[[], None]) -> None:
+        """`checkpoint` runs one PASSIVE checkpoint, raising apsw or cache errors."""
+        self._checkpoint = checkpoint
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self.checkpoints = 0
 
     def wal_hook(self, connection: apsw.Connection, database: str, pages: int) -> int:
         """SQLite's WAL hook, after every commit: wake the thread past the threshold."""
         if pages > WAL_CHECKPOINT_PAGES:
             try:
                 self.wake()
-            except Exception as error:
+            except BaseException as error:
                 # An error returned here would fail a statement whose commit has
                 # already happened; close() checkpoints anyway.
                 log.debug("vyre-sqlcache: could not wake the checkpoint thread: %s", error)
@@ -63,7 +63,7 @@ class Checkpointer:
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread (it finishes a checkpoint under way) and close its connection."""
+        """Stop the thread; it finishes a checkpoint under way."""
         with self._lock:
             self._stopped = True
             thread = self._thread
@@ -72,24 +72,17 @@ class Checkpointer:
             thread.join(timeout)
 
     def _run(self) -> None:
-        connection: apsw.Connection | None = None
         try:
             while True:
                 self._wake.wait()
                 self._wake.clear()
                 if self._stopped:
                     return
-                if connection is None:
-                    connection = self._open_connection()
                 try:
-                    connection.pragma("wal_checkpoint", "PASSIVE")
-                    self.checkpoints += 1
-                except apsw.Error as error:
+                    self._checkpoint()
+                except Exception as error:
                     # Best effort: the next commit past the threshold tries again, and
                     # close() checkpoints too.
                     log.debug("vyre-sqlcache: background checkpoint failed: %s", error)
-        except Exception as error:
+        except BaseException as error:
             log.warning("vyre-sqlcache: the checkpoint thread stopped: %s", error)
-        finally:
-            if connection is not None:
-                connection.close()

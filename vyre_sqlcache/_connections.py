@@ -1,0 +1,500 @@
+"""Connections: the one `connect()`, transactions, error translation, and the per-thread pool.
+
+Every connection the package opens comes from `connect()`. A `ConnectionPool`
+gives each thread its own connections to one cache file and owns their
+lifecycle: they are reclaimed when their thread ends (threads made by C or Rust
+thread pools included), and closed before the process forks and on `close()`,
+once the calls under way in other threads have finished.
+
+Why close before fork: SQLite keeps one lock state per file per process. A
+child that inherited open connections inherits that state without the kernel
+locks behind it, so either side can then believe it is alone on the file, and a
+last close deletes the write-ahead log the other still uses. With no connection
+open at the instant of fork, the child inherits nothing of SQLite's, and both
+sides reopen lazily on their next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import apsw
+import apsw.bestpractice
+
+from .errors import (
+    CacheBusyError,
+    CacheError,
+    CacheFullError,
+    CorruptCacheError,
+    ReadOnlyCacheError,
+)
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "MMAP_BYTES",
+    "PAGE_SIZE",
+    "ConnectionPool",
+    "Slot",
+    "connect",
+    "retry_busy",
+    "transaction",
+    "translate",
+]
+
+log = logging.getLogger("vyre_sqlcache")
+
+T = TypeVar("T")
+
+#: Page size of new cache files: 16 KiB keeps a 4 KiB blob inside its b-tree
+#: leaf (one page read a lookup) while wasting at most one page on larger blobs.
+PAGE_SIZE = 16384
+#: Memory-mapped reads avoid a copy through SQLite's page cache.
+MMAP_BYTES = 1 << 30
+#: How long a writer waits for another process's write lock before giving up.
+BUSY_TIMEOUT_MS = 10_000
+#: How long fork() and close() wait for other threads' calls to finish.
+QUIESCE_TIMEOUT_S = 20.0
+
+
+def connect(
+    path: Path,
+    *,
+    readonly: bool = False,
+    query_only: bool = False,
+    immutable: bool = False,
+    mmap: bool = True,
+    vfs: str | None = None,
+    busy: Callable[[int], bool] | None = None,
+) -> apsw.Connection:
+    """Open `path` (through the named SQLite VFS, if any) with the settings every cache uses.
+
+    `readonly` opens the file without write access; `query_only` refuses every change
+    made through a writable connection. `immutable` is for read-only media with no
+    write-ahead log to read: SQLite then needs no -shm file and takes no locks.
+    `mmap=False` reads through SQLite's page cache instead of a memory map. `busy`
+    replaces the busy timeout (it gets the number of earlier calls and returns
+    whether to try again). Raises apsw errors as they come; callers `translate` them.
+    """
+    flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+    if not readonly:
+        flags |= apsw.SQLITE_OPEN_CREATE
+    name = str(path)
+    if immutable:
+        name = Path(path).as_uri() + "?immutable=1"
+        flags |= apsw.SQLITE_OPEN_URI
+    # The path is resolved by the caller; NOFOLLOW then refuses a link swapped in since.
+    connection = apsw.Connection(name, flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=vfs)
+    try:
+        # bestpractice, one piece at a time: apply() would install global hooks
+        # on every apsw connection of the host application.
+        if busy is None:
+            connection.set_busy_timeout(BUSY_TIMEOUT_MS)
+        else:
+            connection.set_busy_handler(busy)
+        apsw.bestpractice.connection_dqs(connection)
+        apsw.bestpractice.connection_recursive_triggers(connection)
+        # A cache file may come from anyone: never run code stored in its schema,
+        # and refuse writes that could corrupt it deliberately.
+        connection.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 1)
+        connection.config(apsw.SQLITE_DBCONFIG_TRUSTED_SCHEMA, 0)
+        connection.pragma("mmap_size", MMAP_BYTES if mmap else 0)
+        if query_only:
+            connection.pragma("query_only", True)
+        if not readonly:
+            # Commits survive a process crash; flush() adds a synced commit for power loss.
+            connection.pragma("synchronous", "NORMAL")
+            # Checkpoints run in a background thread (_checkpointer.py), not inside commits.
+            connection.pragma("wal_autocheckpoint", 0)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def retry_busy(operation: Callable[[], T], timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> T:
+    """Run `operation`, retrying with growing sleeps while SQLite answers busy.
+
+    SQLite returns SQLITE_BUSY without waiting where waiting could deadlock (a change
+    of journal mode while another process creates the same file, say); this waits
+    those out too, up to `timeout_s`, then lets apsw.BusyError through.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            return operation()
+        except apsw.BusyError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.1)
+
+
+def end_transaction(connection: apsw.Connection) -> None:
+    """Roll back whatever transaction the connection has open; never raises apsw errors."""
+    if not connection.get_autocommit():
+        with suppress(apsw.Error):
+            connection.execute("ROLLBACK")
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, in the main thread.
+
+    A KeyboardInterrupt between BEGIN and the end of a transaction would leave the
+    write lock held for every process until this one exits. The signal is kept and
+    delivered to the application's own handler as soon as the block has ended.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None or previous in (signal.SIG_IGN, signal.SIG_DFL):
+        yield
+        return
+    held: list[tuple[int, FrameType | None]] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append((signum, frame))
+
+    try:
+        signal.signal(signal.SIGINT, hold)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(*held[0])
+
+
+@contextmanager
+def transaction(connection: apsw.Connection, kind: str = "IMMEDIATE") -> Iterator[None]:
+    """Run the block in a `BEGIN <kind>` transaction: commit on success, roll back otherwise.
+
+    BEGIN sits inside the `try`, and Ctrl-C is held for the transaction, so no path
+    leaves a transaction (and its lock) open behind an exception.
+    """
+    with _interrupts_held():
+        try:
+            connection.execute(f"BEGIN {kind}")
+            yield
+            connection.execute("COMMIT")
+        finally:
+            # A failed COMMIT (a sync error, say) can leave the transaction open; the
+            # original error is the one to report.
+            end_transaction(connection)
+
+
+_TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
+    (
+        apsw.BusyError,
+        CacheBusyError,
+        "another process held the write lock too long; retry later",
+    ),
+    (
+        apsw.FullError,
+        CacheFullError,
+        "the disk is full; free space or lower the cache's size cap",
+    ),
+    (
+        apsw.ReadOnlyError,
+        ReadOnlyCacheError,
+        "the file or its folder cannot be written; open with readonly=True or fix its permissions",
+    ),
+    (
+        apsw.CorruptError,
+        CorruptCacheError,
+        "the file is damaged; run 'vyre-sqlcache check --repair' to rebuild it, or delete it "
+        "(it is only a cache)",
+    ),
+    (
+        apsw.NotADBError,
+        CorruptCacheError,
+        "the file is not a SQLite database; delete it or choose another path",
+    ),
+)
+
+
+def translate(error: apsw.Error, what: str, path: Path) -> CacheError:
+    """The `CacheError` subclass, with advice, that stands for an apsw error."""
+    for apsw_type, cache_type, advice in _TRANSLATIONS:
+        if isinstance(error, apsw_type):
+            return cache_type(f"{what} failed on {path}: {error}; {advice}")
+    return CacheError(f"{what} failed on {path}: {error}")
+
+
+class Slot:
+    """One thread's connections to a cache file: the main one, its reusable cursor, and
+    one without memory mapping for large blobs. `busy` is set while a call runs."""
+
+    __slots__ = ("__weakref__", "busy", "cursor", "large", "main")
+
+    def __init__(self) -> None:
+        self.main: apsw.Connection | None = None
+        self.cursor: apsw.Cursor | None = None
+        self.large: apsw.Connection | None = None
+        self.busy = False
+
+    def connections(self) -> list[apsw.Connection]:
+        return [c for c in (self.main, self.large) if c is not None]
+
+    def drop(self) -> None:
+        """Close and forget this slot's connections."""
+        for connection in self.connections():
+            with suppress(apsw.Error):
+                connection.close()
+        self.main = self.cursor = self.large = None
+
+
+_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+
+
+class ConnectionPool:
+    """Per-thread connections to one file, opened on first use by `opener(mmap)`.
+
+    A call runs between `enter()` and `leave()`. `quiesce()` stops new calls, waits
+    for those of other threads and closes every connection; it runs before every
+    fork (both sides then reopen on their next call) and in `close()`.
+    """
+
+    def __init__(self, opener: Callable[[bool], apsw.Connection], path: Path) -> None:
+        self._opener = opener
+        self._path = path
+        self._local = threading.local()
+        self._slots: list[weakref.ref[Slot]] = []
+        self._held: dict[int, list[apsw.Connection]] = {}  # id(slot) -> its connections
+        self._lock = threading.Lock()
+        self._resume = threading.Condition(self._lock)
+        self._paused = False
+        self.closed = False
+        _pools.add(self)
+
+    # -- calls ---------------------------------------------------------------------
+
+    def enter(self) -> Slot:
+        """This thread's slot, marked busy; raises CacheError once the pool is closed."""
+        slot: Slot | None = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = Slot()
+            with self._lock:
+                self._slots.append(weakref.ref(slot))
+        slot.busy = True
+        if self._paused or self.closed:
+            slot.busy = False
+            self._wait_for_resume()
+            slot.busy = True
+        main = slot.main
+        if main is not None and not main.get_autocommit():
+            # An exception delivered asynchronously (Ctrl-C in a signal handler's
+            # code, say) ended an earlier call of this thread inside a transaction.
+            end_transaction(main)
+        return slot
+
+    @staticmethod
+    def leave(slot: Slot) -> None:
+        """End a call begun by `enter()`."""
+        slot.busy = False
+
+    def _wait_for_resume(self) -> None:
+        with self._resume:
+            while self._paused and not self.closed:
+                self._resume.wait()
+        if self.closed:
+            raise CacheError(f"the cache {self._path} is closed; open it again to use it")
+
+    def main(self, slot: Slot) -> apsw.Connection:
+        """The slot's main connection, opened on first use."""
+        if slot.main is None:
+            slot.main = self._open(slot, mmap=True)
+            slot.cursor = slot.main.cursor()
+        return slot.main
+
+    def cursor(self, slot: Slot) -> apsw.Cursor:
+        """The slot's reusable cursor on its main connection (saves making one a read)."""
+        if slot.cursor is None:
+            self.main(slot)
+        assert slot.cursor is not None
+        return slot.cursor
+
+    def large(self, slot: Slot) -> apsw.Connection:
+        """The slot's connection without memory mapping, for large blobs."""
+        if slot.large is None:
+            slot.large = self._open(slot, mmap=False)
+        return slot.large
+
+    def adopt(self, slot: Slot, connection: apsw.Connection) -> None:
+        """Make `connection` (already checked by the caller) the slot's main connection."""
+        slot.main = connection
+        slot.cursor = connection.cursor()
+        self._keep(slot, connection)
+
+    def _open(self, slot: Slot, *, mmap: bool) -> apsw.Connection:
+        connection = self._opener(mmap)
+        self._keep(slot, connection)
+        return connection
+
+    def _keep(self, slot: Slot, connection: apsw.Connection) -> None:
+        with self._lock:
+            self._reclaim_locked()
+            self._held.setdefault(id(slot), []).append(connection)
+
+    def _reclaim_locked(self) -> None:
+        """Close the connections of threads that have ended (their thread-local slot is
+        gone), so short-lived threads, ours or a C thread pool's, leave no open files."""
+        alive = []
+        live_ids = set()
+        for ref in self._slots:
+            slot = ref()
+            if slot is not None:
+                alive.append(ref)
+                live_ids.add(id(slot))
+        self._slots = alive
+        for key in [k for k in self._held if k not in live_ids]:
+            for connection in self._held.pop(key):
+                with suppress(apsw.Error):
+                    connection.close()
+
+    def open_connections(self) -> int:
+        """How many connections the pool holds now (threads that ended are reclaimed first)."""
+        with self._lock:
+            self._reclaim_locked()
+            return sum(len(held) for held in self._held.values())
+
+    # -- quiescing: fork and close ---------------------------------------------------
+
+    def quiesce(self, timeout: float = QUIESCE_TIMEOUT_S) -> bool:
+        """Pause new calls, wait for other threads' calls to end, close every connection.
+
+        Returns False (closing nothing) if another thread's call did not end in time.
+        """
+        with self._lock:
+            self._paused = True
+        me = getattr(self._local, "slot", None)
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        while True:
+            with self._lock:
+                slots = [s for s in (ref() for ref in self._slots) if s is not None]
+            if not any(s.busy for s in slots if s is not me):
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        with self._lock:
+            for slot in slots:
+                slot.main = slot.cursor = slot.large = None
+            held, self._held = self._held, {}
+        for connections in held.values():
+            for connection in connections:
+                with suppress(apsw.Error):
+                    connection.close()
+        return True
+
+    def resume(self) -> None:
+        """Let calls run again after `quiesce()`."""
+        with self._resume:
+            self._paused = False
+            self._resume.notify_all()
+
+    def close(self) -> None:
+        """Refuse new calls, let other threads' calls end, close every connection; idempotent."""
+        with self._resume:
+            self.closed = True
+            self._resume.notify_all()
+        if not self.quiesce():
+            log.warning(
+                "vyre-sqlcache: %s closed while another thread's call was still running; "
+                "its connections close when that thread ends",
+                self._path,
+            )
+
+    def should_wait(self) -> bool:
+        """Whether a call waiting for another process's lock should go on waiting."""
+        return not self.closed
+
+    # -- fork ----------------------------------------------------------------------
+
+    def _before_fork(self) -> None:
+        self._forked_clean = self.closed or self.quiesce()
+        if not self._forked_clean:
+            log.warning(
+                "vyre-sqlcache: forking while another thread's call on %s has run for over "
+                "%.0f s; the child cannot use this cache",
+                self._path,
+                QUIESCE_TIMEOUT_S,
+            )
+
+    def _after_fork_in_parent(self) -> None:
+        self.resume()
+
+    def _after_fork_in_child(self) -> None:
+        # Threads other than this one are gone: their locks and slots with them.
+        self._lock = threading.Lock()
+        self._resume = threading.Condition(self._lock)
+        me = getattr(self._local, "slot", None)
+        self._slots = [] if me is None else [weakref.ref(me)]
+        if self._forked_clean:
+            self._held = {}
+            self._paused = False
+        else:
+            # The parent's connections stay open and unused here (closing them could
+            # delete the parent's write-ahead log); this child may not use the file.
+            self._held = {}
+            self.closed = True
+
+    _forked_clean = True
+
+
+def _before_fork() -> None:
+    for pool in list(_pools):
+        pool._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for pool in list(_pools):
+        pool._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
+def busy_waiter(pool: ConnectionPool, timeout_ms: int = BUSY_TIMEOUT_MS) -> Callable[[int], bool]:
+    """A busy handler that waits up to `timeout_ms` for another process's lock, and gives
+    up at once when the pool closes (so close() never waits out someone else's lock)."""
+    state: dict[str, Any] = {}
+
+    def waiting(prior_calls: int) -> bool:
+        now = time.monotonic()
+        if prior_calls == 0:
+            state["deadline"] = now + timeout_ms / 1000
+        if not pool.should_wait() or now >= state.get("deadline", now):
+            return False
+        time.sleep(min(0.001 * (1 << min(prior_calls, 5)), 0.025))
+        return True
+
+    return waiting

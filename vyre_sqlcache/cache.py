@@ -1,0 +1,787 @@
+"""`PipelineCache`: compiled pipeline blobs in one WAL-mode SQLite file.
+
+This module orchestrates: it checks arguments (`_checks`), finds and heals the
+file (`_cachefile`), borrows this thread's connection (`_connections`), runs the
+statements (`_rows`) in transactions, and counts (`_bookkeeping`). It holds no
+SQL of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import apsw
+import platformdirs
+
+from . import _rows
+from ._bookkeeping import Bookkeeping
+from ._cachefile import (
+    CacheFile,
+    has_side_files,
+    header_damage,
+    is_not_sqlite,
+    looks_like_damaged_pages,
+    move_aside,
+    needs_check_marker,
+)
+from ._checkpointer import Checkpointer
+from ._checks import (
+    MAX_BLOB_BYTES,
+    check_blob,
+    check_created_ms,
+    check_fingerprint,
+    check_key,
+    check_max_bytes,
+)
+from ._connections import (
+    BUSY_TIMEOUT_MS,
+    ConnectionPool,
+    Slot,
+    busy_waiter,
+    connect,
+    retry_busy,
+    transaction,
+    translate,
+)
+from ._rows import NewEntry
+from ._schema import prepare
+from .config import DEFAULT_MAX_BYTES, ENV_MAX_SIZE, Settings
+from .errors import (
+    BlobTooLargeError,
+    CacheError,
+    CacheFullError,
+    CorruptCacheError,
+    NotACacheError,
+    ReadOnlyCacheError,
+)
+from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
+
+__all__ = ["MAX_BLOB_BYTES", "CacheStats", "PipelineCache"]
+
+log = logging.getLogger("vyre_sqlcache")
+
+_UNSET: Final[Any] = object()
+T = TypeVar("T")
+
+#: The file's size cap is kept in `meta` under this name (0: no cap).
+_CAP_SETTING = "max_bytes"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A cache's size and counters; `total_*` are kept in the file across processes."""
+
+    path: Path
+    entries: int
+    blob_bytes: int
+    file_bytes: int
+    max_bytes: int | None
+    hits: int
+    misses: int
+    evictions: int
+    checksum_failures: int
+    total_hits: int
+    total_misses: int
+    total_evictions: int
+    total_checksum_failures: int
+    total_flushes: int
+
+
+class PipelineCache:
+    """A pipeline cache in one SQLite file, shared safely by threads and processes.
+
+    Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
+    Each thread gets its own SQLite connection, so readers in different threads run in
+    parallel (apsw releases the GIL inside SQLite) and a transaction is never shared.
+    """
+
+    def __init__(
+        self,
+        file: CacheFile,
+        *,
+        readonly: bool,
+        max_bytes: int | Any | None,
+        vfs: str | None,
+    ) -> None:
+        """Set up a cache object; use `PipelineCache.open` instead."""
+        self._file = file
+        self._path = file.path
+        self._readonly = readonly or not file.writable
+        # An explicit cap (argument or environment) wins for this object; otherwise the
+        # file's own, read in every write transaction.
+        self._cap_override: int | Any | None = max_bytes
+        self._cap: int | None = DEFAULT_MAX_BYTES if max_bytes is _UNSET else max_bytes
+        self._vfs = vfs
+        self._books = Bookkeeping()
+        self._lock = threading.Lock()  # guards _unflushed
+        self._unflushed = 0
+        self._checkpointer = Checkpointer(self._checkpoint_passive)
+        self._pool = ConnectionPool(self._connect, file.path)
+
+    # -- opening and closing -------------------------------------------------------
+
+    @staticmethod
+    def default_path() -> Path:
+        """The per-user cache file: `<user cache dir>/vyre/pipelines.sqlite3`."""
+        return platformdirs.user_cache_path("vyre", appauthor=False) / "pipelines.sqlite3"
+
+    @classmethod
+    def resolve_path(cls, path: str | Path | None, settings: Settings | None = None) -> Path:
+        """The file `open(path)` uses: `path`, else `$VYRE_SQLCACHE_PATH`, else the default
+        (`~` expanded; symbolic links are resolved when the file is opened)."""
+        if path is None:
+            settings = Settings.from_environment() if settings is None else settings
+            path = settings.path or cls.default_path()
+        return Path(path).expanduser()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path | None = None,
+        *,
+        max_bytes: int | None = _UNSET,
+        readonly: bool = False,
+        strict: bool = False,
+        verify: bool = False,
+        vfs: str | None = None,
+    ) -> PipelineCache:
+        """Open (creating if needed) the cache at `path`.
+
+        `path=None` means `$VYRE_SQLCACHE_PATH`, else `default_path()`. `max_bytes` caps the
+        blob bytes and is kept in the file for every process (default: `$VYRE_SQLCACHE_MAX_SIZE`
+        for this process only, else the file's cap, else 1 GiB; None: no cap). A file that
+        cannot be written opens read-only; `readonly=True` never changes the file. A damaged
+        cache (failing `quick_check` when `verify=True` or after damage was met in use) is
+        moved aside and replaced; `strict=True` raises CorruptCacheError instead.
+        `VYRE_SQLCACHE_DISABLE=1` gives a cache that stores nothing. `vfs` names a SQLite VFS.
+
+        Raises SchemaTooNewError (file from a newer library), NotACacheError (another
+        program's file or database, a FIFO or device), CorruptCacheError (with strict),
+        ValueError/TypeError (malformed environment variable or argument), CacheError
+        (cannot open: a folder, a file with several hard links, no permission).
+        """
+        settings = Settings.from_environment()
+        if max_bytes is _UNSET:
+            if settings.max_bytes is not None:
+                max_bytes = check_max_bytes(settings.max_bytes, ENV_MAX_SIZE)
+        else:
+            max_bytes = check_max_bytes(max_bytes)
+        resolved = cls.resolve_path(path, settings)
+        if settings.disabled:
+            from ._disabled import DisabledCache
+
+            return DisabledCache(CacheFile(resolved, writable=False, immutable=False), max_bytes)
+        file = CacheFile.locate(resolved, create=not readonly)
+        if not file.writable and not readonly:
+            log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
+        cache = cls(file, readonly=readonly, max_bytes=max_bytes, vfs=vfs)
+        try:
+            cache._check_file_bytes(own=path is None)
+            cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
+        except CorruptCacheError as error:
+            if strict or cache._readonly:
+                raise
+            move_aside(file.path, f"is damaged ({error})")
+            cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
+        return cache
+
+    def _check_file_bytes(self, *, own: bool) -> None:
+        """Look at the file's first bytes before SQLite does (SQLite would remove the -wal of
+        a file it cannot read). Raise CorruptCacheError for a damaged cache, NotACacheError
+        for anything else that is not a SQLite database.
+
+        Bytes that are not SQLite's are a damaged cache only where nothing else can be: at
+        the library's own path (`own`: none was given), beside a -wal or -shm (which only
+        SQLite makes), or in a file that looks like damaged pages (see
+        `looks_like_damaged_pages`); a document at a path the caller chose is never moved.
+        """
+        path = self._path
+        if is_not_sqlite(path):
+            if own or has_side_files(path) or looks_like_damaged_pages(path):
+                raise CorruptCacheError(f"{path} is not a SQLite database")
+            raise NotACacheError(
+                f"{path} is not a SQLite database, so not a vyre-sqlcache cache; choose "
+                "another path, or delete the file if it is a damaged cache (it was not "
+                "modified)"
+            )
+        damage = header_damage(path)
+        if damage is not None:
+            raise CorruptCacheError(f"{path} has a damaged header: {damage}")
+
+    def _connect(self, mmap: bool) -> apsw.Connection:
+        """A new connection with this cache's settings; raises CacheError types."""
+        try:
+            connection = connect(
+                self._path,
+                readonly=not self._file.writable,
+                query_only=self._readonly,
+                immutable=self._file.immutable,
+                mmap=mmap,
+                vfs=self._vfs,
+                busy=busy_waiter(self._pool),
+            )
+        except apsw.Error as error:
+            raise translate(error, "opening a connection", self._path) from error
+        if not self._readonly:
+            connection.set_wal_hook(self._checkpointer.wal_hook)
+        return connection
+
+    def _first_connection(self, *, verify: bool, store_cap: bool) -> None:
+        """Open this thread's connection, check and migrate the file, settle the cap."""
+        where = str(self._path)
+        marker = needs_check_marker(self._path)
+        connection = self._connect(True)
+        try:
+            retry_busy(lambda: prepare(connection, where, readonly=self._readonly))
+            # A reader cannot repair what quick_check would find, nor remove the marker:
+            # it reads on, and every entry is still checksummed.
+            if verify or (marker.exists() and not self._readonly):
+                problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise CorruptCacheError(
+                        f"{where} fails quick_check: {'; '.join(map(str, problems[:3]))}"
+                    )
+                with suppress(OSError):
+                    marker.unlink(missing_ok=True)
+            if store_cap and not self._readonly:
+                with transaction(connection):
+                    _rows.store_setting(connection, _CAP_SETTING, self._cap or 0)
+            self._settle_cap(connection)
+        except apsw.Error as error:
+            connection.close()
+            raise translate(error, "opening the cache", self._path) from error
+        except BaseException:
+            connection.close()
+            raise
+        slot = self._pool.enter()
+        try:
+            self._pool.adopt(slot, connection)
+        finally:
+            self._pool.leave(slot)
+
+    def _settle_cap(self, connection: apsw.Connection) -> None:
+        """Take the file's cap unless this object was given one."""
+        if self._cap_override is _UNSET:
+            stored = _rows.setting(connection, _CAP_SETTING)
+            if stored is not None:
+                self._cap = stored or None
+
+    def close(self) -> None:
+        """Write pending bookkeeping, checkpoint into the main file and close; idempotent.
+
+        Never waits for another process: bookkeeping that cannot be written at once is
+        dropped, and the checkpoint is skipped while another process holds the file.
+        Other threads' calls under way finish first; later calls raise CacheError.
+        """
+        if self._pool.closed:
+            return
+        try:
+            if not self._readonly:
+                self._checkpointer.stop()
+                with self._call() as slot:
+                    connection = self._pool.main(slot)
+                    self._write_bookkeeping(connection, wait=False)
+                    connection.set_busy_timeout(100)
+                    try:
+                        connection.pragma("wal_checkpoint", "TRUNCATE")
+                    except apsw.Error as error:
+                        log.info("vyre-sqlcache: checkpoint on close of %s: %s", self, error)
+        except CacheError as error:
+            log.warning("vyre-sqlcache: closing %s: %s", self._path, error)
+        finally:
+            self._pool.close()
+
+    def __enter__(self) -> PipelineCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PipelineCache({str(self._path)!r})"
+
+    @property
+    def path(self) -> Path:
+        """The cache file (absolute, symbolic links resolved)."""
+        return self._path
+
+    @property
+    def readonly(self) -> bool:
+        """Whether writes are refused (asked for, or the file cannot be written)."""
+        return self._readonly
+
+    @property
+    def disabled(self) -> bool:
+        """Whether the cache was disabled by `VYRE_SQLCACHE_DISABLE` (stores nothing)."""
+        return False
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The cap on blob bytes this object applies, or None for no cap."""
+        return self._cap
+
+    # -- the vyre API: entries by program digest -----------------------------------
+
+    def write(
+        self, program_digest: bytes | str, fingerprint: DeviceFingerprint, blob: bytes
+    ) -> None:
+        """Store `blob` for a program on a device, atomically (durable after `flush()`).
+
+        Raises BlobTooLargeError over 64 MiB or over the cap, TypeError/ValueError for bad
+        arguments, ReadOnlyCacheError on a read-only cache, CacheFullError when the disk is
+        full even after eviction; nothing is written when it raises.
+        """
+        self.write_many([(program_digest, blob)], fingerprint)
+
+    def write_many(
+        self, items: Iterable[tuple[bytes | str, bytes]], fingerprint: DeviceFingerprint
+    ) -> None:
+        """Store many `(program_digest, blob)` pairs in one transaction: all or none.
+
+        Raises as `write` does, before anything is written.
+        """
+        fp = check_fingerprint(fingerprint)
+        entries = []
+        for index, (program_digest, blob) in enumerate(items):
+            digest = coerce_digest(f"program_digest (item {index})", program_digest)
+            entries.append(NewEntry(fp.cache_key(digest), None, fp, digest, check_blob(blob)))
+        self._store(entries)
+
+    def read(self, program_digest: bytes | str, fingerprint: DeviceFingerprint) -> bytes | None:
+        """The blob stored for a program on a device, or None on a miss.
+
+        Raises TypeError/ValueError for bad arguments; a damaged entry is a miss.
+        """
+        return self._load(check_fingerprint(fingerprint).cache_key(program_digest))
+
+    def flush(self) -> None:
+        """Make every earlier write of this object durable (survives power loss).
+
+        Raises CacheError if the sync fails; the writes stay pending and the next
+        `flush()` retries them.
+        """
+        with self._lock:
+            flushing = self._unflushed
+        if flushing == 0:
+            return
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            try:
+                # One commit with synchronous=FULL syncs the write-ahead log, and with it
+                # every frame committed before: this object's and other processes'.
+                connection.pragma("synchronous", "FULL")
+                try:
+                    with transaction(connection):
+                        self._books.write(connection, _now_ms())
+                        _rows.bump(connection, "flushes", 1)
+                finally:
+                    connection.pragma("synchronous", "NORMAL")
+            except apsw.Error as error:
+                raise translate(error, "flushing", self._path) from error
+        with self._lock:
+            self._unflushed -= flushing
+
+    def invalidate_impacted(
+        self,
+        impact_mask: Sequence[int],
+        program_digests: Sequence[bytes | str],
+        fingerprint: DeviceFingerprint,
+    ) -> int:
+        """Delete this device's entries of every digest whose mask value is non-zero.
+
+        Reaches entries written with `write`, imported ones, and keyed entries given a
+        `program_digest`. Returns how many entries were deleted. Raises ValueError if the
+        two sequences differ in length, TypeError/ValueError for a bad mask value or digest.
+        """
+        fp = check_fingerprint(fingerprint)
+        if len(impact_mask) != len(program_digests):
+            raise ValueError(
+                f"impact_mask has {len(impact_mask)} values but program_digests has "
+                f"{len(program_digests)}; they must have the same length (one mask value "
+                "per digest)"
+            )
+        impacted: list[bytes] = []
+        for index, (mask, raw) in enumerate(zip(impact_mask, program_digests, strict=True)):
+            digest = coerce_digest(f"program_digests[{index}]", raw)
+            if check_u32(f"impact_mask[{index}]", mask):
+                impacted.append(digest)
+        if not impacted:
+            return 0
+        return self._change("invalidating entries", lambda c: _rows.invalidate(c, impacted, fp))
+
+    # -- the key API: entries by PipelineCacheKey -------------------------------------
+
+    def put(
+        self,
+        key: PipelineCacheKey,
+        fingerprint: DeviceFingerprint,
+        blob: bytes,
+        program_digest: bytes | str | None = None,
+    ) -> None:
+        """Store `blob` under `key` on a device, atomically (durable after `flush()`).
+
+        `program_digest` links the entry to its program for `invalidate_impacted`.
+        Raises as `write` does.
+        """
+        self.put_many([(key, blob, program_digest)], fingerprint)
+
+    def put_many(
+        self,
+        items: Iterable[tuple[PipelineCacheKey, bytes] | tuple[PipelineCacheKey, bytes, Any]],
+        fingerprint: DeviceFingerprint,
+    ) -> None:
+        """Store many `(key, blob[, program_digest])` items in one transaction: all or none.
+
+        Raises as `write` does, before anything is written.
+        """
+        fp = check_fingerprint(fingerprint)
+        entries = []
+        for index, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise TypeError(
+                    f"put_many items must be (key, blob) or (key, blob, program_digest) "
+                    f"tuples; item {index} is {type(item).__name__} {item!r:.80}"
+                )
+            key = check_key(item[0])
+            data = check_blob(item[1])
+            raw_digest = item[2] if len(item) > 2 else None
+            digest = None if raw_digest is None else coerce_digest("program_digest", raw_digest)
+            entries.append(NewEntry(key.entry_key(fp), key, fp, digest, data))
+        self._store(entries)
+
+    def get(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bytes | None:
+        """The blob stored under `key` on a device, or None on a miss.
+
+        Raises TypeError for bad arguments; a damaged entry is a miss.
+        """
+        return self._load(check_key(key).entry_key(check_fingerprint(fingerprint)))
+
+    def get_many(
+        self, keys: Iterable[PipelineCacheKey], fingerprint: DeviceFingerprint
+    ) -> list[bytes | None]:
+        """The blobs of many keys (None for each miss), read from one snapshot."""
+        fp = check_fingerprint(fingerprint)
+        return self._load_many([check_key(k).entry_key(fp) for k in keys])
+
+    def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
+        """Whether an entry is stored under `key` on a device (its bytes are not verified)."""
+        entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
+        return self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key
+
+    def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
+        """Delete the entry under `key` on a device; return whether there was one."""
+        entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
+        return self.delete_entries([entry_key]) > 0
+
+    # -- entries by bare entry key (inspection, vyre directory import and export) ----
+
+    def get_entry(self, entry_key: bytes | str) -> bytes | None:
+        """The verified blob of the entry with this 32-byte (or 64-hex) entry key, or None.
+
+        Raises TypeError/ValueError for a malformed key; a damaged entry is a miss.
+        """
+        return self._load(coerce_digest("entry_key", entry_key))
+
+    def put_entry(
+        self, entry_key: bytes | str, blob: bytes, *, created_ms: int | None = None
+    ) -> None:
+        """Store `blob` under a bare entry key, as a vyre directory cache knows it.
+
+        Such an entry has no key columns; `read` and `invalidate_impacted` still reach it,
+        since its key is vyre's `fingerprint.cache_key(program_digest)`. `created_ms`
+        (milliseconds since the epoch) also serves as its last access. Raises as `write`.
+        """
+        self.put_entries([(entry_key, blob, created_ms)])
+
+    def put_entries(self, items: Iterable[tuple[bytes | str, bytes, int | None]]) -> int:
+        """Store many `(entry_key, blob, created_ms)` entries in one transaction; return how
+        many of them are in the cache afterwards (the cap may have evicted some of them).
+
+        Raises as `write` does, before anything is written.
+        """
+        entries = [
+            NewEntry(
+                coerce_digest(f"entry_key (item {i})", key),
+                None,
+                None,
+                None,
+                check_blob(blob),
+                check_created_ms(created),
+            )
+            for i, (key, blob, created) in enumerate(items)
+        ]
+        self._store(entries)
+        keys = [e.entry_key for e in entries]
+        return sum(self._read("counting entries", lambda c: [_rows.owner(c, k) == k for k in keys]))
+
+    def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int:
+        """Delete the entries with these entry keys in one statement; return how many."""
+        keys = [coerce_digest(f"entry_keys[{i}]", k) for i, k in enumerate(entry_keys)]
+        if not keys:
+            return 0
+        return self._change("deleting entries", lambda c: _rows.delete_entries(c, keys))
+
+    def check_entry(self, entry_key: bytes | str) -> bool | None:
+        """Whether an entry's bytes match its checksum (None: no such entry); changes nothing."""
+        key = coerce_digest("entry_key", entry_key)
+        with self._call() as slot:
+            fetched = self._fetch(slot, key)
+        return None if fetched is None else _rows.verify(key, fetched)
+
+    # -- size and counters -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """The number of entries."""
+        return self.stats().entries
+
+    def stats(self) -> CacheStats:
+        """Sizes and counters: this object's hits, misses, evictions and checksum failures,
+        and the totals kept in the file (which include this object's unwritten ones)."""
+        counts = self._books.counts()
+        totals = self._read("reading statistics", _rows.totals)
+        hits, misses = self._books.unwritten()
+        return CacheStats(
+            path=self._path,
+            entries=totals.get("entries", 0),
+            blob_bytes=totals.get("blob_bytes", 0),
+            file_bytes=self._file.file_bytes(),
+            max_bytes=self._cap,
+            hits=counts.hits,
+            misses=counts.misses,
+            evictions=counts.evictions,
+            checksum_failures=counts.checksum_failures,
+            total_hits=totals.get("hits", 0) + hits,
+            total_misses=totals.get("misses", 0) + misses,
+            total_evictions=totals.get("evictions", 0),
+            total_checksum_failures=totals.get("checksum_failures", 0),
+            total_flushes=totals.get("flushes", 0),
+        )
+
+    # -- internals: calls ------------------------------------------------------------
+
+    @contextmanager
+    def _call(self) -> Iterator[Slot]:
+        """One call's use of this thread's connections (see ConnectionPool.enter)."""
+        slot = self._pool.enter()
+        try:
+            yield slot
+        finally:
+            self._pool.leave(slot)
+
+    def _read(self, what: str, run: Callable[[apsw.Connection], T]) -> T:
+        """Run `run` on this thread's connection; apsw errors become CacheError types."""
+        with self._call() as slot:
+            try:
+                return run(self._pool.main(slot))
+            except apsw.Error as error:
+                raise translate(error, what, self._path) from error
+
+    @contextmanager
+    def _write_transaction(self, slot: Slot, what: str) -> Iterator[apsw.Connection]:
+        """A `BEGIN IMMEDIATE` transaction on the slot's connection, bookkeeping first."""
+        if self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; open it without readonly=True, "
+                "from a process that may write the file, to change it"
+            )
+        connection = self._pool.main(slot)
+        try:
+            with transaction(connection):
+                self._books.write(connection, _now_ms())
+                yield connection
+        except apsw.Error as error:
+            self._note_damage(error)
+            if self._pool.closed:
+                raise CacheError(f"the cache {self._path} was closed during the call") from error
+            raise translate(error, what, self._path) from error
+
+    def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int:
+        """Run a deleting statement in a write transaction; return the rows it changed."""
+        with self._call() as slot, self._write_transaction(slot, what) as connection:
+            changed = run(connection)
+        self._note_unflushed(changed)
+        return changed
+
+    # -- internals: writing --------------------------------------------------------
+
+    def _store(self, entries: list[NewEntry]) -> None:
+        if not entries:
+            return
+        incoming = sum(len(entry.blob) for entry in entries)
+        with self._call() as slot:
+            for attempt in range(2):
+                try:
+                    with self._write_transaction(slot, "storing entries") as connection:
+                        if self._cap_override is _UNSET:
+                            self._settle_cap(connection)
+                        self._check_fits(incoming, len(entries))
+                        self._books.evicted(_rows.insert(connection, entries, _now_ms(), self._cap))
+                    break
+                except CacheFullError:
+                    if attempt or not self._make_room_on_disk(slot, incoming):
+                        raise
+                    log.warning("vyre-sqlcache: %s hit a full disk; evicted, retrying", self._path)
+        self._note_unflushed(len(entries))
+
+    def _check_fits(self, incoming: int, count: int) -> None:
+        cap = self._cap
+        if cap is not None and incoming > cap:
+            what = "blob is" if count == 1 else f"{count} blobs are"
+            raise BlobTooLargeError(
+                f"{what} {incoming} bytes, over the cache's size cap of {cap} bytes "
+                f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
+            )
+
+    def _note_unflushed(self, changes: int) -> None:
+        """Count changes the next flush() must make durable (stores and deletions alike)."""
+        if changes:
+            with self._lock:
+                self._unflushed += changes
+
+    def _make_room_on_disk(self, slot: Slot, incoming: int) -> bool:
+        """After SQLITE_FULL: fold the log back and truncate it, evict at least `incoming`
+        bytes and a quarter of the blobs, and truncate the log again. Whether room was made."""
+        connection = self._pool.main(slot)
+        self._truncate_log(connection)
+        try:
+            with self._write_transaction(slot, "evicting for a full disk") as connection:
+                evicted = _rows.evict(
+                    connection, max(incoming, _rows.blob_bytes(connection) // 4), set()
+                )
+        except CacheError:
+            return False
+        self._books.evicted(evicted)
+        self._truncate_log(connection)
+        return evicted > 0
+
+    @staticmethod
+    def _truncate_log(connection: apsw.Connection) -> None:
+        try:
+            connection.pragma("wal_checkpoint", "TRUNCATE")
+        except apsw.Error as error:
+            log.debug("vyre-sqlcache: checkpoint after a full disk failed: %s", error)
+
+    def _checkpoint_passive(self) -> None:
+        with self._call() as slot:
+            self._pool.main(slot).pragma("wal_checkpoint", "PASSIVE")
+
+    # -- internals: reading ----------------------------------------------------------
+
+    def _load(self, entry_key: bytes) -> bytes | None:
+        slot = self._pool.enter()
+        try:
+            return self._verified(slot, entry_key, self._fetch(slot, entry_key))
+        finally:
+            self._pool.leave(slot)
+
+    def _load_many(self, entry_keys: list[bytes]) -> list[bytes | None]:
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            fetched: list[_rows.Fetched | None] = []
+            try:
+                with transaction(connection, "DEFERRED"):
+                    cursor = connection.cursor()
+                    fetched = [self._fetch(slot, k, cursor) for k in entry_keys]
+            except apsw.Error as error:
+                # A read that met damage may leave COMMIT failing: the reads are done.
+                log.debug("vyre-sqlcache: ending a read of %s: %s", self._path, error)
+                fetched += [None] * (len(entry_keys) - len(fetched))
+            return [self._verified(slot, k, f) for k, f in zip(entry_keys, fetched, strict=True)]
+
+    def _fetch(
+        self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None = None
+    ) -> _rows.Fetched | None:
+        """The entry's stored bytes, unverified, or None; damage or I/O trouble is a miss."""
+        try:
+            return _rows.fetch(
+                cursor or self._pool.cursor(slot), lambda: self._pool.large(slot), entry_key
+            )
+        except apsw.Error as error:
+            # A read never takes the application down: damage or I/O trouble is a miss.
+            self._note_damage(error)
+            log.warning("vyre-sqlcache: reading %s failed: %s", entry_key.hex(), error)
+            return None
+
+    def _verified(
+        self, slot: Slot, entry_key: bytes, fetched: _rows.Fetched | None
+    ) -> bytes | None:
+        """The fetched data if its checksum holds, counting the hit or miss; else None."""
+        if fetched is None:
+            self._books.miss()
+            return None
+        if not _rows.verify(entry_key, fetched):
+            self._books.miss()
+            self._on_mismatch(slot, entry_key, fetched.algo)
+            return None
+        if self._books.hit(entry_id(entry_key)) and not self._readonly:
+            self._write_bookkeeping(self._pool.main(slot), wait=False)
+        return fetched.data
+
+    def _on_mismatch(self, slot: Slot, entry_key: bytes, algo: str) -> None:
+        """Drop an entry whose bytes fail their checksum, once a locked second look agrees.
+
+        The second look, under the write lock, rules out a blob replaced between two
+        statements of the read, and a row that belongs to another key sharing the row id.
+        """
+        self._books.checksum_failed()
+        if self._readonly:
+            log.warning("vyre-sqlcache: entry %s failed its checksum", entry_key.hex())
+            return
+        try:
+            with self._write_transaction(slot, "dropping a damaged entry") as connection:
+                found = _rows.owner(connection, entry_key)
+                if found is not None and found != entry_key:
+                    return  # another key's row: a miss for us, not damage
+                again = self._fetch(slot, entry_key, connection.cursor())
+                if again is not None and _rows.verify(entry_key, again):
+                    return  # replaced while we read: it is good now
+                log.warning(
+                    "vyre-sqlcache: entry %s in %s failed its %s checksum; dropping it "
+                    "(it will be recompiled)",
+                    entry_key.hex(),
+                    self._path,
+                    algo,
+                )
+                _rows.drop(connection, entry_key)
+        except CacheError as error:
+            log.warning("vyre-sqlcache: could not drop the damaged entry: %s", error)
+
+    # -- internals: bookkeeping and damage --------------------------------------------
+
+    def _write_bookkeeping(self, connection: apsw.Connection, *, wait: bool) -> None:
+        """Write buffered bookkeeping in its own transaction; unless `wait`, only if the
+        write lock is free at once (a read or a close never waits for it)."""
+        if not wait:
+            connection.set_busy_timeout(0)
+        try:
+            with transaction(connection):
+                self._books.write(connection, _now_ms())
+        except apsw.Error as error:
+            # Best effort: a busy or read-only file keeps the buffer for later.
+            log.debug("vyre-sqlcache: access times not written yet: %s", error)
+        finally:
+            if not wait:
+                connection.set_busy_handler(busy_waiter(self._pool, BUSY_TIMEOUT_MS))
+
+    def _note_damage(self, error: apsw.Error) -> None:
+        """Ask the next open to verify the file when SQLite met a damaged page."""
+        if isinstance(error, (apsw.CorruptError, apsw.NotADBError)) and not self._readonly:
+            with suppress(OSError):
+                needs_check_marker(self._path).touch()
