@@ -1,4 +1,4 @@
-"""`python -m vyre_sqlcache.torture`: runs every trial and prints the figures."""
+"""`python -m torture`: runs every trial and prints the figures."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from vyre_sqlcache.torture import main
+from torture import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_command_prints_a_table_of_every_trial(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # From another folder, with a relative work folder: the children it starts
+    # (`python -m torture child-...`) still find the harness and the files.
+    monkeypatch.chdir(tmp_path)
     argv = ["--kills", "2", "--corruptions", "6", "--seconds", "1", "--faults", "2"]
-    code = main([*argv, "--seed", "5", "--workdir", str(tmp_path), "--quiet"])
+    code = main([*argv, "--seed", "5", "--workdir", "work", "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("vyre-sqlcache torture, seed 5 (kills ")
     assert "| trial | figure | value |" in out
@@ -29,11 +34,21 @@ def test_the_command_prints_a_table_of_every_trial(
 
 def test_the_command_runs_as_a_module() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "vyre_sqlcache.torture", "--help"],
+        [sys.executable, "-m", "torture", "--help"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0
+    assert done.stdout.startswith("usage: python -m torture ")
     for option in ("--kills", "--corruptions", "--seconds", "--seed"):
         assert option in done.stdout
+
+
+def test_the_harness_uses_only_the_public_api_of_the_library() -> None:
+    # It lives outside the package, and the package's private modules may change.
+    for source in sorted((ROOT / "torture").glob("*.py")):
+        text = source.read_text()
+        assert "from vyre_sqlcache." not in text, source.name
+        assert "import vyre_sqlcache." not in text, source.name

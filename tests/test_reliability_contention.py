@@ -1,6 +1,6 @@
 """Contention: processes share one small-capped file; no errors, nothing wrong, cap held.
 
-The long version is `python -m vyre_sqlcache.torture --seconds 30`.
+The long version is `python -m torture --seconds 30`.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from torture.common import entry_key_of, tag_matches, tagged_blob
+from torture.contention import _Contender, run_contention
 from vyre_sqlcache import PipelineCache
-from vyre_sqlcache.torture.common import entry_key_of, tag_matches, tagged_blob
-from vyre_sqlcache.torture.contention import _Contender, run_contention
 
 
 def test_four_processes_with_a_small_cap(tmp_path: Path) -> None:

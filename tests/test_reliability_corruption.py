@@ -3,7 +3,7 @@ heals (moves the file aside) or, with strict=True, raises CorruptCacheError.
 
 Every damaged file is opened and read in a worker process (`TrialWorker`), so a crash of
 SQLite or of the library fails the test instead of killing pytest. The long version is
-`python -m vyre_sqlcache.torture --corruptions 1000`.
+`python -m torture --corruptions 1000`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Any
 
 import pytest
 
-from vyre_sqlcache import CacheError, CorruptCacheError, PipelineCache
-from vyre_sqlcache.torture.common import FINGERPRINT, pipeline_key
-from vyre_sqlcache.torture.corruption import (
+from torture.common import FINGERPRINT, pipeline_key
+from torture.corruption import (
     Template,
     TrialWorker,
     damage,
     make_template,
     run_corruptions,
 )
+from vyre_sqlcache import CacheError, CorruptCacheError, PipelineCache
 
 from .vfs import overwrite
 

@@ -1,8 +1,8 @@
 """Injected I/O faults: every call returns, misses or raises a CacheError; the cache recovers.
 
-`FaultyVFS` (in vyre_sqlcache.torture) fails reads, writes or syncs with apsw.IOError, or
+`FaultyVFS` (in torture) fails reads, writes or syncs with apsw.IOError, or
 writes with apsw.FullError, on the calls a `FaultPlan` picks. The long version is
-`python -m vyre_sqlcache.torture --faults 60`.
+`python -m torture --faults 60`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import apsw
 import pytest
 
-from vyre_sqlcache import CacheError, CacheFullError, PipelineCache
-from vyre_sqlcache.torture.common import (
+from torture.common import (
     FINGERPRINT,
     check_file,
     entry_key_of,
@@ -25,8 +25,9 @@ from vyre_sqlcache.torture.common import (
     read_slot,
     write_slots,
 )
-from vyre_sqlcache.torture.faults import run_faults
-from vyre_sqlcache.torture.shims import FaultPlan, FaultyVFS, registered
+from torture.faults import run_faults
+from torture.shims import FaultPlan, FaultyVFS, registered
+from vyre_sqlcache import CacheError, CacheFullError, PipelineCache
 
 KINDS = ["read", "write", "sync", "full"]
 #: Slots 0..7: four program entries (0, 1, 2, 4...) and keyed ones (3, 7).
@@ -181,3 +182,31 @@ def test_random_fault_rounds(tmp_path: Path) -> None:
     assert (report.wrong, report.failed_write_took_effect) == (0, 0), report.details
     assert (report.not_recovered, report.corrupt_after) == (0, 0), report.details
     assert (report.moved_aside, report.process_died) == (0, 0), report.details
+
+
+def test_the_file_checker_flags_bad_checksums_and_bytes_the_model_never_wrote(
+    tmp_path: Path,
+) -> None:
+    # The checker itself: the library's check_entry finds bytes that no longer match their
+    # checksum, and the trial's model finds bytes it did not write under that key.
+    path = tmp_path / "cache.sqlite3"
+    with PipelineCache.open(path, max_bytes=None) as cache:
+        write_slots(cache, [(0, BLOBS[0]), (1, BLOBS[1])])
+    sound = check_file(path, lambda key, blob: blob == BLOBS[0 if key == entry_key_of(0) else 1])
+    assert sound.ok and sound.entries == 2, sound.problems
+    model = {entry_key_of(0): BLOBS[1], entry_key_of(1): BLOBS[1]}  # slot 0 "holds" BLOBS[1]
+    wrong = check_file(path, lambda key, blob: model[key] == blob)
+    assert wrong.sound and wrong.problems == [
+        f"entry {entry_key_of(0).hex()[:16]} holds bytes the trial did not write there"
+    ]
+    damaged = bytes([BLOBS[1][0] ^ 0xFF]) + BLOBS[1][1:]  # same size: only the checksum tells
+    connection = apsw.Connection(str(path))
+    try:
+        connection.execute(
+            "UPDATE blobs SET data = ? WHERE id = (SELECT id FROM entries WHERE entry_key = ?)",
+            (damaged, entry_key_of(1)),
+        )
+    finally:
+        connection.close()
+    bad = check_file(path)
+    assert bad.sound and bad.problems == [f"entry {entry_key_of(1).hex()[:16]} fails its checksum"]

@@ -1,6 +1,6 @@
 """Kills and power cuts: nothing acknowledged is lost, nothing never written is read.
 
-The long version is `python -m vyre_sqlcache.torture --kills 500`; these run the same
+The long version is `python -m torture --kills 500`; these run the same
 trials with a handful of kills.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from torture.common import FINGERPRINT, check_file, read_slot, sha, write_slots
+from torture.kills import KillReport, _KillModel, run_kills
+from torture.shims import SyncTrackingVFS, mark_synced, power_cut, registered
 from vyre_sqlcache import PipelineCache
-from vyre_sqlcache.torture.common import FINGERPRINT, check_file, read_slot, sha, write_slots
-from vyre_sqlcache.torture.kills import KillReport, _KillModel, run_kills
-from vyre_sqlcache.torture.shims import SyncTrackingVFS, mark_synced, power_cut, registered
 
 from .vfs import abandon
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from vyre_sqlcache.torture import shims
+from torture import shims
 
 
 def test_concurrent_syncs_of_one_file_each_leave_a_whole_synced_copy(

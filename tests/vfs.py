@@ -1,7 +1,8 @@
 """Test helpers for files: a disk that loses whatever was not synced, crash copies, dumps.
 
-The VFS shims themselves live in `vyre_sqlcache.torture.shims`, so that the torture
-command has them too; this module re-exports them for the tests.
+The VFS shims themselves live in the reliability harness (`torture.shims`, beside the
+package in the source tree), so that `python -m torture` has them too; this module
+re-exports them for the tests.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 
 import apsw
 
-from vyre_sqlcache.torture.corruption import overwrite, page_map
-from vyre_sqlcache.torture.shims import SyncTrackingVFS, power_cut
+from torture.corruption import overwrite, page_map
+from torture.shims import SyncTrackingVFS, power_cut
 
 __all__ = [
     "SyncTrackingVFS",
@@ -28,9 +29,9 @@ __all__ = [
 
 def abandon(cache: Any) -> None:
     """Drop a cache's connections without the checkpoint close() does, as a crash would."""
-    cache._closed = True
-    for _, connection in cache._connections:
-        connection.close()
+    from .helpers import abandon as drop
+
+    drop(cache)
 
 
 # -- helpers for the reliability and hostile-input tests ---------------------------------

@@ -17,15 +17,15 @@ from typing import Any
 
 import apsw
 
-from ..errors import CacheError, SchemaTooNewError
-from ..schema import PLAUSIBLE_VERSIONS_AHEAD, latest_version
-from ..store import PipelineCache
+from vyre_sqlcache import SCHEMA_VERSION, CacheError, PipelineCache, SchemaTooNewError
+
 from .common import (
     FINGERPRINT,
     add_detail,
     bump,
     check_file,
     child_command,
+    child_options,
     entry_key_of,
     invalidate_slots,
     is_keyed,
@@ -35,6 +35,11 @@ from .common import (
     sha,
     write_slots,
 )
+
+#: A `user_version` this far above the library's `SCHEMA_VERSION` may be a newer
+#: library's file, which the library refuses (`SchemaTooNewError`) and never writes; a
+#: damaged one beyond it must be healed. The library's own rule, restated here.
+PLAUSIBLE_VERSIONS_AHEAD = 1000
 
 
 @dataclass
@@ -304,7 +309,7 @@ def _usable(path: Path, result: dict[str, Any]) -> None:
     except SchemaTooNewError as error:
         # A damaged user_version that could be a newer library's is refused as documented
         # (it cannot be told from one); an impossible one must be healed.
-        if not 0 <= _user_version(path) <= latest_version() + PLAUSIBLE_VERSIONS_AHEAD:
+        if not 0 <= _user_version(path) <= SCHEMA_VERSION + PLAUSIBLE_VERSIONS_AHEAD:
             result["unusable"] = f"{type(error).__name__}: {error}"
     except Exception as error:
         result["unusable"] = f"{type(error).__name__}: {error}"
@@ -384,11 +389,14 @@ class TrialWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
+            **child_options(),
         )
 
     def run(self, job: dict[str, Any], timeout: float) -> dict[str, Any] | str:
         """The trial's result, or why there is none ('crashed ...' or 'hung')."""
         assert self.process.stdin is not None and self.process.stdout is not None
+        # The worker runs in the source tree (`child_options`): it needs absolute paths.
+        job = {**job, "path": os.path.abspath(job["path"]), "model": os.path.abspath(job["model"])}
         try:
             self.process.stdin.write((json.dumps(job) + "\n").encode())
             self.process.stdin.flush()

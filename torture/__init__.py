@@ -4,7 +4,12 @@ A cache may lose its contents by design, but it may never return wrong bytes, ne
 a write it acknowledged as durable, and never take the application down. This module
 checks those three promises the hard way, and prints the figures::
 
-    python -m vyre_sqlcache.torture --kills 500 --corruptions 1000 --seconds 30 --seed 1
+    python -m torture --kills 500 --corruptions 1000 --seconds 30 --seed 1
+
+It is a harness of the source tree, not part of the installed library: run it from the
+repository's root (children are started as `python -m torture` there). It uses the
+library only through its public API (`vyre_sqlcache`), and `apsw` directly for its VFS
+shims and for damaging files.
 
 Four kinds of trials, each also run with small counts by the test suite:
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import CacheError
-from ..store import PipelineCache
+from vyre_sqlcache import CacheError, PipelineCache
+
 from .common import (
     FINGERPRINT,
     add_detail,
@@ -19,6 +19,7 @@ from .common import (
     bump,
     check_file,
     child_command,
+    child_options,
     entry_key_of,
     invalidate_slots,
     is_keyed,
@@ -219,7 +220,13 @@ def _recover(round_: _FaultRound, plan: FaultPlan, report: FaultReport) -> None:
 def _verify_after_faults(
     path: Path, round_: _FaultRound, plan: FaultPlan, report: FaultReport
 ) -> None:
-    checked = check_file(path)
+    written: dict[bytes, set[bytes]] = {}  # what each key may hold: bytes written to it
+    for slot in range(round_.slots):
+        blobs = written.setdefault(entry_key_of(slot), set(round_.refused.get(slot, ())))
+        last = round_.model.get(slot)
+        if last is not None:
+            blobs.add(last)
+    checked = check_file(path, lambda key, blob: blob in written.get(key, ()))
     if not checked.ok:
         report.corrupt_after += 1
         problems = checked.integrity[:2] + checked.problems[:2]
@@ -242,6 +249,7 @@ def run_faults(workdir: Path, rounds: int, *, seed: int = 0) -> FaultReport:
         child_command("child-faults", workdir, rounds, seed),
         capture_output=True,
         timeout=60 + 20 * rounds,
+        **child_options(),
     )
     if child.returncode != 0:
         report = FaultReport(process_died=1)

@@ -1,4 +1,4 @@
-"""`python -m vyre_sqlcache.torture`: every trial, and the table of figures."""
+"""`python -m torture`: every trial, and the table of figures."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ R = TypeVar("R")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m vyre_sqlcache.torture",
+        prog="python -m torture",
         description="Kill, power-cut, contention, fault and corruption trials of vyre-sqlcache. "
         "Prints a table of figures; exits 1 if anything acknowledged was lost, any wrong "
         "bytes were returned, or any call failed in an undocumented way.",

@@ -9,13 +9,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..store import PipelineCache
+from vyre_sqlcache import PipelineCache
+
 from .common import (
     FINGERPRINT,
     add_detail,
     blob_size,
     check_file,
     child_command,
+    child_options,
     entry_key_of,
     invalidate_slots,
     is_keyed,
@@ -200,6 +202,7 @@ def run_contention(
             child_command("child-contend", path, seconds, rng.getrandbits(64), worker, cap),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            **child_options(),
         )
         for worker in range(processes)
     ]
@@ -218,7 +221,7 @@ def run_contention(
         total.slowest_close_s = max(total.slowest_close_s, part["slowest_close_s"])
         for detail in part["details"]:
             add_detail(total.details, detail)
-    checked = check_file(path)
+    checked = check_file(path, tag_matches)
     if not checked.ok or checked.blob_bytes > cap:
         total.file_problems += 1
         add_detail(

@@ -12,12 +12,14 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..store import PipelineCache
+from vyre_sqlcache import PipelineCache
+
 from .common import (
     add_detail,
     blob_size,
     check_file,
     child_command,
+    child_options,
     entry_key_of,
     invalidate_slots,
     is_keyed,
@@ -163,7 +165,9 @@ def _kill_once(
         "child-kill", path, log, rng.getrandbits(64), first_slot, int(cut_power), int(invalidations)
     )
     with open(stderr_path, "wb") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, **child_options()
+        )
         early = rng.random() < 0.15
         if early:  # may land while Python starts, or while the cache opens or recovers
             time.sleep(rng.uniform(0.0, 0.4))

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import apsw
 
-from .. import checksums
-from ..keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey
-from ..store import PipelineCache
+from vyre_sqlcache import (
+    CacheError,
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCache,
+    PipelineCacheKey,
+)
 
 #: The device every trial writes for.
 FINGERPRINT = DeviceFingerprint.from_parts(0x10DE, 0x2684, "torture 1.0")
@@ -126,10 +132,14 @@ class FileCheck:
         return self.sound and not self.problems
 
 
-def check_file(path: Path) -> FileCheck:
-    """Check a cache file with a plain connection: `integrity_check`, the counters kept in
-    `meta` against the rows, sizes against the blobs, every checksum, no orphans."""
+def check_file(path: Path, blob_ok: Callable[[bytes, bytes], bool] | None = None) -> FileCheck:
+    """Check a cache file: `integrity_check`, the counters kept in `meta` against the rows,
+    sizes against the blobs and no orphans (with a plain connection); then every entry's
+    checksum through `PipelineCache.check_entry` (a read-only, strict open that changes
+    nothing), and, given `blob_ok(entry_key, blob)`, every blob against the trial's model
+    of what it wrote."""
     found = FileCheck()
+    blobs: dict[bytes, bytes] = {}
     connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
     try:
         connection.set_busy_timeout(10_000)
@@ -147,18 +157,17 @@ def check_file(path: Path) -> FileCheck:
                 f"rows say {count} / {sizes}"
             )
         rows = connection.execute(
-            "SELECT e.entry_key, e.blob_size, b.checksum_algo, b.checksum, b.data "
-            "FROM entries e LEFT JOIN blobs b USING (id)"
+            "SELECT e.entry_key, e.blob_size, b.data FROM entries e LEFT JOIN blobs b USING (id)"
         )
-        for entry_key, size, algo, checksum, data in rows:
+        for entry_key, size, data in rows:
             assert isinstance(entry_key, bytes)
             found.entry_keys.add(entry_key)
             if data is None:
                 found.problems.append(f"entry {entry_key.hex()[:16]} has no blob")
             elif len(data) != size:
                 found.problems.append(f"entry {entry_key.hex()[:16]} size {size} != {len(data)}")
-            elif not checksums.matches(algo, checksum, entry_key, data):
-                found.problems.append(f"entry {entry_key.hex()[:16]} fails its checksum")
+            elif blob_ok is not None:
+                blobs[entry_key] = bytes(data)
         (orphans,) = connection.execute(
             "SELECT count(*) FROM blobs WHERE id NOT IN (SELECT id FROM entries)"
         ).fetchone() or (0,)
@@ -166,7 +175,26 @@ def check_file(path: Path) -> FileCheck:
             found.problems.append(f"{orphans} blobs without an entry")
     finally:
         connection.close()
+    found.problems += _check_entries(path, found.entry_keys)
+    for entry_key, blob in blobs.items():
+        if blob_ok is not None and not blob_ok(entry_key, blob):
+            found.problems.append(
+                f"entry {entry_key.hex()[:16]} holds bytes the trial did not write there"
+            )
     return found
+
+
+def _check_entries(path: Path, entry_keys: set[bytes]) -> list[str]:
+    """Every entry's bytes against its checksum, by the library's own `check_entry`."""
+    problems: list[str] = []
+    try:
+        with PipelineCache.open(path, readonly=True, strict=True) as cache:
+            for entry_key in sorted(entry_keys):
+                if cache.check_entry(entry_key) is False:
+                    problems.append(f"entry {entry_key.hex()[:16]} fails its checksum")
+    except CacheError as error:
+        problems.append(f"check_entry: {type(error).__name__}: {error}")
+    return problems
 
 
 def moved_aside(path: Path) -> list[Path]:
@@ -184,8 +212,29 @@ def remove_cache_files(path: Path) -> None:
             old.unlink()
 
 
+#: The folder that holds the `torture` package (the source tree's root).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
 def child_command(*args: object) -> list[str]:
-    return [sys.executable, "-m", "vyre_sqlcache.torture", *map(str, args)]
+    """`python -m torture child-...`: paths made absolute, since children run in
+    `SOURCE_ROOT` (see `child_options`)."""
+    return [
+        sys.executable,
+        "-m",
+        "torture",
+        *(os.path.abspath(a) if isinstance(a, Path) else str(a) for a in args),
+    ]
+
+
+def child_options() -> dict[str, Any]:
+    """`subprocess` options for a child: run in the source tree with it on PYTHONPATH, so
+    `python -m torture` finds this package (and the library beside it) from any cwd."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    return {"cwd": SOURCE_ROOT, "env": env}
 
 
 def bump(counts: dict[str, int], key: str) -> None:

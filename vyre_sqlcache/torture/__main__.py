@@ -1,7 +1,0 @@
-"""`python -m vyre_sqlcache.torture`: the trials, and the table of figures."""
-
-import sys
-
-from .command import main
-
-sys.exit(main())
