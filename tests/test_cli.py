@@ -21,6 +21,7 @@ import pytest
 from tests.test_vyredir import make_vyre_tree, tree
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
 from vyre_sqlcache.cli import main
+from vyre_sqlcache.errors import CacheError
 from vyre_sqlcache.inspection import read_only
 from vyre_sqlcache.vyredir import entry_path
 
@@ -675,3 +676,110 @@ def test_console_script_commands_and_exit_statuses(cache_path: Path, tmp_path: P
     assert cli("check").returncode == 0
     assert cli("rm", KEY).returncode == 0
     assert cli("get", KEY, "-o", "-").returncode == 1
+
+
+# -- the library's inspection and maintenance API, used by the command line -------------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "vyre_sqlcache"
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file in `folder` by name, with its bytes: what "writes nothing" compares."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def make_schema_1_cache(path: Path) -> None:
+    """A cache file as the first release wrote it: migration 0001 only, user_version 1."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = apsw.Connection(str(path))
+    connection.pragma("page_size", 16384)
+    connection.pragma("journal_mode", "wal")
+    connection.execute((PACKAGE / "migrations" / "0001_initial.sql").read_text())
+    connection.pragma("user_version", 1)
+    connection.close()
+
+
+def damage_pages(path: Path, pages: Iterable[int], page_size: int = 16384) -> None:
+    """Overwrite whole pages of a file at rest with random bytes."""
+    with open(path, "r+b") as file:
+        for page in pages:
+            file.seek(page * page_size)
+            file.write(os.urandom(page_size))
+
+
+def test_a_readonly_cache_never_migrates(cache_path: Path) -> None:
+    make_schema_1_cache(cache_path)
+    before = folder_bytes(cache_path.parent)
+    with pytest.raises(CacheError, match="schema version 1 and needs upgrading"):
+        PipelineCache.open(cache_path, readonly=True)
+    assert folder_bytes(cache_path.parent) == before
+
+
+def test_a_readonly_cache_writes_nothing(filled: Filled) -> None:
+    before = folder_bytes(filled.path.parent)
+    with PipelineCache.open(filled.path, readonly=True) as cache:
+        for _ in range(3):
+            for key in filled.keys.values():
+                assert cache.get_entry(key) is not None
+                assert cache.peek_entry(key) is not None
+            assert cache.get_entry(os.urandom(32)) is None
+            assert len(cache.entries()) == 5 and cache.device_totals()
+            assert cache.query("SELECT count(*) FROM pipelines_v")[0].rows == [(5,)]
+            assert cache.check().ok and cache.schema_version() == 2
+        assert (cache.stats().hits, cache.stats().misses) == (15, 3)  # peek_entry counts none
+    assert folder_bytes(filled.path.parent) == before
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"limit": 2**63}, "limit must be from 1 to 2\\*\\*63-1"),
+        ({"limit": 0}, "limit must be from 1"),
+        ({"min_size": 10**30}, "min_size must be from 0"),
+        ({"created_before_ms": -(2**64)}, "created_before_ms must be from"),
+        ({"vendor": 2**32}, "vendor must be in 0..4294967295"),
+        ({"flags": -1}, "flags must be in 0..4294967295"),
+        ({"sort": "name"}, "sort must be one of size, created, accessed, hits"),
+        ({"kind": "other"}, "kind must be one of keyed, program, imported"),
+        ({"entry_keys": ["12"]}, "entry_keys\\[0\\] must be 64 hex"),
+    ],
+)
+def test_entries_refuses_what_sqlite_cannot_hold(
+    cache: PipelineCache, arguments: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cache.entries(**arguments)
+
+
+def test_query_stops_at_its_timeout(cache: PipelineCache) -> None:
+    endless = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT max(x) FROM n"
+    start = time.monotonic()
+    with pytest.raises(CacheError, match=r"longer than its timeout of 0\.3 s"):
+        cache.query(endless, timeout=0.3)
+    assert time.monotonic() - start < 5
+    assert cache.query("SELECT 1 AS one")[0].rows == [(1,)]  # the connection is fine after
+
+
+def test_check_repair_rebuilds_a_file_with_damaged_pages(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+) -> None:
+    keys = [make_key() for _ in range(200)]
+    blobs = {key: os.urandom(5000) for key in keys}
+    with PipelineCache.open(cache_path) as cache:
+        cache.put_many(list(blobs.items()), fingerprint)
+    damage_pages(cache_path, [20, 21, 40])
+    with PipelineCache.open(cache_path, readonly=True, strict=True) as cache:
+        report = cache.check()
+        assert not report.ok and not report.sound_file
+    with PipelineCache.open(cache_path, strict=True) as cache:
+        report = cache.check(repair=True)
+        assert report.rebuilt and report.ok and report.integrity_after == ("ok",)
+        assert 150 < report.kept < 200
+        assert cache.check() == type(report)(("ok",), checked=report.kept)
+        found = cache.get_many(keys, fingerprint)
+        assert sum(blob is not None for blob in found) == report.kept
+        assert all(got in (None, blobs[key]) for key, got in zip(keys, found, strict=True))
+        cache.put(keys[0], fingerprint, b"writes work again")
+    assert sorted(p.name for p in cache_path.parent.iterdir()) == [cache_path.name]

@@ -344,3 +344,278 @@ def write_access(
 def rowids(entry_keys: Iterable[bytes]) -> array[int]:
     """The row ids of entry keys, for carray."""
     return array("q", map(entry_id, entry_keys))
+
+
+# -- inspection and maintenance (used by the command line) ---------------------------------
+#
+# Listings read the `pipelines_v` and `stats_v` views; `check` and its rebuild read
+# rows one at a time so that a damaged page loses only what is on it.
+
+#: `PipelineCache.entries(sort=...)` names and the `pipelines_v` column each sorts by,
+#: largest (or newest) first.
+ENTRY_SORTS: dict[str, str] = {
+    "size": "blob_size",
+    "created": "created_ms",
+    "accessed": "accessed_ms",
+    "hits": "hits",
+}
+#: `pipelines_v.kind` values.
+ENTRY_KINDS = ("keyed", "program", "imported")
+
+
+@dataclass(frozen=True, slots=True)
+class EntryFilter:
+    """Which entries a listing is about; every field given must match (None: any)."""
+
+    backend: str | None = None
+    vendor: int | None = None
+    device: int | None = None
+    #: every bit of this mask must be set in the entry's feature flags
+    flags: int = 0
+    min_size: int | None = None
+    created_before_ms: int | None = None
+    key_version: int | None = None
+    kind: str | None = None
+    #: lowercase hex program digests
+    program_digests: tuple[str, ...] | None = None
+    #: lowercase hex entry keys
+    entry_keys: tuple[str, ...] | None = None
+
+    def where(self) -> tuple[str, dict[str, Any]]:
+        """A WHERE clause over `pipelines_v` ('' for every entry) and its parameters."""
+        terms: list[str] = []
+        params: dict[str, Any] = {}
+        simple: tuple[tuple[str, Any, str], ...] = (
+            ("backend", self.backend, "backend = :backend"),
+            ("vendor", self.vendor, "vendor = :vendor"),
+            ("device", self.device, "device = :device"),
+            ("min_size", self.min_size, "blob_size >= :min_size"),
+            ("before", self.created_before_ms, "created_ms < :before"),
+            ("key_version", self.key_version, "key_version = :key_version"),
+            ("kind", self.kind, "kind = :kind"),
+        )
+        for name, value, term in simple:
+            if value is not None:
+                terms.append(term)
+                params[name] = value
+        if self.flags:
+            terms.append("feature_bits & :flags = :flags")
+            params["flags"] = self.flags
+        for name, values, column in (
+            ("digests", self.program_digests, "program_digest"),
+            ("keys", self.entry_keys, "entry_key"),
+        ):
+            if values is not None:
+                terms.append(f"{column} IN carray(:{name})")
+                # carray refuses an empty array: one value no column can hold matches nothing
+                params[name] = apsw.carray(values or ("",))
+        return (f"WHERE {' AND '.join(terms)}" if terms else ""), params
+
+
+def _dicts(cursor: apsw.Cursor) -> list[dict[str, Any]]:
+    try:
+        columns = [name for name, _ in cursor.get_description()]
+    except apsw.ExecutionCompleteError:
+        return []
+    return [dict(zip(columns, row, strict=True)) for row in cursor]
+
+
+def list_entries(
+    connection: apsw.Connection,
+    entry_filter: EntryFilter,
+    *,
+    sort: str = "created",
+    reverse: bool = False,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of `pipelines_v` that match, largest/newest first (`reverse`: the other way)."""
+    where, params = entry_filter.where()
+    order = "ASC" if reverse else "DESC"
+    sql = f"SELECT * FROM pipelines_v {where} ORDER BY {ENTRY_SORTS[sort]} {order}, entry_key"
+    if limit is not None:
+        sql += " LIMIT :limit"
+        params["limit"] = limit
+    return _dicts(connection.execute(sql, params))
+
+
+def device_totals(connection: apsw.Connection) -> list[dict[str, Any]]:
+    """Rows of `stats_v`, most bytes first."""
+    return _dicts(connection.execute("SELECT * FROM stats_v ORDER BY bytes DESC, backend, vendor"))
+
+
+class WriteRefused(Exception):
+    """`run_query` was given a statement that would write; nothing of it ran."""
+
+    def __init__(self, statement: str) -> None:
+        super().__init__(statement)
+        self.statement = statement
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """The rows of one statement of `PipelineCache.query`, with its column names."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+def run_query(connection: apsw.Connection, sql: str) -> list[QueryResult]:
+    """Run `sql` (one or more statements); return the rows of each that has columns.
+
+    Before each statement runs, one that would write raises WriteRefused. Raises apsw
+    errors for SQL that SQLite rejects.
+    """
+    results: list[QueryResult] = []
+
+    def before_each(cursor: apsw.Cursor, statement: str, bindings: Any) -> bool:
+        if not cursor.is_readonly:
+            raise WriteRefused(statement)
+        try:
+            columns = [name for name, _ in cursor.get_description()]
+        except apsw.ExecutionCompleteError:
+            columns = []
+        results.append(QueryResult(columns, []))
+        return True
+
+    cursor = connection.cursor()
+    cursor.exec_trace = before_each
+    try:
+        for row in cursor.execute(sql):
+            results[-1].rows.append(tuple(row))
+    finally:
+        cursor.close(True)
+    return [result for result in results if result.columns]
+
+
+def integrity_check(connection: apsw.Connection) -> list[str]:
+    """SQLite's `PRAGMA integrity_check` answer: ['ok'] for a sound file."""
+    try:
+        return [str(row[0]) for row in connection.execute("PRAGMA integrity_check")]
+    except (apsw.CorruptError, apsw.NotADBError) as error:
+        return [f"integrity_check stopped: {error}"]
+
+
+def readable_ids(connection: apsw.Connection) -> tuple[list[int], bool]:
+    """The row ids of entries that can be found, and whether every scan ran to its end.
+
+    On a damaged file a scan stops at the first bad page: the table, its LRU index and
+    the blob table are each scanned, and what any of them found before stopping counts.
+    """
+    found: set[int] = set()
+    complete = True
+    for sql in (
+        "SELECT id FROM entries",
+        "SELECT id FROM entries INDEXED BY entries_lru WHERE accessed_ms IS NOT NULL",
+        "SELECT id FROM blobs",
+    ):
+        try:
+            for (rowid,) in connection.execute(sql):
+                found.add(int(rowid))
+        except (apsw.CorruptError, apsw.NotADBError, apsw.IOError):
+            complete = False
+    return sorted(found), complete
+
+
+@dataclass(frozen=True, slots=True)
+class RawEntry:
+    """An entry's row and its blob row, as stored (columns in table order)."""
+
+    entry: tuple[Any, ...]
+    blob: tuple[Any, ...] | None
+    blob_size: int
+
+    @property
+    def entry_key(self) -> bytes:
+        return bytes(self.entry[1])
+
+    def sound(self) -> bool | None:
+        """Whether the blob is there and matches its checksum and the entry (None: no blob)."""
+        if self.blob is None:
+            return None
+        rowid, algo, checksum, data = self.blob
+        key = self.entry_key
+        return (
+            rowid == self.entry[0] == entry_id(key)
+            and len(data) == self.blob_size
+            and _checksums.matches(str(algo), bytes(checksum), key, bytes(data))
+        )
+
+
+def raw_entry(connection: apsw.Connection, rowid: int) -> RawEntry | None:
+    """The entry with this row id and its blob as stored, or None if there is no entry.
+
+    Raises apsw errors where a page on the way is damaged.
+    """
+    entry = connection.execute("SELECT blob_size, * FROM entries WHERE id = ?", (rowid,)).fetchall()
+    if not entry:
+        return None
+    blob = connection.execute(
+        "SELECT id, checksum_algo, checksum, data FROM blobs WHERE id = ?", (rowid,)
+    ).fetchall()
+    size, *row = entry[0]
+    return RawEntry(tuple(row), tuple(blob[0]) if blob else None, int(size))  # type: ignore[arg-type]
+
+
+def insert_raw(connection: apsw.Connection, raw: RawEntry) -> None:
+    """Insert an entry and its blob exactly as they were stored elsewhere."""
+    marks = ", ".join("?" * len(raw.entry))
+    connection.execute(f"INSERT INTO entries VALUES ({marks})", raw.entry)
+    connection.execute(
+        "INSERT INTO blobs (id, checksum_algo, checksum, data) VALUES (?, ?, ?, ?)", raw.blob
+    )
+
+
+def readable_meta(connection: apsw.Connection) -> dict[str, int]:
+    """The counters and settings of `meta` that can be read ({} if none can)."""
+    try:
+        return totals(connection)
+    except (apsw.CorruptError, apsw.NotADBError, apsw.IOError):
+        return {}
+
+
+def restore_meta(connection: apsw.Connection, values: Mapping[str, int]) -> None:
+    """Set counters and settings, except the totals the triggers keep."""
+    connection.executemany(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+        [(n, v) for n, v in values.items() if n not in ("entries", "blob_bytes")],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """What `PipelineCache.check` found, and what its repair did.
+
+    `integrity` is SQLite's `integrity_check` answer (['ok'] for a sound file);
+    `damaged` and `missing_blob` list hex entry keys; `unreadable` counts entries on
+    damaged pages. A repair drops bad entries from a sound file (`dropped`), or
+    rebuilds a damaged file from its readable, checksum-verified entries (`rebuilt`:
+    `kept` of them, `integrity_after` the new file's answer).
+    """
+
+    integrity: tuple[str, ...]
+    checked: int = 0
+    damaged: tuple[str, ...] = ()
+    missing_blob: tuple[str, ...] = ()
+    unreadable: int = 0
+    dropped: int = 0
+    rebuilt: bool = False
+    kept: int = 0
+    integrity_after: tuple[str, ...] | None = None
+
+    @property
+    def sound_file(self) -> bool:
+        """Whether SQLite found the file's structure sound."""
+        return self.integrity == ("ok",)
+
+    @property
+    def bad_entries(self) -> tuple[str, ...]:
+        """Hex keys of the entries whose bytes are wrong or missing."""
+        return self.damaged + self.missing_blob
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing is wrong now: a sound file whose bad entries (if any) were
+        dropped, or a damaged file rebuilt into a sound one."""
+        if self.rebuilt:
+            return self.integrity_after == ("ok",)
+        return self.sound_file and self.unreadable == 0 and len(self.bad_entries) == self.dropped

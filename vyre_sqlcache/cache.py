@@ -785,3 +785,347 @@ class PipelineCache:
         if isinstance(error, (apsw.CorruptError, apsw.NotADBError)) and not self._readonly:
             with suppress(OSError):
                 needs_check_marker(self._path).touch()
+
+    # -- inspection and maintenance (used by the command line) --------------------------
+    #
+    # On a cache opened with readonly=True these read without writing anything: no
+    # migration, no hits or access times, no marker files.
+
+    #: The `sort` names of `entries()`: largest, newest, most recently used, most hit.
+    ENTRY_SORTS: Final[tuple[str, ...]] = tuple(_rows.ENTRY_SORTS)
+    #: The `kind` names of `entries()`: stored by PipelineCacheKey, by program digest
+    #: (`write`), or by bare entry key (`put_entry`, a vyre directory import).
+    ENTRY_KINDS: Final[tuple[str, ...]] = _rows.ENTRY_KINDS
+
+    @staticmethod
+    def sqlite_version() -> str:
+        """The version of the SQLite library the cache runs on."""
+        return str(apsw.sqlite_lib_version())
+
+    def schema_version(self) -> int:
+        """The schema version of the file (`PRAGMA user_version`)."""
+        from ._schema import schema_version
+
+        self._refuse_if_disabled()
+        return self._read("reading the schema version", schema_version)
+
+    def file_max_bytes(self) -> int | None:
+        """The size cap kept in the file, which every process that sets none of its own
+        applies (the default where none was ever stored; None: no cap). `max_bytes` is the
+        cap this object applies, which an argument or the environment may override."""
+        self._refuse_if_disabled()
+        stored = self._read("reading the size cap", lambda c: _rows.setting(c, _CAP_SETTING))
+        if stored is None:
+            return DEFAULT_MAX_BYTES
+        return stored or None
+
+    def entries(
+        self,
+        *,
+        backend: str | None = None,
+        vendor: int | None = None,
+        device: int | None = None,
+        flags: int = 0,
+        min_size: int | None = None,
+        created_before_ms: int | None = None,
+        key_version: int | None = None,
+        kind: str | None = None,
+        program_digests: Iterable[bytes | str] | None = None,
+        entry_keys: Iterable[bytes | str] | None = None,
+        sort: str = "created",
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The entries that match every filter given, as rows of the `pipelines_v` view
+        (hashes in lowercase hex), largest/newest first by `sort` (`reverse`: the other
+        way), at most `limit`. Counts no hit and changes nothing.
+
+        `flags`: every bit must be set; `min_size`: blob bytes; `created_before_ms`:
+        milliseconds since the epoch; `kind`: one of `ENTRY_KINDS`. Raises
+        TypeError/ValueError naming a bad argument.
+        """
+        self._refuse_if_disabled()
+        if sort not in _rows.ENTRY_SORTS:
+            raise ValueError(f"sort must be one of {', '.join(_rows.ENTRY_SORTS)}, got {sort!r}")
+        if kind is not None and kind not in _rows.ENTRY_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_rows.ENTRY_KINDS)}, got {kind!r}")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+
+        def u32(name: str, value: int | None) -> int | None:
+            return None if value is None else check_u32(name, value)
+
+        def hexes(name: str, values: Iterable[bytes | str] | None) -> tuple[str, ...] | None:
+            if values is None:
+                return None
+            return tuple(coerce_digest(f"{name}[{i}]", v).hex() for i, v in enumerate(values))
+
+        entry_filter = _rows.EntryFilter(
+            backend=backend,
+            vendor=u32("vendor", vendor),
+            device=u32("device", device),
+            flags=check_u32("flags", flags),
+            min_size=self._int64("min_size", min_size, low=0),
+            created_before_ms=self._int64("created_before_ms", created_before_ms),
+            key_version=u32("key_version", key_version),
+            kind=kind,
+            program_digests=hexes("program_digests", program_digests),
+            entry_keys=hexes("entry_keys", entry_keys),
+        )
+        limit = self._int64("limit", limit, low=1)
+        return self._read(
+            "listing entries",
+            lambda c: _rows.list_entries(c, entry_filter, sort=sort, reverse=reverse, limit=limit),
+        )
+
+    def device_totals(self) -> list[dict[str, Any]]:
+        """Entries, bytes, hits and last access per backend and device (rows of `stats_v`),
+        most bytes first."""
+        self._refuse_if_disabled()
+        return self._read("reading totals", _rows.device_totals)
+
+    def query(self, sql: str, *, timeout: float | None = None) -> list[_rows.QueryResult]:
+        """Run SQL that only reads (one or more statements; the views `pipelines_v` and
+        `stats_v` are there for it); return the rows of each statement that has columns.
+
+        A statement that would write raises ReadOnlyCacheError before it runs. The query
+        stops with CacheError after `timeout` seconds, and with KeyboardInterrupt on
+        Ctrl-C. SQL that SQLite rejects raises CacheError.
+        """
+        self._refuse_if_disabled()
+        if not isinstance(sql, str):
+            raise TypeError(f"sql must be a str, got {type(sql).__name__}")
+        if timeout is not None and not (
+            isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds above 0, or None; got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def past_deadline() -> bool:
+            # Called every few thousand SQLite steps: it also lets Python deliver Ctrl-C.
+            return deadline is not None and time.monotonic() > deadline
+
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            connection.set_progress_handler(past_deadline, 4096)
+            try:
+                return _rows.run_query(connection, sql)
+            except _rows.WriteRefused as refused:
+                raise ReadOnlyCacheError(
+                    f"refused to run {refused.statement.strip()[:80]!r}: a query may only "
+                    "read the cache; nothing was run"
+                ) from None
+            except apsw.InterruptError as error:
+                if not past_deadline():
+                    raise translate(error, "the query", self._path) from error
+                raise CacheError(
+                    f"the query ran longer than its timeout of {timeout:g} s and was stopped"
+                ) from None
+            except apsw.Error as error:
+                raise translate(error, "the query", self._path) from error
+            finally:
+                connection.set_progress_handler(None)
+
+    def peek_entry(self, entry_key: bytes | str) -> bytes | None:
+        """The blob of the entry with this entry key, or None if there is none, read
+        without counting a hit or changing anything.
+
+        Raises CorruptCacheError if its bytes fail their checksum (the entry is left as
+        it is), CacheError types if it cannot be read.
+        """
+        self._refuse_if_disabled()
+        key = coerce_digest("entry_key", entry_key)
+        with self._call() as slot:
+            try:
+                fetched = _rows.fetch(self._pool.cursor(slot), lambda: self._pool.large(slot), key)
+                if fetched is None or _rows.verify(key, fetched):
+                    return None if fetched is None else fetched.data
+                if _rows.owner(self._pool.main(slot), key) != key:
+                    return None  # the row belongs to another key sharing its row id
+            except apsw.Error as error:
+                raise translate(error, f"reading entry {key.hex()}", self._path) from error
+        raise CorruptCacheError(
+            f"entry {key.hex()} in {self._path} fails its {fetched.algo} checksum; "
+            "'vyre-sqlcache check --repair' (or check(repair=True)) drops it"
+        )
+
+    def check(
+        self,
+        *,
+        repair: bool = False,
+        progress: Callable[[list[int]], Iterable[int]] | None = None,
+    ) -> _rows.CheckReport:
+        """SQLite's `integrity_check`, then every entry's checksum; changes nothing unless
+        `repair`.
+
+        With `repair`, a sound file loses its bad entries; a damaged file is rebuilt from
+        its readable entries whose checksums hold (copied into a new file, which is then
+        written over this one through SQLite, so processes using the cache go on safely).
+        `progress(row_ids)` may wrap the loop over entries (a progress bar). Raises
+        ReadOnlyCacheError for `repair` on a read-only cache.
+        """
+        self._refuse_if_disabled()
+        if repair and self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; repairing it needs write access"
+            )
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            integrity = tuple(_rows.integrity_check(connection))
+            try:
+                ids, complete = _rows.readable_ids(connection)
+            except apsw.Error as error:
+                raise translate(error, "listing entries", self._path) from error
+            rescue = None
+            if repair and (integrity != ("ok",) or not complete):
+                rescue = self._rescue_start(connection)
+            damaged: list[str] = []
+            missing: list[str] = []
+            checked = unreadable = kept = 0
+            try:
+                for rowid in ids if progress is None else progress(ids):
+                    try:
+                        with transaction(connection, "DEFERRED"):
+                            raw = _rows.raw_entry(connection, rowid)
+                    except apsw.Error:
+                        checked += 1
+                        unreadable += 1
+                        continue
+                    if raw is None:
+                        continue  # a blob without its entry, or deleted since the scan
+                    checked += 1
+                    sound = raw.sound()
+                    if sound is None:
+                        missing.append(raw.entry_key.hex())
+                    elif not sound:
+                        damaged.append(raw.entry_key.hex())
+                    elif rescue is not None:
+                        try:
+                            _rows.insert_raw(rescue[1], raw)
+                            kept += 1
+                        except apsw.ConstraintError:
+                            unreadable += 1
+                if rescue is not None:
+                    after = self._rescue_finish(slot, *rescue)
+                    return _rows.CheckReport(
+                        integrity,
+                        checked,
+                        tuple(damaged),
+                        tuple(missing),
+                        unreadable,
+                        rebuilt=True,
+                        kept=kept,
+                        integrity_after=after,
+                    )
+            finally:
+                if rescue is not None:
+                    self._rescue_discard(*rescue)
+        dropped = self.delete_entries(damaged + missing) if repair else 0
+        return _rows.CheckReport(
+            integrity, checked, tuple(damaged), tuple(missing), unreadable, dropped
+        )
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the file without free pages (VACUUM) and truncate its write-ahead log;
+        return the bytes the cache took on disk before and after. Raises
+        ReadOnlyCacheError on a read-only cache, CacheError types if it fails."""
+        self._refuse_if_disabled()
+        if self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; compacting it needs write access"
+            )
+        before = self._file.file_bytes()
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            try:
+                retry_busy(lambda: connection.execute("VACUUM"))
+                connection.pragma("wal_checkpoint", "TRUNCATE")
+            except apsw.Error as error:
+                raise translate(error, "compacting", self._path) from error
+        return before, self._file.file_bytes()
+
+    def _refuse_if_disabled(self) -> None:
+        if self.disabled:
+            raise CacheError(
+                "the cache is disabled by VYRE_SQLCACHE_DISABLE; unset it to look into the file"
+            )
+
+    @staticmethod
+    def _int64(name: str, value: int | None, low: int = -(2**63)) -> int | None:
+        """`value` if it is None or an int from `low` to 2**63-1; else TypeError/ValueError."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        if not low <= value < 2**63:
+            raise ValueError(f"{name} must be from {low} to 2**63-1, got {value}")
+        return value
+
+    def _rescue_start(self, live: apsw.Connection) -> tuple[Path, apsw.Connection]:
+        """A new, empty cache file beside this one, with the same page size and schema, in
+        an open transaction: the readable entries of a damaged file are copied into it."""
+        from ._schema import migrations
+
+        temporary = self._path.with_name(f"{self._path.name}.rebuild-{time.time_ns()}")
+        try:
+            rescue = connect(temporary, mmap=False)
+        except apsw.Error as error:
+            raise translate(error, "creating a file to rebuild into", temporary) from error
+        try:
+            rescue.pragma("page_size", live.pragma("page_size"))
+            rescue.pragma("journal_mode", "off")  # a failed rebuild deletes the file
+            rescue.execute("BEGIN")
+            for migration in migrations():
+                rescue.execute(migration.sql)
+                rescue.execute(f"PRAGMA user_version = {migration.version:d}")
+            _rows.restore_meta(rescue, _rows.readable_meta(live))
+        except BaseException:
+            self._rescue_discard(temporary, rescue)
+            raise
+        return temporary, rescue
+
+    def _rescue_finish(
+        self, slot: Slot, temporary: Path, rescue: apsw.Connection
+    ) -> tuple[str, ...]:
+        """Write the rebuilt file over the cache; return `integrity_check` of the result.
+
+        The copy goes through SQLite's backup API, under the write lock, so connections of
+        other processes see a new version of the file, as after any write. If the damaged
+        file cannot take it, the file is moved aside and the rebuilt one renamed into place.
+        """
+        rescue.execute("COMMIT")
+        live = self._pool.main(slot)
+        try:
+
+            def copy() -> None:
+                with live.backup("main", rescue, "main") as backup:
+                    backup.step(-1)
+
+            retry_busy(copy)
+        except apsw.Error as error:
+            log.warning("vyre-sqlcache: could not rebuild %s in place: %s", self._path, error)
+            rescue.pragma("journal_mode", "wal")
+            rescue.close()
+            if not self._pool.quiesce():
+                raise CacheError(
+                    f"could not rebuild {self._path}: another thread is using the cache"
+                ) from error
+            try:
+                move_aside(self._path, f"could not be rebuilt in place ({error})")
+                temporary.replace(self._path)
+            finally:
+                self._pool.resume()
+            live = self._pool.main(slot)
+        with suppress(apsw.Error):
+            live.pragma("wal_checkpoint", "TRUNCATE")
+        with suppress(OSError):
+            needs_check_marker(self._path).unlink(missing_ok=True)
+        return tuple(_rows.integrity_check(live))
+
+    @staticmethod
+    def _rescue_discard(temporary: Path, rescue: apsw.Connection) -> None:
+        with suppress(apsw.Error):
+            rescue.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with suppress(OSError):
+                Path(f"{temporary}{suffix}").unlink(missing_ok=True)
