@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import apsw
 import apsw.bestpractice
@@ -47,6 +47,7 @@ __all__ = [
     "ConnectionPool",
     "Slot",
     "connect",
+    "interrupts_held",
     "retry_busy",
     "transaction",
     "translate",
@@ -75,7 +76,7 @@ def connect(
     immutable: bool = False,
     mmap: bool = True,
     vfs: str | None = None,
-    busy: Callable[[int], bool] | None = None,
+    pool: ConnectionPool | None = None,
 ) -> apsw.Connection:
     """Open `path` (through the named SQLite VFS, if any) with the settings every cache uses.
 
@@ -98,10 +99,10 @@ def connect(
     try:
         # bestpractice, one piece at a time: apply() would install global hooks
         # on every apsw connection of the host application.
-        if busy is None:
+        if pool is None:
             connection.set_busy_timeout(BUSY_TIMEOUT_MS)
         else:
-            connection.set_busy_handler(busy)
+            wait_for_locks(connection, pool)
         apsw.bestpractice.connection_dqs(connection)
         apsw.bestpractice.connection_recursive_triggers(connection)
         # A cache file may come from anyone: never run code stored in its schema,
@@ -149,7 +150,7 @@ def end_transaction(connection: apsw.Connection) -> None:
 
 
 @contextmanager
-def _interrupts_held() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block ends, in the main thread.
 
     A KeyboardInterrupt between BEGIN and the end of a transaction would leave the
@@ -182,14 +183,20 @@ def _interrupts_held() -> Iterator[None]:
 
 
 @contextmanager
-def transaction(connection: apsw.Connection, kind: str = "IMMEDIATE") -> Iterator[None]:
+def transaction(
+    connection: apsw.Connection, kind: str = "IMMEDIATE", *, wait: bool = True
+) -> Iterator[None]:
     """Run the block in a `BEGIN <kind>` transaction: commit on success, roll back otherwise.
 
     BEGIN sits inside the `try`, and Ctrl-C is held for the transaction, so no path
-    leaves a transaction (and its lock) open behind an exception.
+    leaves a transaction (and its lock) open behind an exception. `wait=False` gives up
+    at once (apsw.BusyError) where another process holds the lock.
     """
-    with _interrupts_held():
+    waiter = None if wait else waiter_of(connection)
+    with interrupts_held():
         try:
+            if waiter is not None:
+                waiter.patient = False
             connection.execute(f"BEGIN {kind}")
             yield
             connection.execute("COMMIT")
@@ -197,6 +204,8 @@ def transaction(connection: apsw.Connection, kind: str = "IMMEDIATE") -> Iterato
             # A failed COMMIT (a sync error, say) can leave the transaction open; the
             # original error is the one to report.
             end_transaction(connection)
+            if waiter is not None:
+                waiter.patient = True
 
 
 _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
@@ -298,11 +307,24 @@ class ConnectionPool:
             self._wait_for_resume()
             slot.busy = True
         main = slot.main
-        if main is not None and not main.get_autocommit():
-            # An exception delivered asynchronously (Ctrl-C in a signal handler's
-            # code, say) ended an earlier call of this thread inside a transaction.
-            end_transaction(main)
+        if main is not None and main.txn_state() != apsw.SQLITE_TXN_NONE:
+            # An exception delivered asynchronously (Ctrl-C, say) ended an earlier call
+            # of this thread inside a transaction or a statement: a snapshot kept open
+            # would block checkpoints and make every later write fail as busy.
+            self._heal(slot)
         return slot
+
+    def _heal(self, slot: Slot) -> None:
+        """Close a slot's connections left inside a transaction; they reopen on next use."""
+        connections = slot.connections()
+        slot.main = slot.cursor = slot.large = None
+        with self._lock:
+            held = self._held.get(id(slot), [])
+            self._held[id(slot)] = [c for c in held if c not in connections]
+        for connection in connections:
+            end_transaction(connection)
+            with suppress(apsw.Error):
+                connection.close(True)
 
     @staticmethod
     def leave(slot: Slot) -> None:
@@ -483,18 +505,37 @@ if hasattr(os, "register_at_fork"):
     )
 
 
-def busy_waiter(pool: ConnectionPool, timeout_ms: int = BUSY_TIMEOUT_MS) -> Callable[[int], bool]:
-    """A busy handler that waits up to `timeout_ms` for another process's lock, and gives
-    up at once when the pool closes (so close() never waits out someone else's lock)."""
-    state: dict[str, Any] = {}
+class BusyWaiter:
+    """A connection's busy handler: waits up to `timeout_ms` for another process's lock,
+    gives up at once while not `patient` or once the pool closes (so close() never waits
+    out someone else's lock)."""
 
-    def waiting(prior_calls: int) -> bool:
+    def __init__(self, pool: ConnectionPool, timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.pool = pool
+        self.timeout_ms = timeout_ms
+        self.patient = True
+        self._deadline = 0.0
+
+    def __call__(self, prior_calls: int) -> bool:
         now = time.monotonic()
         if prior_calls == 0:
-            state["deadline"] = now + timeout_ms / 1000
-        if not pool.should_wait() or now >= state.get("deadline", now):
+            self._deadline = now + self.timeout_ms / 1000
+        if not self.patient or not self.pool.should_wait() or now >= self._deadline:
             return False
         time.sleep(min(0.001 * (1 << min(prior_calls, 5)), 0.025))
         return True
 
-    return waiting
+
+_waiters: weakref.WeakKeyDictionary[apsw.Connection, BusyWaiter] = weakref.WeakKeyDictionary()
+
+
+def wait_for_locks(connection: apsw.Connection, pool: ConnectionPool) -> None:
+    """Give `connection` a `BusyWaiter` of its pool."""
+    waiter = BusyWaiter(pool)
+    connection.set_busy_handler(waiter)
+    _waiters[connection] = waiter
+
+
+def waiter_of(connection: apsw.Connection) -> BusyWaiter | None:
+    """The connection's `BusyWaiter`, if it has one."""
+    return _waiters.get(connection)

@@ -42,14 +42,14 @@ from ._checks import (
     check_max_bytes,
 )
 from ._connections import (
-    BUSY_TIMEOUT_MS,
     ConnectionPool,
     Slot,
-    busy_waiter,
     connect,
+    interrupts_held,
     retry_busy,
     transaction,
     translate,
+    waiter_of,
 )
 from ._rows import NewEntry
 from ._schema import prepare
@@ -230,7 +230,7 @@ class PipelineCache:
                 immutable=self._file.immutable,
                 mmap=mmap,
                 vfs=self._vfs,
-                busy=busy_waiter(self._pool),
+                pool=self._pool,
             )
         except apsw.Error as error:
             raise translate(error, "opening a connection", self._path) from error
@@ -293,7 +293,9 @@ class PipelineCache:
                 with self._call() as slot:
                     connection = self._pool.main(slot)
                     self._write_bookkeeping(connection, wait=False)
-                    connection.set_busy_timeout(100)
+                    waiter = waiter_of(connection)
+                    if waiter is not None:
+                        waiter.timeout_ms = 100  # a quitting application does not wait
                     try:
                         connection.pragma("wal_checkpoint", "TRUNCATE")
                     except apsw.Error as error:
@@ -381,7 +383,7 @@ class PipelineCache:
             flushing = self._unflushed
         if flushing == 0:
             return
-        with self._call() as slot:
+        with self._call() as slot, interrupts_held():
             connection = self._pool.main(slot)
             try:
                 # One commit with synchronous=FULL syncs the write-ahead log, and with it
@@ -768,17 +770,12 @@ class PipelineCache:
     def _write_bookkeeping(self, connection: apsw.Connection, *, wait: bool) -> None:
         """Write buffered bookkeeping in its own transaction; unless `wait`, only if the
         write lock is free at once (a read or a close never waits for it)."""
-        if not wait:
-            connection.set_busy_timeout(0)
         try:
-            with transaction(connection):
+            with transaction(connection, wait=wait):
                 self._books.write(connection, _now_ms())
         except apsw.Error as error:
             # Best effort: a busy or read-only file keeps the buffer for later.
             log.debug("vyre-sqlcache: access times not written yet: %s", error)
-        finally:
-            if not wait:
-                connection.set_busy_handler(busy_waiter(self._pool, BUSY_TIMEOUT_MS))
 
     def _note_damage(self, error: apsw.Error) -> None:
         """Ask the next open to verify the file when SQLite met a damaged page."""

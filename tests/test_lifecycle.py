@@ -1,0 +1,274 @@
+"""Process and thread lifecycles: fork, Ctrl-C and asynchronous exceptions, close() under
+load, threads not made by `threading`, and never waiting on another process to quit."""
+
+from __future__ import annotations
+
+import _thread
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from torture.lifecycle import FORK_VARIANTS, ROOT, check_acks, run_fork_trials
+from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
+
+from .helpers import open_connections
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork and signals are POSIX")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def writer_in_another_process(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """A process that writes and flushes for `seconds`, then prints its slowest call."""
+    code = f"""
+import json, os, time
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+fp = DeviceFingerprint.from_parts(1, 2, "other process")
+worst = 0.0
+with PipelineCache.open({str(path)!r}, max_bytes=None) as cache:
+    end = time.monotonic() + {seconds}
+    while time.monotonic() < end:
+        start = time.monotonic()
+        cache.write(os.urandom(32), fp, b"x" * 1000)
+        cache.flush()
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.01)
+print(json.dumps({{"worst": worst}}))
+"""
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+# -- fork --------------------------------------------------------------------------------
+
+
+def test_fork_with_threads_at_work_loses_nothing_and_never_hangs(tmp_path: Path) -> None:
+    # Each variant four times: raw fork with the parent closing first, the child closing
+    # first, the parent exiting without close(); multiprocessing's fork, daemonic or not.
+    report = run_fork_trials(tmp_path, trials=4 * len(FORK_VARIANTS), seed=7)
+    assert report.hangs == 0
+    assert report.failures == []
+    assert report.checked > 100
+    assert (report.lost, report.wrong, report.not_ok) == (0, 0, 0)
+
+
+def test_a_forked_child_can_open_the_cache_afresh(
+    cache: PipelineCache, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # The inherited lock state made a fresh open in the child wait out the busy timeout.
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            cache.write(os.urandom(32), fingerprint, b"w" * 5000)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        read, written = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                start = time.monotonic()
+                with PipelineCache.open(cache_path) as fresh:
+                    fresh.write(b"\1" * 32, fingerprint, b"child")
+                    fresh.flush()
+                os.write(written, f"{time.monotonic() - start:.3f}".encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(written)
+        _, status = os.waitpid(pid, 0)
+        took = float(os.read(read, 100) or "inf")
+        os.close(read)
+    finally:
+        stop.set()
+        thread.join()
+    assert status == 0
+    assert took < 5
+    assert cache.read(b"\1" * 32, fingerprint) == b"child"
+
+
+# -- Ctrl-C and asynchronous exceptions ----------------------------------------------------
+
+
+def test_thousands_of_interrupts_leave_no_lock_and_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite3"
+    PipelineCache.open(path).close()
+    other = writer_in_another_process(path, 6)
+    trial = subprocess.run(
+        [sys.executable, "-m", "torture.lifecycle", "interrupt", str(path), "5", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert trial.returncode == 0, trial.stderr[-2000:]
+    caught = json.loads(trial.stdout)["caught"]
+    assert caught > 300
+    out, _ = other.communicate(timeout=120)
+    assert other.returncode == 0
+    # The other process's writes never waited out a lock the interrupted one kept.
+    assert json.loads(out)["worst"] < 2.0
+    checked, lost, wrong, ok = check_acks(path)
+    assert checked > 100
+    assert (lost, wrong, ok) == (0, 0, True)
+
+
+def raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
+    """Deliver `error` to `thread` asynchronously, as a signal handler's exception would."""
+    assert thread.ident is not None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(error)
+    )
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_asynchronous_exceptions_in_a_thread_never_leave_a_transaction_open(
+    cache: PipelineCache, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    calls = 0
+    stop = threading.Event()
+    idle = threading.Event()
+
+    def work() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                digest = os.urandom(32)
+                cache.write(digest, fingerprint, b"a" * 2000)
+                cache.invalidate_impacted([1], [digest], fingerprint)
+                cache.get_many([], fingerprint)
+                calls += 1
+            except Interrupted:
+                pass
+        idle.set()
+        time.sleep(3)  # alive, and no longer calling the cache
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        raise_in(thread, Interrupted)
+        time.sleep(0.0005)
+    stop.set()
+    assert idle.wait(30)
+    assert calls > 50
+    # Another connection can take the write lock at once.
+    other = apsw.Connection(str(cache_path))
+    other.set_busy_timeout(1000)
+    other.execute("BEGIN IMMEDIATE; ROLLBACK")
+    other.close()
+    thread.join()
+
+
+# -- close() under load ------------------------------------------------------------------
+
+
+def test_close_while_other_threads_call(cache_path: Path, fingerprint: DeviceFingerprint) -> None:
+    before = open_fds()
+    cache = PipelineCache.open(cache_path)
+    digests = [os.urandom(32) for _ in range(50)]
+    cache.write_many([(d, d * 100) for d in digests], fingerprint)
+    unexpected: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def work(index: int) -> None:
+        started.wait()
+        try:
+            while True:
+                digest = digests[index * 7 % 50]
+                if index % 2:
+                    cache.write(os.urandom(32), fingerprint, b"x" * 4000)
+                else:
+                    assert cache.read(digest, fingerprint) == digest * 100
+        except CacheError as error:
+            if "closed" not in str(error):
+                unexpected.append(error)
+        except BaseException as error:
+            unexpected.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(0.2)
+    cache.close()
+    cache.close()  # idempotent
+    for thread in threads:
+        thread.join(30)
+    assert unexpected == []
+    assert sorted(p.name for p in cache_path.parent.iterdir()) == [cache_path.name]
+    assert open_fds() <= before
+
+
+# -- threads not made by threading ---------------------------------------------------------
+
+
+def test_connections_of_foreign_threads_are_reclaimed(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, b"blob")
+    before = open_fds()
+
+    def read(done: threading.Event) -> None:
+        try:
+            assert cache.read(digest, fingerprint) == b"blob"
+        finally:
+            done.set()
+
+    for _ in range(100):
+        done = threading.Event()
+        _thread.start_new_thread(read, (done,))
+        assert done.wait(10)
+        time.sleep(0.002)  # let the thread finish exiting
+    assert open_connections(cache) <= 3
+    assert open_fds() <= before + 4
+
+
+# -- never waiting on another process when quitting --------------------------------------
+
+
+@pytest.fixture
+def write_lock_held(cache_path: Path) -> object:
+    PipelineCache.open(cache_path).close()
+    holder = apsw.Connection(str(cache_path))
+    holder.execute("BEGIN IMMEDIATE")
+    yield holder
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
+def test_close_does_not_wait_for_another_processs_write_lock(
+    cache_path: Path, fingerprint: DeviceFingerprint, write_lock_held: object
+) -> None:
+    cache = PipelineCache.open(cache_path)
+    cache.read(os.urandom(32), fingerprint)  # a miss to record
+    start = time.monotonic()
+    cache.close()
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_reader_does_not_wait_for_another_processs_write_lock(
+    cache_path: Path, fingerprint: DeviceFingerprint, write_lock_held: object
+) -> None:
+    start = time.monotonic()
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        assert cache.read(os.urandom(32), fingerprint) is None
+        cache.stats()
+    assert time.monotonic() - start < 1.0
