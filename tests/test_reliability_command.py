@@ -19,12 +19,13 @@ def test_the_command_prints_a_table_of_every_trial(
     # From another folder, with a relative work folder: the children it starts
     # (`python -m torture child-...`) still find the harness and the files.
     monkeypatch.chdir(tmp_path)
-    argv = ["--kills", "2", "--corruptions", "6", "--seconds", "1", "--faults", "2"]
+    argv = ["--kills", "2", "--corruptions", "6", "--seconds", "1", "--faults", "2", "--forks", "2"]
+    argv += ["--interrupts", "1", "--interrupt-seconds", "1"]
     code = main([*argv, "--seed", "5", "--workdir", "work", "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("vyre-sqlcache torture, seed 5 (kills ")
     assert "| trial | figure | value |" in out
-    for trial in ("kills", "contention", "faults", "corruption"):
+    for trial in ("kills", "contention", "faults", "corruption", "fork", "interrupts"):
         assert f"| {trial} |" in out
     assert "| kills | kills survived (of which with a power cut) | 2 (" in out
     assert "| corruption | corrupt files tried (by damage) | 6 (" in out
@@ -42,7 +43,7 @@ def test_the_command_runs_as_a_module() -> None:
     )
     assert done.returncode == 0
     assert done.stdout.startswith("usage: python -m torture ")
-    for option in ("--kills", "--corruptions", "--seconds", "--seed"):
+    for option in ("--kills", "--corruptions", "--seconds", "--forks", "--interrupts", "--seed"):
         assert option in done.stdout
 
 

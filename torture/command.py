@@ -15,6 +15,7 @@ from .contention import ContentionReport, contention_child, run_contention
 from .corruption import CorruptionReport, corruption_child, run_corruptions
 from .faults import FaultReport, faults_child, run_faults
 from .kills import KillReport, kill_child, run_kills
+from .lifecycle import ForkReport, InterruptReport, run_fork_trials, run_interrupt_trials
 
 
 def _child_main(argv: list[str]) -> int:
@@ -42,7 +43,8 @@ R = TypeVar("R")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m torture",
-        description="Kill, power-cut, contention, fault and corruption trials of vyre-sqlcache. "
+        description="Kill, power-cut, contention, fault, corruption, fork and interrupt trials "
+        "of vyre-sqlcache. "
         "Prints a table of figures; exits 1 if anything acknowledged was lost, any wrong "
         "bytes were returned, or any call failed in an undocumented way.",
     )
@@ -55,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--processes", type=int, default=4, help="contending processes (4)")
     parser.add_argument("--faults", type=int, default=60, help="fault-injection rounds (60)")
+    parser.add_argument(
+        "--forks", type=int, default=200, help="fork trials with threads at work (200)"
+    )
+    parser.add_argument("--interrupts", type=int, default=6, help="trials of random Ctrl-C (6)")
+    parser.add_argument("--interrupt-seconds", type=float, default=5.0, help="length of each (5)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -131,6 +138,30 @@ def _corruption_rows(r: CorruptionReport) -> list[Row]:
     ]  # fmt: skip
 
 
+def _fork_rows(r: ForkReport) -> list[Row]:
+    return [
+        ("fork", "trials (5 variants in turn)", r.trials),
+        ("fork", "acknowledged writes checked", r.checked),
+        ("fork", "**hangs**", r.hangs),
+        ("fork", "**trials failing**", len(r.errors)),
+        ("fork", "**acknowledged writes lost / wrong bytes**", f"{r.lost} / {r.wrong}"),
+        ("fork", "**files failing integrity_check**", r.not_ok),
+    ]
+
+
+def _interrupt_rows(r: InterruptReport) -> list[Row]:
+    return [
+        ("interrupts", "trials x seconds, Ctrl-C caught",
+         f"{r.trials} x {r.seconds:g} s, {r.caught}"),
+        ("interrupts", "acknowledged writes checked", r.checked),
+        ("interrupts", "**hangs / trials failing**", f"{r.hangs} / {len(r.errors)}"),
+        ("interrupts", "**acknowledged writes lost / wrong bytes**", f"{r.lost} / {r.wrong}"),
+        ("interrupts", "**files failing integrity_check**", r.not_ok),
+        ("interrupts", "slowest write of another process meanwhile",
+         f"{r.slowest_other_write_s * 1000:.0f} ms"),
+    ]  # fmt: skip
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table of (trial, figure, value) rows."""
     lines = ["| trial | figure | value |", "| --- | --- | ---: |"]
@@ -177,13 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work / "corruption", args.corruptions, seed=seed, progress=progress
             ),
         )
-    reports: list[Any] = [kills, contention, faults, corrupt]
+        forks = timed("forks", lambda: run_fork_trials(work / "forks", args.forks, seed=seed))
+        interrupts = timed(
+            "interrupts",
+            lambda: run_interrupt_trials(
+                work / "interrupts", args.interrupts, args.interrupt_seconds, seed=seed
+            ),
+        )
+    reports: list[Any] = [kills, contention, faults, corrupt, forks, interrupts]
     failures = sum(report.failures for report in reports)
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     print(f"vyre-sqlcache torture, seed {seed} ({spent})")
     print()
     rows = _kill_rows(kills) + _contention_rows(contention)
-    print(format_table(rows + _fault_rows(faults) + _corruption_rows(corrupt)))
+    rows += _fault_rows(faults) + _corruption_rows(corrupt)
+    print(format_table(rows + _fork_rows(forks) + _interrupt_rows(interrupts)))
     print()
     for report in reports:
         for detail in report.details:

@@ -173,15 +173,19 @@ class ForkReport:
 
     trials: int = 0
     hangs: int = 0
-    failures: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     checked: int = 0
     lost: int = 0
     wrong: int = 0
     not_ok: int = 0
 
     @property
-    def ok(self) -> bool:
-        return not (self.hangs or self.failures or self.lost or self.wrong or self.not_ok)
+    def failures(self) -> int:
+        return self.hangs + len(self.errors) + self.lost + self.wrong + self.not_ok
+
+    @property
+    def details(self) -> list[str]:
+        return self.errors[:5]
 
 
 def check_acks(path: Path) -> tuple[int, int, int, bool]:
@@ -215,6 +219,7 @@ def _child_env() -> dict[str, str]:
 def run_fork_trials(root: Path, trials: int, seed: int) -> ForkReport:
     """`trials` fork trials, each in a fresh process and file, variants in turn."""
     report = ForkReport()
+    root = root.resolve()
     for index in range(trials):
         variant = FORK_VARIANTS[index % len(FORK_VARIANTS)]
         path = root / f"fork-{index}" / "cache.sqlite3"
@@ -233,7 +238,7 @@ def run_fork_trials(root: Path, trials: int, seed: int) -> ForkReport:
             report.hangs += 1
             continue
         if done.returncode != 0:
-            report.failures.append(f"{variant}: {done.stderr.strip()[-300:]}")
+            report.errors.append(f"{variant}: {done.stderr.strip()[-300:]}")
         checked, lost, wrong, ok = check_acks(path)
         report.checked += checked
         report.lost += lost
@@ -299,6 +304,92 @@ def interrupt_trial(path: Path, seconds: float, seed: int) -> int:
     _ack(acks, pending)
     cache.close()
     return caught
+
+
+@dataclass
+class InterruptReport:
+    """What a series of interrupt trials found."""
+
+    trials: int = 0
+    seconds: float = 0.0
+    caught: int = 0
+    hangs: int = 0
+    errors: list[str] = field(default_factory=list)
+    checked: int = 0
+    lost: int = 0
+    wrong: int = 0
+    not_ok: int = 0
+    slowest_other_write_s: float = 0.0
+
+    @property
+    def failures(self) -> int:
+        slow = self.slowest_other_write_s > 2.0
+        return self.hangs + len(self.errors) + self.lost + self.wrong + self.not_ok + slow
+
+    @property
+    def details(self) -> list[str]:
+        return self.errors[:5]
+
+
+_OTHER_WRITER = """
+import json, os, sys, time
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+fp = DeviceFingerprint.from_parts(1, 2, "other process")
+worst = 0.0
+with PipelineCache.open(sys.argv[1], max_bytes=None) as cache:
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        start = time.monotonic()
+        cache.write(os.urandom(32), fp, b"x" * 1000)
+        cache.flush()
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.01)
+print(json.dumps({"worst": worst}))
+"""
+
+
+def run_interrupt_trials(root: Path, trials: int, seconds: float, seed: int) -> InterruptReport:
+    """`trials` interrupt trials of `seconds` each, with another process writing throughout."""
+    report = InterruptReport(seconds=seconds)
+    root = root.resolve()
+    for index in range(trials):
+        path = root / f"interrupt-{index}" / "cache.sqlite3"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PipelineCache.open(path).close()
+        report.trials += 1
+        other = subprocess.Popen(
+            [sys.executable, "-c", _OTHER_WRITER, str(path), str(seconds + 1)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_child_env(),
+        )
+        try:
+            done = subprocess.run(
+                _child_command("interrupt", str(path), str(seconds), str(seed + index)),
+                env=_child_env(),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=seconds + TRIAL_TIMEOUT_S,
+            )
+            if done.returncode != 0:
+                report.errors.append(done.stderr.strip()[-300:])
+            else:
+                report.caught += json.loads(done.stdout)["caught"]
+        except subprocess.TimeoutExpired:
+            report.hangs += 1
+        out, _ = other.communicate(timeout=seconds + TRIAL_TIMEOUT_S)
+        if other.returncode != 0:
+            report.errors.append("the other process's writes failed")
+        else:
+            worst = json.loads(out)["worst"]
+            report.slowest_other_write_s = max(report.slowest_other_write_s, worst)
+        checked, lost, wrong, ok = check_acks(path)
+        report.checked += checked
+        report.lost += lost
+        report.wrong += wrong
+        report.not_ok += not ok
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
