@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,11 +21,11 @@ from typing import Any
 import apsw
 import pytest
 
-from tests.test_vyredir import make_vyre_tree, tree
+import vyre_sqlcache
+from tests.test_vyredir import make_vyre_tree, read_only, tree
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
 from vyre_sqlcache.cli import main
 from vyre_sqlcache.errors import CacheError
-from vyre_sqlcache.inspection import read_only
 from vyre_sqlcache.vyredir import entry_path
 
 
@@ -54,12 +57,22 @@ def test_demo_keep_keeps_what_was_not_invalidated(cache_path: Path) -> None:
         assert len(cache) == 15
 
 
-@pytest.mark.parametrize("argv", [["demo", "--count", "0"], ["nope"], []])
-def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--count", "0"], "argument --count: expected a whole number from 1 to 100000"),
+        (["demo", "--count", "100001"], "argument --count: expected a whole number from 1 to "),
+        (["demo", "--count", "lots"], "argument --count: expected a whole number from 1 to "),
+        (["nope"], "argument COMMAND: invalid choice: 'nope'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in one_error_line(err)
 
 
 def test_another_programs_database_is_one_clear_line(
@@ -452,7 +465,12 @@ def test_check_finds_and_repairs_bad_entries(
         "checked": 4,
         "damaged": [],
         "missing_blob": [],
+        "unreadable": 0,
         "dropped": 0,
+        "rebuilt": False,
+        "kept": 0,
+        "integrity_after": None,
+        "moved_aside": None,
     }
 
 
@@ -783,3 +801,350 @@ def test_check_repair_rebuilds_a_file_with_damaged_pages(
         assert all(got in (None, blobs[key]) for key, got in zip(keys, found, strict=True))
         cache.put(keys[0], fingerprint, b"writes work again")
     assert sorted(p.name for p in cache_path.parent.iterdir()) == [cache_path.name]
+
+
+# -- the command line as a client of the library ------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["cli.py", "vyredir.py", "_cli_demo.py"])
+def test_the_command_line_imports_only_the_public_api(module: str) -> None:
+    allowed_modules = {"cache", "config", "errors", "keys", "vyredir", "_cli_demo"}
+    public_names = set(vyre_sqlcache.__all__) | allowed_modules
+    for node in ast.walk(ast.parse((PACKAGE / module).read_text())):
+        if isinstance(node, ast.Import):
+            assert not {a.name.split(".")[0] for a in node.names} & {"apsw", "vyre_sqlcache"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module is None:  # from . import X: the package's public names
+                assert {a.name for a in node.names} <= public_names, ast.unparse(node)
+            else:
+                assert node.module in allowed_modules, ast.unparse(node)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.module is not None and not node.module.startswith(("apsw", "vyre"))
+
+
+def test_version_and_options_after_the_command(
+    cli: Cli, filled: Filled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("vyre-sqlcache 0.1.0 (SQLite ")
+    assert main(["info", "--path", str(filled.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 5
+    assert main(["ls", "--json", "--path", str(filled.path), "--limit", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_the_path_may_start_with_a_tilde(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "blob.bin").write_bytes(b"blob")
+    code, _, err = cli.run(Path("~/c.sqlite3"), "put", KEY, str(tmp_path / "blob.bin"))
+    assert code == 0, err
+    assert (tmp_path / "c.sqlite3").exists()
+    code, out, err = cli.run(Path("~/c.sqlite3"), "info")
+    assert code == 0 and f"path               {tmp_path / 'c.sqlite3'}" in out, err
+
+
+#: Commands that only look: they open the cache read-only and never write the file.
+LOOKING = [
+    ["info"],
+    ["ls", "--sort", "hits"],
+    ["sql", "SELECT * FROM pipelines_v"],
+    ["get", "{imported}", "-o", "{tmp}/out.bin"],
+    ["check"],
+    ["export-dir", "{tmp}/out"],
+]
+
+
+def _args(argv: list[str], filled: Filled, tmp_path: Path) -> list[str]:
+    return [
+        a.replace("{tmp}", str(tmp_path)).replace("{imported}", filled.keys["imported"])
+        for a in argv
+    ]
+
+
+@pytest.mark.parametrize("argv", LOOKING, ids=lambda argv: argv[0])
+def test_looking_commands_never_write_the_file(
+    cli: Cli, filled: Filled, tmp_path: Path, argv: list[str]
+) -> None:
+    before = folder_bytes(filled.path.parent)
+    for _ in range(2):
+        code, _, err = cli.run(filled.path, *_args(argv, filled, tmp_path))
+        assert code == 0, err
+    assert folder_bytes(filled.path.parent) == before
+
+
+@pytest.mark.parametrize("argv", LOOKING, ids=lambda argv: argv[0])
+def test_looking_commands_never_migrate(
+    cli: Cli, cache_path: Path, tmp_path: Path, argv: list[str]
+) -> None:
+    make_schema_1_cache(cache_path)
+    before = folder_bytes(cache_path.parent)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{imported}", KEY) for a in argv]
+    code, out, err = cli.run(cache_path, *argv)
+    assert code == 1 and out == ""
+    assert "schema version 1 and needs upgrading" in one_error_line(err)
+    assert folder_bytes(cache_path.parent) == before
+
+
+def _leave_a_log(path: Path) -> None:
+    """Leave committed pages in the -wal, as a writer that was killed does."""
+    copy = path.with_name("copy")
+    with PipelineCache.open(path) as cache:
+        cache.put_entry(os.urandom(32), b"in the log only")
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
+    for suffix in ("", "-wal"):
+        os.replace(f"{copy}{suffix}", f"{path}{suffix}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a read-only cache opens its connections read-write with query_only, and SQLite "
+    "checkpoints a leftover -wal into the file when the last connection closes; needs "
+    "SQLITE_OPEN_READONLY or SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE for readonly=True in "
+    "PipelineCache._connect",
+)
+def test_looking_commands_leave_a_leftover_log_alone(cli: Cli, filled: Filled) -> None:
+    _leave_a_log(filled.path)
+    before = folder_bytes(filled.path.parent)
+    code, _, err = cli.run(filled.path, "info")
+    assert code == 0, err
+    assert folder_bytes(filled.path.parent) == before
+
+
+def test_info_shows_the_cap_kept_in_the_file(
+    cli: Cli, cache_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with PipelineCache.open(cache_path, max_bytes=5 << 20):
+        pass
+    before = folder_bytes(cache_path.parent)
+    monkeypatch.setenv("VYRE_SQLCACHE_MAX_SIZE", "2G")
+    code, out, err = cli.run(cache_path, "info")
+    assert code == 0, err
+    assert re.search(
+        r"^size cap\s+5242880 \(5\.0 MiB\); VYRE_SQLCACHE_MAX_SIZE gives 2147483648", out, re.M
+    ), out
+    assert cli.json(cache_path, "info")["max_bytes"] == 5 << 20
+    assert folder_bytes(cache_path.parent) == before
+    monkeypatch.delenv("VYRE_SQLCACHE_MAX_SIZE")
+    code, out, _ = cli.run(cache_path, "info")
+    assert re.search(r"^size cap\s+5242880 \(5\.0 MiB\)$", out, re.M), out
+
+
+# -- the demo on a real cache ---------------------------------------------------------------------
+
+
+def _user_cache(path: Path, *, cap: int, entries: int = 400, size: int = 4096) -> None:
+    """A cache with the user's entries, some read (hits, misses, access times), flushed."""
+    keys = [os.urandom(32) for _ in range(entries)]
+    with PipelineCache.open(path, max_bytes=cap) as cache:
+        cache.put_entries([(k, os.urandom(size), None) for k in keys])
+        for key in keys[::7]:
+            assert cache.get_entry(key) is not None
+        assert cache.get_entry(os.urandom(32)) is None
+        cache.flush()
+
+
+def test_demo_on_a_cache_at_its_cap_uses_a_temporary_file(cli: Cli, cache_path: Path) -> None:
+    _user_cache(cache_path, cap=400 * 4096)  # at its cap, as a long-lived LRU cache sits
+    before = state(cache_path)
+    assert len(before[1]) == 400
+    code, out, err = cli.run(cache_path, "demo")
+    assert code == 0, err
+    assert sorted(p.name for p in cache_path.parent.iterdir()) == [cache_path.name]
+    assert "runs on a temporary file and leaves the cache as it is" in out
+    assert "300 intact" in out and "(temporary)" in out
+    assert state(cache_path) == before  # every entry, access time, hit and counter
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_demo_with_room_leaves_entries_and_counters_as_they_were(
+    cli: Cli, cache_path: Path, keep: bool
+) -> None:
+    _user_cache(cache_path, cap=1 << 30)
+    entries, blobs, meta = state(cache_path)[1:4]
+    code, out, err = cli.run(cache_path, "demo", "--count", "50", *(["--keep"] if keep else []))
+    assert code == 0, err
+    assert "temporary" not in out and "50 intact" in out
+    after_entries, after_blobs, after_meta = state(cache_path)[1:4]
+    user = {row[0] for row in entries}
+    assert [row for row in after_entries if row[0] in user] == entries
+    assert [row for row in after_blobs if row[0] in user] == blobs
+    counters = ("hits", "misses", "flushes", "evictions", "checksum_failures")
+    assert [m for m in after_meta if m[0] in counters] == [m for m in meta if m[0] in counters]
+    assert len(after_entries) == 400 + (50 - 13 if keep else 0)
+
+
+def test_demo_on_the_default_path_leaves_nothing(tmp_path: Path) -> None:
+    """The README's quick start: `vyre-sqlcache demo` with no cache yet."""
+    script = shutil.which("vyre-sqlcache", path=os.path.dirname(sys.executable))
+    assert script is not None, "the console script is not installed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VYRE_SQLCACHE_")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache-home")
+    result = subprocess.run([script, "demo"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    default = tmp_path / "cache-home" / "vyre" / "pipelines.sqlite3"
+    assert f"cache: {default}" in result.stdout and "300 intact" in result.stdout
+    assert not default.exists()
+
+
+# -- import-dir and check --repair tell what really happened --------------------------------------
+
+
+def test_import_dir_under_a_cap_says_how_many_were_evicted(
+    cli: Cli, cache_path: Path, tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    with PipelineCache.open(cache_path, max_bytes=1 << 20):
+        pass
+    root = tmp_path / "vyre"
+    for index in range(500):
+        path = entry_path(root, fingerprint.cache_key(index.to_bytes(32, "big")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(4096))
+    code, out, err = cli.run(cache_path, "import-dir", str(root))
+    assert code == 0, err
+    kept = len(cli.json(cache_path, "ls"))
+    assert f"imported 500 entries from {root} (0 already there, 0 skipped)" in out
+    assert f", of which {500 - kept} were evicted by the size cap of 1048576" in out
+    assert f": {kept} are in the cache" in out
+
+
+def test_check_repair_rebuilds_a_damaged_file_from_its_readable_entries(
+    cli: Cli, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    digests = [os.urandom(32) for _ in range(300)]
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(d, os.urandom(5000)) for d in digests], fingerprint)
+    damage_pages(cache_path, [30, 31, 60])
+    code, out, err = cli.run(cache_path, "check")
+    assert code == 1 and "'check --repair' rebuilds it" in one_error_line(err)
+    code, out, err = cli.run(cache_path, "check", "--repair")
+    assert code == 0, err
+    match = re.search(
+        r"rebuilt .* from its (\d+) readable entries whose checksums hold; "
+        r"integrity now: ok",
+        out,
+    )
+    assert match is not None, out
+    kept = int(match.group(1))
+    assert 250 < kept < 300
+    assert cli.json(cache_path, "check")["ok"] is True
+    assert len(cli.json(cache_path, "ls")) == kept
+    (cache_path.parent / "blob.bin").write_bytes(b"new")
+    assert cli.run(cache_path, "put", KEY, str(cache_path.parent / "blob.bin"))[0] == 0
+
+
+def test_check_repair_of_a_file_that_cannot_be_opened_starts_an_empty_cache(
+    cli: Cli, filled: Filled
+) -> None:
+    damage_pages(filled.path, [0], page_size=4096)  # the header and the schema
+    code, out, err = cli.run(filled.path, "check")
+    assert code == 1 and "is not a SQLite database" in one_error_line(err)
+    code, out, err = cli.run(filled.path, "check", "--repair")
+    assert code == 0 and "moved the damaged file aside" in out, err
+    assert cli.json(filled.path, "info")["entries"] == 0
+    assert len(list(filled.path.parent.glob(filled.path.name + ".corrupt-*"))) == 1
+
+
+# -- bad input at the edges -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ls", "--limit", "99999999999999999999"], "argument --limit: expected a whole number"),
+        (
+            ["ls", "--older-than", "99999999999999999999d"],
+            "argument --older-than: expected a duration of at most 1000000d",
+        ),
+        (["ls", "--min-size", "99999999999999999999T"], "argument --min-size: expected a size"),
+        (["ls", "--vendor", "99999999999999999999"], "argument --vendor: expected a number in"),
+        (["sql", "SELECT 1", "--timeout", "0"], "argument --timeout: expected seconds above 0"),
+        (["sql", "SELECT 1", "--timeout", "nan"], "argument --timeout: expected seconds"),
+    ],
+)
+def test_huge_numbers_are_one_line(cli: Cli, filled: Filled, argv: list[str], message: str) -> None:
+    code, out, err = cli.run(filled.path, *argv)
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+
+
+def run_limited(argv: list[str], **options: Any) -> subprocess.CompletedProcess[bytes]:
+    """The command line in a process of its own, with 1 GiB of address space at most."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "vyre_sqlcache", *argv],
+        capture_output=True,
+        preexec_fn=limit,
+        timeout=60,
+        **options,
+    )
+
+
+def test_put_refuses_a_device_or_a_fifo_at_once(cache_path: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for source, message in [
+        ("/dev/zero", b"/dev/zero is not a regular file"),
+        (str(fifo), b"is not a regular file (a FIFO, socket or device)"),
+    ]:
+        result = run_limited(["--path", str(cache_path), "put", KEY, source])
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert result.stderr.count(b"\n") == 1
+    assert not cache_path.exists()
+
+
+def test_put_reads_standard_input_up_to_the_limit(cache_path: Path) -> None:
+    too_much = run_limited(
+        ["--path", str(cache_path), "put", KEY, "-"], input=b"\0" * (64 * 1024 * 1024 + 1)
+    )
+    assert too_much.returncode == 1
+    assert b"standard input holds more than 67108864 bytes" in too_much.stderr
+    assert not cache_path.exists()
+    stored = run_limited(["--path", str(cache_path), "put", KEY, "-"], input=b"piped blob")
+    assert stored.returncode == 0, stored.stderr
+    with PipelineCache.open(cache_path) as cache:
+        assert cache.get_entry(KEY) == b"piped blob"
+
+
+ENDLESS = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT max(x) FROM n"
+
+
+def test_sql_stops_at_its_timeout(cli: Cli, filled: Filled) -> None:
+    start = time.monotonic()
+    code, out, err = cli.run(filled.path, "sql", ENDLESS, "--timeout", "0.5")
+    assert code == 1 and out == ""
+    assert "longer than its timeout of 0.5 s" in one_error_line(err)
+    assert time.monotonic() - start < 10
+
+
+def test_sql_stops_on_ctrl_c(filled: Filled) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vyre_sqlcache", "--path", str(filled.path), "sql", ENDLESS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.5)  # well into the query
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and out == b""
+    assert err == b"vyre-sqlcache: interrupted\n"
+
+
+def test_export_dir_refuses_a_linked_folder(cli: Cli, filled: Filled, tmp_path: Path) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    prefix = filled.keys["program"][:2]
+    (out / prefix).symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = cli.run(filled.path, "export-dir", str(out))
+    assert code == 1 and "is a symbolic link or not a folder" in one_error_line(err)
+    assert list(elsewhere.iterdir()) == []

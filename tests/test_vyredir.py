@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
 
 from vyre_sqlcache import MAX_BLOB_BYTES, DeviceFingerprint, PipelineCache, PipelineCacheKey
 from vyre_sqlcache.errors import CacheError
-from vyre_sqlcache.inspection import read_only
 from vyre_sqlcache.vyredir import (
+    DirEntry,
     ExportReport,
     ImportReport,
     entry_path,
@@ -56,16 +59,22 @@ def tree(root: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
+@contextmanager
+def read_only(path: Path) -> Iterator[apsw.Connection]:
+    """A connection that can only read the cache file, for looking at it from a test."""
+    connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
 def do_import(cache: PipelineCache, root: Path, notes: list[str] | None = None) -> ImportReport:
-    with read_only(cache.path) as connection:
-        return import_dir(
-            cache, connection, root, note=(notes.append if notes is not None else print)
-        )
+    return import_dir(cache, root, note=(notes.append if notes is not None else print))
 
 
 def do_export(cache: PipelineCache, root: Path) -> ExportReport:
-    with read_only(cache.path) as connection:
-        return export_dir(connection, root)
+    return export_dir(cache, root)
 
 
 def snapshot(connection: apsw.Connection) -> list[object]:
@@ -253,3 +262,163 @@ def test_write_atomic_sets_the_mtime_and_cleans_up_on_failure(tmp_path: Path) ->
         write_atomic(path, "not bytes", 0)  # type: ignore[arg-type]
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     assert path.read_bytes() == b"blob"
+
+
+def test_import_under_a_cap_reports_what_the_cap_evicted(
+    cache_path: Path, fingerprint: DeviceFingerprint, tmp_path: Path
+) -> None:
+    root = tmp_path / "vyre"
+    for index in range(500):
+        path = entry_path(root, fingerprint.cache_key(index.to_bytes(32, "big")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(4096))
+    with PipelineCache.open(cache_path, max_bytes=1 << 20) as cache:
+        report = do_import(cache, root)
+        kept = len(cache)
+    assert report.imported == 500 and 200 < kept < 256
+    assert (report.evicted, report.kept) == (500 - kept, kept)
+
+
+def test_import_writes_in_batches_under_the_cap(
+    cache_path: Path, fingerprint: DeviceFingerprint, tmp_path: Path
+) -> None:
+    # 60 files of 20 KB under a 100 KB cap: batches must stay under the cap, or every
+    # batch would be refused as too large.
+    root = tmp_path / "vyre"
+    for index in range(60):
+        path = entry_path(root, fingerprint.cache_key(index.to_bytes(32, "big")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(20_000))
+    notes: list[str] = []
+    with PipelineCache.open(cache_path, max_bytes=100_000) as cache:
+        report = do_import(cache, root, notes)
+        assert report.imported == 60 and report.skipped == 0 and notes == []
+        assert 0 < report.kept == len(cache) <= 5
+
+
+class Swap:
+    """A progress callback that changes the tree after the scan, before any file is read:
+    what an attacker who owns the folder can do while root imports it."""
+
+    def __init__(self, change: Callable[[list[DirEntry]], None]) -> None:
+        self.change = change
+
+    def __call__(self, items: Iterable[Any], total: int, what: str) -> Iterable[Any]:
+        files = list(items)
+        self.change(files)
+        return files
+
+
+def _file_to_link(secret: Path) -> Callable[[list[DirEntry]], None]:
+    def change(files: list[DirEntry]) -> None:
+        files[0].path.unlink()
+        files[0].path.symlink_to(secret)
+
+    return change
+
+
+def _folder_to_link(secret: Path) -> Callable[[list[DirEntry]], None]:
+    def change(files: list[DirEntry]) -> None:
+        folder = files[0].path.parent
+        decoy = secret.parent / folder.name
+        decoy.mkdir()
+        (decoy / files[0].path.name).write_bytes(secret.read_bytes())
+        folder.rename(folder.with_name("moved"))
+        folder.symlink_to(decoy, target_is_directory=True)
+
+    return change
+
+
+def _file_to_fifo(secret: Path) -> Callable[[list[DirEntry]], None]:
+    def change(files: list[DirEntry]) -> None:
+        files[0].path.unlink()
+        os.mkfifo(files[0].path)
+
+    return change
+
+
+def _file_to_hard_link(secret: Path) -> Callable[[list[DirEntry]], None]:
+    def change(files: list[DirEntry]) -> None:
+        files[0].path.unlink()
+        os.link(secret, files[0].path)
+
+    return change
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging for ever) if the block takes longer than `seconds`."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    ("swap", "imported"),
+    [
+        (_file_to_link, 4),
+        (_file_to_hard_link, 4),
+        (_file_to_fifo, 4),
+        # the folder scanned is read through its descriptor: its own files, not the link's
+        (_folder_to_link, 5),
+    ],
+)
+def test_import_reads_only_the_files_it_scanned(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    swap: Callable[[Path], Callable[[list[DirEntry]], None]],
+    imported: int,
+) -> None:
+    secret = tmp_path / "private" / "secret"
+    secret.parent.mkdir()
+    secret.write_bytes(b"root's private key")
+    root = tmp_path / "vyre"
+    programs = make_vyre_tree(root, fingerprint, 5)
+    notes: list[str] = []
+    with deadline(20):
+        report = import_dir(cache, root, progress=Swap(swap(secret)), note=notes.append)
+    assert report.imported == imported and report.skipped == len(notes) == 5 - imported
+    stored = [cache.peek_entry(row["entry_key"]) for row in cache.entries()]
+    assert len(stored) == imported and all(blob in programs.values() for blob in stored)
+
+
+def test_export_never_writes_through_a_linked_folder(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, tmp_path: Path
+) -> None:
+    digests = [os.urandom(32) for _ in range(20)]
+    cache.write_many([(d, b"blob " + d) for d in digests], fingerprint)
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    prefix = fingerprint.cache_key(digests[0]).hex()[:2]
+    (out / prefix).symlink_to(elsewhere, target_is_directory=True)
+    report = do_export(cache, out)
+    linked = sum(fingerprint.cache_key(d).hex()[:2] == prefix for d in digests)
+    assert report.refused == {str(out / prefix): linked}
+    assert report.exported == 20 - linked
+    assert list(elsewhere.iterdir()) == []
+    assert (out / prefix).is_symlink()
+
+
+def test_export_replaces_a_linked_file_instead_of_writing_through_it(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, tmp_path: Path
+) -> None:
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, b"exported")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    path = entry_path(tmp_path / "out", fingerprint.cache_key(digest))
+    path.parent.mkdir(parents=True)
+    path.symlink_to(victim)
+    assert do_export(cache, tmp_path / "out").exported == 1
+    assert victim.read_bytes() == b"not yours"
+    assert not path.is_symlink() and path.read_bytes() == b"exported"

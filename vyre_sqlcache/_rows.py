@@ -462,8 +462,8 @@ class QueryResult:
 def run_query(connection: apsw.Connection, sql: str) -> list[QueryResult]:
     """Run `sql` (one or more statements); return the rows of each that has columns.
 
-    Before each statement runs, one that would write raises WriteRefused. Raises apsw
-    errors for SQL that SQLite rejects.
+    Before each statement runs, one that would write (or attach another file) raises
+    WriteRefused. Raises apsw errors for SQL that SQLite rejects.
     """
     results: list[QueryResult] = []
 
@@ -477,6 +477,14 @@ def run_query(connection: apsw.Connection, sql: str) -> list[QueryResult]:
         results.append(QueryResult(columns, []))
         return True
 
+    def authorize(operation: int, *names: str | None) -> int:
+        # SQLite counts ATTACH as reading, but it creates the file it names.
+        if operation in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
+            raise WriteRefused(sql)
+        return apsw.SQLITE_OK
+
+    previous = connection.authorizer
+    connection.authorizer = authorize
     cursor = connection.cursor()
     cursor.exec_trace = before_each
     try:
@@ -484,6 +492,7 @@ def run_query(connection: apsw.Connection, sql: str) -> list[QueryResult]:
             results[-1].rows.append(tuple(row))
     finally:
         cursor.close(True)
+        connection.authorizer = previous
     return [result for result in results if result.columns]
 
 

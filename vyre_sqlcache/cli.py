@@ -1,32 +1,33 @@
-"""The `vyre-sqlcache` command line.
+"""The `vyre-sqlcache` command line: a client of the library's public API.
 
-Exit status: 0 success; 1 not found, check failed or a cache error; 2 usage. Every
-error is one line on stderr, `vyre-sqlcache: ...`.
+Every cache is opened through `PipelineCache.open`, read-only (and so never migrated
+or otherwise written) for the commands that only look: `info`, `ls`, `get`, `sql`,
+`check` without `--repair` and `export-dir`.
+
+Exit status: 0 success; 1 not found, check failed or a cache error; 2 usage; 130
+interrupted. Every error is one line on stderr, `vyre-sqlcache: ...`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
 import re
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-import apsw
-
-from . import demo, inspection, vyredir
-from ._checks import MAX_BLOB_BYTES
-from ._connections import connect
-from ._schema import schema_version
-from .cache import PipelineCache
-from .config import Settings, parse_size
-from .errors import CacheError
+from . import MAX_BLOB_BYTES, SCHEMA_VERSION, PipelineCache, __version__, vyredir
+from . import _cli_demo as demo
+from .config import ENV_MAX_SIZE, ENV_PATH, parse_size
+from .errors import CacheError, CorruptCacheError, ReadOnlyCacheError
 from .keys import U32_MAX, DeviceFingerprint, FeatureFlags, coerce_digest
 
 __all__ = ["main"]
@@ -34,28 +35,42 @@ __all__ = ["main"]
 PROG = "vyre-sqlcache"
 T = TypeVar("T")
 
+#: Bounds of number options, so that every value given fits SQLite's 64-bit integers.
+INT64_MAX = 2**63 - 1
+MAX_AGE_DAYS = 1_000_000
+MAX_TIMEOUT_S = 1_000_000
+
 
 class UsageError(Exception):
-    """A malformed argument value: one line on stderr, exit status 2."""
+    """Options that do not go together: one line on stderr, exit status 2."""
 
 
 class Failure(Exception):
     """Something asked for is not there (an entry, a file): one line, exit status 1."""
 
 
-# -- argument values: each raises UsageError, which argparse lets through -------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with every usage error on one line: `vyre-sqlcache: argument --x: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: {message} (see '{self.prog} --help')\n")
 
 
-def _named(option: str, parse: Callable[[str], T]) -> Callable[[str], T]:
-    """`parse`, with `option` named in its error."""
+# -- argument values: each raises ArgumentTypeError, which argparse names the option in ---
 
-    def parse_named(text: str) -> T:
-        try:
-            return parse(text)
-        except UsageError as error:
-            raise UsageError(f"{option}: {error}") from None
 
-    return parse_named
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """A decimal whole number from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        digits = text.strip()
+        if not digits.isdigit() or not low <= int(digits) <= high:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low} to {high}, got {text!r}"
+            )
+        return int(digits)
+
+    return parse
 
 
 def _u32(text: str) -> int:
@@ -63,30 +78,29 @@ def _u32(text: str) -> int:
     try:
         value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
     except ValueError:
-        raise UsageError(f"expected a number such as 4318 or 0x10de, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number such as 4318 or 0x10de, got {text!r}"
+        ) from None
     if not 0 <= value <= U32_MAX:
-        raise UsageError(f"expected a number in 0..{U32_MAX:#x}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in 0..{U32_MAX:#x}, got {text!r}")
     return value
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def _entry_key(text: str) -> str:
     try:
         return coerce_digest("an entry key", text.strip().lower()).hex()
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _size(text: str) -> int:
     try:
-        return parse_size(text, name="a size")
+        size = parse_size(text, name="a size")
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"expected a size of at most 2**63-1 bytes, got {text!r}")
+    return size
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -96,8 +110,27 @@ _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 def _duration_ms(text: str) -> int:
     match = _DURATION.match(text.strip())
     if match is None:
-        raise UsageError(f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}")
-    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 90s, 30m, 12h or 7d, got {text!r}"
+        )
+    ms = int(match.group(1)) * _UNIT_MS[match.group(2)]
+    if ms > MAX_AGE_DAYS * _UNIT_MS["d"]:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration of at most {MAX_AGE_DAYS}d, got {text!r}"
+        )
+    return ms
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds above 0 and at most {MAX_TIMEOUT_S}, got {text!r}"
+        )
+    return value
 
 
 def _flag(text: str) -> int:
@@ -107,7 +140,9 @@ def _flag(text: str) -> int:
     if text[:1].isdigit():
         return _u32(text)
     names = ", ".join(FeatureFlags.__members__)
-    raise UsageError(f"unknown feature flag {text!r}; use one of {names} or a bit value")
+    raise argparse.ArgumentTypeError(
+        f"unknown feature flag {text!r}; use one of {names} or a bit value"
+    )
 
 
 # -- output ---------------------------------------------------------------------------
@@ -157,6 +192,16 @@ def _bytes(count: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def _mb(count: int | None) -> str:
+    return "no cap" if count is None else f"{count / 1e6:.1f} MB"
+
+
+def _describe(keys: Sequence[str], limit: int = 5) -> str:
+    """A short list of keys for a message: the first few and how many more."""
+    shown = ", ".join(keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
 def _progress(items: Iterable[T], total: int, what: str) -> Iterable[T]:
     """A progress bar on stderr when it is a terminal and tqdm (optional: the `progress`
     extra) is installed."""
@@ -166,15 +211,7 @@ def _progress(items: Iterable[T], total: int, what: str) -> Iterable[T]:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(
-        items,
-        total=total,
-        desc=what,
-        unit=" entries",
-        file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-        leave=False,
-    )
+    return tqdm(items, total=total, desc=what, unit=" entries", file=sys.stderr, leave=False)
 
 
 def _note(message: str) -> None:
@@ -188,15 +225,26 @@ def _note(message: str) -> None:
 # -- opening ----------------------------------------------------------------------------
 
 
-@contextmanager
-def _opened(args: argparse.Namespace, *, create: bool = False) -> Iterator[PipelineCache]:
-    """The cache of `--path` (else $VYRE_SQLCACHE_PATH, else the default), opened strict:
-    a damaged file is reported, never moved aside. Only `create` makes a new file."""
+def _path(args: argparse.Namespace) -> Path:
+    """The cache file of `--path`, else $VYRE_SQLCACHE_PATH, else the default (`~` expanded)."""
     try:
-        path = args.path or Settings.from_environment().path or PipelineCache.default_path()
-        if not create and not Path(path).exists():
-            raise Failure(f"no cache at {path} (nothing has been cached there yet)")
-        cache = PipelineCache.open(path, strict=True)
+        return PipelineCache.resolve_path(args.path)
+    except ValueError as error:
+        raise Failure(str(error)) from error
+
+
+@contextmanager
+def _opened(
+    args: argparse.Namespace, *, write: bool = False, create: bool = False
+) -> Iterator[PipelineCache]:
+    """The cache of `--path`, opened strict (a damaged file is reported, never moved
+    aside) and, unless `write`, read-only: never migrated, nothing written. Only
+    `create` makes a new file."""
+    path = _path(args)
+    if not create and not path.exists():
+        raise Failure(f"no cache at {path} (nothing has been cached there yet)")
+    try:
+        cache = PipelineCache.open(args.path, readonly=not write, strict=True)
     except ValueError as error:
         raise Failure(str(error)) from error
     with cache:
@@ -205,30 +253,24 @@ def _opened(args: argparse.Namespace, *, create: bool = False) -> Iterator[Pipel
         yield cache
 
 
-def _file_bytes(path: Path) -> int:
-    total = 0
-    for suffix in ("", "-wal"):
-        with suppress(FileNotFoundError):
-            total += os.stat(f"{path}{suffix}").st_size
-    return total
-
-
 # -- commands ----------------------------------------------------------------------------
 
 
 def _info(args: argparse.Namespace) -> int:
-    with _opened(args) as cache, inspection.read_only(cache.path) as connection:
+    with _opened(args) as cache:
         stats = cache.stats()
-        version = schema_version(connection)
-        groups = inspection.totals_by_device(connection)
+        version = cache.schema_version()
+        groups = cache.device_totals()
+        cap = cache.file_max_bytes()
+        here = cache.max_bytes
     info: dict[str, Any] = {
         "path": str(stats.path),
         "schema_version": version,
-        "sqlite_version": apsw.sqlite_lib_version(),
+        "sqlite_version": PipelineCache.sqlite_version(),
         "entries": stats.entries,
         "blob_bytes": stats.blob_bytes,
         "file_bytes": stats.file_bytes,
-        "max_bytes": stats.max_bytes,
+        "max_bytes": cap,
         "hits": stats.total_hits,
         "misses": stats.total_misses,
         "evictions": stats.total_evictions,
@@ -241,6 +283,9 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     lookups = stats.total_hits + stats.total_misses
     rate = f" ({100 * stats.total_hits / lookups:.1f}% hits)" if lookups else ""
+    cap_text = _bytes(cap)
+    if here != cap:
+        cap_text += f"; {ENV_MAX_SIZE} gives {_bytes(here)} to processes that set it"
     lines = [
         ("path", info["path"]),
         ("schema version", version),
@@ -248,7 +293,7 @@ def _info(args: argparse.Namespace) -> int:
         ("entries", stats.entries),
         ("blob bytes", _bytes(stats.blob_bytes)),
         ("file bytes", _bytes(stats.file_bytes)),
-        ("size cap", _bytes(stats.max_bytes)),
+        ("size cap", cap_text),
         ("hits / misses", f"{stats.total_hits} / {stats.total_misses}{rate}"),
         ("evictions", stats.total_evictions),
         ("checksum failures", stats.total_checksum_failures),
@@ -256,41 +301,32 @@ def _info(args: argparse.Namespace) -> int:
     ]
     print("\n".join(f"{name:<18} {value}" for name, value in lines))
     if groups:
+        columns = ["backend", "vendor_hex", "device_hex", "entries", "bytes", "hits"]
         print()
         print(
             _table(
                 ["backend", "vendor", "device", "entries", "bytes", "hits", "last accessed"],
-                [
-                    [
-                        g["backend"],
-                        g["vendor_hex"],
-                        g["device_hex"],
-                        g["entries"],
-                        g["bytes"],
-                        g["hits"],
-                        g["last_accessed"],
-                    ]
-                    for g in groups
-                ],
+                [[g[c] for c in columns] + [g["last_accessed"]] for g in groups],
             )
         )
     return 0
 
 
-def _filter(args: argparse.Namespace) -> inspection.EntryFilter:
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    """The `entries()` filters the options ask for (None where they say nothing)."""
     flags = 0
     for bit in getattr(args, "flag", None) or ():
         flags |= bit
     older = getattr(args, "older_than", None)
-    return inspection.EntryFilter(
-        backend=args.backend,
-        vendor=args.vendor,
-        device=args.device,
-        flags=flags,
-        min_size=getattr(args, "min_size", None),
-        created_before_ms=None if older is None else time.time_ns() // 10**6 - older,
-        key_version=getattr(args, "key_version", None),
-    )
+    return {
+        "backend": args.backend,
+        "vendor": args.vendor,
+        "device": args.device,
+        "flags": flags,
+        "min_size": getattr(args, "min_size", None),
+        "created_before_ms": None if older is None else time.time_ns() // 10**6 - older,
+        "key_version": getattr(args, "key_version", None),
+    }
 
 
 _LS_COLUMNS = (
@@ -309,9 +345,9 @@ _LS_COLUMNS = (
 
 
 def _ls(args: argparse.Namespace) -> int:
-    with _opened(args) as cache, inspection.read_only(cache.path) as connection:
-        rows = inspection.list_entries(
-            connection, _filter(args), sort=args.sort, reverse=args.reverse, limit=args.limit
+    with _opened(args) as cache:
+        rows = cache.entries(
+            **_filters(args), sort=args.sort, reverse=args.reverse, limit=args.limit
         )
     if args.json:
         print(_json(rows))
@@ -322,7 +358,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     with _opened(args) as cache:
-        blob = cache.get_entry(args.key)
+        blob = cache.peek_entry(args.key)
     if blob is None:
         raise Failure(f"no entry with key {args.key}")
     if args.output == "-":
@@ -334,16 +370,57 @@ def _get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _put(args: argparse.Namespace) -> int:
-    source = Path(args.file)
+def _read_bounded(fd: int) -> bytes:
+    """At most MAX_BLOB_BYTES + 1 bytes from `fd`: enough to tell that it is too large."""
+    chunks = []
+    left = MAX_BLOB_BYTES + 1
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_blob(name: str) -> bytes:
+    """The bytes of a regular file, or of standard input for `-`; at most 64 MiB are
+    accepted, and never more than that (and a byte) is read."""
+    too_large = f"over the {MAX_BLOB_BYTES}-byte limit of an entry"
+    if name == "-":
+        data = _read_bounded(sys.stdin.fileno())
+        if len(data) > MAX_BLOB_BYTES:
+            raise Failure(f"standard input holds more than {MAX_BLOB_BYTES} bytes, {too_large}")
+        return data
     try:
-        size = source.stat().st_size
-        if size > MAX_BLOB_BYTES:
-            raise Failure(f"{source} is {size} bytes, over the {MAX_BLOB_BYTES}-byte limit")
-        blob = source.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as error:
-        raise Failure(f"cannot read {source}: {error.strerror or error}") from error
-    with _opened(args, create=True) as cache:
+        raise Failure(f"cannot read {name}: {error.strerror or error}") from error
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise Failure(f"cannot read {name}: it is a folder")
+        if not stat.S_ISREG(info.st_mode):
+            raise Failure(
+                f"{name} is not a regular file (a FIFO, socket or device); give a file, "
+                "or - to read standard input"
+            )
+        if info.st_size > MAX_BLOB_BYTES:
+            raise Failure(f"{name} is {info.st_size} bytes, {too_large}")
+        data = _read_bounded(fd)
+    except OSError as error:
+        raise Failure(f"cannot read {name}: {error.strerror or error}") from error
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BLOB_BYTES:
+        raise Failure(f"{name} grew past {MAX_BLOB_BYTES} bytes while it was read, {too_large}")
+    return data
+
+
+def _put(args: argparse.Namespace) -> int:
+    blob = _read_blob(args.file)
+    with _opened(args, write=True, create=True) as cache:
         cache.put_entry(args.key, blob)
         cache.flush()
     print(f"stored {len(blob)} bytes under {args.key}")
@@ -352,10 +429,11 @@ def _put(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     keys = list(dict.fromkeys(args.keys))
-    with _opened(args) as cache:
-        with inspection.read_only(cache.path) as connection:
-            present = {key for key in keys if inspection.has_entry(connection, key)}
+    with _opened(args, write=True) as cache:
+        present = {row["entry_key"] for row in cache.entries(entry_keys=keys)}
         removed = cache.delete_entries([k for k in keys if k in present])
+        if removed:
+            cache.flush()
     print(f"removed {removed} {'entry' if removed == 1 else 'entries'}")
     missing = [k for k in keys if k not in present]
     for key in missing:
@@ -381,7 +459,7 @@ def _read_digests(path: Path) -> tuple[bytes, ...]:
 
 
 def _invalidate(args: argparse.Namespace) -> int:
-    entry_filter = _filter(args)
+    filters = _filters(args)
     digests = None if args.program_digests is None else _read_digests(args.program_digests)
     if args.revision is not None:
         if digests is None or args.vendor is None or args.device is None:
@@ -391,27 +469,33 @@ def _invalidate(args: argparse.Namespace) -> int:
         fingerprint = DeviceFingerprint.from_parts(
             args.vendor, args.device, args.revision, args.revision_extra
         )
-        with _opened(args) as cache:
+        with _opened(args, write=True) as cache:
             removed = cache.invalidate_impacted([1] * len(digests), digests, fingerprint)
+            cache.flush()
     else:
-        if entry_filter == inspection.EntryFilter() and digests is None and not args.all:
+        nothing = all(value is None for name, value in filters.items() if name != "flags")
+        if nothing and digests is None and not args.all:
             raise UsageError(
                 "say what to invalidate: --backend, --vendor, --device, --key-version, "
                 "--program-digests, or --all"
             )
-        if digests is not None:
-            entry_filter = dataclasses.replace(entry_filter, program_digests=digests)
-        with _opened(args) as cache:
-            with inspection.read_only(cache.path) as connection:
-                keys = inspection.matching_keys(connection, entry_filter)
+        with _opened(args, write=True) as cache:
+            keys = [row["entry_key"] for row in cache.entries(**filters, program_digests=digests)]
             removed = cache.delete_entries(keys)
+            cache.flush()
     print(f"invalidated {removed} {'entry' if removed == 1 else 'entries'}")
     return 0
 
 
 def _sql(args: argparse.Namespace) -> int:
-    with _opened(args) as cache, inspection.read_only(cache.path) as connection:
-        results = inspection.run_query(connection, args.query)
+    with _opened(args) as cache:
+        try:
+            results = cache.query(args.query, timeout=args.timeout)
+        except ReadOnlyCacheError as error:
+            raise Failure(
+                f"{error}: 'sql' only reads the cache (use rm, invalidate, check --repair "
+                "or compact to change it)"
+            ) from error
     if args.json:
         print(_json([dict(zip(r.columns, row, strict=True)) for r in results for row in r.rows]))
         return 0
@@ -420,8 +504,21 @@ def _sql(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    with _opened(args) as cache, inspection.read_only(cache.path) as connection:
-        report = inspection.check(cache, connection, repair=args.repair, progress=_progress)
+    def checking(ids: list[int]) -> Iterable[int]:
+        return _progress(ids, len(ids), "checking")
+
+    moved = None
+    try:
+        with _opened(args, write=args.repair) as cache:
+            report = cache.check(repair=args.repair, progress=checking)
+    except CorruptCacheError as error:
+        if not args.repair:
+            raise
+        # Not even its header or schema can be read: nothing to rebuild from. The library
+        # moves such a file aside (kept for a post-mortem) and starts an empty cache.
+        moved = str(error)
+        with PipelineCache.open(args.path, verify=True) as cache:
+            report = cache.check()
     if args.json:
         print(
             _json(
@@ -431,119 +528,200 @@ def _check(args: argparse.Namespace) -> int:
                     "checked": report.checked,
                     "damaged": report.damaged,
                     "missing_blob": report.missing_blob,
+                    "unreadable": report.unreadable,
                     "dropped": report.dropped,
+                    "rebuilt": report.rebuilt,
+                    "kept": report.kept,
+                    "integrity_after": report.integrity_after,
+                    "moved_aside": moved,
                 }
             )
         )
         return 0 if report.ok else 1
+    if moved is not None:
+        print(f"moved the damaged file aside ({moved}) and started an empty cache at {cache.path}")
+        return 0 if report.ok else 1
     print(f"integrity: {'; '.join(report.integrity[:5])}")
+    unreadable = f", {report.unreadable} cannot be read" if report.unreadable else ""
     print(
         f"checked {report.checked} entries: {len(report.damaged)} fail their checksum, "
-        f"{len(report.missing_blob)} have no blob"
+        f"{len(report.missing_blob)} have no blob{unreadable}"
     )
     bad = report.bad_entries
-    if bad and args.repair:
+    if report.rebuilt:
+        print(
+            f"rebuilt {cache.path} from its {report.kept} readable entries whose checksums "
+            f"hold; integrity now: {'; '.join((report.integrity_after or ('?',))[:5])}"
+        )
+    elif bad and args.repair:
         print(f"dropped {report.dropped} bad entries")
     elif bad:
-        print(f"bad entries: {inspection.describe(bad)}")
-        print(f"{PROG}: {len(bad)} bad entries; 'check --repair' drops them", file=sys.stderr)
-    if not report.sound_file:
+        print(f"bad entries: {_describe(bad)}")
+    if not report.sound_file and not report.rebuilt:
         print(
-            f"{PROG}: {report.integrity[0]}: the file is damaged; delete it (it is only a "
-            "cache: vyre compiles again what it needs)",
+            f"{PROG}: {report.integrity[0]}: the file is damaged; 'check --repair' rebuilds "
+            "it from its readable entries",
             file=sys.stderr,
         )
+    elif bad and not args.repair:
+        print(f"{PROG}: {len(bad)} bad entries; 'check --repair' drops them", file=sys.stderr)
     return 0 if report.ok else 1
 
 
 def _compact(args: argparse.Namespace) -> int:
-    with _opened(args) as cache:
-        path = cache.path
-        readonly = cache.readonly
-    if readonly:
-        raise Failure(f"{path} cannot be written; compact needs write access")
-    before = _file_bytes(path)
-    connection = connect(path)
-    try:
-        connection.execute("VACUUM")
-        connection.pragma("wal_checkpoint", "TRUNCATE")
-    except apsw.Error as error:
-        raise CacheError(f"compacting {path} failed: {error}") from error
-    finally:
-        connection.close()
-    print(f"compacted {path}: {_bytes(before)} -> {_bytes(_file_bytes(path))}")
+    with _opened(args, write=True) as cache:
+        before, after = cache.compact()
+    print(f"compacted {cache.path}: {_bytes(before)} -> {_bytes(after)}")
     return 0
 
 
 def _import_dir(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
+    root = Path(args.dir).expanduser()
     if not root.is_dir():
         raise Failure(f"{root} is not a folder; give the root of a vyre pipeline cache")
-    with _opened(args, create=True) as cache, inspection.read_only(cache.path) as connection:
-        report = vyredir.import_dir(cache, connection, root, progress=_progress, note=_note)
-    print(
+    with _opened(args, write=True, create=True) as cache:
+        report = vyredir.import_dir(cache, root, progress=_progress, note=_note)
+        cap = cache.max_bytes
+    line = (
         f"imported {report.imported} entries from {root} "
         f"({report.unchanged} already there, {report.skipped} skipped)"
     )
+    if report.evicted:
+        line += (
+            f", of which {report.evicted} were evicted by the size cap of {_bytes(cap)}: "
+            f"{report.kept} are in the cache"
+        )
+    print(line)
     return 0
 
 
 def _export_dir(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
+    root = Path(args.dir).expanduser()
     if root.exists() and not root.is_dir():
         raise Failure(f"{root} is not a folder; give a folder to write the vyre cache into")
-    with _opened(args) as cache, inspection.read_only(cache.path) as connection:
-        report = vyredir.export_dir(connection, root, progress=_progress)
+    with _opened(args) as cache:
+        report = vyredir.export_dir(cache, root, progress=_progress)
     left_out = f"; {report.keyed} keyed entries left out" if report.keyed else ""
     print(f"exported {report.exported} entries to {root}{left_out}")
+    problems = []
     if report.damaged:
-        print(
-            f"{PROG}: {len(report.damaged)} entries fail their checksum and were not exported "
-            f"({inspection.describe(report.damaged)}); 'check --repair' drops them",
-            file=sys.stderr,
+        problems.append(
+            f"{len(report.damaged)} entries fail their checksum and were not exported "
+            f"({_describe(report.damaged)}); 'check --repair' drops them"
         )
+    if report.refused:
+        count = sum(report.refused.values())
+        problems.append(
+            f"{count} entries were not exported: {_describe(sorted(report.refused))} "
+            "is a symbolic link or not a folder, and export never writes through one"
+        )
+    if problems:
+        print(f"{PROG}: {'; '.join(problems)}", file=sys.stderr)
         return 1
     return 0
 
 
+def _run_demo(
+    writer: PipelineCache, workload: demo.Workload, *, keep: bool
+) -> tuple[demo.Outcome, Any, int]:
+    """The demo on `writer`'s file: its outcome, the stats after it, what it removed."""
+    with PipelineCache.open(writer.path, readonly=True) as reader:
+        outcome = demo.run(writer, reader, workload)
+    after = writer.stats()
+    return outcome, after, 0 if keep else demo.remove(writer, workload)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    return demo.run(args.path, count=args.count, keep=args.keep, seed=args.seed)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "big")
+    workload = demo.Workload(seed=seed, count=args.count)
+    created = not _path(args).exists()
+    with _opened(args, write=True, create=True) as cache:
+        path = cache.path
+        before = cache.stats()
+        cap = cache.max_bytes
+        room = cap is None or before.blob_bytes + workload.total_bytes <= cap
+        print(f"cache: {path}")
+        if room:
+            outcome, after, removed = _run_demo(cache, workload, keep=args.keep)
+            left = len(cache)
+    if created and (not room or not args.keep):
+        # The demo made the file: leave none behind, as there was none.
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if not room:
+        print(
+            f"the cache holds {_mb(before.blob_bytes)} of blobs under its size cap of "
+            f"{_mb(cap)}: the demo's {_mb(workload.total_bytes)} would evict entries, so the "
+            "demo runs on a temporary file and leaves the cache as it is"
+        )
+        with (
+            tempfile.TemporaryDirectory(prefix="vyre-sqlcache-demo-") as folder,
+            PipelineCache.open(Path(folder) / "demo.sqlite3", max_bytes=None) as scratch,
+        ):
+            print(f"cache: {scratch.path} (temporary)")
+            outcome, after, removed = _run_demo(scratch, workload, keep=True)
+    print(
+        f"wrote    {outcome.written} pipelines ({workload.total_bytes / 1e6:.1f} MB) in "
+        f"{outcome.write_s * 1e3:.1f} ms"
+    )
+    print(
+        f"read     {outcome.written} pipelines in {outcome.read_s * 1e3:.1f} ms: "
+        f"{outcome.intact} intact"
+    )
+    print(
+        f"invalidated {outcome.invalidated} pipelines by impact mask ({outcome.marked} "
+        f"marked); {outcome.missing_after} now miss"
+    )
+    print(
+        f"totals:  {after.entries} entries, {after.blob_bytes / 1e6:.1f} MB of blobs in a "
+        f"{after.file_bytes / 1e6:.1f} MB file ({before.entries if room else 0} entries "
+        "before the demo)"
+    )
+    if not room:
+        print("removed the temporary file")
+    elif created and not args.keep:
+        print(f"removed {path}, which the demo had created")
+    elif not args.keep:
+        print(
+            f"removed the demo's {removed} entries: {left} entries remain (use --keep to keep them)"
+        )
+    return 0 if outcome.ok(workload.count) else 1
 
 
 # -- the parser -------------------------------------------------------------------------
 
 
-def _add_filters(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--backend", help="only entries of this backend (e.g. vulkan)")
-    command.add_argument(
-        "--vendor", type=_named("--vendor", _u32), help="only this PCI vendor id (0x10de or 4318)"
-    )
-    command.add_argument(
-        "--device", type=_named("--device", _u32), help="only this PCI device id (0x2684 or 9860)"
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    path_help = f"cache file (default: ${ENV_PATH}, else {PipelineCache.default_path()})"
+    parser = _Parser(
         prog=PROG,
         description="Inspect, maintain and exercise a vyre-sqlcache pipeline cache.",
-        epilog="Exit status: 0 success, 1 not found / check failed / cache error, 2 usage.",
+        epilog="Exit status: 0 success, 1 not found / check failed / cache error, 2 usage, "
+        "130 interrupted. Options go before or after the command.",
     )
     parser.add_argument(
-        "--path",
-        type=Path,
-        default=None,
-        help=f"cache file (default: $VYRE_SQLCACHE_PATH, else {PipelineCache.default_path()})",
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__} (SQLite {PipelineCache.sqlite_version()}, "
+        f"schema {SCHEMA_VERSION})",
     )
+    parser.add_argument("--path", metavar="FILE", default=None, help=path_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Any, text: str, **extra: Any) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text, **extra)
         sub.set_defaults(handler=handler)
+        # Also after the command (`info --path X`); SUPPRESS keeps one given before it.
+        sub.add_argument("--path", metavar="FILE", default=argparse.SUPPRESS, help=path_help)
         return sub
 
     def json_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def filters(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--backend", help="only entries of this backend (e.g. vulkan)")
+        sub.add_argument("--vendor", type=_u32, help="only this PCI vendor id (0x10de or 4318)")
+        sub.add_argument("--device", type=_u32, help="only this PCI device id (0x2684 or 9860)")
 
     info = command(
         "info",
@@ -554,45 +732,38 @@ def _parser() -> argparse.ArgumentParser:
     json_option(info)
 
     ls = command("ls", _ls, "list entries (one row of the pipelines_v view each)")
-    _add_filters(ls)
+    filters(ls)
     ls.add_argument(
         "--flag",
         action="append",
-        type=_named("--flag", _flag),
+        type=_flag,
         metavar="NAME",
         help="only entries with this feature flag (F16, SUBGROUP_OPS, ...); repeatable",
     )
-    ls.add_argument(
-        "--min-size",
-        type=_named("--min-size", _size),
-        metavar="SIZE",
-        help="only blobs of SIZE or more",
-    )
+    ls.add_argument("--min-size", type=_size, metavar="SIZE", help="only blobs of SIZE or more")
     ls.add_argument(
         "--older-than",
-        type=_named("--older-than", _duration_ms),
+        type=_duration_ms,
         metavar="AGE",
         help="only entries created longer ago than AGE (90s, 30m, 12h, 7d)",
     )
     ls.add_argument(
         "--sort",
-        choices=sorted(inspection.SORTS),
+        choices=PipelineCache.ENTRY_SORTS,
         default="created",
         help="largest, newest, most recently used or most hit first (default: created)",
     )
     ls.add_argument("--reverse", action="store_true", help="smallest or oldest first")
-    ls.add_argument(
-        "--limit", type=_named("--limit", _positive), metavar="N", help="at most N entries"
-    )
+    ls.add_argument("--limit", type=_whole(1, INT64_MAX), metavar="N", help="at most N entries")
     json_option(ls)
 
     get = command("get", _get, "write the blob of an entry to a file")
     get.add_argument("key", type=_entry_key, metavar="KEY", help="the entry key (64 hex)")
     get.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
 
-    put = command("put", _put, "store a file's bytes under a bare entry key")
+    put = command("put", _put, "store a file's bytes (64 MiB at most) under a bare entry key")
     put.add_argument("key", type=_entry_key, metavar="KEY", help="the entry key (64 hex)")
-    put.add_argument("file", type=Path, metavar="FILE")
+    put.add_argument("file", metavar="FILE", help="a regular file, or - for standard input")
 
     rm = command("rm", _rm, "delete entries by entry key")
     rm.add_argument("keys", type=_entry_key, nargs="+", metavar="KEY")
@@ -606,13 +777,8 @@ def _parser() -> argparse.ArgumentParser:
         "so to reach them too give the device: --vendor, --device and --revision "
         "[--revision-extra], as vyre's DeviceFingerprint.from_parts.",
     )
-    _add_filters(invalidate)
-    invalidate.add_argument(
-        "--key-version",
-        type=_named("--key-version", _u32),
-        metavar="N",
-        help="key format version N",
-    )
+    filters(invalidate)
+    invalidate.add_argument("--key-version", type=_u32, metavar="N", help="key format version N")
     invalidate.add_argument(
         "--program-digests", type=Path, metavar="FILE", help="entries of these programs"
     )
@@ -624,14 +790,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     invalidate.add_argument("--all", action="store_true", help="every entry")
 
-    sql = command("sql", _sql, "run SQL on a read-only connection (views: pipelines_v, stats_v)")
+    sql = command(
+        "sql",
+        _sql,
+        "run SQL that only reads (views: pipelines_v, stats_v); Ctrl-C stops it",
+    )
     sql.add_argument("query", metavar="QUERY")
+    sql.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS", help="stop the query after SECONDS"
+    )
     json_option(sql)
 
     check = command(
         "check", _check, "integrity_check and every blob's checksum; exit 1 if anything is bad"
     )
-    check.add_argument("--repair", action="store_true", help="drop the bad entries")
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="drop the bad entries; rebuild a damaged file from its readable entries",
+    )
     json_option(check)
 
     command("compact", _compact, "checkpoint the write-ahead log and VACUUM the file")
@@ -642,7 +819,7 @@ def _parser() -> argparse.ArgumentParser:
         "import a vyre directory cache (<2 hex>/<64 hex>.bin); the files' mtimes become "
         "creation times; importing twice changes nothing",
     )
-    import_dir.add_argument("dir", type=Path, metavar="DIR")
+    import_dir.add_argument("dir", metavar="DIR")
 
     export_dir = command(
         "export-dir",
@@ -650,34 +827,38 @@ def _parser() -> argparse.ArgumentParser:
         "write the entries vyre can look up as a vyre directory cache (atomic files, "
         "mtime = creation time); keyed entries are left out",
     )
-    export_dir.add_argument("dir", type=Path, metavar="DIR")
+    export_dir.add_argument("dir", metavar="DIR")
 
-    demo = command(
-        "demo",
-        _demo,
-        "write, read and invalidate a few hundred synthetic pipelines",
+    demo_command = command(
+        "demo", _demo, "write, read and invalidate a few hundred synthetic pipelines"
     )
-    demo.description = (
+    demo_command.description = (
         "Write a few hundred synthetic pipelines (backend 'demo'), read them back, "
         "invalidate some by impact mask and print what happened. The demo's entries are "
-        "removed at the end unless --keep."
+        "removed at the end unless --keep; the cache's other entries and its counters are "
+        "left as they were. Where the cache has no room for the demo under its size cap, "
+        "the demo runs on a temporary file instead."
     )
-    demo.add_argument("--count", type=int, default=300, help="pipelines to write (default 300)")
-    demo.add_argument("--keep", action="store_true", help="keep the demo's entries")
-    demo.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    demo_command.add_argument(
+        "--count",
+        type=_whole(demo.MIN_COUNT, demo.MAX_COUNT),
+        default=300,
+        help=f"pipelines to write, {demo.MIN_COUNT} to {demo.MAX_COUNT} (default 300)",
+    )
+    demo_command.add_argument("--keep", action="store_true", help="keep the demo's entries")
+    demo_command.add_argument(
+        "--seed", type=int, default=None, help="random seed (default: random)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 failed, 2 usage)."""
-    parser = _parser()
+    """Run the command line; return the exit status (0 ok, 1 failed, 2 usage, 130 Ctrl-C)."""
     try:
-        args = parser.parse_args(argv)
-        if args.command == "demo":
-            if args.count < 1:
-                parser.error(f"--count must be at least 1, got {args.count}")
-            if args.seed is None:
-                args.seed = int.from_bytes(os.urandom(8), "big")
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
+    try:
         return int(args.handler(args))
     except UsageError as error:
         print(f"{PROG}: {error}", file=sys.stderr)

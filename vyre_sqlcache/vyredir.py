@@ -4,27 +4,35 @@ Layout (see vyre-cache-format.md): `<root>/<hex[0:2]>/<hex>.bin` holds the bare 
 the entry whose 32-byte key has the lowercase hex `hex`; writers make it atomically from
 `<hex>.bin.tmp.<pid>.<counter>`. The file's modification time is the entry's creation
 time, both ways.
+
+Both directions work through the public `PipelineCache` API, and neither follows a
+symbolic link inside the tree: someone else may control the folder (root importing a
+user's cache, a shared export folder). Import opens every file relative to its
+folder's descriptor with `O_NOFOLLOW` and checks that what it opened is the regular
+file it scanned; export creates and opens its folders with `O_NOFOLLOW` and writes
+each file relative to its folder's descriptor, so a folder or file swapped for a link
+is refused, never written through. The root folder itself is the caller's choice and
+may be a link.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
-from collections.abc import Callable, Iterable
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import apsw
-
-from . import _checksums as checksums
-from ._checks import MAX_BLOB_BYTES
-from .cache import PipelineCache
-from .errors import BlobTooLargeError, CacheError
-from .keys import entry_id
+from .cache import MAX_BLOB_BYTES, PipelineCache
+from .errors import BlobTooLargeError, CacheError, CorruptCacheError
 
 __all__ = [
+    "DirEntry",
     "ExportReport",
     "ImportReport",
     "entry_path",
@@ -37,6 +45,17 @@ __all__ = [
 _FOLDER = re.compile(r"^[0-9a-f]{2}$")
 _ENTRY = re.compile(r"^([0-9a-f]{64})\.bin$")
 _TEMPORARY = re.compile(r"\.bin\.tmp\.")
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: A folder inside the tree: never through a link.
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+#: An entry file: never through a link, and never blocking on a FIFO swapped in.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+
+#: Entries are imported in transactions of up to this many blob bytes (and entries).
+IMPORT_BATCH_BYTES = 64 * 1024 * 1024
+IMPORT_BATCH_ENTRIES = 1000
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 Note = Callable[[str], None]
@@ -59,33 +78,150 @@ def entry_path(root: Path, entry_key: bytes) -> Path:
 
 @dataclass(frozen=True)
 class DirEntry:
-    """One entry file of a vyre directory cache."""
+    """One entry file of a vyre directory cache, as scanned."""
 
     path: Path
     entry_key: bytes
     size: int
     mtime_ms: int
+    #: (st_dev, st_ino) of the file scanned: the file opened later must be this one
+    identity: tuple[int, int]
+
+    @property
+    def folder(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
 
-def _entry(found: os.DirEntry[str], folder: str) -> DirEntry | str:
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+class _Tree:
+    """A vyre directory cache opened for reading: the root's and each folder's descriptor."""
+
+    def __init__(self, root: Path, stack: ExitStack) -> None:
+        self.root = root
+        self._stack = stack
+        self._folders: dict[str, int] = {}
+        try:
+            self._fd = self._keep(os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC))
+        except OSError as error:
+            raise CacheError(
+                f"{root} is not a folder that can be read ({_why(error)}); give the root of "
+                "a vyre pipeline cache"
+            ) from error
+
+    def _keep(self, fd: int) -> int:
+        self._stack.callback(os.close, fd)
+        return fd
+
+    def scan(self, note: Note) -> tuple[list[DirEntry], int]:
+        found: list[DirEntry] = []
+        skipped = 0
+
+        def skip(path: Path, reason: str) -> None:
+            nonlocal skipped
+            skipped += 1
+            note(f"skipped {path}: {reason}")
+
+        try:
+            with os.scandir(self._fd) as top:
+                folders = sorted(top, key=lambda e: e.name)
+            for folder in folders:
+                where = self.root / folder.name
+                if not (_FOLDER.match(folder.name) and folder.is_dir(follow_symlinks=False)):
+                    skip(where, "not a folder named by two lowercase hex digits")
+                    continue
+                try:
+                    fd = self._keep(os.open(folder.name, _FOLDER_FLAGS, dir_fd=self._fd))
+                    opened = os.fstat(fd)
+                    scanned = folder.stat(follow_symlinks=False)
+                except OSError as error:
+                    skip(where, f"cannot be opened as a folder: {_why(error)}")
+                    continue
+                if (opened.st_dev, opened.st_ino) != (scanned.st_dev, scanned.st_ino):
+                    skip(where, "was replaced by another folder since it was scanned")
+                    continue
+                self._folders[folder.name] = fd
+                with os.scandir(fd) as inside:
+                    items = sorted(inside, key=lambda e: e.name)
+                for item in items:
+                    entry = _entry(item, where)
+                    if isinstance(entry, str):
+                        skip(where / item.name, entry)
+                    else:
+                        found.append(entry)
+        except OSError as error:
+            raise CacheError(f"cannot read the vyre cache folder {self.root}: {error}") from error
+        return found, skipped
+
+    def read(self, item: DirEntry) -> tuple[bytes, int] | str:
+        """The bytes and modification time (ms) of a scanned file, or why it was not read.
+
+        Opened relative to its folder's descriptor with O_NOFOLLOW, so a link swapped in
+        since the scan is refused, and checked to be the very file scanned.
+        """
+        try:
+            fd = os.open(item.name, _READ_FLAGS, dir_fd=self._folders[item.folder])
+        except OSError as error:
+            return f"cannot be opened: {_why(error)}"
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != item.identity:
+                return "was replaced by another file since it was scanned"
+            chunks = []
+            left = MAX_BLOB_BYTES + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        except OSError as error:
+            return f"cannot be read: {_why(error)}"
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if len(data) > MAX_BLOB_BYTES:
+            return f"over the {MAX_BLOB_BYTES}-byte limit"
+        return data, info.st_mtime_ns // 1_000_000
+
+
+@contextmanager
+def _tree(root: Path) -> Iterator[_Tree]:
+    with ExitStack() as stack:
+        yield _Tree(root, stack)
+
+
+def _entry(found: os.DirEntry[str], folder: Path) -> DirEntry | str:
     """The entry a file in a two-hex folder holds, or why it is not one to import."""
     if _TEMPORARY.search(found.name):
         return "a temporary file of an unfinished write"
     match = _ENTRY.match(found.name)
     if match is None:
         return "the name is not <64 lowercase hex>.bin"
-    if match.group(1)[:2] != folder:
-        return f"the key does not start with its folder's name {folder!r}"
+    if match.group(1)[:2] != folder.name:
+        return f"the key does not start with its folder's name {folder.name!r}"
     try:
         if not found.is_file(follow_symlinks=False):
             return "not a regular file"
-        stat = found.stat(follow_symlinks=False)
+        info = found.stat(follow_symlinks=False)
     except OSError as error:
-        return f"cannot be read: {error.strerror or error}"
-    if stat.st_size > MAX_BLOB_BYTES:
-        return f"{stat.st_size} bytes, over the {MAX_BLOB_BYTES}-byte limit"
+        return f"cannot be read: {_why(error)}"
+    if info.st_size > MAX_BLOB_BYTES:
+        return f"{info.st_size} bytes, over the {MAX_BLOB_BYTES}-byte limit"
     key = bytes.fromhex(match.group(1))
-    return DirEntry(Path(found.path), key, stat.st_size, stat.st_mtime_ns // 1_000_000)
+    return DirEntry(
+        folder / found.name,
+        key,
+        info.st_size,
+        info.st_mtime_ns // 1_000_000,
+        (info.st_dev, found.inode()),
+    )
 
 
 def scan(root: Path, note: Note = _ignore) -> tuple[list[DirEntry], int]:
@@ -94,55 +230,37 @@ def scan(root: Path, note: Note = _ignore) -> tuple[list[DirEntry], int]:
     Every skipped path is passed to `note` with the reason. Raises CacheError if `root`
     is not a readable folder.
     """
-    if not root.is_dir():
-        raise CacheError(f"{root} is not a folder; give the root of a vyre pipeline cache")
-    found: list[DirEntry] = []
-    skipped = 0
-
-    def skip(path: str, reason: str) -> None:
-        nonlocal skipped
-        skipped += 1
-        note(f"skipped {path}: {reason}")
-
-    try:
-        with os.scandir(root) as top:
-            folders = sorted(top, key=lambda e: e.name)
-        for folder in folders:
-            if not (_FOLDER.match(folder.name) and folder.is_dir(follow_symlinks=False)):
-                skip(folder.path, "not a folder named by two lowercase hex digits")
-                continue
-            with os.scandir(folder.path) as inside:
-                for item in sorted(inside, key=lambda e: e.name):
-                    entry = _entry(item, folder.name)
-                    if isinstance(entry, str):
-                        skip(item.path, entry)
-                    else:
-                        found.append(entry)
-    except OSError as error:
-        raise CacheError(f"cannot read the vyre cache folder {root}: {error}") from error
-    return found, skipped
+    with _tree(root) as tree:
+        return tree.scan(note)
 
 
 @dataclass
 class ImportReport:
-    """What `import_dir` did."""
+    """What `import_dir` did: `imported` entries written, of which `evicted` were gone
+    again at the end (evicted by the size cap, to make room for later ones)."""
 
     imported: int = 0
     unchanged: int = 0
     skipped: int = 0
+    evicted: int = 0
+
+    @property
+    def kept(self) -> int:
+        """How many of the imported entries are in the cache at the end."""
+        return self.imported - self.evicted
 
 
-def _known(connection: apsw.Connection) -> dict[bytes, tuple[int, int]]:
+def _known(cache: PipelineCache) -> dict[bytes, tuple[int, int]]:
     """(blob size, created ms) of every entry without key columns, by entry key."""
-    rows = connection.execute(
-        "SELECT entry_key, blob_size, created_ms FROM entries WHERE key_version IS NULL"
-    )
-    return {bytes(k): (int(s), int(c)) for k, s, c in rows}
+    return {
+        bytes.fromhex(row["entry_key"]): (int(row["blob_size"]), int(row["created_ms"]))
+        for kind in ("imported", "program")
+        for row in cache.entries(kind=kind)
+    }
 
 
 def import_dir(
     cache: PipelineCache,
-    connection: apsw.Connection,
     root: Path,
     *,
     progress: Progress = _no_progress,
@@ -150,110 +268,178 @@ def import_dir(
 ) -> ImportReport:
     """Import every entry file under `root` into `cache`, keeping each file's mtime as its
     creation time. An entry already imported with the same size and time is left as it is,
-    so importing twice changes nothing. `connection` reads the same cache.
+    so importing twice changes nothing.
 
-    Skipped files (temporary, too large, misnamed, vanished, over the cache's cap) are
-    passed to `note`. Raises CacheError if the cache cannot be written.
+    Entries are written in transactions of up to 64 MiB and made durable once at the end.
+    Skipped files (temporary, too large, misnamed, links, replaced since the scan, over
+    the cache's cap) are passed to `note`. Raises CacheError if `root` cannot be read or
+    the cache cannot be written.
     """
-    files, skipped = scan(root, note)
-    report = ImportReport(skipped=skipped)
-    known = _known(connection)
-    for item in progress(files, len(files), "importing"):
-        if known.get(item.entry_key) == (item.size, item.mtime_ms):
-            report.unchanged += 1
-            continue
+    report = ImportReport()
+    stored: list[bytes] = []
+    batch: list[tuple[bytes, bytes, int | None]] = []
+    batch_bytes = 0
+    cap = cache.max_bytes
+    limit = IMPORT_BATCH_BYTES if cap is None else min(IMPORT_BATCH_BYTES, cap)
+
+    def skip(path: Path, reason: str) -> None:
+        report.skipped += 1
+        note(f"skipped {path}: {reason}")
+
+    def store() -> None:
+        nonlocal batch_bytes
         try:
-            data = item.path.read_bytes()
-            cache.put_entry(item.entry_key, data, created_ms=item.mtime_ms)
-        except (OSError, BlobTooLargeError) as error:
-            report.skipped += 1
-            note(f"skipped {item.path}: {error}")
-            continue
-        report.imported += 1
-    if report.imported:
+            cache.put_entries(batch)
+            stored.extend(key for key, _, _ in batch)
+        except BlobTooLargeError:
+            # The file's cap shrank since: what still fits goes in one by one.
+            for key, data, created in batch:
+                try:
+                    cache.put_entries([(key, data, created)])
+                    stored.append(key)
+                except BlobTooLargeError as error:
+                    skip(entry_path(root, key), str(error))
+        batch.clear()
+        batch_bytes = 0
+
+    with _tree(root) as tree:
+        files, report.skipped = tree.scan(note)
+        known = _known(cache)
+        for item in progress(files, len(files), "importing"):
+            if known.get(item.entry_key) == (item.size, item.mtime_ms):
+                report.unchanged += 1
+                continue
+            if cap is not None and item.size > cap:
+                skip(item.path, f"{item.size} bytes, over the cache's size cap of {cap} bytes")
+                continue
+            read = tree.read(item)
+            if isinstance(read, str):
+                skip(item.path, read)
+                continue
+            data, mtime_ms = read
+            if batch and (batch_bytes + len(data) > limit or len(batch) >= IMPORT_BATCH_ENTRIES):
+                store()
+            batch.append((item.entry_key, data, mtime_ms))
+            batch_bytes += len(data)
+        if batch:
+            store()
+    report.imported = len(stored)
+    if stored:
         cache.flush()
+        present = cache.entries(entry_keys=stored)
+        report.evicted = report.imported - len(present)
     return report
+
+
+def _write_at(folder: int, name: str, data: bytes, mtime_ms: int) -> None:
+    """Write `name` in the folder open as `folder` as vyre does: a temporary file beside
+    it (never through a link), synced, given its mtime, then renamed over `name`."""
+    temporary = f"{name}.tmp.{os.getpid()}.{next(_counter)}"
+    fd = os.open(temporary, _WRITE_FLAGS, 0o666, dir_fd=folder)
+    try:
+        with open(fd, "wb", closefd=False) as out:
+            out.write(data)
+            out.flush()
+        os.fsync(fd)
+        ns = mtime_ms * 1_000_000
+        os.utime(fd, ns=(ns, ns))
+        os.close(fd)
+        fd = -1
+        os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with suppress(OSError):
+            os.unlink(temporary, dir_fd=folder)
+        raise
 
 
 def write_atomic(path: Path, data: bytes, mtime_ms: int) -> None:
     """Write `path` as vyre does: a temporary file beside it, synced, then renamed over it.
 
-    The file gets `mtime_ms` as its modification time before it appears.
+    The file gets `mtime_ms` as its modification time before it appears; neither the
+    temporary file nor `path` is written through a symbolic link.
     """
-    temporary = path.with_name(f"{path.name}.tmp.{os.getpid()}.{next(_counter)}")
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
     try:
-        with open(temporary, "xb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        ns = mtime_ms * 1_000_000
-        os.utime(temporary, ns=(ns, ns))
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make renames in `folder` durable (where the platform can open folders)."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
+        _write_at(folder, path.name, data, mtime_ms)
     finally:
-        os.close(handle)
+        os.close(folder)
+
+
+def _sync(fd: int) -> None:
+    """Make renames in a folder durable (where the platform can sync folders)."""
+    with suppress(OSError):
+        os.fsync(fd)
 
 
 @dataclass
 class ExportReport:
-    """What `export_dir` did: `damaged` lists hex keys whose bytes failed their checksum."""
+    """What `export_dir` did: `damaged` lists hex keys whose bytes failed their checksum;
+    `refused` the folders of the tree that are links (or not folders), with the number
+    of entries not written into them."""
 
     exported: int = 0
     keyed: int = 0
     damaged: list[str] = field(default_factory=list)
-
-
-_BLOB = "SELECT checksum_algo, checksum, data FROM blobs WHERE id = ?"
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 def export_dir(
-    connection: apsw.Connection, root: Path, *, progress: Progress = _no_progress
+    cache: PipelineCache, root: Path, *, progress: Progress = _no_progress
 ) -> ExportReport:
     """Write every entry a vyre build can look up (those without key columns) under `root`.
 
-    Reads through `connection` (read-only) and changes nothing in the cache: no hits or
-    access times. Bytes that fail their checksum are not written; they are listed in the
-    report. Entries stored by `PipelineCacheKey` are counted, not written: vyre's
-    directory cache never looks them up. Raises OSError if `root` cannot be written.
+    Reads with `peek_entry`, so nothing in the cache changes (no hits, no access times).
+    Bytes that fail their checksum are not written; they are listed in the report.
+    Entries stored by `PipelineCacheKey` are counted, not written: vyre's directory cache
+    never looks them up. A folder of the tree that is a symbolic link (or not a folder)
+    is refused: nothing is written into it. Raises OSError if `root` cannot be written.
     """
     report = ExportReport()
-    rows = connection.execute(
-        "SELECT entry_key, created_ms, key_version IS NOT NULL FROM entries ORDER BY entry_key"
-    ).fetchall()
-    folders: set[Path] = set()
-    for entry_key, created_ms, keyed in progress(rows, len(rows), "exporting"):
-        if keyed:
-            report.keyed += 1
-            continue
-        key = bytes(entry_key)
-        blob = connection.execute(_BLOB, (entry_id(key),)).fetchone()
-        if blob is None:
-            continue  # deleted since the list was made
-        algo, checksum, data = blob
-        if not checksums.matches(str(algo), bytes(checksum), key, bytes(data)):
-            report.damaged.append(key.hex())
-            continue
-        path = entry_path(root, key)
-        if path.parent not in folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            folders.add(path.parent)
-        write_atomic(path, bytes(data), int(created_ms))
-        report.exported += 1
-    for folder in sorted(folders):
-        _sync_folder(folder)
-    _sync_folder(root)
+    rows = sorted(cache.entries(), key=lambda row: str(row["entry_key"]))
+    root.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        stack.callback(os.close, top)
+        folders: dict[str, int | None] = {}
+
+        def folder_of(name: str) -> int | None:
+            if name not in folders:
+                with suppress(FileExistsError):
+                    os.mkdir(name, 0o777, dir_fd=top)
+                try:
+                    fd = os.open(name, _FOLDER_FLAGS, dir_fd=top)
+                except OSError as error:
+                    if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    folders[name] = None  # a link or a file: refused
+                else:
+                    stack.callback(os.close, fd)
+                    folders[name] = fd
+            return folders[name]
+
+        for row in progress(rows, len(rows), "exporting"):
+            if row["kind"] == "keyed":
+                report.keyed += 1
+                continue
+            key = str(row["entry_key"])
+            try:
+                data = cache.peek_entry(key)
+            except CorruptCacheError:
+                report.damaged.append(key)
+                continue
+            if data is None:
+                continue  # deleted since the list was made
+            folder = folder_of(key[:2])
+            if folder is None:
+                where = str(root / key[:2])
+                report.refused[where] = report.refused.get(where, 0) + 1
+                continue
+            _write_at(folder, f"{key}.bin", data, int(row["created_ms"]))
+            report.exported += 1
+        for fd in folders.values():
+            if fd is not None:
+                _sync(fd)
+        _sync(top)
     return report
