@@ -928,6 +928,8 @@ def test_info_shows_the_cap_kept_in_the_file(
     assert cli.json(cache_path, "info")["max_bytes"] == 5 << 20
     assert folder_bytes(cache_path.parent) == before
     monkeypatch.delenv("VYRE_SQLCACHE_MAX_SIZE")
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        assert cache.max_bytes == 5 << 20  # the file's, with no argument or environment
     code, out, _ = cli.run(cache_path, "info")
     assert re.search(r"^size cap\s+5242880 \(5\.0 MiB\)$", out, re.M), out
 

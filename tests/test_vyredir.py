@@ -422,3 +422,24 @@ def test_export_replaces_a_linked_file_instead_of_writing_through_it(
     assert do_export(cache, tmp_path / "out").exported == 1
     assert victim.read_bytes() == b"not yours"
     assert not path.is_symlink() and path.read_bytes() == b"exported"
+
+
+def test_import_writes_one_transaction_a_batch_not_a_file(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_vyre_tree(tmp_path / "vyre", fingerprint, 250)
+    batches: list[int] = []
+    store = cache.put_entries
+
+    def counting(items: Iterable[tuple[bytes | str, bytes, int | None]]) -> int:
+        items = list(items)
+        batches.append(len(items))
+        return store(items)
+
+    monkeypatch.setattr(cache, "put_entries", counting)  # one transaction a call
+    monkeypatch.setattr("vyre_sqlcache.vyredir.IMPORT_BATCH_ENTRIES", 100)
+    assert do_import(cache, tmp_path / "vyre").imported == 250
+    assert batches == [100, 100, 50]

@@ -678,7 +678,8 @@ def _demo(args: argparse.Namespace) -> int:
         "before the demo)"
     )
     if not room:
-        print("removed the temporary file")
+        kept = " (--keep keeps nothing there)" if args.keep else ""
+        print(f"removed the temporary file{kept}")
     elif created and not args.keep:
         print(f"removed {path}, which the demo had created")
     elif not args.keep:
