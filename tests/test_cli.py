@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -1074,16 +1073,14 @@ def test_huge_numbers_are_one_line(cli: Cli, filled: Filled, argv: list[str], me
 
 def run_limited(argv: list[str], **options: Any) -> subprocess.CompletedProcess[bytes]:
     """The command line in a process of its own, with 1 GiB of address space at most."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-
+    limited = (
+        "import resource, runpy, sys; "
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+        "sys.argv[0] = 'vyre-sqlcache'; "
+        "runpy.run_module('vyre_sqlcache', run_name='__main__')"
+    )
     return subprocess.run(
-        [sys.executable, "-m", "vyre_sqlcache", *argv],
-        capture_output=True,
-        preexec_fn=limit,
-        timeout=60,
-        **options,
+        [sys.executable, "-c", limited, *argv], capture_output=True, timeout=60, **options
     )
 
 
@@ -1131,7 +1128,14 @@ def test_sql_stops_on_ctrl_c(filled: Filled) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        time.sleep(1.5)  # well into the query
+        # Well into the query: past the CPU time that starting Python and importing take.
+        ticks = os.sysconf("SC_CLK_TCK")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[11]) + int(fields[12]) >= 1.5 * ticks:  # utime + stime
+                break
+            time.sleep(0.05)
         assert process.poll() is None
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=15)
