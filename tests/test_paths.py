@@ -1,0 +1,243 @@
+"""Paths as users have them: linked folders and files, relative paths, hard links, and
+things at the path that are not files.
+
+Every name of a cache file resolves to one absolute path before SQLite sees it
+(`_cachefile.resolve`): SQLite names the -wal and -shm after the path it is given,
+so two names of one file must never reach it, or each would get a log of its own
+and commits made through one would be lost to the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vyre_sqlcache import CacheError, DeviceFingerprint, NotACacheError, PipelineCache
+
+FP = DeviceFingerprint.from_parts(1, 2, "paths")
+
+# argv: path, tag, count. Writes `count` blobs named by the tag, flushing after each
+# (the other process writes at the same time), and prints the path the cache uses.
+WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    path, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    fp = DeviceFingerprint.from_parts(1, 2, "paths")
+    with PipelineCache.open(path) as cache:
+        for i in range(count):
+            digest = hashlib.sha256(f"{tag}{i}".encode()).digest()
+            cache.write(digest, fp, digest * 40)
+            cache.flush()
+        print(cache.path)
+    """
+)
+
+# argv: path. Opens the path with a bounded wait and prints the outcome as JSON.
+OPENER = textwrap.dedent(
+    """
+    import json, sys
+    from vyre_sqlcache import PipelineCache
+    try:
+        PipelineCache.open(sys.argv[1]).close()
+        print(json.dumps(["opened", ""]))
+    except Exception as error:
+        print(json.dumps([type(error).__name__, str(error)]))
+    """
+)
+
+
+def digest_of(tag: str, i: int) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(f"{tag}{i}".encode()).digest()
+
+
+def child(script: str, *args: str, timeout: float = 60) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 120) -> str:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError(f"the child did not finish in {timeout} s") from None
+    assert process.returncode == 0, err[-3000:]
+    return out.strip()
+
+
+@pytest.fixture
+def linked_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """`~/.cache` as a link to a folder on another disk: (the real folder, the link)."""
+    real = tmp_path / "other-disk" / "cache"
+    real.mkdir(parents=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").symlink_to(real, target_is_directory=True)
+    return real, home / ".cache"
+
+
+def test_a_linked_folder_in_the_path_opens_and_works(linked_folder: tuple[Path, Path]) -> None:
+    real, link = linked_folder
+    given = link / "vyre" / "pipelines.sqlite3"  # the folder `vyre` is made through the link
+    with PipelineCache.open(given) as cache:
+        assert cache.path == real / "vyre" / "pipelines.sqlite3"
+        cache.write(digest_of("a", 0), FP, b"through the link")
+        cache.flush()
+        assert cache.read(digest_of("a", 0), FP) == b"through the link"
+    assert (real / "vyre" / "pipelines.sqlite3").is_file()
+    with PipelineCache.open(given, readonly=True) as cache:
+        assert cache.read(digest_of("a", 0), FP) == b"through the link"
+
+
+def test_a_linked_file_is_resolved_to_its_target(tmp_path: Path) -> None:
+    # Kept working, not refused: SQLite names the -wal after the path it is given, so
+    # opening the link's own name would give the file a second log; resolved, every
+    # name of the file opens the target, with the target's -wal and -shm.
+    target = tmp_path / "real" / "pipelines.sqlite3"
+    target.parent.mkdir()
+    with PipelineCache.open(target) as cache:
+        cache.write(digest_of("t", 0), FP, b"written at the target")
+    link = tmp_path / "pipelines.sqlite3"
+    link.symlink_to(target)
+    with PipelineCache.open(link) as cache:
+        assert cache.path == target
+        cache.write(digest_of("l", 0), FP, b"written through the link")
+        cache.flush()
+        with PipelineCache.open(target) as other:
+            assert other.read(digest_of("l", 0), FP) == b"written through the link"
+        assert not Path(str(link) + "-wal").exists()
+        assert not Path(str(link) + "-shm").exists()
+        assert cache.read(digest_of("t", 0), FP) == b"written at the target"
+    assert link.is_symlink()  # the link itself is left as it was
+
+
+@pytest.mark.parametrize("linked", ["folder", "file"])
+def test_two_processes_through_the_link_and_the_real_path_share_one_cache(
+    tmp_path: Path, linked: str
+) -> None:
+    real_folder = tmp_path / "other-disk"
+    real_folder.mkdir()
+    real = real_folder / "pipelines.sqlite3"
+    PipelineCache.open(real).close()
+    if linked == "folder":
+        (tmp_path / "cache").symlink_to(real_folder, target_is_directory=True)
+        via_link = tmp_path / "cache" / "pipelines.sqlite3"
+    else:
+        via_link = tmp_path / "pipelines.sqlite3"
+        via_link.symlink_to(real)
+    count = 60
+    first = child(WRITER, str(via_link), "link", str(count))
+    second = child(WRITER, str(real), "real", str(count))
+    assert finish(first) == finish(second) == str(real)
+    with PipelineCache.open(via_link) as cache:
+        for tag in ("link", "real"):
+            for i in range(count):
+                digest = digest_of(tag, i)
+                assert cache.read(digest, FP) == digest * 40, (tag, i)
+        assert len(cache) == 2 * count
+    leftovers = sorted(p.name for p in tmp_path.rglob("*-wal"))
+    assert leftovers == []
+
+
+def test_a_relative_path_keeps_its_file_after_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    with PipelineCache.open(Path("rel") / "pipelines.sqlite3") as cache:
+        assert cache.path == start / "rel" / "pipelines.sqlite3"
+        cache.write(digest_of("c", 0), FP, b"before chdir")
+        monkeypatch.chdir(elsewhere)
+        errors: list[BaseException] = []
+
+        def new_thread() -> None:
+            try:
+                cache.write(digest_of("c", 1), FP, b"after chdir, new thread")
+                cache.flush()
+                assert cache.read(digest_of("c", 0), FP) == b"before chdir"
+            except BaseException as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=new_thread)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert errors == []
+    assert list(elsewhere.iterdir()) == []  # no new, empty database in the new folder
+    with PipelineCache.open(start / "rel" / "pipelines.sqlite3") as cache:
+        assert cache.read(digest_of("c", 1), FP) == b"after chdir, new thread"
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_file_with_two_hard_links_is_refused(tmp_path: Path, readonly: bool) -> None:
+    # Refused rather than followed: a hard link has no target to resolve to, and each
+    # name would get a -wal of its own; commits made through one would be lost.
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(digest_of("h", 0), FP, b"kept")
+    other = tmp_path / "second-name.sqlite3"
+    os.link(path, other)
+    before = path.read_bytes()
+    for name in (path, other):
+        with pytest.raises(CacheError, match="has 2 hard links; a cache file must have one name"):
+            PipelineCache.open(name, readonly=readonly)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, path.name])
+    other.unlink()
+    with PipelineCache.open(path) as cache:  # one name again: it opens
+        assert cache.read(digest_of("h", 0), FP) == b"kept"
+
+
+def make_special(kind: str, path: Path) -> Any:
+    """Put a FIFO, a listening UNIX socket or a link to /dev/null at `path`."""
+    if kind == "fifo":
+        os.mkfifo(path)
+        return None
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(1)
+        return server
+    path.symlink_to("/dev/null")
+    return None
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX special files")
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device", "device itself"])
+def test_a_fifo_socket_or_device_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    # Opening a FIFO for reading blocks until a writer comes: the child must answer in
+    # time, so this runs in a child process with a timeout.
+    path = Path("/dev/null") if kind == "device itself" else tmp_path / "pipelines.sqlite3"
+    held = None if kind == "device itself" else make_special(kind, path)
+    try:
+        name, message = json.loads(finish(child(OPENER, str(path)), timeout=30))
+    finally:
+        if held is not None:
+            held.close()
+    assert name == NotACacheError.__name__
+    assert "is not a regular file (a FIFO, socket or device)" in message
+    if kind != "device itself":
+        mode = os.lstat(path).st_mode
+        assert stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
