@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import apsw
@@ -21,10 +24,14 @@ from vyre_sqlcache._cachefile import KEEP_CORRUPT_COPIES, needs_check_marker
 from .helpers import connection_of
 
 
+def blob_of(digest: bytes) -> bytes:
+    return random.Random(digest).randbytes(3200)  # incompressible
+
+
 def populate(path: Path, fingerprint: DeviceFingerprint, count: int = 200) -> list[bytes]:
     digests = [os.urandom(32) for _ in range(count)]
     with PipelineCache.open(path) as cache:
-        cache.write_many([(d, d * 100) for d in digests], fingerprint)
+        cache.write_many([(d, blob_of(d)) for d in digests], fingerprint)
     return digests
 
 
@@ -69,13 +76,60 @@ def test_strict_raises_and_leaves_the_file(cache_path: Path) -> None:
     assert not aside(cache_path)
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "pipelines.sqlite3"])
-def test_another_programs_file_is_never_moved(tmp_path: Path, name: str) -> None:
+NOTES = b"my notes, not a cache\n" * 100
+# Binary documents whose size is a whole number of 512-byte pages, as a cache's is.
+PNG = b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(8 * 512 - 8)
+ZIP = b"PK\x03\x04" + random.Random(2).randbytes(4 * 512 - 4)
+UNNAMED_BINARY = b"\x01\x02vyre" + random.Random(3).randbytes(4 * 512 - 6)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("notes.txt", NOTES),
+        ("pipelines.sqlite3", NOTES),  # text is never a cache's first page
+        ("picture.png", PNG),
+        ("pipelines.sqlite3", PNG),  # a known document's first bytes
+        ("archive.zip", ZIP),
+        ("disk.img", bytes(8 * 512)),  # zeros, but named as a disk image
+        ("weights.npy", UNNAMED_BINARY),  # unknown bytes, named as a document
+    ],
+    ids=["text", "text-named-as-cache", "png", "png-named-as-cache", "zip", "img", "npy"],
+)
+def test_another_programs_file_is_never_moved(tmp_path: Path, name: str, content: bytes) -> None:
     path = tmp_path / name
-    path.write_bytes(b"my notes, not a cache\n" * 100)
+    path.write_bytes(content)
     with pytest.raises(NotACacheError, match="not a SQLite database"):
         PipelineCache.open(path)
-    assert path.read_bytes() == b"my notes, not a cache\n" * 100
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_damaged_first_page_at_a_chosen_path_is_moved_aside(
+    tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # A page of garbage over the header, no -wal beside it: unknown binary bytes in a
+    # whole number of pages, not named as a document: a damaged cache.
+    path = tmp_path / "pipelines.sqlite3"
+    populate(path, fingerprint, 20)
+    with open(path, "r+b") as file:
+        file.write(random.Random(4).randbytes(16384))
+    with PipelineCache.open(path) as cache:
+        assert len(cache) == 0
+    assert len(aside(path)) == 1
+
+
+@pytest.mark.parametrize("name", ["pipelines.sqlite3", "notes.txt"])
+def test_an_empty_file_becomes_a_new_cache(
+    tmp_path: Path, fingerprint: DeviceFingerprint, name: str
+) -> None:
+    # An empty file holds nothing to lose: SQLite makes it a new database in place.
+    path = tmp_path / name
+    path.touch()
+    with PipelineCache.open(path) as cache:
+        cache.write(bytes(32), fingerprint, b"stored")
+        assert cache.read(bytes(32), fingerprint) == b"stored"
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
@@ -118,7 +172,7 @@ def test_damage_met_in_use_is_a_miss_and_heals_at_the_next_open(
     with PipelineCache.open(cache_path) as cache:  # opening does not scan
         results = [cache.read(d, fingerprint) for d in digests]
     # Never wrong bytes: each read is the right blob or a miss.
-    assert all(r is None or r == d * 100 for r, d in zip(results, digests, strict=True))
+    assert all(r is None or r == blob_of(d) for r, d in zip(results, digests, strict=True))
     assert None in results
     assert needs_check_marker(cache_path).exists()
     with PipelineCache.open(cache_path) as cache:
@@ -140,9 +194,25 @@ def fill_until_full(cache: PipelineCache, fingerprint: DeviceFingerprint) -> lis
     return written
 
 
+@contextmanager
+def page_limit(path: Path, pages: int) -> Iterator[None]:
+    """Every SQLite connection opened to `path` meanwhile may grow it to `pages` pages
+    only, as if the disk held no more (whichever thread's connection commits)."""
+
+    def limit(connection: apsw.Connection) -> None:
+        if connection.filename == str(path):
+            connection.pragma("max_page_count", pages)
+
+    apsw.connection_hooks.append(limit)
+    try:
+        yield
+    finally:
+        apsw.connection_hooks.remove(limit)
+
+
 def test_a_full_disk_evicts_and_retries(cache_path: Path, fingerprint: DeviceFingerprint) -> None:
-    with PipelineCache.open(cache_path, max_bytes=None) as cache:
-        connection_of(cache).pragma("max_page_count", 200)  # about 3 MiB
+    # A real full disk: test_full_disk.py; here SQLite's page limit stands for it.
+    with page_limit(cache_path, 200), PipelineCache.open(cache_path, max_bytes=None) as cache:
         written = []
         for _ in range(400):
             digest = os.urandom(32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,10 +11,12 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vyre_sqlcache import DeviceFingerprint, PipelineCache, ReadOnlyCacheError
+from vyre_sqlcache import CorruptCacheError, DeviceFingerprint, PipelineCache, ReadOnlyCacheError
+from vyre_sqlcache._cachefile import needs_check_marker
 
 DIGEST = bytes(range(32))
 # Over 256 KiB: read by the connection without a memory map, which must open read-only too.
@@ -152,3 +155,85 @@ def test_on_read_only_media_the_cache_opens_immutable(stored: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str([stored.name])
+
+
+# -- another user: the owner's marker, and a file the owner changes ------------------------
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="acting as another user (nobody) needs root",
+)
+
+# The start of every child that acts as another user: imports first (the interpreter's
+# own files may be unreadable to nobody), then drops to nobody.
+AS_NOBODY = textwrap.dedent(
+    """
+    import hashlib, json, os, random, select, sys, time
+    import apsw
+    import vyre_sqlcache, vyre_sqlcache.cache
+    from vyre_sqlcache import (
+        CacheError, CorruptCacheError, DeviceFingerprint, FeatureFlags, PipelineCache,
+        PipelineCacheKey, ReadOnlyCacheError
+    )
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    """
+)
+
+# argv: path, readonly ("1"/"0"). Opens, reads DIGEST, prints the outcome as JSON.
+MARKED = AS_NOBODY + textwrap.dedent(
+    """
+    fp = DeviceFingerprint.from_parts(1, 2, "r")
+    try:
+        with PipelineCache.open(sys.argv[1], readonly=sys.argv[2] == "1") as cache:
+            print(json.dumps(["read", cache.read(bytes(range(32)), fp) == b"stored blob"]))
+    except Exception as error:
+        print(json.dumps([type(error).__name__, str(error)]))
+    """
+)
+
+
+def as_nobody(script: str, *args: str, timeout: float = 60) -> list[Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out: list[Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+@needs_root
+@pytest.mark.parametrize("readonly", ["1", "0"], ids=["readonly", "default"])
+def test_the_owners_needs_check_marker_does_not_stop_another_user(
+    stored: Path, readonly: str
+) -> None:
+    marker = needs_check_marker(stored)
+    marker.touch()  # left by the owner, who met a damaged page
+    before = stored.read_bytes()
+    assert as_nobody(MARKED, str(stored), readonly) == ["read", True]
+    assert marker.exists()  # only the owner (or a user who may) removes it
+    assert stored.read_bytes() == before
+
+
+@needs_root
+def test_a_damaged_file_another_user_cannot_move_is_a_cache_error(stored: Path) -> None:
+    # A shared folder (sticky, like /tmp): another user may write the file but not
+    # rename the owner's; the file is damaged and marked. A CacheError says so, where a
+    # bare PermissionError came before.
+    os.chmod(stored.parent, 0o1777)
+    os.chmod(stored, 0o666)
+    with open(stored, "r+b") as file:
+        file.seek(16384)  # the second page: the first b-tree page after the header
+        file.write(os.urandom(16384))
+    needs_check_marker(stored).touch()
+    name, message = as_nobody(MARKED, str(stored), "0")
+    assert name == CorruptCacheError.__name__
+    assert "cannot move it aside" in message
+    assert sorted(p.name for p in stored.parent.iterdir()) == sorted(
+        [stored.name, needs_check_marker(stored).name]
+    )

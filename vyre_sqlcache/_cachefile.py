@@ -10,16 +10,20 @@ import contextlib
 import logging
 import os
 import stat
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import CacheError, NotACacheError
+from .errors import CacheError, CorruptCacheError, NotACacheError
 
 __all__ = [
     "KEEP_CORRUPT_COPIES",
+    "RECHECK_INTERVAL_S",
     "SIDE_FILES",
     "CacheFile",
+    "FileWatch",
     "has_side_files",
     "header_damage",
     "is_not_sqlite",
@@ -35,6 +39,9 @@ log = logging.getLogger("vyre_sqlcache")
 SIDE_FILES = ("-wal", "-shm")
 #: Damaged files moved aside are kept for a post-mortem, the newest few only.
 KEEP_CORRUPT_COPIES = 3
+#: How long a reader that cannot write the cache's folder goes without looking whether
+#: the owner changed the file (it also looks after every miss); see `FileWatch`.
+RECHECK_INTERVAL_S = 0.1
 
 _MAGIC = b"SQLite format 3\0"
 
@@ -63,10 +70,67 @@ def is_not_sqlite(path: Path) -> bool:
     return bool(head) and head != _MAGIC[: len(head)]
 
 
+#: The first bytes of common binary documents: such a file at a path the caller chose
+#: is the user's, never a damaged cache (a damaged cache's first page is zeros, or a
+#: SQLite header with a few bytes changed, or garbage).
+_DOCUMENT_MAGIC = (
+    b"\x89PNG",  # PNG
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF8",
+    b"%PDF",
+    b"PK\x03\x04",  # zip, and the formats made of one: docx, xlsx, jar, apk, wheels
+    b"PK\x05\x06",  # an empty zip
+    b"\x1f\x8b",  # gzip
+    b"BZh",
+    b"\xfd7zXZ\x00",  # xz
+    b"7z\xbc\xaf\x27\x1c",
+    b"\x28\xb5\x2f\xfd",  # zstd
+    b"Rar!",
+    b"\x7fELF",
+    b"MZ",  # Windows executables
+    b"\xca\xfe\xba\xbe",  # Java classes, Mach-O universal binaries
+    b"\xcf\xfa\xed\xfe",  # Mach-O
+    b"\xd0\xcf\x11\xe0",  # old Office documents
+    b"RIFF",  # wav, avi, webp
+    b"OggS",
+    b"fLaC",
+    b"ID3",  # mp3
+    b"\x93NUMPY",
+    b"PAR1",  # Parquet
+    b"\x89HDF",
+    b"QFI\xfb",  # qcow2 disk images
+    b"\x00asm",  # WebAssembly
+)
+#: Name endings of documents, disk images and archives: a file so named is the user's
+#: whatever its bytes (a disk image may well start with zeros).
+# fmt: off
+_DOCUMENT_SUFFIXES = frozenset((
+    ".txt", ".md", ".rst", ".csv", ".json", ".xml", ".html", ".pdf", ".py", ".c", ".h", ".rs",
+    ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg",
+    ".mp3", ".wav", ".flac", ".ogg", ".mp4", ".mkv", ".mov", ".avi",
+    ".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".rar", ".tar", ".jar", ".whl",
+    ".doc", ".docx", ".xls", ".xlsx", ".ppt", ".pptx", ".odt", ".ods", ".odp",
+    ".iso", ".img", ".dmg", ".qcow2", ".vmdk", ".vdi", ".exe", ".dll", ".so", ".dylib",
+    ".npy", ".npz", ".pkl", ".pt", ".pth", ".onnx", ".safetensors", ".h5", ".hdf5", ".parquet",
+))
+# fmt: on
+
+
 def looks_like_damaged_pages(path: Path) -> bool:
-    """Whether a file that does not start as SQLite still looks like a database's pages: a
-    zeroed header (what a crash leaves), or a whole number of 512-byte pages that does not
-    start with text (a page of garbage over the header). A document starts with text."""
+    """Whether a file that does not start as SQLite still looks like a damaged cache's
+    pages, so that it may be moved aside from a path the caller chose:
+
+    - never a file whose name ends like a document's (`.txt`, `.png`, `.zip`, `.img`...),
+      nor one that starts with a known document's magic bytes (PNG, zip, gzip, ELF...);
+    - a zeroed header (what a crash or a lost write leaves);
+    - a whole number of 512-byte pages whose first 100 bytes are not text (a damaged
+      header, or a page of garbage over it). A text document is never moved.
+
+    A binary file of another kind, unnamed and unknown, whose size is a multiple of 512
+    is taken for damaged pages: it is moved aside (kept, renamed), never deleted.
+    """
+    if path.suffix.lower() in _DOCUMENT_SUFFIXES:
+        return False
     try:
         size = os.stat(path).st_size
         with open(path, "rb") as file:
@@ -77,6 +141,8 @@ def looks_like_damaged_pages(path: Path) -> bool:
         return False
     if not any(head):
         return True
+    if head.startswith(_DOCUMENT_MAGIC):
+        return False
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
@@ -130,12 +196,18 @@ def corrupt_copies(path: Path) -> list[Path]:
 def move_aside(path: Path, reason: str) -> Path:
     """Rename `path` (and its -wal/-shm) to `<path>.corrupt-<UTC time>`; return the new name.
 
-    Only the newest `KEEP_CORRUPT_COPIES` copies are kept. Raises OSError if the main
-    file cannot be renamed.
+    Only the newest `KEEP_CORRUPT_COPIES` copies are kept. Raises CorruptCacheError if
+    the main file cannot be renamed (another user's file in a shared folder, say).
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    os.replace(path, target)
+    try:
+        os.replace(path, target)
+    except OSError as error:
+        raise CorruptCacheError(
+            f"{path} {reason}, and this process cannot move it aside ({error}); ask the "
+            "file's owner to open it (it then heals), or delete it, or use another path"
+        ) from error
     for suffix in SIDE_FILES:
         side = Path(str(path) + suffix)
         if side.exists():
@@ -174,13 +246,23 @@ class CacheFile:
     """A cache file's resolved path and how it can be opened.
 
     `writable`: the process may write the file and its side files. `immutable`: the
-    file is on read-only media and has no write-ahead log to read, so SQLite may read
-    it without -shm and without locks (nothing can change it).
+    file has no write-ahead log to read and this process cannot create the -shm SQLite
+    needs (its folder is not writable), so SQLite reads it without -shm and without
+    locks, trusting it never to change. `watched`: such a reader on media that can
+    change (not mounted read-only): the owner may rewrite the file under it, so it
+    must watch the file (`FileWatch`) and must not map it into memory (a file that
+    shrinks under a map kills the process with SIGBUS).
     """
 
     path: Path
     writable: bool
     immutable: bool
+    watched: bool = False
+
+    @property
+    def mappable(self) -> bool:
+        """Whether connections may read the file through a memory map."""
+        return not (self.immutable and self.watched)
 
     @classmethod
     def locate(cls, path: str | Path, *, create: bool) -> CacheFile:
@@ -229,14 +311,21 @@ class CacheFile:
                 "name (copy it instead of linking it, or use a symbolic link)"
             )
         sides = [Path(str(resolved) + side) for side in SIDE_FILES]
-        folder_ok = all(side.exists() for side in sides) or os.access(resolved.parent, os.W_OK)
-        writable = os.access(resolved, os.W_OK) and folder_ok
-        immutable = False
-        if not writable and not os.access(resolved.parent, os.W_OK):
-            wal = sides[0]
-            no_log = not wal.exists() or wal.stat().st_size == 0
-            immutable = no_log and (_medium_is_readonly(resolved) or not sides[1].exists())
-        return cls(resolved, writable=writable, immutable=immutable)
+        folder_writable = os.access(resolved.parent, os.W_OK)
+        writable = os.access(resolved, os.W_OK) and (
+            folder_writable or all(side.exists() for side in sides)
+        )
+        if writable or folder_writable:
+            return cls(resolved, writable=writable, immutable=False)
+        # A reader that cannot create the -wal and -shm: with both there (the owner has
+        # the file open), SQLite reads through them and sees every change; without, only
+        # an immutable open reads the file, and it must be watched unless the medium
+        # itself is read-only.
+        wal = sides[0]
+        no_log = not wal.exists() or wal.stat().st_size == 0
+        readonly_medium = _medium_is_readonly(resolved)
+        immutable = no_log and (readonly_medium or not sides[1].exists())
+        return cls(resolved, writable=False, immutable=immutable, watched=not readonly_medium)
 
     def file_bytes(self) -> int:
         """Bytes the cache takes on disk: the file and its write-ahead log."""
@@ -249,3 +338,65 @@ class CacheFile:
         except OSError:
             return None
         return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _state(file: CacheFile) -> tuple[object, ...]:
+    """What a watched reader compares: which side files exist and, for an immutable
+    open, the file's identity."""
+    sides = tuple(os.path.exists(str(file.path) + side) for side in SIDE_FILES)
+    return (file.identity() if file.immutable else None, *sides)
+
+
+class FileWatch:
+    """Keeps a reader that cannot write the cache's folder reading the file as it is now.
+
+    Such a reader cannot create the -shm SQLite needs to read a file in WAL mode.
+    While the owner has the file open, its -wal and -shm exist and the reader opens
+    it normally (a read-only -shm: SQLite sees every change, and the reader's lock
+    keeps the side files in place). With no -shm, the only way to read the file is
+    `immutable`: SQLite then trusts it never to change, keeps its pages and its size,
+    and would miss every entry ('malformed') once the owner compacts or rewrites it.
+
+    So such a reader watches the file: at most every `RECHECK_INTERVAL_S`, and after
+    each miss (`check(now=True)`), it compares the side files' presence and, while
+    immutable, the file's identity (device, inode, size, modification time). When they
+    changed it locates the file again (which may now open normally, or immutable
+    again) and counts a new generation; the cache closes a thread's connections opened
+    for an older generation before that thread's next read. A reader on read-only
+    media, or one that can write the folder, is not watched (`active` is False).
+    """
+
+    def __init__(self, file: CacheFile) -> None:
+        self.file = file
+        self.generation = 0
+        #: Whether this reader is watched at all; fixed for the cache object's life.
+        self.active = file.watched
+        self._seen = _state(file) if self.active else ()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def check(self, *, now: bool = False) -> int:
+        """The generation to read with, after looking at the file if it is time to (or
+        `now`); a new one (with `file` located again) when the file changed."""
+        if not self.active:
+            return self.generation
+        moment = time.monotonic()
+        if not now and moment - self._checked < RECHECK_INTERVAL_S:
+            return self.generation
+        self._checked = moment
+        with self._lock:
+            if _state(self.file) == self._seen:
+                return self.generation
+            try:
+                located = CacheFile.locate(self.file.path, create=False)
+            except CacheError as error:
+                # Gone for now (the owner is replacing it): read on, and look again.
+                log.debug("vyre-sqlcache: looking at %s again: %s", self.file.path, error)
+                return self.generation
+            log.debug("vyre-sqlcache: %s changed under a reader; reopening", self.file.path)
+            # The file first, the generation second: a thread that sees the new
+            # generation opens the new file.
+            self.file = located
+            self._seen = _state(located)
+            self.generation += 1
+            return self.generation
