@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vyre_sqlcache import CorruptCacheError, DeviceFingerprint, PipelineCache, ReadOnlyCacheError
-from vyre_sqlcache._cachefile import needs_check_marker
+from vyre_sqlcache import (
+    CorruptCacheError,
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCache,
+    PipelineCacheKey,
+    ReadOnlyCacheError,
+)
+from vyre_sqlcache._cachefile import RECHECK_INTERVAL_S, needs_check_marker
 
 DIGEST = bytes(range(32))
 # Over 256 KiB: read by the connection without a memory map, which must open read-only too.
@@ -237,3 +248,143 @@ def test_a_damaged_file_another_user_cannot_move_is_a_cache_error(stored: Path) 
     assert sorted(p.name for p in stored.parent.iterdir()) == sorted(
         [stored.name, needs_check_marker(stored).name]
     )
+
+
+# A reader as nobody in a folder it cannot write: reads the blobs asked on stdin
+# ("GEN FIRST LAST" per line) and answers one letter each: R right, N none, W wrong.
+READER = AS_NOBODY + textwrap.dedent(
+    """
+    fp = DeviceFingerprint.from_parts(1, 2, "r")
+    cache = PipelineCache.open(sys.argv[1])
+    assert cache.readonly
+    def blob(gen, i):
+        size = 300_000 if i % 25 == 0 else 3000 + i
+        return random.Random(f"{gen}:{i}").randbytes(size)  # incompressible
+    def key(i):
+        digest = hashlib.sha256(b"%d" % i).digest()
+        return PipelineCacheKey(digest, digest[::-1], 0, (1, 1, 1), FeatureFlags(0), "vulkan")
+    print("ready", flush=True)
+    for line in sys.stdin:
+        what, gen, first, last = line.split()
+        ids = range(int(first), int(last))
+        if what == "many":  # one snapshot; misses look at the file for the next call
+            got = cache.get_many([key(i) for i in ids], fp)
+        else:
+            got = [cache.get(key(i), fp) for i in ids]
+        print("".join(
+            "N" if g is None else "R" if g == blob(gen, i) else "W" for i, g in zip(ids, got)
+        ), flush=True)
+    cache.close()
+    """
+)
+
+
+def blob(gen: str, i: int) -> bytes:
+    size = 300_000 if i % 25 == 0 else 3000 + i
+    return random.Random(f"{gen}:{i}").randbytes(size)  # incompressible
+
+
+def key(i: int) -> PipelineCacheKey:
+    digest = hashlib.sha256(b"%d" % i).digest()
+    return PipelineCacheKey(digest, digest[::-1], 0, (1, 1, 1), FeatureFlags(0), "vulkan")
+
+
+def entry_keys(ids: range) -> list[bytes]:
+    return [key(i).entry_key(FP) for i in ids]
+
+
+def write(path: Path, gen: str, ids: range, *, keep_open: bool = False) -> PipelineCache:
+    cache = PipelineCache.open(path, max_bytes=None)
+    cache.put_many([(key(i), blob(gen, i)) for i in ids], FP)
+    cache.flush()
+    if not keep_open:
+        cache.close()
+    return cache
+
+
+class Reader:
+    """The READER child, asked over a pipe with a bounded wait for each answer."""
+
+    def __init__(self, path: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", READER, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert self.answer() == "ready"
+
+    def answer(self, timeout: float = 60) -> str:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            self.process.kill()
+            raise AssertionError(f"the reader did not answer in {timeout} s")
+        line = self.process.stdout.readline()
+        if not line:
+            assert self.process.stderr is not None
+            raise AssertionError(f"the reader ended: {self.process.stderr.read()[-3000:]}")
+        return line.strip()
+
+    def read(self, gen: str, ids: range, what: str = "one") -> str:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{what} {gen} {ids.start} {ids.stop}\n")
+        self.process.stdin.flush()
+        return self.answer()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(30)
+        assert self.process.returncode == 0
+
+
+FP = DeviceFingerprint.from_parts(1, 2, "r")
+
+
+@needs_root
+def test_a_reader_that_cannot_write_the_folder_reads_on_as_the_owner_changes_the_file(
+    stored: Path,
+) -> None:
+    # The reader opens while the owner has the file closed: no -shm to read through, so
+    # it opens the file immutable and must notice every change the owner makes.
+    write(stored, "a", range(0, 100))
+    reader = Reader(stored)
+    try:
+        assert reader.read("a", range(0, 100)) == "R" * 100
+        # The owner deletes half, writes more, closes, and compacts: the file shrinks.
+        with PipelineCache.open(stored) as owner:
+            owner.delete_entries(entry_keys(range(0, 50)))
+        write(stored, "a", range(100, 150))
+        with PipelineCache.open(stored) as owner:
+            before, after = owner.compact()
+        assert after < before
+        assert reader.read("a", range(0, 150)) == "N" * 50 + "R" * 100
+        assert reader.read("a", range(0, 150), "many") == "N" * 50 + "R" * 100
+        write(stored, "a", range(150, 170))  # closed again: the reader is immutable again
+        time.sleep(2 * RECHECK_INTERVAL_S)  # get_many looks before it reads
+        assert reader.read("a", range(100, 170), "many") == "R" * 70
+        # The owner replaces the file with another one (a new inode).
+        fresh = stored.with_name("fresh.sqlite3")
+        write(fresh, "b", range(0, 60))
+        os.replace(fresh, stored)
+        assert reader.read("b", range(0, 60)) == "R" * 60
+        assert reader.read("a", range(60, 150)) == "N" * 90
+        # The owner keeps it open and writes: the reader reads through the -wal.
+        owner = write(stored, "c", range(200, 260), keep_open=True)
+        try:
+            assert reader.read("c", range(200, 260)) == "R" * 60
+            owner.put_many([(key(i), blob("c", i)) for i in range(260, 300)], FP)
+            owner.flush()
+            assert reader.read("c", range(200, 300)) == "R" * 100
+        finally:
+            owner.close()
+        with PipelineCache.open(stored) as owner:
+            owner.delete_entries(entry_keys(range(200, 250)))
+            owner.compact()
+        assert reader.read("c", range(200, 300)) == "N" * 50 + "R" * 50
+        assert reader.read("b", range(0, 60)) == "R" * 60
+    finally:
+        reader.close()

@@ -25,6 +25,7 @@ from . import _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
+    FileWatch,
     has_side_files,
     header_damage,
     is_not_sqlite,
@@ -129,6 +130,9 @@ class PipelineCache:
         self._unflushed = 0
         self._checkpointer = Checkpointer(self._checkpoint_passive)
         self._pool = ConnectionPool(self._connect, file.path)
+        # A reader that cannot write the folder reopens when the owner changes the file.
+        self._watch = FileWatch(file)
+        self._generation = threading.local()  # the watch's generation this thread reads
 
     # -- opening and closing -------------------------------------------------------
 
@@ -222,13 +226,14 @@ class PipelineCache:
 
     def _connect(self, mmap: bool) -> apsw.Connection:
         """A new connection with this cache's settings; raises CacheError types."""
+        file = self._watch.file  # as last located (see `FileWatch`)
         try:
             connection = connect(
                 self._path,
-                readonly=not self._file.writable,
+                readonly=not file.writable,
                 query_only=self._readonly,
-                immutable=self._file.immutable,
-                mmap=mmap,
+                immutable=file.immutable,
+                mmap=mmap and file.mappable,
                 vfs=self._vfs,
                 pool=self._pool,
             )
@@ -590,6 +595,8 @@ class PipelineCache:
     def _read(self, what: str, run: Callable[[apsw.Connection], T]) -> T:
         """Run `run` on this thread's connection; apsw errors become CacheError types."""
         with self._call() as slot:
+            if self._watch.active:
+                self._reopened_if_changed(slot, now=False)
             try:
                 return run(self._pool.main(slot))
             except apsw.Error as error:
@@ -689,12 +696,31 @@ class PipelineCache:
     def _load(self, entry_key: bytes) -> bytes | None:
         slot = self._pool.enter()
         try:
-            return self._verified(slot, entry_key, self._fetch(slot, entry_key))
+            if self._watch.active:
+                self._reopened_if_changed(slot, now=False)
+            fetched = self._fetch(slot, entry_key)
+            if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
+                fetched = self._fetch(slot, entry_key)
+            return self._verified(slot, entry_key, fetched)
         finally:
             self._pool.leave(slot)
 
+    def _reopened_if_changed(self, slot: Slot, *, now: bool) -> bool:
+        """For a reader that cannot write the cache's folder (see `FileWatch`): whether
+        this thread's connections were closed, to reopen on next use, because the owner
+        changed the file since they were opened. Looks at the file after a miss (`now`),
+        else at most every `RECHECK_INTERVAL_S`."""
+        generation = self._watch.check(now=now)
+        if generation == getattr(self._generation, "seen", 0):
+            return False
+        self._generation.seen = generation
+        slot.drop()
+        return True
+
     def _load_many(self, entry_keys: list[bytes]) -> list[bytes | None]:
         with self._call() as slot:
+            if self._watch.active:
+                self._reopened_if_changed(slot, now=False)
             connection = self._pool.main(slot)
             fetched: list[_rows.Fetched | None] = []
             try:
@@ -705,6 +731,8 @@ class PipelineCache:
                 # A read that met damage may leave COMMIT failing: the reads are done.
                 log.debug("vyre-sqlcache: ending a read of %s: %s", self._path, error)
                 fetched += [None] * (len(entry_keys) - len(fetched))
+            if self._watch.active and None in fetched:
+                self._reopened_if_changed(slot, now=True)  # the next read sees the change
             return [self._verified(slot, k, f) for k, f in zip(entry_keys, fetched, strict=True)]
 
     def _fetch(
