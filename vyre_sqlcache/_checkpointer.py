@@ -1,4 +1,4 @@
-"""Checkpoints in a background thread, so that no write waits for one.
+"""Checkpoints in a background thread, so that no write waits for one; a filling disk.
 
 In WAL mode every commit appends to the write-ahead log; a checkpoint copies the
 log back into the database file and syncs it. SQLite's automatic checkpoint runs
@@ -9,27 +9,200 @@ waits for, nor blocks, readers and writers) once a commit leaves more than
 `WAL_CHECKPOINT_PAGES` pages in the log. SQLite's WAL hook reports that count
 after every commit; the log file's size would not do, since SQLite reuses a
 grown log from its start without shrinking it.
+
+A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
+and a database that has taken the last free byte cannot even be checkpointed:
+the log's new pages have nowhere to go, and the eviction that would free pages
+must first append to the log. So while the file system has less than
+`LOW_SPACE_BYTES` free (looked up with statvfs at most every `SPACE_REFRESH_S`,
+or sooner once the log has grown by an eighth of what was free), each writing
+connection
+- checkpoints once the log holds a quarter of the free space (in pages), not 16 MiB;
+- has its log file cut back to that size whenever SQLite restarts the log
+  (`journal_size_limit`), so an old, long log does not keep the space;
+- may grow the database only while `reserve` bytes stay free (`max_page_count`):
+  past that SQLite answers SQLITE_FULL, the cache evicts into the pages it frees,
+  and the reserve is the room the eviction, the checkpoint and the truncation
+  need. A disk that other programs fill is met the same way: the cache stops
+  growing and reuses its own free pages.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import apsw
 
-__all__ = ["WAL_CHECKPOINT_PAGES", "Checkpointer"]
+__all__ = [
+    "FULL_DISK_EVICTION_S",
+    "FULL_DISK_STEP_ENTRIES",
+    "LOW_SPACE_BYTES",
+    "SPACE_REFRESH_S",
+    "WAL_CHECKPOINT_PAGES",
+    "Checkpointer",
+    "DiskSpace",
+    "FullDiskEviction",
+    "compact_shortfall",
+    "reserve",
+]
 
 log = logging.getLogger("vyre_sqlcache")
 
 #: Pages in the log that wake the checkpoint thread: 16 MiB of 16 KiB pages
 #: (SQLite's own automatic checkpoint runs at 1000).
 WAL_CHECKPOINT_PAGES = 1024
+#: Below this much free space the log is kept short and the database's growth
+#: capped (4 logs of `WAL_CHECKPOINT_PAGES` 16 KiB pages).
+LOW_SPACE_BYTES = 64 << 20
+#: How long one statvfs look at the free space is used.
+SPACE_REFRESH_S = 0.5
+#: On a full disk the cache evicts in transactions of about this many entries each,
+#: truncating the log after each: deleting an entry rewrites the pages its rows sit on
+#: (three 16 KiB pages at worst, whatever the blob's size), and the log must fit in
+#: what the disk has left.
+FULL_DISK_STEP_ENTRIES = 8
+#: Once the incoming bytes are freed, a full-disk eviction stops after this long, even
+#: short of its quarter of the blobs: the write that met the full disk waits for it.
+FULL_DISK_EVICTION_S = 1.0
+#: The fewest pages a short log is checkpointed at.
+MIN_CHECKPOINT_PAGES = 4
+#: The page size the thresholds are counted in (what cache files use).
+_PAGE_BYTES = 16384
+#: SQLite's own max_page_count: no cap.
+_NO_PAGE_CAP = 4294967294
+
+
+def reserve(total_bytes: int) -> int:
+    """The bytes a cache leaves free on a file system of `total_bytes`: an eighth of it,
+    at least 1 MiB and at most `LOW_SPACE_BYTES`."""
+    return min(LOW_SPACE_BYTES, max(1 << 20, total_bytes // 8))
+
+
+class FullDiskEviction:
+    """What the cache evicts after SQLITE_FULL, step by step: the `incoming` bytes, and a
+    quarter of the blobs (so that the next writes fit in the pages freed) as long as
+    `FULL_DISK_EVICTION_S` allows; each step about `FULL_DISK_STEP_ENTRIES` entries."""
+
+    def __init__(self, blob_bytes: int, entries: int, incoming: int) -> None:
+        self.needed = incoming
+        self.wanted = max(incoming, blob_bytes // 4)
+        self.freed = 0
+        self._step = max(1, blob_bytes // max(1, entries) * FULL_DISK_STEP_ENTRIES)
+        self._deadline = time.monotonic() + FULL_DISK_EVICTION_S
+
+    def next_step(self) -> int:
+        """The blob bytes to evict in the next transaction; 0 when done."""
+        if self.freed >= self.wanted:
+            return 0
+        if self.freed >= self.needed and time.monotonic() > self._deadline:
+            return 0
+        return min(self._step, self.wanted - self.freed)
+
+
+def compact_shortfall(connection: apsw.Connection) -> str | None:
+    """Why a VACUUM of the connection's file does not fit on its disk now, or None.
+
+    VACUUM writes every page in use to the write-ahead log before a checkpoint puts
+    them in place: it needs that much free space and a margin (a quarter of the
+    reserve; the log is truncated right after), or it fails only once it has filled
+    the disk. Raises apsw errors.
+    """
+    try:
+        info = os.statvfs(os.path.dirname(connection.filename) or ".")
+    except (OSError, ValueError):
+        return None
+    page_size = int(connection.pragma("page_size"))
+    pages = int(connection.pragma("page_count")) - int(connection.pragma("freelist_count"))
+    in_use = pages * (page_size + 24)  # a log frame is a page and a 24-byte header
+    free = info.f_bavail * info.f_frsize
+    needed = in_use + reserve(info.f_blocks * info.f_frsize) // 4
+    if free >= needed:
+        return None
+    return (
+        f"compacting rewrites the {in_use / 2**20:.1f} MiB in use through the write-ahead "
+        f"log first and needs about {needed / 2**20:.1f} MiB free, but the disk has "
+        f"{free / 2**20:.1f} MiB; lower the size cap (max_bytes) or free space, then compact"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpace:
+    """One look at the file system holding the cache."""
+
+    free: int
+    total: int
+    #: Counts the looks; a connection is set up again when it changes.
+    look: int
+
+    @property
+    def low(self) -> bool:
+        return self.free < LOW_SPACE_BYTES
+
+    def checkpoint_pages(self) -> int:
+        """Pages in the log that call for a checkpoint: `WAL_CHECKPOINT_PAGES`, or a
+        quarter of the free space when that is less."""
+        pages = WAL_CHECKPOINT_PAGES
+        if self.low:
+            pages = max(MIN_CHECKPOINT_PAGES, min(pages, self.free // (4 * _PAGE_BYTES)))
+        return pages
+
+
+class _SpaceWatch:
+    """Free space of the cache's file system, looked up at most every `SPACE_REFRESH_S`,
+    or sooner once the log has grown by an eighth of what was free."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._space: DiskSpace | None = None
+        self._checked = -float("inf")
+        self._looks = 0
+        self._logged = 0  # log pages written since the last look
+        self._last_pages = 0
+
+    def get(self, filename: str, log_pages: int | None = None) -> DiskSpace | None:
+        """The latest look (None: statvfs does not answer), after counting the pages the
+        log holds now, if given."""
+        now = time.monotonic()
+        with self._lock:
+            if log_pages is not None:
+                grown = log_pages - self._last_pages
+                self._logged += grown if grown >= 0 else log_pages
+                self._last_pages = log_pages
+            space = self._space
+            due = now - self._checked >= SPACE_REFRESH_S or (
+                space is not None and space.low and self._logged * _PAGE_BYTES * 8 >= space.free
+            )
+            if not due:
+                return space
+            self._checked = now
+            self._logged = 0
+        try:
+            info = os.statvfs(os.path.dirname(filename) or ".")
+        except (OSError, ValueError):
+            looked = None
+        else:
+            with self._lock:
+                self._looks += 1
+                looked = DiskSpace(
+                    free=info.f_bavail * info.f_frsize,
+                    total=info.f_blocks * info.f_frsize,
+                    look=self._looks,
+                )
+        with self._lock:
+            self._space = looked
+        return looked
 
 
 class Checkpointer:
-    """Wakes a daemon thread to checkpoint when the write-ahead log has grown."""
+    """Wakes a daemon thread to checkpoint when the write-ahead log has grown, and keeps
+    the log and the database within the free space of a filling disk."""
 
     def __init__(self, checkpoint: Callable[[], None]) -> None:
         """`checkpoint` runs one PASSIVE checkpoint, raising apsw or cache errors."""
@@ -38,17 +211,80 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._space = _SpaceWatch()
+        # The look each writing connection was last set up for; those given caps.
+        self._set_up: weakref.WeakKeyDictionary[apsw.Connection, int] = weakref.WeakKeyDictionary()
+        self._capped: weakref.WeakSet[apsw.Connection] = weakref.WeakSet()
+
+    def attach(self, connection: apsw.Connection) -> None:
+        """Watch a writing connection: its commits may wake the thread, and on a filling
+        disk its log and growth are capped."""
+        connection.set_wal_hook(self.wal_hook)
+        try:
+            self._fit(connection, self._space.get(connection.filename))
+        except apsw.Error as error:
+            # A file SQLite cannot read yet (damaged, or not a database): opening it
+            # reports that; the first commit sets the connection up.
+            self._set_up.pop(connection, None)
+            log.debug("vyre-sqlcache: setting up a connection: %s", error)
 
     def wal_hook(self, connection: apsw.Connection, database: str, pages: int) -> int:
         """SQLite's WAL hook, after every commit: wake the thread past the threshold."""
-        if pages > WAL_CHECKPOINT_PAGES:
-            try:
-                self.wake()
-            except BaseException as error:
-                # An error returned here would fail a statement whose commit has
-                # already happened; close() checkpoints anyway.
-                log.debug("vyre-sqlcache: could not wake the checkpoint thread: %s", error)
+        try:
+            space = self._space.get(connection.filename, pages)
+            self._fit(connection, space)
+            if space is None or not space.low:
+                if pages > WAL_CHECKPOINT_PAGES:
+                    self.wake()
+            elif pages > space.checkpoint_pages():
+                # Low on space, the committing writer checkpoints (the write lock is free
+                # in the hook): a thread that lags behind busy writers lets the log grow.
+                connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except BaseException as error:
+            # An error returned here would fail a statement whose commit has already
+            # happened; close() checkpoints anyway, and the next commit tries again.
+            log.debug("vyre-sqlcache: after a commit: %s", error)
         return apsw.SQLITE_OK
+
+    def _fit(self, connection: apsw.Connection, space: DiskSpace | None) -> None:
+        """Set the connection's log limit and page cap for the latest look at the disk."""
+        look = 0 if space is None else space.look
+        if self._set_up.get(connection) == look:
+            return
+        self._set_up[connection] = look
+        if space is None or not space.low:
+            if connection in self._capped:
+                connection.pragma("max_page_count", _NO_PAGE_CAP)
+                connection.pragma("journal_size_limit", -1)
+                self._capped.discard(connection)
+            return
+        page_count = int(connection.pragma("page_count"))
+        if page_count == 0:
+            return  # a new file, its page size not chosen yet: the first commit sets it up
+        page_size = int(connection.pragma("page_size"))
+        # The log may grow to about twice its threshold before a checkpoint lets SQLite
+        # restart it: that room is not the database's.
+        log_room = 2 * space.checkpoint_pages() * page_size
+        room = max(0, space.free - reserve(space.total) - log_room)
+        connection.pragma("max_page_count", page_count + room // page_size)
+        connection.pragma("journal_size_limit", space.checkpoint_pages() * page_size)
+        self._capped.add(connection)
+
+    @contextmanager
+    def evicting(self, connection: apsw.Connection) -> Iterator[None]:
+        """Let the database grow into part of the reserve while the cache evicts for a full
+        disk: deleting rows can split an index page, and the pages it frees are seldom
+        whole ones. The connection gets its cap back afterwards."""
+        space = self._space.get(connection.filename)
+        if connection in self._capped and space is not None:
+            cap = int(connection.pragma("max_page_count"))
+            headroom = reserve(space.total) // 4 // int(connection.pragma("page_size"))
+            connection.pragma("max_page_count", cap + headroom)
+        try:
+            yield
+        finally:
+            self._set_up.pop(connection, None)
+            self._fit(connection, space)
 
     def wake(self) -> None:
         """Start the thread if needed and have it checkpoint once more."""

@@ -33,7 +33,7 @@ from ._cachefile import (
     move_aside,
     needs_check_marker,
 )
-from ._checkpointer import Checkpointer
+from ._checkpointer import Checkpointer, FullDiskEviction, compact_shortfall
 from ._checks import (
     MAX_BLOB_BYTES,
     check_blob,
@@ -240,7 +240,7 @@ class PipelineCache:
         except apsw.Error as error:
             raise translate(error, "opening a connection", self._path) from error
         if not self._readonly:
-            connection.set_wal_hook(self._checkpointer.wal_hook)
+            self._checkpointer.attach(connection)
         return connection
 
     def _first_connection(self, *, verify: bool, store_cap: bool) -> None:
@@ -665,19 +665,29 @@ class PipelineCache:
                 self._unflushed += changes
 
     def _make_room_on_disk(self, slot: Slot, incoming: int) -> bool:
-        """After SQLITE_FULL: fold the log back and truncate it, evict at least `incoming`
-        bytes and a quarter of the blobs, and truncate the log again. Whether room was made."""
+        """After SQLITE_FULL: fold the log back and truncate it, then evict at least
+        `incoming` bytes, and up to a quarter of the blobs, in small steps, truncating the
+        log after each (one large eviction can need more log than the disk has left; see
+        `FullDiskEviction`). Whether room was made."""
         connection = self._pool.main(slot)
-        self._truncate_log(connection)
-        try:
-            with self._write_transaction(slot, "evicting for a full disk") as connection:
-                evicted = _rows.evict(
-                    connection, max(incoming, _rows.blob_bytes(connection) // 4), set()
-                )
-        except CacheError:
-            return False
-        self._books.evicted(evicted)
-        self._truncate_log(connection)
+        evicted = 0
+        with self._checkpointer.evicting(connection):
+            self._truncate_log(connection)
+            totals = _rows.totals(connection)
+            plan = FullDiskEviction(totals.get("blob_bytes", 0), totals.get("entries", 0), incoming)
+            while (step := plan.next_step()) > 0:
+                try:
+                    with self._write_transaction(slot, "evicting for a full disk"):
+                        before = _rows.blob_bytes(connection)
+                        count = _rows.evict(connection, step, set())
+                        plan.freed += before - _rows.blob_bytes(connection)
+                except CacheError:
+                    break
+                self._books.evicted(count)
+                self._truncate_log(connection)
+                if count == 0:
+                    break
+                evicted += count
         return evicted > 0
 
     @staticmethod
@@ -1063,9 +1073,14 @@ class PipelineCache:
         with self._call() as slot:
             connection = self._pool.main(slot)
             try:
+                self._truncate_log(connection)  # its space counts as free for the VACUUM
+                shortfall = compact_shortfall(connection)
+                if shortfall is not None:
+                    raise CacheFullError(f"compacting {self._path}: {shortfall}")
                 retry_busy(lambda: connection.execute("VACUUM"))
                 connection.pragma("wal_checkpoint", "TRUNCATE")
             except apsw.Error as error:
+                self._truncate_log(connection)  # a failed VACUUM's log would keep the disk
                 raise translate(error, "compacting", self._path) from error
         return before, self._file.file_bytes()
 

@@ -1,0 +1,198 @@
+"""A full disk: the cache evicts, checkpoints and truncates its log, and keeps working.
+
+The real test mounts an 8 MiB tmpfs (it needs root) and writes more than fits
+under a cap larger than the disk. Without root, a second test emulates the same
+disk: statvfs reports 8 MiB minus the cache's files, and RLIMIT_FSIZE (with
+SIGXFSZ ignored) fails any write past 8 MiB of one file. Both run in child
+processes, the second one in a fresh process that checks what the first flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DISK_BYTES = 8 << 20
+CAP_BYTES = 64 << 20  # the cap is larger than the disk
+
+# argv: folder, blob size, bytes to write, "real" or "emulated". Writes blobs (digest i:
+# sha256(i)) and flushes every 10; prints what happened as JSON.
+CHILD = textwrap.dedent(
+    """
+    import hashlib, json, logging, os, random, resource, signal, sys, time
+    folder, size, total, disk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    DISK = %(disk)d
+    files = lambda: [os.path.join(folder, n) for n in os.listdir(folder)]
+    used = lambda: sum(os.stat(f).st_size for f in files() if os.path.exists(f))
+    if disk == "emulated":
+        # A disk of DISK bytes: statvfs counts the cache's files, no file grows past it.
+        real_statvfs = os.statvfs
+        def statvfs(path):
+            real = real_statvfs(path)
+            free = max(0, DISK - used()) // real.f_frsize
+            return os.statvfs_result((real.f_bsize, real.f_frsize, DISK // real.f_frsize,
+                free, free, real.f_files, real.f_ffree, real.f_favail, real.f_flag,
+                real.f_namemax))
+        os.statvfs = statvfs
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (DISK, DISK))
+
+    from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "full")
+    digest = lambda i: hashlib.sha256(b"%%d" %% i).digest()
+    blob = lambda i: random.Random(i).randbytes(size)  # incompressible
+    free = lambda: os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    path = os.path.join(folder, "pipelines.sqlite3")
+    recoveries = []
+    class Count(logging.Handler):
+        def emit(self, record):
+            if "hit a full disk" in record.getMessage():
+                recoveries.append(1)
+    logging.getLogger("vyre_sqlcache").addHandler(Count())
+    out = {"errors": [], "min_free": free(), "max_used": used(), "slowest_s": 0.0}
+    first = int(os.environ.get("FIRST", "0"))
+    count = total // size
+    cache = PipelineCache.open(path, max_bytes=%(cap)d)
+    for i in range(first, first + count):
+        started = time.monotonic()
+        try:
+            cache.write(digest(i), fp, blob(i))
+            if i %% 10 == 9:
+                cache.flush()
+        except CacheError as error:
+            out["errors"].append(f"{i}: {type(error).__name__}: {error}")
+        out["slowest_s"] = max(out["slowest_s"], time.monotonic() - started)
+        out["min_free"] = min(out["min_free"], free())
+        out["max_used"] = max(out["max_used"], used())
+    cache.flush()
+    last = first + count - 1
+    recent = range(last - min(10, (2 << 20) // size) + 1, last + 1)  # 2 MiB at most
+    out["last_read"] = [cache.read(digest(i), fp) == blob(i) for i in recent]
+    stats = cache.stats()
+    out["entries"], out["evictions"] = stats.entries, stats.total_evictions
+    if os.environ.get("CHECK"):
+        results = [cache.read(digest(i), fp) for i in range(last + 1)]
+        out["right"] = sum(r == blob(i) for i, r in enumerate(results))
+        out["wrong"] = sum(r is not None and r != blob(i) for i, r in enumerate(results))
+        try:
+            cache.compact()
+            out["compact"] = "ok"
+        except CacheError as error:
+            out["compact"] = f"{type(error).__name__}: {error}"
+        out["free_after_compact"] = free()
+        cache.write(digest(-1), fp, blob(-1))  # the cache still works after the compact
+        cache.flush()
+    cache.close()
+    out["recoveries"] = len(recoveries)
+    out["free_after_close"] = free()
+    out["wal_after_close"] = os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+    if os.environ.get("CHECK"):
+        import apsw
+        connection = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        out["integrity"] = connection.execute("PRAGMA integrity_check").fetchall()[0][0]
+        connection.close()
+        # Room is made: a lower cap evicts, and then the file compacts.
+        with PipelineCache.open(path, max_bytes=512 << 10) as cache:
+            cache.write(digest(-2), fp, blob(-2))
+            cache.flush()
+            before, after = cache.compact()
+        out["compacted"] = [before, after]
+    print(json.dumps(out))
+    """
+) % {"disk": DISK_BYTES, "cap": CAP_BYTES}
+
+
+def run_child(folder: Path, size: int, total: int, disk: str, **env: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(size), str(total), disk],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs, unmounted afterwards; skips where it cannot be mounted."""
+    mount = shutil.which("mount")
+    if mount is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (test_an_emulated_full_disk runs instead)")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield folder
+    finally:
+        unmounted = subprocess.run(["umount", str(folder)], capture_output=True, timeout=30)
+        if unmounted.returncode != 0:  # still busy: detach it, the kernel frees it later
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def assert_fills_and_recovers(folder: Path, size: int, disk: str) -> None:
+    total = 2 * DISK_BYTES  # twice what the disk holds
+    filled = run_child(folder, size, total, disk)
+    # Every write succeeded: the cache evicted for the disk, not for its cap.
+    assert filled["errors"] == [], filled["errors"][:3]
+    assert filled["evictions"] > 0
+    assert filled["recoveries"] + filled["evictions"] > 0
+    assert all(filled["last_read"]), filled
+    # The cache's own files never took the whole disk, and its log is gone at close.
+    assert filled["max_used"] <= DISK_BYTES - (512 << 10), filled
+    assert filled["min_free"] >= 512 << 10, filled
+    assert filled["wal_after_close"] == 0
+    assert filled["free_after_close"] >= 1 << 20, filled
+
+    # A fresh process: everything flushed is there or was evicted, never wrong; it
+    # writes on; compact succeeds or says the disk is too full, leaving it usable.
+    count = total // size
+    checked = run_child(folder, size, total // 4, disk, CHECK="1", FIRST=str(count))
+    assert checked["errors"] == [], checked["errors"][:3]
+    assert checked["wrong"] == 0
+    assert all(checked["last_read"]), checked
+    written = count + total // 4 // size
+    assert checked["right"] == checked["entries"]
+    assert checked["entries"] + checked["evictions"] == written, checked
+    assert checked["compact"] == "ok" or "needs about" in checked["compact"], checked
+    assert checked["free_after_compact"] >= 512 << 10, checked
+    assert checked["integrity"] == "ok"
+    before, after = checked["compacted"]
+    assert after < min(before, 1 << 20), checked
+    print(
+        f"\n{disk} disk, {size}-byte blobs: at most {filled['max_used'] / 2**20:.2f} MiB "
+        f"of {DISK_BYTES / 2**20:.0f} MiB used, {filled['min_free'] / 2**20:.2f} MiB "
+        f"free at least, {filled['recoveries']} full-disk recoveries, slowest write "
+        f"{filled['slowest_s'] * 1000:.0f} ms"
+    )
+
+
+@pytest.mark.parametrize("size", [2_000, 20_000, 300_000])
+def test_a_full_tmpfs(small_disk: Path, size: int) -> None:
+    assert_fills_and_recovers(small_disk, size, "real")
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX statvfs and rlimits")
+@pytest.mark.parametrize("size", [2_000, 20_000])
+def test_an_emulated_full_disk(tmp_path: Path, size: int) -> None:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    assert_fills_and_recovers(folder, size, "emulated")
