@@ -218,7 +218,7 @@ def test_info_human_and_json(cli: Cli, filled: Filled, command: str) -> None:
     code, out, err = cli.run(filled.path, command)
     assert code == 0, err
     assert f"path               {filled.path}" in out
-    assert "schema version     2" in out
+    assert f"schema version     {vyre_sqlcache.SCHEMA_VERSION}" in out
     assert f"SQLite             {apsw.sqlite_lib_version()}" in out
     assert "entries            5" in out
     assert "hits / misses      2 / 0 (100.0% hits)" in out
@@ -227,7 +227,7 @@ def test_info_human_and_json(cli: Cli, filled: Filled, command: str) -> None:
 
     info = cli.json(filled.path, command)
     assert info["entries"] == 5 and info["blob_bytes"] == 1000 + 200 + 5000 + 300 + 50
-    assert info["schema_version"] == 2 and info["hits"] == 2
+    assert info["schema_version"] == vyre_sqlcache.SCHEMA_VERSION and info["hits"] == 2
     groups = {(g["backend"], g["vendor_hex"], g["device_hex"]): g for g in info["by_device"]}
     assert set(groups) == {
         ("vulkan", "0x10de", "0x2684"),
@@ -742,7 +742,7 @@ def test_a_readonly_cache_writes_nothing(filled: Filled) -> None:
             assert cache.get_entry(os.urandom(32)) is None
             assert len(cache.entries()) == 5 and cache.device_totals()
             assert cache.query("SELECT count(*) FROM pipelines_v")[0].rows == [(5,)]
-            assert cache.check().ok and cache.schema_version() == 2
+            assert cache.check().ok and cache.schema_version() == vyre_sqlcache.SCHEMA_VERSION
         assert (cache.stats().hits, cache.stats().misses) == (15, 3)  # peek_entry counts none
     assert folder_bytes(filled.path.parent) == before
 

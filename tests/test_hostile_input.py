@@ -446,11 +446,11 @@ def planted_entry(path: Path, digest: bytes, data: bytes, blob_size: int) -> Non
     plant(
         path,
         f"INSERT INTO entries (id, entry_key, vendor, device, driver_digest, program_digest, "
-        f"blob_size, created_ms, accessed_ms) VALUES ({rowid}, x'{entry_key.hex()}', "
-        f"{FP.vendor}, {FP.device}, x'{FP.driver_digest.hex()}', x'{digest.hex()}', "
-        f"{blob_size}, 0, 0)",
-        f"INSERT INTO blobs VALUES ({rowid}, '{checksums.DEFAULT}', x'{checksum.hex()}', "
-        f"x'{data.hex()}')",
+        f"blob_size, created_ms, accessed_ms, stored_size) VALUES ({rowid}, "
+        f"x'{entry_key.hex()}', {FP.vendor}, {FP.device}, x'{FP.driver_digest.hex()}', "
+        f"x'{digest.hex()}', {blob_size}, 0, 0, {len(data)})",
+        f"INSERT INTO blobs (id, checksum_algo, checksum, data) VALUES ({rowid}, "
+        f"'{checksums.DEFAULT}', x'{checksum.hex()}', x'{data.hex()}')",
     )
 
 

@@ -188,7 +188,11 @@ def test_a_keyed_row_shows_every_field(
         "hits": 1,
         "created_ms": row["created_ms"],
         "accessed_ms": row["accessed_ms"],
+        # schema 3: the bytes stored (compressed, or 1234 raw) and blob_size / stored_size
+        "stored_size": row["stored_size"],
+        "ratio": round(1234 / row["stored_size"], 2),
     }
+    assert 0 < row["stored_size"] <= 1234
 
 
 def test_program_and_imported_rows(populated: PipelineCache) -> None:

@@ -3,18 +3,23 @@
 A schema change touches this module and a new file in `migrations/`, nothing else.
 Functions run on a connection the caller gives them, inside the caller's
 transaction where they change anything; they raise apsw errors as they come.
+Compression itself (what to store, decoding, training) is `_codec`'s: this module
+reads and writes what it decides, dictionaries included.
 """
 
 from __future__ import annotations
 
+import logging
 from array import array
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import apsw
 
-from . import _checksums
+from . import _checksums, _codec
+from ._codec import Codec, Dictionary, Encoded, Scope
 from .keys import DeviceFingerprint, PipelineCacheKey, entry_id
 
 __all__ = [
@@ -22,18 +27,24 @@ __all__ = [
     "LARGE_BLOB_BYTES",
     "Fetched",
     "NewEntry",
+    "Recompressed",
     "blob_bytes",
     "bump",
     "delete_entries",
     "drop",
+    "drop_unused_dictionaries",
     "evict",
     "fetch",
     "insert",
     "invalidate",
     "owner",
+    "recompress",
+    "scopes",
     "setting",
     "store_setting",
+    "stored_bytes",
     "totals",
+    "train_dictionary",
     "verify",
     "write_access",
 ]
@@ -50,18 +61,22 @@ LARGE_BLOB_BYTES = 256 * 1024
 #: cache does not evict on every write.
 EVICTION_SLACK = 0.05
 
+log = logging.getLogger("vyre_sqlcache")
+
 # One statement a read-hit; a large blob is left out of the row.
 _SELECT_BLOB = (
     "SELECT checksum_algo, checksum, "
-    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END FROM blobs WHERE id = ?"
+    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, codec, dict_id, raw_size "
+    "FROM blobs WHERE id = ?"
 )
 
 _INSERT_ENTRY = """
 INSERT INTO entries (
     id, entry_key, key_version, shader_hash, layout_hash, push_constant_size,
     workgroup_x, workgroup_y, workgroup_z, feature_flags, backend,
-    vendor, device, driver_digest, program_digest, blob_size, created_ms, accessed_ms
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    vendor, device, driver_digest, program_digest, blob_size, created_ms, accessed_ms,
+    stored_size
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     entry_key = excluded.entry_key, key_version = excluded.key_version,
     shader_hash = excluded.shader_hash, layout_hash = excluded.layout_hash,
@@ -70,11 +85,17 @@ ON CONFLICT (id) DO UPDATE SET
     feature_flags = excluded.feature_flags, backend = excluded.backend,
     vendor = excluded.vendor, device = excluded.device, driver_digest = excluded.driver_digest,
     program_digest = excluded.program_digest, blob_size = excluded.blob_size,
-    created_ms = excluded.created_ms, accessed_ms = excluded.accessed_ms, hits = 0
+    created_ms = excluded.created_ms, accessed_ms = excluded.accessed_ms, hits = 0,
+    stored_size = excluded.stored_size
 """
-_INSERT_BLOB = (
-    "INSERT OR REPLACE INTO blobs (id, checksum_algo, checksum, data) VALUES (?, ?, ?, ?)"
-)
+_INSERT_BLOB = """
+INSERT INTO blobs (id, checksum_algo, checksum, data, codec, dict_id, raw_size)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    checksum_algo = excluded.checksum_algo, checksum = excluded.checksum,
+    data = excluded.data, codec = excluded.codec, dict_id = excluded.dict_id,
+    raw_size = excluded.raw_size
+"""
 # Counters saturate at the int64 maximum: a hand-edited or ancient counter must never
 # make every later write fail with an integer overflow.
 _INT64_MAX = 2**63 - 1
@@ -99,8 +120,28 @@ class NewEntry:
     def rowid(self) -> int:
         return entry_id(self.entry_key)
 
-    def params(self, now_ms: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        """Parameters of the entry row and the blob row."""
+    @property
+    def scope(self) -> Scope:
+        """The entries it shares compression dictionaries with: its backend and device."""
+        fp = self.fingerprint
+        return Scope(
+            None if self.key is None else self.key.backend,
+            None if fp is None else fp.vendor,
+            None if fp is None else fp.device,
+        )
+
+    def encode(self, codec: Codec | None, dictionary: Dictionary | None) -> Encoded:
+        """The blob as it is to be stored (raw without a codec); a pure function."""
+        return Encoded(self.blob) if codec is None else codec.encode(self.blob, dictionary)
+
+    def params(
+        self, now_ms: int, encoded: Encoded | None = None
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """Parameters of the entry row and the blob row, storing `encoded` (default raw).
+
+        The checksum covers the entry key and the caller's bytes, whatever is stored.
+        """
+        stored = Encoded(self.blob) if encoded is None else encoded
         rowid = self.rowid
         when = now_ms if self.created_ms is None else self.created_ms
         k = self.key
@@ -128,19 +169,35 @@ class NewEntry:
             len(self.blob),
             when,
             when,
+            len(stored.data),
         )
         algo = _checksums.DEFAULT
-        blob = (rowid, algo, _checksums.compute(algo, self.entry_key, self.blob), self.blob)
+        blob = (
+            rowid,
+            algo,
+            _checksums.compute(algo, self.entry_key, self.blob),
+            stored.data,
+            stored.codec,
+            stored.dict_id,
+            None if stored.codec is None else len(self.blob),
+        )
         return entry, blob
 
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A stored blob as read, before its checksum is checked."""
+    """A stored blob as read and decoded, before its checksum is checked.
+
+    `damaged`: it could not be decoded (a bad frame, a missing or damaged dictionary);
+    `data` is then empty and `verify` fails. `dictionary` names the dictionary it was
+    decoded with, as (file, id), so that a failed check loads that dictionary again.
+    """
 
     algo: str
     checksum: bytes
     data: bytes
+    damaged: bool = False
+    dictionary: tuple[str, int] | None = None
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -157,7 +214,7 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
     rows = cursor.execute(_SELECT_BLOB, (rowid,)).fetchall()
     if not rows:
         return None
-    algo, checksum, data = rows[0]
+    algo, checksum, data, codec, dict_id, raw_size = rows[0]
     if data is None:
         # The blob may be replaced between the select and this read: a checksum that
         # then fails is looked at again before anything is dropped.
@@ -166,12 +223,71 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
             data = blob.read()
         finally:
             blob.close()
-    return Fetched(algo, checksum, data)  # type: ignore[arg-type]
+    if codec is None:
+        return Fetched(algo, checksum, data)  # type: ignore[arg-type]
+    connection = cursor.connection
+    try:
+        decoded = decode(connection, codec, dict_id, raw_size, data)  # type: ignore[arg-type]
+    except _codec.Unavailable:
+        _warn_unavailable()
+        return None
+    except _codec.DecodeError as error:
+        log.debug("vyre-sqlcache: entry %s cannot be decoded: %s", entry_key.hex(), error)
+        return Fetched(algo, checksum, b"", damaged=True)  # type: ignore[arg-type]
+    used = None if dict_id is None else (connection.filename, int(dict_id))
+    return Fetched(algo, checksum, decoded, dictionary=used)  # type: ignore[arg-type]
 
 
 def verify(entry_key: bytes, fetched: Fetched) -> bool:
     """Whether the fetched bytes are the ones written under `entry_key`."""
-    return _checksums.matches(fetched.algo, fetched.checksum, entry_key, fetched.data)
+    if fetched.damaged:
+        return False
+    if _checksums.matches(fetched.algo, fetched.checksum, entry_key, fetched.data):
+        return True
+    if fetched.dictionary is not None:
+        # A dictionary loaded before the file was replaced would decode wrong bytes:
+        # the second look (cache.py) loads it again.
+        _codec.LOADED.forget(*fetched.dictionary)
+    return False
+
+
+_unavailable_warned = False
+
+
+def _warn_unavailable() -> None:
+    global _unavailable_warned
+    if not _unavailable_warned:
+        _unavailable_warned = True
+        log.warning(
+            "vyre-sqlcache: the cache holds zstd-compressed entries, but the zstandard "
+            "package is not installed: they read as misses (pip install 'vyre-sqlcache[zstd]')"
+        )
+
+
+def decode(
+    connection: apsw.Connection,
+    codec: str | None,
+    dict_id: int | None,
+    raw_size: int | None,
+    data: bytes,
+) -> bytes:
+    """The caller's bytes of a stored blob, loading its dictionary if it has one.
+
+    Raises _codec.DecodeError for a blob that cannot be decoded (a damaged frame, a
+    missing or damaged dictionary), _codec.Unavailable without zstandard.
+    """
+    if codec is None or dict_id is None:
+        return _codec.decode(codec, data, raw_size, None)
+    where = connection.filename
+    cached = _codec.LOADED.get(where, dict_id)
+    if cached is not None:
+        try:
+            return _codec.decode(codec, data, raw_size, cached)
+        except _codec.Unavailable:
+            raise
+        except _codec.DecodeError:
+            _codec.LOADED.forget(where, dict_id)  # perhaps another file's: load it again
+    return _codec.decode(codec, data, raw_size, load_dictionary(connection, dict_id))
 
 
 def owner(connection: apsw.Connection, entry_key: bytes) -> bytes | None:
@@ -189,8 +305,17 @@ def totals(connection: apsw.Connection) -> dict[str, int]:
 
 
 def blob_bytes(connection: apsw.Connection) -> int:
-    """The total blob bytes, kept by triggers in `meta`."""
+    """The total blob bytes, as the callers wrote them, kept by triggers in `meta`."""
     return totals_value(connection, "blob_bytes")
+
+
+def stored_bytes(connection: apsw.Connection) -> int:
+    """The bytes the size cap counts: the blobs as stored, and the dictionaries."""
+    row = connection.execute(
+        "SELECT coalesce(sum(value), 0) FROM meta "
+        "WHERE name IN ('stored_bytes', 'dictionary_bytes')"
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def totals_value(connection: apsw.Connection, name: str) -> int:
@@ -222,29 +347,57 @@ def store_setting(connection: apsw.Connection, name: str, value: int) -> None:
 
 
 def insert(
-    connection: apsw.Connection, entries: list[NewEntry], now_ms: int, cap: int | None
+    connection: apsw.Connection,
+    entries: list[NewEntry],
+    now_ms: int,
+    cap: int | None,
+    codec: Codec | None = None,
 ) -> int:
-    """Insert (or replace) `entries`, first evicting what the cap needs; return evictions."""
+    """Insert (or replace) `entries`, first evicting what the cap needs; return evictions.
+
+    With an enabled `codec` each blob is compressed where it pays, with its scope's
+    dictionary if it has one, and a scope that has had enough writes since its last
+    dictionary gets a new one (see `_codec.TRAIN_AFTER`).
+    """
+    if codec is not None and not codec.enabled:
+        codec = None
+    states: dict[Scope, _ScopeState] = {}
+    if codec is not None:
+        for scope in {entry.scope for entry in entries}:
+            states[scope] = _scope_state(connection, scope)
+    encoded = [
+        entry.encode(codec, None if codec is None else states[entry.scope].dictionary)
+        for entry in entries
+    ]
     evicted = 0
+    ids = array("q", (entry.rowid for entry in entries))
     if cap is not None:
-        ids = array("q", (entry.rowid for entry in entries))
-        evicted = make_room(connection, ids, sum(len(e.blob) for e in entries), cap)
-    params = [entry.params(now_ms) for entry in entries]
+        evicted = make_room(connection, ids, sum(len(e.data) for e in encoded), cap)
+    params = [entry.params(now_ms, e) for entry, e in zip(entries, encoded, strict=True)]
     connection.executemany(_INSERT_ENTRY, [p[0] for p in params])
     connection.executemany(_INSERT_BLOB, [p[1] for p in params])
+    if codec is not None:
+        written = Counter(entry.scope for entry in entries)
+        trained = [
+            _count_writes(connection, scope, count, states[scope], now_ms)
+            for scope, count in written.items()
+        ]
+        if cap is not None and any(trained):
+            evicted += make_room(connection, ids, 0, cap)  # the cap counts dictionaries too
     return evicted
 
 
 def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: int) -> int:
-    """Evict so that inserting `incoming` bytes under row `ids` keeps blob bytes under `cap`.
+    """Evict so that inserting `incoming` stored bytes under row `ids` keeps the stored
+    bytes (blobs as stored, and dictionaries) under `cap`.
 
     Returns how many entries were evicted.
     """
-    total = blob_bytes(connection)
+    total = stored_bytes(connection)
     if total + incoming <= cap:
         return 0
     row = connection.execute(
-        "SELECT coalesce(sum(blob_size), 0) FROM entries WHERE id IN carray(?)",
+        "SELECT coalesce(sum(stored_size), 0) FROM entries WHERE id IN carray(?)",
         (apsw.carray(ids),),
     ).fetchone()
     replaced = 0 if row is None else int(row[0])
@@ -255,7 +408,8 @@ def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: 
 
 
 def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> int:
-    """Delete the least-recently-used entries not in `keep` until `bytes_to_free` are freed.
+    """Delete the least-recently-used entries not in `keep` until `bytes_to_free` stored
+    bytes are freed.
 
     The victims are chosen in batches along the LRU index and deleted by one statement.
     Returns how many entries were deleted.
@@ -265,7 +419,7 @@ def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> in
     last: tuple[Any, ...] = (-(2**63), -(2**63))
     while freed < bytes_to_free:
         batch = connection.execute(
-            "SELECT accessed_ms, id, blob_size FROM entries "
+            "SELECT accessed_ms, id, stored_size FROM entries "
             "WHERE (accessed_ms, id) > (?, ?) ORDER BY accessed_ms, id LIMIT 256",
             last,
         ).fetchall()
@@ -344,6 +498,301 @@ def write_access(
 def rowids(entry_keys: Iterable[bytes]) -> array[int]:
     """The row ids of entry keys, for carray."""
     return array("q", map(entry_id, entry_keys))
+
+
+# -- compression: dictionaries, training, recompression ------------------------------------
+#
+# Dictionaries are rows of `dictionaries`, one scope (backend and device) each; a
+# scope's current dictionary is its newest. Per scope, `meta` counts the writes since
+# its last dictionary under `_WRITES` + the scope's name.
+
+_WRITES = "dictionary_writes:"
+#: The "entry key" a dictionary's checksum covers with its bytes.
+_DICTIONARY_KEY = b"vyre-sqlcache dictionary"
+_SCOPE = "backend IS ?1 AND vendor IS ?2 AND device IS ?3"
+
+
+def _scope_params(scope: Scope) -> tuple[Any, ...]:
+    return (scope.backend, scope.vendor, scope.device)
+
+
+def load_dictionary(connection: apsw.Connection, dict_id: int) -> Dictionary:
+    """Dictionary `dict_id`, loaded once per process and file, its checksum checked.
+
+    Raises _codec.DecodeError if it is missing or fails its checksum.
+    """
+    where = connection.filename
+    cached = _codec.LOADED.get(where, dict_id)
+    if cached is not None:
+        return cached
+    rows = connection.execute(
+        "SELECT checksum_algo, checksum, data FROM dictionaries WHERE id = ?", (dict_id,)
+    ).fetchall()
+    if not rows:
+        raise _codec.DecodeError(f"dictionary {dict_id} is missing")
+    algo, checksum, data = rows[0]
+    if not (
+        isinstance(data, bytes)
+        and isinstance(checksum, bytes)
+        and _checksums.matches(str(algo), checksum, _DICTIONARY_KEY, data)
+    ):
+        raise _codec.DecodeError(f"dictionary {dict_id} fails its checksum")
+    dictionary = Dictionary(dict_id, data, checksum)
+    _codec.LOADED.put(where, dictionary)
+    return dictionary
+
+
+def _newest_dictionary(connection: apsw.Connection, scope: Scope) -> tuple[int | None, int]:
+    """The id of the scope's newest dictionary (None: none) and how many it has."""
+    row = connection.execute(
+        f"SELECT max(id), count(*) FROM dictionaries WHERE {_SCOPE}", _scope_params(scope)
+    ).fetchone()
+    assert row is not None
+    newest, count = row
+    return (None if newest is None else int(newest)), int(count)
+
+
+@dataclass(frozen=True, slots=True)
+class _ScopeState:
+    """A scope's dictionaries: the current one (None: none, or the newest is damaged),
+    the newest's id, and how many the scope has."""
+
+    dictionary: Dictionary | None
+    newest: int | None
+    count: int
+
+
+def _scope_state(connection: apsw.Connection, scope: Scope) -> _ScopeState:
+    newest, count = _newest_dictionary(connection, scope)
+    dictionary = None
+    if newest is not None:
+        try:
+            dictionary = load_dictionary(connection, newest)
+        except _codec.DecodeError as error:
+            log.warning("vyre-sqlcache: not compressing with %s", error)
+    return _ScopeState(dictionary, newest, count)
+
+
+def current_dictionary(connection: apsw.Connection, scope: Scope) -> Dictionary | None:
+    """The dictionary new entries of `scope` are compressed with (None: none, or its
+    newest is damaged: then the next write trains another)."""
+    return _scope_state(connection, scope).dictionary
+
+
+def _count_writes(
+    connection: apsw.Connection,
+    scope: Scope,
+    count: int,
+    state: _ScopeState,
+    now_ms: int,
+) -> bool:
+    """Count `count` writes to `scope`; train its next dictionary when they are due.
+    Whether a dictionary was added."""
+    name = _WRITES + scope.name
+    row = connection.execute(
+        "INSERT INTO meta (name, value) VALUES (?1, ?2) "
+        "ON CONFLICT (name) DO UPDATE SET value = min(value + ?2, 1 << 62) RETURNING value",
+        (name, count),
+    ).fetchone()
+    writes = 0 if row is None else int(row[0])
+    if state.newest is not None and state.dictionary is None:
+        due = _codec.TRAIN_AFTER  # the newest is damaged: replace it
+    elif state.count <= _codec.RETRAINS:
+        due = _codec.TRAIN_AFTER * _codec.RETRAIN_FACTOR**state.count
+    else:
+        return False
+    if writes < due:
+        return False
+    added = train_dictionary(connection, scope, now_ms) is not None
+    connection.execute("UPDATE meta SET value = 0 WHERE name = ?", (name,))
+    return added
+
+
+def train_dictionary(connection: apsw.Connection, scope: Scope, now_ms: int) -> int | None:
+    """Train a dictionary on the scope's most recent entries and store it; its id, or
+    None if zstd could not train one (too few or too small samples)."""
+    rows = connection.execute(
+        f"SELECT id, stored_size FROM entries WHERE {_SCOPE} "
+        "ORDER BY created_ms DESC, id DESC LIMIT ?4",
+        (*_scope_params(scope), _codec.SAMPLE_ENTRIES),
+    ).fetchall()
+    samples: list[bytes] = []
+    budget = _codec.SAMPLE_STORED_BYTES
+    for rowid, stored in rows:
+        assert isinstance(stored, int)
+        if stored > budget:
+            continue
+        budget -= stored
+        blob = connection.execute(
+            "SELECT codec, dict_id, data FROM blobs WHERE id = ?", (rowid,)
+        ).fetchall()
+        if not blob:
+            continue
+        codec, dict_id, data = blob[0]
+        try:
+            dictionary = None if dict_id is None else load_dictionary(connection, int(dict_id))
+            sample = _codec.prefix(codec, data, dictionary, _codec.SAMPLE_PREFIX_BYTES)  # type: ignore[arg-type]
+        except _codec.DecodeError:
+            continue  # a damaged entry makes no sample; reads will drop it
+        if sample:
+            samples.append(sample)
+    data = _codec.train(samples)
+    if data is None:
+        return None
+    algo = _checksums.DEFAULT
+    connection.execute(
+        "INSERT INTO dictionaries (backend, vendor, device, checksum_algo, checksum, data, "
+        "samples, sample_bytes, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *_scope_params(scope),
+            algo,
+            _checksums.compute(algo, _DICTIONARY_KEY, data),
+            data,
+            len(samples),
+            sum(map(len, samples)),
+            now_ms,
+        ),
+    )
+    dict_id = connection.last_insert_rowid()
+    log.info(
+        "vyre-sqlcache: trained dictionary %d for %s on %d entries",
+        dict_id,
+        scope.name,
+        len(samples),
+    )
+    return dict_id
+
+
+def scopes(connection: apsw.Connection) -> list[tuple[Scope, int]]:
+    """Every scope that has entries, with how many."""
+    rows = connection.execute(
+        "SELECT backend, vendor, device, count(*) FROM entries GROUP BY backend, vendor, device"
+    ).fetchall()
+    return [(Scope(b, v, d), int(n)) for b, v, d, n in rows]  # type: ignore[arg-type]
+
+
+def entry_ids(connection: apsw.Connection) -> list[int]:
+    """Every entry's row id, in order."""
+    return [int(rowid) for (rowid,) in connection.execute("SELECT id FROM entries ORDER BY id")]
+
+
+@dataclass
+class Recompressed:
+    """What `recompress` did to a batch of entries (sizes in stored bytes)."""
+
+    rewritten: int = 0
+    damaged: int = 0
+    before: int = 0
+    after: int = 0
+
+
+def recompress(
+    connection: apsw.Connection, ids: Sequence[int], codec: Codec | None, into: Recompressed
+) -> int:
+    """Store the entries `ids` again as `codec` decides now, each with its scope's current
+    dictionary; add what was done to `into` and return how many were rewritten. Entries
+    that cannot be decoded or fail their checksum are left as they are (`into.damaged`)."""
+    if codec is not None and not codec.enabled:
+        codec = None
+    current: dict[Scope, Dictionary | None] = {}
+    rewritten = 0
+    for rowid in ids:
+        rows = connection.execute(
+            "SELECT e.entry_key, e.backend, e.vendor, e.device, e.stored_size, "
+            "b.checksum_algo, b.checksum, b.data, b.codec, b.dict_id, b.raw_size "
+            "FROM entries AS e JOIN blobs AS b ON b.id = e.id WHERE e.id = ?",
+            (rowid,),
+        ).fetchall()
+        if not rows:
+            continue
+        key, backend, vendor, device, stored, algo, checksum, data, codec_name, dict_id, raw = rows[
+            0
+        ]
+        try:
+            blob = decode(connection, codec_name, dict_id, raw, data)  # type: ignore[arg-type]
+        except _codec.DecodeError:
+            into.damaged += 1
+            continue
+        if not _checksums.matches(str(algo), bytes(checksum), bytes(key), blob):  # type: ignore[arg-type]
+            into.damaged += 1
+            continue
+        scope = Scope(backend, vendor, device)  # type: ignore[arg-type]
+        if codec is not None and scope not in current:
+            current[scope] = current_dictionary(connection, scope)
+        encoded = Encoded(blob) if codec is None else codec.encode(blob, current[scope])
+        connection.execute(
+            "UPDATE blobs SET data = ?, codec = ?, dict_id = ?, raw_size = ? WHERE id = ?",
+            (
+                encoded.data,
+                encoded.codec,
+                encoded.dict_id,
+                None if encoded.codec is None else len(blob),
+                rowid,
+            ),
+        )
+        connection.execute(
+            "UPDATE entries SET stored_size = ? WHERE id = ?", (len(encoded.data), rowid)
+        )
+        rewritten += 1
+        into.rewritten += 1
+        into.before += stored if isinstance(stored, int) else 0
+        into.after += len(encoded.data)
+    return rewritten
+
+
+def drop_unused_dictionaries(connection: apsw.Connection, *, keep_newest: bool) -> int:
+    """Delete the dictionaries no blob uses (but each scope's newest, if `keep_newest`);
+    return how many."""
+    newest = "AND id NOT IN (SELECT max(id) FROM dictionaries GROUP BY backend, vendor, device)"
+    connection.execute(
+        "DELETE FROM dictionaries WHERE id NOT IN "
+        f"(SELECT dict_id FROM blobs WHERE dict_id IS NOT NULL) {newest if keep_newest else ''}"
+    )
+    return connection.changes()
+
+
+def reset_dictionary_writes(connection: apsw.Connection) -> None:
+    """Start every scope's count of writes towards its next dictionary again."""
+    connection.execute("UPDATE meta SET value = 0 WHERE name LIKE ?", (_WRITES + "%",))
+
+
+# -- compressed blob rows for `check` and its rebuild --------------------------------------
+
+#: The `meta` totals that triggers keep (a copy of a file must not set them).
+TRIGGER_TOTALS = ("entries", "blob_bytes", "stored_bytes", "dictionary_bytes")
+
+
+def decoded_blob(
+    connection: apsw.Connection,
+    codec: str | None,
+    dict_id: int | None,
+    raw_size: int | None,
+    data: bytes,
+) -> bytes | None:
+    """The caller's bytes of a blob row as stored, or None if it cannot be decoded (a
+    damaged frame or dictionary, or no zstandard installed): for `check`."""
+    try:
+        return decode(connection, codec, dict_id, raw_size, data)
+    except _codec.DecodeError:
+        return None
+
+
+def copy_dictionaries(source: apsw.Connection, target: apsw.Connection) -> int:
+    """Copy the dictionaries that can be read, ids kept, before a rebuild copies the
+    blobs that use them; return how many."""
+    copied = 0
+    try:
+        rows = source.execute("SELECT * FROM dictionaries ORDER BY id").fetchall()
+    except (apsw.CorruptError, apsw.NotADBError, apsw.IOError):
+        return 0
+    for row in rows:
+        marks = ", ".join("?" * len(row))
+        try:
+            target.execute(f"INSERT INTO dictionaries VALUES ({marks})", row)
+            copied += 1
+        except apsw.ConstraintError:
+            continue
+    return copied
 
 
 # -- inspection and maintenance (used by the command line) ---------------------------------

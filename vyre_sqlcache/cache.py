@@ -21,7 +21,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _rows
+from . import _codec, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
@@ -54,7 +54,13 @@ from ._connections import (
 )
 from ._rows import NewEntry
 from ._schema import prepare
-from .config import DEFAULT_MAX_BYTES, ENV_MAX_SIZE, Settings
+from .config import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_MAX_BYTES,
+    ENV_COMPRESSION,
+    ENV_MAX_SIZE,
+    Settings,
+)
 from .errors import (
     BlobTooLargeError,
     CacheError,
@@ -98,6 +104,15 @@ class CacheStats:
     total_evictions: int
     total_checksum_failures: int
     total_flushes: int
+    #: bytes the blobs take as stored (compressed or raw); `blob_bytes` is what callers
+    #: wrote and read back. The size cap counts `stored_bytes + dictionary_bytes`.
+    stored_bytes: int = 0
+    #: bytes of the trained compression dictionaries kept in the file
+    dictionary_bytes: int = 0
+    #: blob_bytes / stored_bytes (1.0 for an empty or uncompressed cache)
+    compression_ratio: float = 1.0
+    #: what this object writes: 'off' or 'zstd-<level>'
+    compression: str = "off"
 
 
 class PipelineCache:
@@ -130,6 +145,7 @@ class PipelineCache:
         self._unflushed = 0
         self._checkpointer = Checkpointer(self._checkpoint_passive)
         self._pool = ConnectionPool(self._connect, file.path)
+        self._codec = _codec.Codec(None)
         # A reader that cannot write the folder reopens when the owner changes the file.
         self._watch = FileWatch(file)
         self._generation = threading.local()  # the watch's generation this thread reads
@@ -160,6 +176,7 @@ class PipelineCache:
         strict: bool = False,
         verify: bool = False,
         vfs: str | None = None,
+        compression: str | int = _UNSET,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
 
@@ -170,6 +187,11 @@ class PipelineCache:
         cache (failing `quick_check` when `verify=True` or after damage was met in use) is
         moved aside and replaced; `strict=True` raises CorruptCacheError instead.
         `VYRE_SQLCACHE_DISABLE=1` gives a cache that stores nothing. `vfs` names a SQLite VFS.
+        `compression` is what this object writes: 'auto' (zstd where it saves at
+        least 1/8, with dictionaries trained per backend and device; raw without the
+        zstandard package), 'off', or a zstd level from 1 to 22 (default:
+        `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
+        back whatever wrote it.
 
         Raises SchemaTooNewError (file from a newer library), NotACacheError (another
         program's file or database, a FIFO or device), CorruptCacheError (with strict),
@@ -177,6 +199,12 @@ class PipelineCache:
         (cannot open: a folder, a file with several hard links, no permission).
         """
         settings = Settings.from_environment()
+        if compression is _UNSET:
+            level = _codec.parse_compression(
+                settings.compression or DEFAULT_COMPRESSION, ENV_COMPRESSION
+            )
+        else:
+            level = _codec.parse_compression(compression)
         if max_bytes is _UNSET:
             if settings.max_bytes is not None:
                 max_bytes = check_max_bytes(settings.max_bytes, ENV_MAX_SIZE)
@@ -191,6 +219,7 @@ class PipelineCache:
         if not file.writable and not readonly:
             log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
         cache = cls(file, readonly=readonly, max_bytes=max_bytes, vfs=vfs)
+        cache._codec = _codec.Codec(level)
         try:
             cache._check_file_bytes(own=path is None)
             cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
@@ -579,7 +608,64 @@ class PipelineCache:
             total_evictions=totals.get("evictions", 0),
             total_checksum_failures=totals.get("checksum_failures", 0),
             total_flushes=totals.get("flushes", 0),
+            stored_bytes=totals.get("stored_bytes", 0),
+            dictionary_bytes=totals.get("dictionary_bytes", 0),
+            compression_ratio=round(
+                totals.get("blob_bytes", 0) / max(totals.get("stored_bytes", 0), 1), 3
+            )
+            if totals.get("stored_bytes", 0)
+            else 1.0,
+            compression=self.compression,
         )
+
+    @property
+    def compression(self) -> str:
+        """What this object writes: 'off' or 'zstd-<level>' (see `open`)."""
+        level = self._codec.level
+        return "off" if level is None else f"zstd-{level}"
+
+    def recompress(self, *, batch: int = 64) -> _rows.Recompressed:
+        """Store every entry again as this object's compression decides now: each backend
+        and device with enough entries first gets a dictionary trained on them, then the
+        entries are rewritten (`batch` to a transaction, so other writers go on), and the
+        dictionaries no entry uses any more are deleted. With compression 'off' every
+        entry is stored raw. Entries that fail their checksum are left for `check`.
+
+        Returns the entries rewritten, those left damaged, and their stored bytes before
+        and after; `compact()` then gives the freed pages back to the file system.
+        Raises ReadOnlyCacheError on a read-only cache, CacheError types if it fails.
+        """
+        self._refuse_if_disabled()
+        if self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; recompressing it needs write access"
+            )
+        codec = self._codec if self._codec.enabled else None
+        report = _rows.Recompressed()
+
+        def train(connection: apsw.Connection) -> int:
+            trained = 0
+            for scope, count in _rows.scopes(connection):
+                if count >= _codec.TRAIN_AFTER:
+                    trained += _rows.train_dictionary(connection, scope, _now_ms()) is not None
+            _rows.reset_dictionary_writes(connection)
+            return trained
+
+        if codec is not None:
+            self._change("training dictionaries", train)
+        ids = self._read("listing entries", _rows.entry_ids)
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+
+            def rewrite(connection: apsw.Connection, chunk: list[int] = chunk) -> int:
+                return _rows.recompress(connection, chunk, codec, report)
+
+            self._change("recompressing entries", rewrite)
+        self._change(
+            "deleting unused dictionaries",
+            lambda c: _rows.drop_unused_dictionaries(c, keep_newest=codec is not None),
+        )
+        return report
 
     # -- internals: calls ------------------------------------------------------------
 
@@ -641,7 +727,9 @@ class PipelineCache:
                         if self._cap_override is _UNSET:
                             self._settle_cap(connection)
                         self._check_fits(incoming, len(entries))
-                        self._books.evicted(_rows.insert(connection, entries, _now_ms(), self._cap))
+                        self._books.evicted(
+                            _rows.insert(connection, entries, _now_ms(), self._cap, self._codec)
+                        )
                     break
                 except CacheFullError:
                     if attempt or not self._make_room_on_disk(slot, incoming):

@@ -8,14 +8,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_MAX_BYTES", "ENV_DISABLE", "ENV_MAX_SIZE", "ENV_PATH", "Settings", "parse_size"]
+__all__ = [
+    "DEFAULT_COMPRESSION",
+    "DEFAULT_MAX_BYTES",
+    "ENV_COMPRESSION",
+    "ENV_DISABLE",
+    "ENV_MAX_SIZE",
+    "ENV_PATH",
+    "Settings",
+    "parse_size",
+]
 
 ENV_PATH = "VYRE_SQLCACHE_PATH"
 ENV_MAX_SIZE = "VYRE_SQLCACHE_MAX_SIZE"
 ENV_DISABLE = "VYRE_SQLCACHE_DISABLE"
+ENV_COMPRESSION = "VYRE_SQLCACHE_COMPRESSION"
 
 #: Default size cap on blob bytes: 1 GiB, as Mesa's shader cache.
 DEFAULT_MAX_BYTES = 1 << 30
+
+#: Default compression. The measurements (README "Compression") choose 'auto': zstd
+#: where it pays, with trained dictionaries (raw without the zstandard package). It
+#: stays 'off' until `check` decodes compressed blobs before checking them (its
+#: section of _rows.py still reads them as stored, so check(repair=True) would drop
+#: every compressed entry as damaged).
+DEFAULT_COMPRESSION = "off"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -43,6 +60,8 @@ class Settings:
     path: Path | None = None
     max_bytes: int | None = None
     disabled: bool = False
+    #: 'auto', 'off' or a zstd level as text, checked; None where it says nothing
+    compression: str | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -53,8 +72,14 @@ class Settings:
         disable = env.get(ENV_DISABLE, "").strip().lower()
         if disable not in _TRUE | _FALSE:
             raise ValueError(f"{ENV_DISABLE} must be 1 or 0 (or true/false), got {disable!r}")
+        compression = env.get(ENV_COMPRESSION) or None
+        if compression is not None:
+            from ._codec import parse_compression
+
+            parse_compression(compression, ENV_COMPRESSION)
         return cls(
             path=None if path is None else Path(path).expanduser(),
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,
+            compression=compression,
         )

@@ -1,0 +1,794 @@
+"""Compression (issue 14): the codec's decisions and limits, then the cache with it.
+
+Organised like the code: `_codec` (settings, per-entry decision, decoding bounded by
+the recorded size, training), then the cache (each codec path, damage, hostile sizes,
+the cap, mixed and migrated files, recompression). Blobs are made here: text that
+compresses like compiler output, and random bytes that do not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import struct
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vyre_sqlcache import (
+    DeviceFingerprint,
+    PipelineCache,
+    PipelineCacheKey,
+    SchemaTooNewError,
+    _codec,
+    _schema,
+)
+from vyre_sqlcache.config import DEFAULT_COMPRESSION, ENV_COMPRESSION
+
+zstandard = pytest.importorskip("zstandard")
+
+MIB = 1024 * 1024
+FP = DeviceFingerprint.from_parts(0x10DE, 0x2684, "550.54.14")
+
+
+def kernel_text(seed: int, size: int) -> bytes:
+    """PTX-like text: compresses about 5x with zstd, better with a dictionary."""
+    rng = random.Random(seed)
+    ops = ("mov.u32", "add.s32", "ld.global.f32", "st.global.f32", "fma.rn.f32", "setp.lt.s32")
+    lines = [f"// kernel {seed}\n.visible .entry k{seed}(.param .u64 p0)\n{{\n"]
+    total = len(lines[0])
+    while total < size:
+        a, b, c = rng.randrange(64), rng.randrange(64), rng.randrange(4096)
+        line = f"\t{rng.choice(ops)} \t%r{a}, %r{b}, {c};\n"
+        lines.append(line)
+        total += len(line)
+    return "".join(lines).encode()[:size]
+
+
+def digest(index: int) -> bytes:
+    return index.to_bytes(32, "big")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dictionaries() -> Iterator[None]:
+    """Each test loads dictionaries from its own files (the process keeps them loaded)."""
+    _codec.LOADED.clear()
+    yield
+    _codec.LOADED.clear()
+
+
+@pytest.fixture(autouse=True)
+def no_compression_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_COMPRESSION, raising=False)
+
+
+#: Writes commit before they return (where the library queues them otherwise).
+_DIRECT = (
+    {"write_behind": False}
+    if "write_behind" in inspect.signature(PipelineCache.open).parameters
+    else {}
+)
+
+
+def open_cache(path: Path, **options: Any) -> PipelineCache:
+    """A cache writing with compression 'auto' unless told otherwise."""
+    options.setdefault("compression", "auto")
+    return PipelineCache.open(path, **_DIRECT, **options)
+
+
+def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    connection = apsw.Connection(str(path))
+    try:
+        return [tuple(row) for row in connection.execute(sql, params)]
+    finally:
+        connection.close()
+
+
+def change(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
+    connection = apsw.Connection(str(path))
+    try:
+        connection.execute(sql, params)
+    finally:
+        connection.close()
+
+
+def rowid_of(index: int) -> int:
+    from vyre_sqlcache.keys import entry_id
+
+    return entry_id(FP.cache_key(digest(index)))
+
+
+def damage(
+    path: Path, table: str, rowid: int, offset: int, new: bytes = b"\x00\xff\x00\xff"
+) -> None:
+    """Overwrite bytes of a stored blob (or dictionary) at `offset`."""
+    ((data,),) = rows(path, f"SELECT data FROM {table} WHERE id = ?", (rowid,))
+    changed = (
+        data[:offset]
+        + bytes(a ^ b for a, b in zip(new, data[offset:], strict=False))
+        + data[offset + len(new) :]
+    )
+    change(path, f"UPDATE {table} SET data = ? WHERE id = ?", (changed, rowid))
+
+
+def blob_row(path: Path, index: int) -> tuple[Any, ...]:
+    """(codec, dict_id, raw_size, length(data)) of the entry written under digest(index)."""
+    from vyre_sqlcache.keys import entry_id
+
+    rowid = entry_id(FP.cache_key(digest(index)))
+    (row,) = rows(
+        path, "SELECT codec, dict_id, raw_size, length(data) FROM blobs WHERE id = ?", (rowid,)
+    )
+    return row
+
+
+# -- _codec: settings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [
+        ("auto", _codec.DEFAULT_LEVEL),
+        ("AUTO", 3),
+        ("off", None),
+        (" Off ", None),
+        (1, 1),
+        ("22", 22),
+        (" 9 ", 9),
+        (19, 19),
+    ],
+)
+def test_compression_settings_that_are_accepted(value: object, level: int | None) -> None:
+    assert _codec.parse_compression(value) == level
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (23, ValueError),
+        (-1, ValueError),
+        ("fast", ValueError),
+        ("3.5", ValueError),
+        ("", ValueError),
+        ("٣", ValueError),
+        (True, TypeError),
+        (None, TypeError),
+        (2.0, TypeError),
+    ],
+)
+def test_compression_settings_that_are_refused_name_value_and_range(
+    value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=r"'auto', 'off' or a zstd level from 1 to 22") as raised:
+        _codec.parse_compression(value, "compression")
+    assert "compression" in str(raised.value) and repr(value) in str(raised.value)
+
+
+def test_without_zstandard_auto_means_off_and_a_level_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_codec, "zstandard", None)
+    assert _codec.parse_compression("auto") is None
+    with pytest.raises(ValueError, match=r"zstandard package is not installed"):
+        _codec.parse_compression(5)
+
+
+def test_the_environment_variable_sets_compression(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for text, expected in (("off", "off"), ("9", "zstd-9"), ("auto", "zstd-3")):
+        monkeypatch.setenv(ENV_COMPRESSION, text)
+        with PipelineCache.open(tmp_path / "c.sqlite3") as cache:
+            assert cache.compression == expected == cache.stats().compression
+    monkeypatch.setenv(ENV_COMPRESSION, "fastest")
+    with pytest.raises(ValueError, match=rf"{ENV_COMPRESSION} must be .* got 'fastest'"):
+        PipelineCache.open(tmp_path / "c.sqlite3")
+    # the argument wins over the environment
+    monkeypatch.setenv(ENV_COMPRESSION, "9")
+    with open_cache(tmp_path / "c.sqlite3", compression="off") as cache:
+        assert cache.compression == "off"
+
+
+def test_the_default_is_config_default_compression(tmp_path: Path) -> None:
+    level = _codec.parse_compression(DEFAULT_COMPRESSION)
+    with PipelineCache.open(tmp_path / "c.sqlite3") as cache:
+        assert cache.compression == ("off" if level is None else f"zstd-{level}")
+
+
+# -- _codec: the per-entry decision ------------------------------------------------------
+
+
+def test_compressible_blobs_are_stored_as_zstd_frames() -> None:
+    blob = kernel_text(1, 20_000)
+    encoded = _codec.Codec(3).encode(blob)
+    assert encoded.codec == "zstd" and encoded.dict_id is None
+    assert len(encoded.data) < len(blob) * (1 - _codec.MIN_SAVING)
+    assert _codec.decode("zstd", encoded.data, len(blob), None) == blob
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 4096, 64 * 1024, 300 * 1024])
+def test_random_bytes_and_tiny_blobs_are_stored_raw(size: int) -> None:
+    blob = os.urandom(size)
+    assert _codec.Codec(3).encode(blob) == _codec.Encoded(blob)
+
+
+def test_compression_off_stores_raw() -> None:
+    blob = kernel_text(2, 10_000)
+    assert _codec.Codec(None).encode(blob) == _codec.Encoded(blob)
+
+
+def test_the_probe_spares_compressing_a_large_random_blob(monkeypatch: pytest.MonkeyPatch) -> None:
+    levels: list[int] = []
+    original = _codec._compressor
+
+    def spy(level: int, dictionary: Any) -> Any:
+        levels.append(level)
+        return original(level, dictionary)
+
+    monkeypatch.setattr(_codec, "_compressor", spy)
+    codec = _codec.Codec(3)
+    assert codec.encode(os.urandom(_codec.PROBE_FROM_BYTES)).codec is None
+    assert levels == [1]  # the probe only
+    levels.clear()
+    assert codec.encode(kernel_text(3, _codec.PROBE_FROM_BYTES)).codec == "zstd"
+    assert levels == [1, 3]  # the probe, then the blob
+
+
+def test_a_blob_that_saves_too_little_is_stored_raw() -> None:
+    # Half random, half zeros: saves about 45 % (stored), a tenth zeros: under 1/8 (raw).
+    half = os.urandom(8000) + bytes(8000)
+    tenth = os.urandom(14_400) + bytes(1600)
+    assert _codec.Codec(3).encode(half).codec == "zstd"
+    assert _codec.Codec(3).encode(tenth).codec is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    blob=st.one_of(
+        st.binary(max_size=5000),
+        st.builds(kernel_text, st.integers(0, 1000), st.integers(0, 40_000)),
+    ),
+    level=st.integers(1, 9),
+    with_dictionary=st.booleans(),
+)
+def test_whatever_is_encoded_decodes_to_the_same_bytes(
+    blob: bytes, level: int, with_dictionary: bool, trained_dictionary: _codec.Dictionary
+) -> None:
+    dictionary = trained_dictionary if with_dictionary else None
+    encoded = _codec.Codec(level).encode(blob, dictionary)
+    assert len(encoded.data) <= len(blob)
+    assert _codec.decode(encoded.codec, encoded.data, len(blob), dictionary) == blob
+
+
+@pytest.fixture(scope="module")
+def trained_dictionary() -> _codec.Dictionary:
+    data = _codec.train([kernel_text(seed, 6000) for seed in range(64)])
+    assert data is not None and len(data) <= _codec.DICTIONARY_BYTES
+    return _codec.Dictionary(1, data, b"")
+
+
+def test_a_dictionary_shrinks_small_blobs(trained_dictionary: _codec.Dictionary) -> None:
+    blobs = [kernel_text(1000 + seed, 3000) for seed in range(20)]
+    plain = sum(len(_codec.Codec(3).encode(b).data) for b in blobs)
+    with_dictionary = sum(len(_codec.Codec(3).encode(b, trained_dictionary).data) for b in blobs)
+    assert with_dictionary * 1.3 < plain
+
+
+def test_training_needs_enough_samples_that_a_dictionary_helps() -> None:
+    assert _codec.train([b"tiny"] * 3) is None
+    assert _codec.train([b""] * 100) is None
+    assert _codec.train([os.urandom(4000) for _ in range(64)]) is None  # nothing to learn
+
+
+def test_a_scope_of_random_blobs_trains_no_dictionary(path: Path) -> None:
+    with open_cache(path) as cache:
+        for i in range(_codec.TRAIN_AFTER * 2):
+            cache.write(digest(i), FP, os.urandom(3000))
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(0,)]
+        assert cache.stats().dictionary_bytes == 0
+
+
+def test_scope_names() -> None:
+    assert _codec.Scope("vulkan", 0x10DE, 0x2684).name == "vulkan:0x10de:0x2684"
+    assert _codec.Scope(None, None, None).name == "-:-:-"
+
+
+# -- _codec: decoding is bounded by the recorded size ------------------------------------
+
+
+def frame(blob: bytes) -> bytes:
+    return _codec.Codec(3).encode(blob).data
+
+
+def claiming(data: bytes, size: int) -> bytes:
+    """The frame with a header that claims `size` decompressed bytes (8-byte field)."""
+    header = zstandard.frame_header_size(data)
+    fhd = data[4] | 0xC0  # frame content size: 8 bytes
+    return data[:4] + bytes([fhd]) + data[5:header] + struct.pack("<Q", size) + data[header:]
+
+
+@pytest.mark.parametrize(
+    ("make", "raw_size"),
+    [
+        (lambda blob: claiming(frame(blob), 1 << 40), None),  # a frame claiming 1 TiB
+        (lambda blob: claiming(frame(blob), 32 * MIB), None),  # claiming more than the row
+        (frame, 1 << 20),  # the row records more than the frame holds
+        (frame, 100),  # the row records less than the frame holds
+        (frame, 64 * MIB + 1),  # more than any entry may hold
+        (lambda blob: frame(blob)[:-3], None),  # truncated
+        (lambda blob: frame(blob) + b"junk", None),  # trailing bytes
+        (lambda blob: b"\x00" * 40, None),  # not a frame
+    ],
+)
+def test_hostile_frames_are_damage_never_a_large_allocation(
+    make: Callable[[bytes], bytes], raw_size: int | None
+) -> None:
+    blob = kernel_text(4, 4000)
+    data = make(blob)
+    tracemalloc.start()
+    try:
+        with pytest.raises(_codec.DecodeError):
+            _codec.decode("zstd", data, len(blob) if raw_size is None else raw_size, None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * MIB
+
+
+def test_an_unknown_codec_is_damage() -> None:
+    with pytest.raises(_codec.DecodeError):
+        _codec.decode("lz4", b"abc", 3, None)
+
+
+def test_decoding_without_zstandard_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = frame(kernel_text(5, 2000))
+    monkeypatch.setattr(_codec, "zstandard", None)
+    with pytest.raises(_codec.Unavailable):
+        _codec.decode("zstd", data, 2000, None)
+    assert _codec.decode(None, b"raw", None, None) == b"raw"
+
+
+# -- the cache: each codec path ------------------------------------------------------------
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "cache.sqlite3"
+
+
+def write_kernels(
+    cache: PipelineCache, first: int, count: int, size: int = 3000
+) -> dict[int, bytes]:
+    blobs = {i: kernel_text(i, size) for i in range(first, first + count)}
+    for i, blob in blobs.items():
+        cache.write(digest(i), FP, blob)
+    return blobs
+
+
+@pytest.mark.parametrize(
+    ("compression", "count", "codec", "with_dictionary"),
+    [
+        ("off", 4, None, False),
+        ("auto", 4, "zstd", False),
+        (1, 4, "zstd", False),
+        ("auto", _codec.TRAIN_AFTER + 4, "zstd", True),
+    ],
+)
+def test_each_codec_path_reads_back_the_bytes_written(
+    path: Path, compression: str | int, count: int, codec: str | None, with_dictionary: bool
+) -> None:
+    with open_cache(path, compression=compression) as cache:
+        blobs = write_kernels(cache, 0, count)
+        last = count - 1
+        codec_name, dict_id, raw_size, _ = blob_row(path, last)
+        assert codec_name == codec and (dict_id is not None) == with_dictionary
+        assert raw_size == (None if codec is None else len(blobs[last]))
+        for i, blob in blobs.items():
+            assert cache.read(digest(i), FP) == blob
+        stats = cache.stats()
+        assert stats.blob_bytes == sum(map(len, blobs.values()))
+        (stored_total,) = rows(path, "SELECT sum(length(data)) FROM blobs")[0]
+        assert stats.stored_bytes == stored_total
+        assert stats.compression_ratio == pytest.approx(
+            stats.blob_bytes / stats.stored_bytes, rel=1e-3
+        )
+        if codec is None:
+            assert stats.stored_bytes == stats.blob_bytes and stats.compression_ratio == 1.0
+        else:
+            assert stats.compression_ratio > 3
+    # read back by a fresh process's state (dictionaries loaded again)
+    _codec.LOADED.clear()
+    with open_cache(path, readonly=True) as cache:
+        assert all(cache.read(digest(i), FP) == blob for i, blob in blobs.items())
+
+
+def test_get_many_and_large_blobs_decode(
+    path: Path, make_key: Callable[..., PipelineCacheKey]
+) -> None:
+    keys = [make_key() for _ in range(3)]
+    blobs = [kernel_text(7, 300 * 1024), kernel_text(8, 2 * MIB), kernel_text(9, 100)]
+    with open_cache(path) as cache:
+        cache.put_many(list(zip(keys, blobs, strict=True)), FP)
+        assert cache.get_many(keys, FP) == blobs
+        assert cache.stats().stored_bytes < sum(map(len, blobs)) / 3
+
+
+def test_random_bytes_are_stored_raw_under_auto(path: Path) -> None:
+    blob = os.urandom(100_000)
+    with open_cache(path) as cache:
+        cache.write(digest(1), FP, blob)
+        assert cache.read(digest(1), FP) == blob
+        assert blob_row(path, 1) == (None, None, None, len(blob))
+        assert cache.stats().stored_bytes == cache.stats().blob_bytes == len(blob)
+
+
+def test_the_views_show_stored_size_and_ratio(path: Path) -> None:
+    with open_cache(path) as cache:
+        write_kernels(cache, 0, 3, size=8000)
+        cache.write(digest(9), FP, os.urandom(1000))
+        (result,) = cache.query(
+            "SELECT blob_size, stored_size, ratio FROM pipelines_v ORDER BY ratio"
+        )
+        assert result.rows[0] == (1000, 1000, 1.0)
+        assert all(
+            size == 8000 and stored < 8000 / 3 and ratio == round(size / stored, 2)
+            for size, stored, ratio in result.rows[1:]
+        )
+        (totals,) = cache.query("SELECT bytes, stored_bytes, ratio FROM stats_v")
+        ((raw, stored, ratio),) = totals.rows
+        assert raw == 25_000 and stored == cache.stats().stored_bytes
+        assert ratio == round(raw / stored, 2)
+
+
+# -- the cache: dictionaries ---------------------------------------------------------------
+
+
+def test_a_scope_trains_its_dictionary_once_it_has_enough_entries(
+    path: Path, make_key: Callable[..., PipelineCacheKey]
+) -> None:
+    with open_cache(path) as cache:
+        write_kernels(cache, 0, _codec.TRAIN_AFTER - 1)
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(0,)]
+        write_kernels(cache, 100, 1)
+        (dictionary,) = rows(path, "SELECT id, backend, vendor, device, samples FROM dictionaries")
+        assert dictionary == (1, None, 0x10DE, 0x2684, _codec.TRAIN_AFTER)
+        # another backend is another scope, with its own count
+        other = [(make_key(backend="metal"), kernel_text(i, 3000)) for i in range(200, 210)]
+        cache.put_many(other, FP)
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(1,)]
+        assert all(cache.get(k, FP) == b for k, b in other)
+
+
+def test_a_scope_retrains_after_eight_times_as_many_writes_then_stops(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_codec, "TRAIN_AFTER", 16)
+    monkeypatch.setattr(_codec, "RETRAIN_FACTOR", 2)
+    with open_cache(path) as cache:
+        written = 0
+        for wanted, dictionaries in ((15, 0), (16, 1), (16 + 32, 2), (48 + 64, 3), (112 + 200, 3)):
+            cache.write_many(
+                [(digest(i), kernel_text(i, 2000)) for i in range(written, wanted)], FP
+            )
+            written = wanted
+            assert rows(path, "SELECT count(*) FROM dictionaries") == [(dictionaries,)]
+        # new entries use the newest dictionary; the older ones stay while entries use them
+        assert blob_row(path, written - 1)[1] == 3
+        assert rows(path, "SELECT DISTINCT dict_id FROM blobs ORDER BY 1") == [
+            (None,),
+            (1,),
+            (2,),
+            (3,),
+        ]
+
+
+def test_a_dictionary_in_use_is_never_deleted(path: Path) -> None:
+    with open_cache(path) as cache:
+        write_kernels(cache, 0, _codec.TRAIN_AFTER + 2)
+    with pytest.raises(apsw.ConstraintError, match="used by stored blobs"):
+        change(path, "DELETE FROM dictionaries")
+    with pytest.raises(apsw.ConstraintError, match="used by stored blobs"):
+        change(path, "UPDATE dictionaries SET id = 99")
+    with pytest.raises(apsw.ConstraintError, match="no such dictionary"):
+        change(path, "UPDATE blobs SET dict_id = 99 WHERE dict_id IS NOT NULL")
+    # once no blob uses it, it can go
+    change(path, "DELETE FROM entries")
+    change(path, "DELETE FROM dictionaries")
+
+
+# -- the cache: damage is a miss, and dropped ---------------------------------------------
+
+
+def written_with_dictionary(path: Path) -> dict[int, bytes]:
+    with open_cache(path) as cache:
+        blobs = write_kernels(cache, 0, _codec.TRAIN_AFTER + 3)
+    _codec.LOADED.clear()
+    return blobs
+
+
+@pytest.mark.parametrize(
+    "harm",
+    [
+        lambda path, rowid: damage(path, "blobs", rowid, 20),
+        lambda path, rowid: damage(path, "blobs", rowid, 4, b"\xff" * 16),
+        lambda path, rowid: change(
+            path,
+            "UPDATE blobs SET data = CAST(x'28b52ffd' || zeroblob(200) AS BLOB) WHERE id = ?",
+            (rowid,),
+        ),
+        lambda path, rowid: change(
+            path, "UPDATE blobs SET raw_size = raw_size + 1000 WHERE id = ?", (rowid,)
+        ),
+        lambda path, rowid: change(
+            path, "UPDATE blobs SET raw_size = 64 * 1024 * 1024 WHERE id = ?", (rowid,)
+        ),
+        lambda path, rowid: change(
+            path, "UPDATE blobs SET raw_size = raw_size - 1 WHERE id = ?", (rowid,)
+        ),
+    ],
+    ids=[
+        "flipped-bytes",
+        "flipped-header",
+        "garbage-frame",
+        "size-too-large",
+        "size-64MiB",
+        "size-too-small",
+    ],
+)
+def test_a_damaged_compressed_entry_is_a_miss_and_dropped(
+    path: Path, harm: Callable[[Path, int], None]
+) -> None:
+    blobs = written_with_dictionary(path)
+    last = max(blobs)
+    assert blob_row(path, last)[:2] == ("zstd", 1)
+    harm(path, rowid_of(last))
+    with open_cache(path) as cache:
+        assert cache.read(digest(last), FP) is None
+        stats = cache.stats()
+        assert stats.checksum_failures == 1 and stats.entries == len(blobs) - 1
+        assert cache.read(digest(0), FP) == blobs[0]
+
+
+def test_a_frame_claiming_a_terabyte_is_a_miss_without_allocating_it(path: Path) -> None:
+    with open_cache(path) as cache:
+        cache.write(digest(1), FP, kernel_text(1, 5000))
+    from vyre_sqlcache.keys import entry_id
+
+    rowid = entry_id(FP.cache_key(digest(1)))
+    ((data,),) = rows(path, "SELECT data FROM blobs WHERE id = ?", (rowid,))
+    change(path, "UPDATE blobs SET data = ? WHERE id = ?", (claiming(data, 1 << 40), rowid))
+    with open_cache(path) as cache:
+        tracemalloc.start()
+        try:
+            assert cache.read(digest(1), FP) is None
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MIB
+        assert len(cache) == 0
+
+
+def test_a_damaged_dictionary_makes_its_entries_misses_that_are_dropped(path: Path) -> None:
+    blobs = written_with_dictionary(path)
+    users = rows(path, "SELECT count(*) FROM blobs WHERE dict_id = 1")[0][0]
+    assert users >= 3
+    damage(path, "dictionaries", 1, 30_000)
+    with open_cache(path) as cache:
+        results = {i: cache.read(digest(i), FP) for i in blobs}
+        for i, blob in blobs.items():
+            assert results[i] in (None, blob)
+        assert sum(r is None for r in results.values()) == users
+        assert cache.stats().checksum_failures == users
+        assert len(cache) == len(blobs) - users
+        # new writes do not use the damaged dictionary, and still read back
+        more = write_kernels(cache, 500, 3)
+        assert all(cache.read(digest(i), FP) == b for i, b in more.items())
+        assert rows(path, "SELECT count(*) FROM blobs WHERE dict_id = 1") == [(0,)]
+
+
+def test_a_dictionary_loaded_from_a_replaced_file_is_loaded_again(
+    path: Path, tmp_path: Path
+) -> None:
+    # Two files whose dictionary 1 differ; the process loaded the first file's.
+    blobs = written_with_dictionary(path)
+    other = tmp_path / "other.sqlite3"
+    with open_cache(other) as cache:
+        for i in range(_codec.TRAIN_AFTER + 3):
+            cache.write(digest(1000 + i), FP, kernel_text(5000 + i, 4000).upper())
+    with open_cache(path) as cache:
+        assert cache.read(digest(0), FP) == blobs[0]
+    os.replace(other, path)
+    with open_cache(path) as cache:
+        assert cache.read(digest(1000), FP) == kernel_text(5000, 4000).upper()
+        assert cache.stats().checksum_failures == 0
+
+
+# -- the cache: raw and compressed entries together ----------------------------------------
+
+
+def test_a_cache_mixes_raw_and_compressed_entries(path: Path) -> None:
+    with open_cache(path, compression="off") as cache:
+        raw = write_kernels(cache, 0, 5)
+    assert {blob_row(path, i)[0] for i in raw} == {None}
+    with open_cache(path, compression="auto") as cache:
+        compressed = write_kernels(cache, 100, 5)
+        assert {blob_row(path, i)[0] for i in compressed} == {"zstd"}
+        assert all(cache.read(digest(i), FP) == b for i, b in (raw | compressed).items())
+    with open_cache(path, compression="off") as cache:
+        assert all(cache.read(digest(i), FP) == b for i, b in (raw | compressed).items())
+        stats = cache.stats()
+        assert stats.blob_bytes == sum(map(len, (raw | compressed).values()))
+        assert stats.stored_bytes < stats.blob_bytes
+
+
+def test_replacing_an_entry_changes_its_stored_size(path: Path) -> None:
+    with open_cache(path) as cache:
+        cache.write(digest(1), FP, kernel_text(1, 10_000))
+        compressed = cache.stats().stored_bytes
+        assert compressed < 3000
+        cache.write(digest(1), FP, os.urandom(10_000))
+        assert cache.stats().stored_bytes == 10_000 and blob_row(path, 1)[0] is None
+        cache.write(digest(1), FP, kernel_text(1, 10_000))
+        assert cache.stats().stored_bytes == compressed
+
+
+def test_without_zstandard_compressed_entries_are_misses_but_kept(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_cache(path) as cache:
+        blobs = write_kernels(cache, 0, 3)
+        cache.write(digest(9), FP, b"raw and short")
+    monkeypatch.setattr(_codec, "zstandard", None)
+    with open_cache(path) as cache:  # 'auto' without zstandard
+        assert cache.compression == "off"
+        assert cache.read(digest(0), FP) is None
+        assert cache.read(digest(9), FP) == b"raw and short"
+        assert cache.stats().checksum_failures == 0 and len(cache) == 4
+    monkeypatch.undo()
+    with open_cache(path) as cache:
+        assert cache.read(digest(0), FP) == blobs[0]
+
+
+# -- the cache: the cap counts stored bytes -------------------------------------------------
+
+
+def test_the_cap_counts_stored_bytes(path: Path) -> None:
+    cap = 256 * 1024
+    count = 40  # 40 x 16 KiB = 640 KiB written, 2.5x the cap
+    with open_cache(path, max_bytes=cap) as cache:
+        write_kernels(cache, 0, count, size=16 * 1024)
+        stats = cache.stats()
+        assert stats.evictions == 0 and stats.entries == count
+        assert stats.blob_bytes > 2 * cap and stats.stored_bytes + stats.dictionary_bytes <= cap
+    path.unlink()
+    with open_cache(path, max_bytes=cap, compression="off") as cache:
+        write_kernels(cache, 0, count, size=16 * 1024)
+        stats = cache.stats()
+        assert stats.evictions > 0 and stats.stored_bytes == stats.blob_bytes <= cap
+
+
+def test_eviction_frees_stored_bytes(path: Path) -> None:
+    cap = 200 * 1024
+    with open_cache(path, max_bytes=cap) as cache:
+        for i in range(60):
+            cache.write(digest(i), FP, os.urandom(8 * 1024) + kernel_text(i, 24 * 1024))
+            stats = cache.stats()
+            assert stats.stored_bytes + stats.dictionary_bytes <= cap
+        assert cache.stats().evictions > 0
+        assert cache.read(digest(59), FP) is not None
+
+
+# -- the schema: migration and newer files -------------------------------------------------
+
+
+def schema_2_file(path: Path, blob: bytes) -> bytes:
+    """A cache as schema 2 wrote it, holding one entry written by program digest."""
+    from vyre_sqlcache import _checksums
+    from vyre_sqlcache.keys import entry_id
+
+    key = FP.cache_key(digest(1))
+    connection = apsw.Connection(str(path))
+    try:
+        connection.pragma("page_size", 16384)
+        connection.pragma("journal_mode", "wal")
+        for migration in _schema.migrations()[:2]:
+            connection.execute(migration.sql)
+        connection.pragma("user_version", 2)
+        connection.execute(
+            "INSERT INTO entries (id, entry_key, vendor, device, driver_digest, program_digest, "
+            "blob_size, created_ms, accessed_ms) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
+            (entry_id(key), key, FP.vendor, FP.device, FP.driver_digest, digest(1), len(blob)),
+        )
+        checksum = _checksums.compute("xxh3-128", key, blob)
+        connection.execute(
+            "INSERT INTO blobs (id, checksum_algo, checksum, data) VALUES (?, 'xxh3-128', ?, ?)",
+            (entry_id(key), checksum, blob),
+        )
+    finally:
+        connection.close()
+    return key
+
+
+def test_a_schema_2_file_migrates_and_its_raw_entries_stay_readable(path: Path) -> None:
+    blob = kernel_text(1, 20_000)
+    schema_2_file(path, blob)
+    with open_cache(path) as cache:
+        assert cache.schema_version() == _schema.latest_version() == 3
+        assert cache.read(digest(1), FP) == blob
+        stats = cache.stats()
+        assert stats.stored_bytes == stats.blob_bytes == len(blob)
+        assert blob_row(path, 1)[0] is None
+        assert rows(path, "SELECT stored_size FROM entries") == [(len(blob),)]
+        done = cache.recompress()
+        assert (done.rewritten, done.damaged) == (1, 0) and done.after < done.before / 3
+        assert cache.read(digest(1), FP) == blob
+        assert cache.stats().stored_bytes == done.after
+
+
+def test_a_compressed_file_is_refused_by_a_library_that_knows_schema_2(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_cache(path) as cache:
+        write_kernels(cache, 0, _codec.TRAIN_AFTER + 1)
+    before = path.read_bytes()
+    known = _schema.migrations()[:2]
+    monkeypatch.setattr(_schema, "migrations", lambda: known)
+    for readonly in (False, True):
+        with pytest.raises(SchemaTooNewError, match=r"schema version 3.* up to 2"):
+            PipelineCache.open(path, readonly=readonly)
+    assert path.read_bytes() == before
+
+
+# -- recompression ------------------------------------------------------------------------
+
+
+def test_recompress_compresses_a_raw_cache_with_dictionaries_and_back(path: Path) -> None:
+    with open_cache(path, compression="off") as cache:
+        blobs = write_kernels(cache, 0, _codec.TRAIN_AFTER + 8)
+        cache.write(digest(999), FP, os.urandom(5000))
+        raw_total = cache.stats().stored_bytes
+    with open_cache(path, compression="auto") as cache:
+        done = cache.recompress(batch=16)
+        assert done.rewritten == len(blobs) + 1 and done.damaged == 0
+        assert done.before == raw_total and done.after < raw_total / 4
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(1,)]
+        # (the random blob too, as it happens: the dictionary learnt it as a sample)
+        (used,) = rows(path, "SELECT count(*) FROM blobs WHERE dict_id IS NOT NULL")[0]
+        assert used >= len(blobs)
+        assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
+        assert cache.stats().stored_bytes == done.after
+        # again: a new dictionary replaces the old, which nothing uses any more
+        cache.recompress()
+        assert rows(path, "SELECT id FROM dictionaries") == [(2,)]
+    with open_cache(path, compression="off") as cache:
+        done = cache.recompress()
+        assert done.after == raw_total
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(0,)]
+        assert rows(path, "SELECT count(*) FROM blobs WHERE codec IS NOT NULL") == [(0,)]
+        assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
+
+
+def test_recompress_leaves_damaged_entries_for_check(path: Path) -> None:
+    with open_cache(path) as cache:
+        blobs = write_kernels(cache, 0, 4)
+    damage(path, "blobs", rowid_of(2), 10)
+    with open_cache(path) as cache:
+        done = cache.recompress()
+        assert (done.rewritten, done.damaged) == (3, 1)
+        assert sum(cache.read(digest(i), FP) == b for i, b in blobs.items()) == 3
+
+
+def test_recompress_refuses_a_read_only_cache(path: Path) -> None:
+    open_cache(path).close()
+    from vyre_sqlcache import ReadOnlyCacheError
+
+    with open_cache(path, readonly=True) as cache, pytest.raises(ReadOnlyCacheError):
+        cache.recompress()
