@@ -3,5 +3,6 @@
 Run ``python -m benchmarks --help``. Modules: ``files_store`` (port of vyre's
 file-per-blob cache), ``stores`` (one adapter per store), ``workloads`` (what
 is timed), ``child`` (fresh-process measurements), ``runner`` (rounds,
-rotation, medians) and ``report`` (Markdown, JSON, PNG).
+rotation, medians) and ``report`` (Markdown, JSON, PNG). ``corpus`` is its own
+command, ``python -m benchmarks.corpus``: compression on real compiler output.
 """
