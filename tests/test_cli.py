@@ -897,19 +897,17 @@ def _leave_a_log(path: Path) -> None:
         os.replace(f"{copy}{suffix}", f"{path}{suffix}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read-only cache opens its connections read-write with query_only, and SQLite "
-    "checkpoints a leftover -wal into the file when the last connection closes; needs "
-    "SQLITE_OPEN_READONLY or SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE for readonly=True in "
-    "PipelineCache._connect",
-)
 def test_looking_commands_leave_a_leftover_log_alone(cli: Cli, filled: Filled) -> None:
     _leave_a_log(filled.path)
-    before = folder_bytes(filled.path.parent)
+
+    def file_and_log() -> dict[str, bytes]:
+        # SQLite may add the -shm index of the log; the file and the log stay as found.
+        return {k: v for k, v in folder_bytes(filled.path.parent).items() if k[-4:] != "-shm"}
+
+    before = file_and_log()
     code, _, err = cli.run(filled.path, "info")
     assert code == 0, err
-    assert folder_bytes(filled.path.parent) == before
+    assert file_and_log() == before
 
 
 def test_info_shows_the_cap_kept_in_the_file(

@@ -47,9 +47,10 @@ def test_flushed_writes_survive_a_power_cut(
 def test_without_flush_the_shim_really_loses_writes(
     cache_path: Path, fingerprint: DeviceFingerprint, sync_vfs: SyncTrackingVFS
 ) -> None:
-    # Shows the shim is strict enough to catch a flush() that did not sync.
+    # Shows the shim is strict enough to catch a flush() that did not sync: the write is
+    # committed (no write-behind) but never synced.
     cache_path.parent.mkdir(parents=True)
-    cache = PipelineCache.open(cache_path, vfs=sync_vfs.name)
+    cache = PipelineCache.open(cache_path, vfs=sync_vfs.name, write_behind=False)
     digest = os.urandom(32)
     cache.write(digest, fingerprint, b"never flushed")
     with reopen_after_power_cut(cache_path) as survivor:

@@ -56,7 +56,7 @@ def test_fork_with_threads_at_work_loses_nothing_and_never_hangs(tmp_path: Path)
     # first, the parent exiting without close(); multiprocessing's fork, daemonic or not.
     report = run_fork_trials(tmp_path, trials=4 * len(FORK_VARIANTS), seed=7)
     assert report.hangs == 0
-    assert report.failures == []
+    assert report.errors == []
     assert report.checked > 100
     assert (report.lost, report.wrong, report.not_ok) == (0, 0, 0)
 

@@ -48,7 +48,8 @@ def populated(path: Path, vfs: FaultyVFS) -> PipelineCache:
     with PipelineCache.open(path, max_bytes=None) as cache:
         for slot, blob in BLOBS.items():
             write_slots(cache, [(slot, blob)])
-    return PipelineCache.open(path, max_bytes=None, vfs=vfs.name)
+    # Each write commits before it returns, so that a fault is raised by the call that met it.
+    return PipelineCache.open(path, max_bytes=None, vfs=vfs.name, write_behind=False)
 
 
 def public_calls(cache: PipelineCache, vfs: FaultyVFS) -> dict[str, Callable[[], object]]:

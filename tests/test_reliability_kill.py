@@ -54,7 +54,8 @@ def test_the_power_cut_shim_loses_what_was_not_synced(
 ) -> None:
     # The shim must be strict, or the power-cut trials prove nothing.
     path = tmp_path / "cache.sqlite3"
-    cache = PipelineCache.open(path, max_bytes=None, vfs=sync_vfs.name)
+    # Committed but never synced (no write-behind: a queued write is not even committed).
+    cache = PipelineCache.open(path, max_bytes=None, vfs=sync_vfs.name, write_behind=False)
     write_slots(cache, [(0, b"flushed")])
     cache.flush()
     write_slots(cache, [(1, b"not flushed")])
@@ -72,7 +73,7 @@ def test_mark_synced_makes_the_current_files_what_a_power_cut_returns_to(
     with PipelineCache.open(path, max_bytes=None) as cache:
         write_slots(cache, [(0, b"written through the normal VFS")])
     mark_synced(path)
-    cache = PipelineCache.open(path, max_bytes=None, vfs=sync_vfs.name)
+    cache = PipelineCache.open(path, max_bytes=None, vfs=sync_vfs.name, write_behind=False)
     write_slots(cache, [(1, b"lost")])
     power_cut(path)
     abandon(cache)

@@ -94,6 +94,7 @@ def test_entries_record_their_key_columns(
     key = make_key(workgroup_size=(8, 4, 2), feature_flags=FeatureFlags.F16 | (1 << 30))
     digest = os.urandom(32)
     cache.put(key, fingerprint, b"x" * 100, program_digest=digest)
+    cache.flush()  # queued writes reach the file (and other connections)
     connection = raw(cache_path)
     row = connection.execute(
         "SELECT entry_key, key_version, shader_hash, layout_hash, push_constant_size, "
@@ -294,6 +295,7 @@ def test_unknown_flag_bits_round_trip(
 ) -> None:
     key = make_key(feature_flags=(1 << 31) | (1 << 12) | 1)
     cache.put(key, fingerprint, b"x")
+    cache.flush()  # queued writes reach the file (and other connections)
     connection = raw(cache_path)
     (flags,) = connection.execute("SELECT feature_flags FROM entries").fetchone()
     connection.close()
@@ -312,6 +314,7 @@ def test_damaged_blob_is_a_miss_is_dropped_and_logged(
     digest, kept = os.urandom(32), os.urandom(32)
     cache.write(digest, fingerprint, b"good bytes")
     cache.write(kept, fingerprint, b"other")
+    cache.flush()  # queued writes reach the file (and other connections)
     connection = raw(cache_path)
     connection.execute(
         "UPDATE blobs SET data = ? WHERE id = ?",
@@ -336,6 +339,7 @@ def test_blob_moved_to_another_key_fails_its_checksum(
     a, b = os.urandom(32), os.urandom(32)
     cache.write(a, fingerprint, b"blob of a")
     cache.write(b, fingerprint, b"blob of b")
+    cache.flush()  # queued writes reach the file (and other connections)
     id_a, id_b = (entry_id(fingerprint.cache_key(d)) for d in (a, b))
     connection = raw(cache_path)
     row = connection.execute(

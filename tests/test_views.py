@@ -162,6 +162,7 @@ def test_a_keyed_row_shows_every_field(
     key = make_key(workgroup_size=(8, 4, 2), push_constant_size=64, backend="cuda")
     digest = os.urandom(32)
     cache.put(key, fingerprint, b"x" * 1234, program_digest=digest)
+    cache.flush()  # committed, so the hit below is the row's
     assert cache.get(key, fingerprint) is not None
     cache.close()
     (row,) = _stdlib_rows(cache.path, "SELECT * FROM pipelines_v")

@@ -223,6 +223,7 @@ def test_export_skips_damaged_entries(
     good, bad = os.urandom(32), os.urandom(32)
     cache.write(good, fingerprint, b"good bytes")
     cache.write(bad, fingerprint, b"bad bytes!")
+    cache.flush()  # queued writes reach the file (and other connections)
     damaged = apsw.Connection(str(cache.path))
     damaged.execute(
         "UPDATE blobs SET data = zeroblob(10) WHERE id = "

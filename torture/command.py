@@ -22,9 +22,15 @@ def _child_main(argv: list[str]) -> int:
     """The hidden commands the trials start child processes with."""
     command, *args = argv
     if command == "child-kill":
-        path, log, seed, first, cut, invalidate = args
+        path, log, seed, first, cut, invalidate, behind = args
         return kill_child(
-            Path(path), Path(log), int(seed), int(first), bool(int(cut)), bool(int(invalidate))
+            Path(path),
+            Path(log),
+            int(seed),
+            int(first),
+            bool(int(cut)),
+            bool(int(invalidate)),
+            bool(int(behind)),
         )
     if command == "child-contend":
         path, seconds, seed, worker, cap = args
@@ -78,6 +84,7 @@ def _tally(counts: dict[str, int]) -> str:
 def _kill_rows(r: KillReport) -> list[Row]:
     return [
         ("kills", "kills survived (of which with a power cut)", f"{r.kills} ({r.power_cuts})"),
+        ("kills", "of which with write-behind (only flushed writes count)", r.write_behind_kills),
         ("kills", "killed before the cache was open", r.killed_before_open),
         ("kills", "acknowledged writes and invalidations checked", r.acknowledged_checked),
         ("kills", "**acknowledged writes lost**", r.lost),

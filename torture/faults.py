@@ -183,7 +183,11 @@ def _fault_round(workdir: Path, rng: random.Random, index: int, report: FaultRep
             round_.write([round_.pick(1.0)])
         cache.close()
         # A new object has a cold page cache, so that its reads reach the VFS.
-        cache = round_.cache = PipelineCache.open(path, max_bytes=cap, vfs=vfs.name)
+        # Each write commits before it returns: the model judges every call by what it
+        # returned (write-behind under faults has tests of its own).
+        cache = round_.cache = PipelineCache.open(
+            path, max_bytes=cap, vfs=vfs.name, write_behind=False
+        )
         injected = vfs.injected
         vfs.arm(plan)
         for _ in range(40):

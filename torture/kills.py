@@ -46,6 +46,7 @@ class KillReport:
 
     kills: int = 0
     power_cuts: int = 0
+    write_behind_kills: int = 0
     killed_before_open: int = 0
     acknowledged_checked: int = 0
     lost: int = 0
@@ -156,13 +157,21 @@ def _kill_once(
     first_slot: int,
     cut_power: bool,
     invalidations: bool,
+    write_behind: bool,
 ) -> tuple[bool, str]:
     """Start a writing child, kill it at a random moment; return (killed before it
     opened the cache, what it printed if it stopped on its own)."""
     log.unlink(missing_ok=True)
     stderr_path = log.with_suffix(".stderr")
     command = child_command(
-        "child-kill", path, log, rng.getrandbits(64), first_slot, int(cut_power), int(invalidations)
+        "child-kill",
+        path,
+        log,
+        rng.getrandbits(64),
+        first_slot,
+        int(cut_power),
+        int(invalidations),
+        int(write_behind),
     )
     with open(stderr_path, "wb") as stderr:
         process = subprocess.Popen(
@@ -227,7 +236,13 @@ def run_kills(
         cut_power = rng.random() < power_cut_share
         if cut_power:
             mark_synced(path)  # what the last check left is on the disk
-        early, message = _kill_once(path, log, rng, model.next_slot, cut_power, invalidations)
+        # Every other child queues its writes (write-behind): only what flush()
+        # acknowledged must survive its kill; the others commit each write at once.
+        write_behind = round_ % 2 == 1
+        report.write_behind_kills += write_behind
+        early, message = _kill_once(
+            path, log, rng, model.next_slot, cut_power, invalidations, write_behind
+        )
         if cut_power:
             power_cut(path)
             report.power_cuts += 1
@@ -237,14 +252,21 @@ def run_kills(
         if message or errors:
             report.child_errors += 1
             add_detail(report.details, (message or "; ".join(errors))[:500])
-        _check_after_kill(path, model, FLUSHED if cut_power else COMMITTED, report)
+        required = FLUSHED if cut_power or write_behind else COMMITTED
+        _check_after_kill(path, model, required, report)
         if progress is not None and (round_ + 1) % 25 == 0:
             progress(f"kills: {round_ + 1}/{kills}, failures so far {report.failures}")
     return report
 
 
 def kill_child(
-    path: Path, log: Path, seed: int, first_slot: int, cut_power: bool, invalidations: bool
+    path: Path,
+    log: Path,
+    seed: int,
+    first_slot: int,
+    cut_power: bool,
+    invalidations: bool,
+    write_behind: bool = False,
 ) -> int:
     """The writing child of a kill trial: loops until it is killed."""
     rng = random.Random(seed)
@@ -255,7 +277,12 @@ def kill_child(
 
     vfs = SyncTrackingVFS() if cut_power else None
     try:
-        cache = PipelineCache.open(path, max_bytes=None, vfs=None if vfs is None else vfs.name)
+        cache = PipelineCache.open(
+            path,
+            max_bytes=None,
+            vfs=None if vfs is None else vfs.name,
+            write_behind=write_behind,
+        )
         emit("R")
         slots = first_slot
         while True:

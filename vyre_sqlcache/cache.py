@@ -54,6 +54,7 @@ from ._connections import (
 )
 from ._rows import NewEntry
 from ._schema import prepare
+from ._writer import WriteBehind
 from .config import (
     DEFAULT_COMPRESSION,
     DEFAULT_MAX_BYTES,
@@ -76,6 +77,10 @@ __all__ = ["MAX_BLOB_BYTES", "CacheStats", "PipelineCache"]
 log = logging.getLogger("vyre_sqlcache")
 
 _UNSET: Final[Any] = object()
+
+#: Blobs from this size on are committed by the caller, not queued: a commit of a large
+#: blob costs more than the queue saves.
+DIRECT_WRITE_BYTES = 256 * 1024
 T = TypeVar("T")
 
 #: The file's size cap is kept in `meta` under this name (0: no cap).
@@ -130,6 +135,7 @@ class PipelineCache:
         readonly: bool,
         max_bytes: int | Any | None,
         vfs: str | None,
+        write_behind: bool = True,
     ) -> None:
         """Set up a cache object; use `PipelineCache.open` instead."""
         self._file = file
@@ -145,10 +151,14 @@ class PipelineCache:
         self._unflushed = 0
         self._checkpointer = Checkpointer(self._checkpoint_passive)
         self._pool = ConnectionPool(self._connect, file.path)
-        self._codec = _codec.Codec(None)
+        wal = Path(f"{file.path}-wal")
+        self._leftover_log = wal.exists() and wal.stat().st_size > 0
         # A reader that cannot write the folder reopens when the owner changes the file.
         self._watch = FileWatch(file)
         self._generation = threading.local()  # the watch's generation this thread reads
+        self._codec = _codec.Codec(None)
+        self._write_behind = write_behind
+        self._writer = WriteBehind(self._commit_entries)
 
     # -- opening and closing -------------------------------------------------------
 
@@ -176,6 +186,7 @@ class PipelineCache:
         strict: bool = False,
         verify: bool = False,
         vfs: str | None = None,
+        write_behind: bool = True,
         compression: str | int = _UNSET,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
@@ -187,9 +198,11 @@ class PipelineCache:
         cache (failing `quick_check` when `verify=True` or after damage was met in use) is
         moved aside and replaced; `strict=True` raises CorruptCacheError instead.
         `VYRE_SQLCACHE_DISABLE=1` gives a cache that stores nothing. `vfs` names a SQLite VFS.
-        `compression` is what this object writes: 'auto' (zstd where it saves at
-        least 1/8, with dictionaries trained per backend and device; raw without the
-        zstandard package), 'off', or a zstd level from 1 to 22 (default:
+        With `write_behind` (the default) writes are queued and committed by a thread in
+        groups a few milliseconds later; `flush()` commits and syncs; without it each write
+        commits before it returns. `compression` is what this object writes: 'auto' (zstd
+        where it saves at least 1/8, with dictionaries trained per backend and device; raw
+        without the zstandard package), 'off', or a zstd level from 1 to 22 (default:
         `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
         back whatever wrote it.
 
@@ -218,7 +231,9 @@ class PipelineCache:
         file = CacheFile.locate(resolved, create=not readonly)
         if not file.writable and not readonly:
             log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
-        cache = cls(file, readonly=readonly, max_bytes=max_bytes, vfs=vfs)
+        cache = cls(
+            file, readonly=readonly, max_bytes=max_bytes, vfs=vfs, write_behind=write_behind
+        )
         cache._codec = _codec.Codec(level)
         try:
             cache._check_file_bytes(own=path is None)
@@ -270,6 +285,10 @@ class PipelineCache:
             raise translate(error, "opening a connection", self._path) from error
         if not self._readonly:
             self._checkpointer.attach(connection)
+        elif self._leftover_log:
+            # A reader that closes last would fold a killed writer's log into the file:
+            # a read-only cache leaves the file as it found it.
+            connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         return connection
 
     def _first_connection(self, *, verify: bool, store_cap: bool) -> None:
@@ -304,6 +323,8 @@ class PipelineCache:
             self._pool.adopt(slot, connection)
         finally:
             self._pool.leave(slot)
+        if self._write_behind and not self._readonly:
+            self._writer.start()
 
     def _settle_cap(self, connection: apsw.Connection) -> None:
         """Take the file's cap unless this object was given one."""
@@ -323,6 +344,16 @@ class PipelineCache:
             return
         try:
             if not self._readonly:
+                self._writer.stop()
+                try:
+                    self._writer.commit()
+                except CacheError as error:
+                    log.warning(
+                        "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
+                        len(self._writer),
+                        self._path,
+                        error,
+                    )
                 self._checkpointer.stop()
                 with self._call() as slot:
                     connection = self._pool.main(slot)
@@ -413,26 +444,12 @@ class PipelineCache:
         Raises CacheError if the sync fails; the writes stay pending and the next
         `flush()` retries them.
         """
-        with self._lock:
-            flushing = self._unflushed
-        if flushing == 0:
+        self._writer.raise_error()
+        if self._unflushed == 0 and not len(self._writer):
             return
-        with self._call() as slot, interrupts_held():
-            connection = self._pool.main(slot)
-            try:
-                # One commit with synchronous=FULL syncs the write-ahead log, and with it
-                # every frame committed before: this object's and other processes'.
-                connection.pragma("synchronous", "FULL")
-                try:
-                    with transaction(connection):
-                        self._books.write(connection, _now_ms())
-                        _rows.bump(connection, "flushes", 1)
-                finally:
-                    connection.pragma("synchronous", "NORMAL")
-            except apsw.Error as error:
-                raise translate(error, "flushing", self._path) from error
-        with self._lock:
-            self._unflushed -= flushing
+        # One commit with synchronous=FULL syncs the write-ahead log, and with it every
+        # frame committed before: the queue's, this object's and other processes'.
+        self._writer.commit(durable=True, extra=lambda c: _rows.bump(c, "flushes", 1))
 
     def invalidate_impacted(
         self,
@@ -519,6 +536,8 @@ class PipelineCache:
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Whether an entry is stored under `key` on a device (its bytes are not verified)."""
         entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
+        if self._writer.get(entry_key) is not None:
+            return True
         return self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key
 
     def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
@@ -563,9 +582,14 @@ class PipelineCache:
             )
             for i, (key, blob, created) in enumerate(items)
         ]
-        self._store(entries)
+        if self._readonly:
+            self._refuse_write()
+        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
         keys = [e.entry_key for e in entries]
-        return sum(self._read("counting entries", lambda c: [_rows.owner(c, k) == k for k in keys]))
+        kept: int | None = self._writer.commit(
+            entries, extra=lambda c: sum(_rows.owner(c, k) == k for k in keys)
+        )
+        return kept or 0
 
     def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int:
         """Delete the entries with these entry keys in one statement; return how many."""
@@ -577,6 +601,8 @@ class PipelineCache:
     def check_entry(self, entry_key: bytes | str) -> bool | None:
         """Whether an entry's bytes match its checksum (None: no such entry); changes nothing."""
         key = coerce_digest("entry_key", entry_key)
+        if self._writer.get(key) is not None:
+            return True
         with self._call() as slot:
             fetched = self._fetch(slot, key)
         return None if fetched is None else _rows.verify(key, fetched)
@@ -590,6 +616,8 @@ class PipelineCache:
     def stats(self) -> CacheStats:
         """Sizes and counters: this object's hits, misses, evictions and checksum failures,
         and the totals kept in the file (which include this object's unwritten ones)."""
+        if len(self._writer) and not self._readonly:
+            self._writer.commit()  # the file's totals then count every write made
         counts = self._books.counts()
         totals = self._read("reading statistics", _rows.totals)
         hits, misses = self._books.unwritten()
@@ -635,7 +663,7 @@ class PipelineCache:
         and after; `compact()` then gives the freed pages back to the file system.
         Raises ReadOnlyCacheError on a read-only cache, CacheError types if it fails.
         """
-        self._refuse_if_disabled()
+        self._before_inspection()
         if self._readonly:
             raise ReadOnlyCacheError(
                 f"the cache {self._path} is open read-only; recompressing it needs write access"
@@ -692,13 +720,11 @@ class PipelineCache:
     def _write_transaction(self, slot: Slot, what: str) -> Iterator[apsw.Connection]:
         """A `BEGIN IMMEDIATE` transaction on the slot's connection, bookkeeping first."""
         if self._readonly:
-            raise ReadOnlyCacheError(
-                f"the cache {self._path} is open read-only; open it without readonly=True, "
-                "from a process that may write the file, to change it"
-            )
+            self._refuse_write()
         connection = self._pool.main(slot)
         try:
             with transaction(connection):
+                # First: eviction in the block must see the latest access times.
                 self._books.write(connection, _now_ms())
                 yield connection
         except apsw.Error as error:
@@ -708,34 +734,81 @@ class PipelineCache:
             raise translate(error, what, self._path) from error
 
     def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int:
-        """Run a deleting statement in a write transaction; return the rows it changed."""
-        with self._call() as slot, self._write_transaction(slot, what) as connection:
-            changed = run(connection)
-        self._note_unflushed(changed)
+        """Run a deleting statement in a write transaction, after the queued writes (so it
+        reaches them too); return the rows it changed."""
+        if self._readonly:
+            self._refuse_write()
+        changed: int = self._writer.commit(extra=run)
         return changed
 
     # -- internals: writing --------------------------------------------------------
 
     def _store(self, entries: list[NewEntry]) -> None:
+        """Queue `entries` for the writer thread, or commit them here: large blobs (a copy
+        in the queue would cost more than the commit saves) and without write-behind."""
         if not entries:
             return
+        if self._readonly:
+            self._refuse_write()
+        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
+        if self._write_behind and all(len(e.blob) < DIRECT_WRITE_BYTES for e in entries):
+            self._writer.put(entries)
+        else:
+            self._writer.commit(entries)
+
+    def _commit_entries(
+        self, entries: list[NewEntry], durable: bool, extra: Callable[[apsw.Connection], T] | None
+    ) -> T | None:
+        """Insert `entries` and run `extra` in one transaction (synced when `durable`),
+        evicting for the cap, and once for a full disk; return what `extra` returned."""
         incoming = sum(len(entry.blob) for entry in entries)
-        with self._call() as slot:
-            for attempt in range(2):
-                try:
-                    with self._write_transaction(slot, "storing entries") as connection:
-                        if self._cap_override is _UNSET:
-                            self._settle_cap(connection)
-                        self._check_fits(incoming, len(entries))
-                        self._books.evicted(
-                            _rows.insert(connection, entries, _now_ms(), self._cap, self._codec)
+        result: T | None = None
+        with self._call() as slot, interrupts_held():
+            connection = self._pool.main(slot)
+            if durable:
+                connection.pragma("synchronous", "FULL")
+            try:
+                for attempt in range(2):
+                    try:
+                        with self._write_transaction(slot, "storing entries") as connection:
+                            if entries:
+                                if self._cap_override is _UNSET:
+                                    self._settle_cap(connection)
+                                evicted = _rows.insert(
+                                    connection, entries, _now_ms(), self._cap, self._codec
+                                )
+                                self._books.evicted(evicted)
+                            if extra is not None:
+                                result = extra(connection)
+                        break
+                    except CacheFullError:
+                        if attempt or not self._make_room_on_disk(slot, incoming):
+                            if attempt and len(entries) > 1:
+                                # A group larger than the disk's room: in halves, so a
+                                # full disk does not hold every queued write back.
+                                half = len(entries) // 2
+                                self._commit_entries(entries[:half], False, None)
+                                return self._commit_entries(entries[half:], durable, extra)
+                            raise
+                        log.warning(
+                            "vyre-sqlcache: %s hit a full disk; evicted, retrying", self._path
                         )
-                    break
-                except CacheFullError:
-                    if attempt or not self._make_room_on_disk(slot, incoming):
-                        raise
-                    log.warning("vyre-sqlcache: %s hit a full disk; evicted, retrying", self._path)
-        self._note_unflushed(len(entries))
+            except apsw.Error as error:
+                raise translate(error, "flushing", self._path) from error
+            finally:
+                if durable:
+                    with suppress(apsw.Error):
+                        connection.pragma("synchronous", "NORMAL")
+        changes = len(entries) + (result if isinstance(result, int) else 0)
+        with self._lock:
+            self._unflushed = 0 if durable else self._unflushed + changes
+        return result
+
+    def _refuse_write(self) -> None:
+        raise ReadOnlyCacheError(
+            f"the cache {self._path} is open read-only; open it without readonly=True, "
+            "from a process that may write the file, to change it"
+        )
 
     def _check_fits(self, incoming: int, count: int) -> None:
         cap = self._cap
@@ -745,12 +818,6 @@ class PipelineCache:
                 f"{what} {incoming} bytes, over the cache's size cap of {cap} bytes "
                 f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
             )
-
-    def _note_unflushed(self, changes: int) -> None:
-        """Count changes the next flush() must make durable (stores and deletions alike)."""
-        if changes:
-            with self._lock:
-                self._unflushed += changes
 
     def _make_room_on_disk(self, slot: Slot, incoming: int) -> bool:
         """After SQLITE_FULL: fold the log back and truncate it, then evict at least
@@ -792,6 +859,10 @@ class PipelineCache:
     # -- internals: reading ----------------------------------------------------------
 
     def _load(self, entry_key: bytes) -> bytes | None:
+        queued = self._writer.get(entry_key)
+        if queued is not None:
+            self._books.hit(entry_id(entry_key))
+            return queued.blob
         slot = self._pool.enter()
         try:
             if self._watch.active:
@@ -816,6 +887,9 @@ class PipelineCache:
         return True
 
     def _load_many(self, entry_keys: list[bytes]) -> list[bytes | None]:
+        if any(self._writer.get(key) is not None for key in entry_keys):
+            # One snapshot for all of them: the queue's entries join the file first.
+            self._writer.commit()
         with self._call() as slot:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
@@ -929,14 +1003,14 @@ class PipelineCache:
         """The schema version of the file (`PRAGMA user_version`)."""
         from ._schema import schema_version
 
-        self._refuse_if_disabled()
+        self._before_inspection()
         return self._read("reading the schema version", schema_version)
 
     def file_max_bytes(self) -> int | None:
         """The size cap kept in the file, which every process that sets none of its own
         applies (the default where none was ever stored; None: no cap). `max_bytes` is the
         cap this object applies, which an argument or the environment may override."""
-        self._refuse_if_disabled()
+        self._before_inspection()
         stored = self._read("reading the size cap", lambda c: _rows.setting(c, _CAP_SETTING))
         if stored is None:
             return DEFAULT_MAX_BYTES
@@ -967,7 +1041,7 @@ class PipelineCache:
         milliseconds since the epoch; `kind`: one of `ENTRY_KINDS`. Raises
         TypeError/ValueError naming a bad argument.
         """
-        self._refuse_if_disabled()
+        self._before_inspection()
         if sort not in _rows.ENTRY_SORTS:
             raise ValueError(f"sort must be one of {', '.join(_rows.ENTRY_SORTS)}, got {sort!r}")
         if kind is not None and kind not in _rows.ENTRY_KINDS:
@@ -1004,7 +1078,7 @@ class PipelineCache:
     def device_totals(self) -> list[dict[str, Any]]:
         """Entries, bytes, hits and last access per backend and device (rows of `stats_v`),
         most bytes first."""
-        self._refuse_if_disabled()
+        self._before_inspection()
         return self._read("reading totals", _rows.device_totals)
 
     def query(self, sql: str, *, timeout: float | None = None) -> list[_rows.QueryResult]:
@@ -1015,7 +1089,7 @@ class PipelineCache:
         stops with CacheError after `timeout` seconds, and with KeyboardInterrupt on
         Ctrl-C. SQL that SQLite rejects raises CacheError.
         """
-        self._refuse_if_disabled()
+        self._before_inspection()
         if not isinstance(sql, str):
             raise TypeError(f"sql must be a str, got {type(sql).__name__}")
         if timeout is not None and not (
@@ -1056,7 +1130,7 @@ class PipelineCache:
         Raises CorruptCacheError if its bytes fail their checksum (the entry is left as
         it is), CacheError types if it cannot be read.
         """
-        self._refuse_if_disabled()
+        self._before_inspection()
         key = coerce_digest("entry_key", entry_key)
         with self._call() as slot:
             try:
@@ -1087,7 +1161,7 @@ class PipelineCache:
         `progress(row_ids)` may wrap the loop over entries (a progress bar). Raises
         ReadOnlyCacheError for `repair` on a read-only cache.
         """
-        self._refuse_if_disabled()
+        self._before_inspection()
         if repair and self._readonly:
             raise ReadOnlyCacheError(
                 f"the cache {self._path} is open read-only; repairing it needs write access"
@@ -1152,7 +1226,7 @@ class PipelineCache:
         """Rewrite the file without free pages (VACUUM) and truncate its write-ahead log;
         return the bytes the cache took on disk before and after. Raises
         ReadOnlyCacheError on a read-only cache, CacheError types if it fails."""
-        self._refuse_if_disabled()
+        self._before_inspection()
         if self._readonly:
             raise ReadOnlyCacheError(
                 f"the cache {self._path} is open read-only; compacting it needs write access"
@@ -1172,11 +1246,15 @@ class PipelineCache:
                 raise translate(error, "compacting", self._path) from error
         return before, self._file.file_bytes()
 
-    def _refuse_if_disabled(self) -> None:
+    def _before_inspection(self) -> None:
+        """Refuse a disabled cache; commit this object's queued writes, so that what it
+        looks at includes every write it made."""
         if self.disabled:
             raise CacheError(
                 "the cache is disabled by VYRE_SQLCACHE_DISABLE; unset it to look into the file"
             )
+        if len(self._writer) and not self._readonly:
+            self._writer.commit()
 
     @staticmethod
     def _int64(name: str, value: int | None, low: int = -(2**63)) -> int | None:

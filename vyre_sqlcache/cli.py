@@ -244,7 +244,8 @@ def _opened(
     if not create and not path.exists():
         raise Failure(f"no cache at {path} (nothing has been cached there yet)")
     try:
-        cache = PipelineCache.open(args.path, readonly=not write, strict=True)
+        # A command's write is committed before it reports it: no write-behind.
+        cache = PipelineCache.open(args.path, readonly=not write, strict=True, write_behind=False)
     except ValueError as error:
         raise Failure(str(error)) from error
     with cache:
@@ -656,7 +657,9 @@ def _demo(args: argparse.Namespace) -> int:
         )
         with (
             tempfile.TemporaryDirectory(prefix="vyre-sqlcache-demo-") as folder,
-            PipelineCache.open(Path(folder) / "demo.sqlite3", max_bytes=None) as scratch,
+            PipelineCache.open(
+                Path(folder) / "demo.sqlite3", max_bytes=None, write_behind=False
+            ) as scratch,
         ):
             print(f"cache: {scratch.path} (temporary)")
             outcome, after, removed = _run_demo(scratch, workload, keep=True)

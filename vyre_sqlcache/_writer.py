@@ -1,0 +1,207 @@
+"""Write-behind: a write returns once its entry is queued; a thread commits queued entries
+in groups, so a thousand small writes cost a handful of commits instead of a thousand.
+
+The queue is a map from entry key to entry that reads of this process look at first,
+so a queued entry is read back at once. Commits are serialised by one lock and take
+the whole queue in one transaction (a `write_many` stays all-or-none), so a later
+version of an entry is never overwritten by an earlier one. The queue is bounded: a
+caller that finds it full commits it itself, which also keeps a caller that loops on
+`write()` holding the GIL from starving the thread. An error of a background commit
+is kept and raised by the next call; the entries stay queued and are retried.
+
+Before a fork the queue is committed and both locks are taken, so the child never
+inherits a lock held by a thread it does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+from . import _connections  # noqa: F401  (its fork hooks must be registered before ours)
+from ._rows import NewEntry
+from .errors import CacheError
+
+__all__ = ["GROUP_DELAY_S", "MAX_QUEUED_BYTES", "MAX_QUEUED_ENTRIES", "WriteBehind"]
+
+log = logging.getLogger("vyre_sqlcache")
+
+#: How long the thread gathers writes before it commits them (other processes see a
+#: write after about this long, plus the commit).
+GROUP_DELAY_S = 0.003
+#: A caller that finds this many entries (or bytes) queued commits them itself.
+MAX_QUEUED_ENTRIES = 512
+MAX_QUEUED_BYTES = 16 << 20
+
+#: `commit(entries, durable, extra)` commits `entries` (and runs `extra` on the
+#: connection) in one transaction, synced to disk when `durable`; returns extra's result.
+Commit = Callable[[list[NewEntry], bool, Any], Any]
+
+
+class WriteBehind:
+    """The queue of one cache object and the thread that commits it."""
+
+    def __init__(self, commit: Commit) -> None:
+        self._commit = commit
+        self._queue: dict[bytes, NewEntry] = {}
+        self._queued_bytes = 0
+        self._error: CacheError | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._reset_locks()
+        _writers.add(self)
+
+    def _reset_locks(self) -> None:
+        self._lock = threading.Lock()  # guards the queue
+        self._wake = threading.Condition(self._lock)
+        self._committing = threading.Lock()  # one commit at a time, in queue order
+        self._starting = threading.Lock()
+
+    # -- the caller's side -------------------------------------------------------------
+
+    def get(self, entry_key: bytes) -> NewEntry | None:
+        """The queued entry of `entry_key`, if one is waiting to be committed."""
+        return self._queue.get(entry_key)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, entries: list[NewEntry]) -> None:
+        """Queue `entries` (visible to `get` at once); commit the queue here if it is full.
+
+        Raises the error of an earlier background commit, once.
+        """
+        self.raise_error()
+        with self._lock:
+            for entry in entries:
+                old = self._queue.pop(entry.entry_key, None)
+                if old is not None:
+                    self._queued_bytes -= len(old.blob)
+                self._queue[entry.entry_key] = entry
+                self._queued_bytes += len(entry.blob)
+            full = len(self._queue) >= MAX_QUEUED_ENTRIES or self._queued_bytes >= MAX_QUEUED_BYTES
+            if not full:
+                self._wake.notify()
+        if full:
+            self.commit()
+        elif self._thread is None or not self._thread.is_alive():
+            self.start()
+
+    def commit(
+        self, entries: list[NewEntry] | None = None, *, durable: bool = False, extra: Any = None
+    ) -> Any:
+        """Commit the queue, then `entries`, and run `extra` on the connection, all in one
+        transaction; return what `extra` returned. Raises CacheError types; on error the
+        queue stays as it was."""
+        with self._committing:
+            with self._lock:
+                batch = list(self._queue.values())
+            if not batch and not entries and extra is None and not durable:
+                return None
+            result = self._commit([*batch, *(entries or [])], durable, extra)
+            with self._lock:
+                for entry in batch:
+                    if self._queue.get(entry.entry_key) is entry:
+                        del self._queue[entry.entry_key]
+                        self._queued_bytes -= len(entry.blob)
+            return result
+
+    def raise_error(self) -> None:
+        """Raise (once) the error a background commit met."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise type(error)(f"a write queued earlier could not be committed yet: {error}")
+
+    def stop(self) -> None:
+        """Stop the thread (it finishes a commit under way); queued entries stay queued."""
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(30)
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread if it is not running (a cache that may write starts it at open,
+        so that no write pays for it; a forked child starts its own on its first write)."""
+        with self._starting:
+            if self._stopped or (self._thread is not None and self._thread.is_alive()):
+                return
+            thread = threading.Thread(target=self._run, name="vyre-sqlcache writer", daemon=True)
+            thread.start()
+            self._thread = thread
+
+    def _run(self) -> None:
+        pause = GROUP_DELAY_S
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopped:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+            time.sleep(pause)  # let a group gather
+            try:
+                self.commit()
+                pause = GROUP_DELAY_S
+            except CacheError as error:
+                self._error = error
+                log.warning("vyre-sqlcache: committing queued writes failed: %s", error)
+                pause = min(max(pause * 4, 0.05), 2.0)
+            except BaseException as error:  # never let the thread die silently
+                log.warning("vyre-sqlcache: the writer thread stopped: %r", error)
+                return
+
+    # -- fork ----------------------------------------------------------------------------
+
+    def _before_fork(self) -> None:
+        with suppress(CacheError):
+            self.commit()
+        self._committing.acquire()
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+        self._committing.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent commits its own queue; the child starts with an empty one.
+        self._reset_locks()
+        self._queue = {}
+        self._queued_bytes = 0
+        self._thread = None
+
+
+_writers: weakref.WeakSet[WriteBehind] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for writer in list(_writers):
+        writer._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for writer in list(_writers):
+        writer._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_writers):
+        writer._after_fork_in_child()
+
+
+# Registered after the connection pool's hooks (this module imports after it), so this
+# before-hook runs first: the queue is committed before the pool closes its connections.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
