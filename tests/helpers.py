@@ -35,7 +35,7 @@ def open_connections(cache: PipelineCache) -> int:
 
 def abandon(cache: PipelineCache) -> None:
     """Drop a cache's connections without the checkpoint close() does, as a crash would."""
-    cache._writer.stop()  # noqa: SLF001  (its queue is lost, as in a crash)
+    cache._writer.stop()  # its queue is lost, as in a crash
     cache._checkpointer.stop()
     cache._pool.close()
 
