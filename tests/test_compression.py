@@ -792,3 +792,68 @@ def test_recompress_refuses_a_read_only_cache(path: Path) -> None:
 
     with open_cache(path, readonly=True) as cache, pytest.raises(ReadOnlyCacheError):
         cache.recompress()
+
+
+# -- check and its rebuild -----------------------------------------------------------------
+
+
+def test_check_verifies_compressed_entries_and_repair_drops_only_damaged_ones(path: Path) -> None:
+    blobs = written_with_dictionary(path)
+    with open_cache(path) as cache:
+        cache.write(digest(900), FP, os.urandom(3000))
+        report = cache.check()
+        assert report.ok and report.checked == len(blobs) + 1 and not report.bad_entries
+    damage(path, "blobs", rowid_of(3), 12)
+    with open_cache(path) as cache:
+        report = cache.check(repair=True)
+        assert len(report.damaged) == 1 and report.dropped == 1
+        assert len(cache) == len(blobs) and cache.read(digest(0), FP) == blobs[0]
+
+
+def test_a_damaged_dictionary_fails_check_for_its_entries(path: Path) -> None:
+    blobs = written_with_dictionary(path)
+    (users,) = rows(path, "SELECT count(*) FROM blobs WHERE dict_id = 1")[0]
+    damage(path, "dictionaries", 1, 30_000)
+    with open_cache(path) as cache:
+        report = cache.check(repair=True)
+        assert len(report.damaged) == users == report.dropped
+        assert len(cache) == len(blobs) - users
+
+
+def test_checking_compressed_entries_without_zstandard_is_refused_not_repaired(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written_with_dictionary(path)
+    monkeypatch.setattr(_codec, "zstandard", None)
+    from vyre_sqlcache import CacheError
+
+    with open_cache(path) as cache, pytest.raises(CacheError, match="needs the zstandard"):
+        cache.check(repair=True)
+    monkeypatch.undo()
+    with open_cache(path) as cache:
+        assert cache.check().ok
+
+
+def test_a_rebuild_keeps_compressed_entries_and_their_dictionaries(path: Path) -> None:
+    """A damaged file is rebuilt from its readable entries, dictionaries first."""
+    blobs = written_with_dictionary(path)
+    with open_cache(path) as cache:
+        cache.write(digest(900), FP, os.urandom(3000))
+        stored = cache.stats().stored_bytes
+    # damage a page of the entries table's LRU index: the file fails integrity_check
+    connection = apsw.Connection(str(path))
+    page_size = connection.pragma("page_size")
+    ((root,),) = connection.execute(
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'entries_lru'"
+    ).fetchall()
+    connection.close()
+    with open(path, "r+b") as file:
+        file.seek((root - 1) * page_size + 8)
+        file.write(b"\xff" * 64)
+    with open_cache(path) as cache:
+        report = cache.check(repair=True)
+        assert report.rebuilt and report.ok and report.kept == len(blobs) + 1
+        assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
+        stats = cache.stats()
+        assert stats.stored_bytes == stored and stats.dictionary_bytes > 0
+        assert stats.entries == len(blobs) + 1

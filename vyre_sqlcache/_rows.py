@@ -770,9 +770,12 @@ def decoded_blob(
     data: bytes,
 ) -> bytes | None:
     """The caller's bytes of a blob row as stored, or None if it cannot be decoded (a
-    damaged frame or dictionary, or no zstandard installed): for `check`."""
+    damaged frame or dictionary): for `check`. Raises _codec.Unavailable for a
+    compressed blob without zstandard installed (it cannot be checked, nor is it damaged)."""
     try:
         return decode(connection, codec, dict_id, raw_size, data)
+    except _codec.Unavailable:
+        raise
     except _codec.DecodeError:
         return None
 
@@ -979,8 +982,11 @@ class RawEntry:
     """An entry's row and its blob row, as stored (columns in table order)."""
 
     entry: tuple[Any, ...]
+    #: (id, checksum_algo, checksum, data, codec, dict_id, raw_size), as stored
     blob: tuple[Any, ...] | None
     blob_size: int
+    #: the caller's bytes, decoded from `blob` (None: no blob, or it cannot be decoded)
+    decoded: bytes | None = None
 
     @property
     def entry_key(self) -> bytes:
@@ -990,28 +996,37 @@ class RawEntry:
         """Whether the blob is there and matches its checksum and the entry (None: no blob)."""
         if self.blob is None:
             return None
-        rowid, algo, checksum, data = self.blob
+        rowid, algo, checksum, *_ = self.blob
+        data = self.decoded
         key = self.entry_key
         return (
-            rowid == self.entry[0] == entry_id(key)
+            data is not None
+            and rowid == self.entry[0] == entry_id(key)
             and len(data) == self.blob_size
-            and _checksums.matches(str(algo), bytes(checksum), key, bytes(data))
+            and _checksums.matches(str(algo), bytes(checksum), key, data)
         )
 
 
 def raw_entry(connection: apsw.Connection, rowid: int) -> RawEntry | None:
     """The entry with this row id and its blob as stored, or None if there is no entry.
 
-    Raises apsw errors where a page on the way is damaged.
+    Raises apsw errors where a page on the way is damaged, _codec.Unavailable for a
+    compressed blob without zstandard installed.
     """
     entry = connection.execute("SELECT blob_size, * FROM entries WHERE id = ?", (rowid,)).fetchall()
     if not entry:
         return None
     blob = connection.execute(
-        "SELECT id, checksum_algo, checksum, data FROM blobs WHERE id = ?", (rowid,)
+        "SELECT id, checksum_algo, checksum, data, codec, dict_id, raw_size FROM blobs "
+        "WHERE id = ?",
+        (rowid,),
     ).fetchall()
     size, *row = entry[0]
-    return RawEntry(tuple(row), tuple(blob[0]) if blob else None, int(size))  # type: ignore[arg-type]
+    decoded = None
+    if blob:
+        _, _, _, data, codec, dict_id, raw_size = blob[0]
+        decoded = decoded_blob(connection, codec, dict_id, raw_size, bytes(data))  # type: ignore[arg-type]
+    return RawEntry(tuple(row), tuple(blob[0]) if blob else None, int(size), decoded)  # type: ignore[arg-type]
 
 
 def insert_raw(connection: apsw.Connection, raw: RawEntry) -> None:
@@ -1019,7 +1034,9 @@ def insert_raw(connection: apsw.Connection, raw: RawEntry) -> None:
     marks = ", ".join("?" * len(raw.entry))
     connection.execute(f"INSERT INTO entries VALUES ({marks})", raw.entry)
     connection.execute(
-        "INSERT INTO blobs (id, checksum_algo, checksum, data) VALUES (?, ?, ?, ?)", raw.blob
+        "INSERT INTO blobs (id, checksum_algo, checksum, data, codec, dict_id, raw_size) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        raw.blob,
     )
 
 
@@ -1035,7 +1052,7 @@ def restore_meta(connection: apsw.Connection, values: Mapping[str, int]) -> None
     """Set counters and settings, except the totals the triggers keep."""
     connection.executemany(
         "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-        [(n, v) for n, v in values.items() if n not in ("entries", "blob_bytes")],
+        [(n, v) for n, v in values.items() if n not in TRIGGER_TOTALS],
     )
 
 

@@ -1188,6 +1188,11 @@ class PipelineCache:
                         checked += 1
                         unreadable += 1
                         continue
+                    except _codec.Unavailable as error:
+                        raise CacheError(
+                            f"{self._path} holds zstd-compressed entries; checking them needs "
+                            "the zstandard package: pip install 'vyre-sqlcache[zstd]'"
+                        ) from error
                     if raw is None:
                         continue  # a blob without its entry, or deleted since the scan
                     checked += 1
@@ -1285,6 +1290,7 @@ class PipelineCache:
                 rescue.execute(migration.sql)
                 rescue.execute(f"PRAGMA user_version = {migration.version:d}")
             _rows.restore_meta(rescue, _rows.readable_meta(live))
+            _rows.copy_dictionaries(live, rescue)
         except BaseException:
             self._rescue_discard(temporary, rescue)
             raise

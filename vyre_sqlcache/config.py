@@ -27,12 +27,9 @@ ENV_COMPRESSION = "VYRE_SQLCACHE_COMPRESSION"
 #: Default size cap on blob bytes: 1 GiB, as Mesa's shader cache.
 DEFAULT_MAX_BYTES = 1 << 30
 
-#: Default compression. The measurements (README "Compression") choose 'auto': zstd
-#: where it pays, with trained dictionaries (raw without the zstandard package). It
-#: stays 'off' until `check` decodes compressed blobs before checking them (its
-#: section of _rows.py still reads them as stored, so check(repair=True) would drop
-#: every compressed entry as damaged).
-DEFAULT_COMPRESSION = "off"
+#: Default compression, chosen by the measurements in README "Compression": zstd where
+#: it pays, with trained dictionaries (raw without the zstandard package).
+DEFAULT_COMPRESSION = "auto"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
