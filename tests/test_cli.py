@@ -24,7 +24,7 @@ import vyre_sqlcache
 from tests.test_vyredir import make_vyre_tree, read_only, tree
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
 from vyre_sqlcache.cli import main
-from vyre_sqlcache.errors import CacheError
+from vyre_sqlcache.errors import CacheError, ReadOnlyCacheError
 from vyre_sqlcache.vyredir import entry_path
 
 
@@ -1152,3 +1152,171 @@ def test_export_dir_refuses_a_linked_folder(cli: Cli, filled: Filled, tmp_path: 
     code, _, err = cli.run(filled.path, "export-dir", str(out))
     assert code == 1 and "is a symbolic link or not a folder" in one_error_line(err)
     assert list(elsewhere.iterdir()) == []
+
+
+# -- commands that stream: bounded memory, same output ---------------------------------
+
+
+def _ok(cli: Cli, path: Path, *argv: str) -> str:
+    """The standard output of a command that must succeed."""
+    code, out, err = cli.run(path, *argv)
+    assert code == 0, err
+    return out
+
+
+def fill(path: Path, count: int, *, same_time: int = 1) -> None:
+    """`count` imported entries of a byte or two; `same_time` of them share each created
+    time (ties that paging must not split or repeat)."""
+    with PipelineCache.open(path, max_bytes=None, write_behind=False) as cache:
+        for start in range(0, count, 10_000):
+            cache.put_entries(
+                [
+                    (os.urandom(32), bytes(i % 3), 1_700_000_000_000 + i // same_time)
+                    for i in range(start, min(count, start + 10_000))
+                ]
+            )
+        cache.flush()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--reverse"], ["--sort", "size"], ["--sort", "hits", "--limit", "2345"]],
+)
+def test_ls_json_pages_through_the_same_rows_as_a_single_listing(
+    cache_path: Path, cli: Cli, options: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(cache_path, 2600, same_time=7)
+    monkeypatch.setattr("vyre_sqlcache.cli._JSON_PAGE", 500)
+    listed = json.loads(_ok(cli, cache_path, "ls", "--json", *options))
+    sort = options[options.index("--sort") + 1] if "--sort" in options else "created"
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        expected = cache.entries(
+            sort=sort, reverse="--reverse" in options, limit=2345 if "--limit" in options else None
+        )
+    assert listed == json.loads(json.dumps(expected))
+    assert len({row["entry_key"] for row in listed}) == len(listed) == len(expected)
+
+
+def test_json_output_is_the_indented_json_of_a_list(cache_path: Path, cli: Cli) -> None:
+    fill(cache_path, 3)
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        rows = cache.entries()
+    assert _ok(cli, cache_path, "ls", "--json") == json.dumps(rows, indent=2) + "\n"
+    assert _ok(cli, cache_path, "ls", "--json", "--backend", "none") == "[]\n"
+    assert _ok(cli, cache_path, "sql", "--json", "SELECT 1 AS a, x'00ff' AS b") == (
+        '[\n  {\n    "a": 1,\n    "b": "00ff"\n  }\n]\n'
+    )
+
+
+def test_sql_json_streams_every_statements_rows(cache_path: Path, cli: Cli) -> None:
+    fill(cache_path, 1500)
+    query = "SELECT entry_key, blob_size FROM pipelines_v; SELECT count(*) AS n FROM entries"
+    rows = json.loads(_ok(cli, cache_path, "sql", "--json", query))
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        results = cache.query(query)
+    assert rows == [dict(zip(r.columns, row, strict=True)) for r in results for row in r.rows]
+    assert len(rows) == 1501 and rows[-1] == {"n": 1500}
+
+
+def test_sql_json_refuses_a_write_before_printing_anything(
+    cache_path: Path, cli: Cli, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(cache_path, 3)
+    assert main(["--path", str(cache_path), "sql", "--json", "DELETE FROM entries"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "only reads the cache" in err
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        assert len(cache) == 3
+
+
+def test_iter_entries_reads_pages_in_short_transactions(cache_path: Path) -> None:
+    fill(cache_path, 250, same_time=4)
+    statements: list[str] = []
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        rows = cache.iter_entries(sort="created", page=100)
+        assert not isinstance(rows, list)
+        first = next(rows)
+
+        # Between pages no read transaction is held: a writer truncates the log.
+        with PipelineCache.open(cache_path, write_behind=False) as writer:
+            writer.put_entry(os.urandom(32), b"new", created_ms=1)
+            writer.flush()
+        with read_only(cache_path) as other:
+            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+
+        def trace(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+            statements.append(sql)
+            return True
+
+        apsw.connection_hooks.append(lambda c: setattr(c, "exec_trace", trace))
+        try:
+            cache.close()
+            cache = PipelineCache.open(cache_path, readonly=True)
+            listed = list(cache.iter_entries(sort="created", page=100))
+        finally:
+            apsw.connection_hooks.pop()
+            cache.close()
+    pages = [s for s in statements if "FROM pipelines_v" in s]
+    assert len(pages) == 3 and all("LIMIT" in s for s in pages)
+    assert first["created_ms"] == max(row["created_ms"] for row in listed)
+    assert len(listed) == 251 and len({row["entry_key"] for row in listed}) == 251
+
+
+def test_iter_query_refuses_a_write_and_ends_its_transaction_when_closed(
+    cache_path: Path,
+) -> None:
+    fill(cache_path, 10)
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        with pytest.raises(ReadOnlyCacheError):
+            next(cache.iter_query("DELETE FROM entries"))
+        rows = cache.iter_query("SELECT * FROM entries")
+        columns, _ = next(rows)
+        assert "entry_key" in columns
+        rows.close()  # type: ignore[attr-defined]
+        with read_only(cache_path) as other:
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+
+
+_LIMITED = """
+import resource, sys
+from vyre_sqlcache.cli import main
+limit = int(sys.argv[1]) * 1024
+if limit:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+status = main(sys.argv[2:])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmPeak"))
+sys.stderr.write(f"peak {peak.split()[1]}\\n")
+sys.exit(status)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_ls_and_sql_json_run_in_bounded_memory(cache_path: Path, tmp_path: Path) -> None:
+    """40,000 rows as dicts take some 230 MB; the listings run within 64 MiB of what
+    `info` needs (address space, not time: the limit makes a listing held whole fail)."""
+    fill(cache_path, 40_000)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+
+    def run(limit_kib: int, *argv: str) -> tuple[int, int, str]:
+        out = tmp_path / "out.json"
+        with out.open("wb") as sink:
+            done = subprocess.run(
+                [sys.executable, "-c", _LIMITED, str(limit_kib), "--path", str(cache_path), *argv],
+                stdout=sink,
+                stderr=subprocess.PIPE,
+                env=env,
+                check=False,
+            )
+        err = done.stderr.decode()
+        peak = re.search(r"^peak (\d+)$", err, re.M)
+        return done.returncode, int(peak.group(1)) if peak else 0, out.read_text()
+
+    status, info_peak, _ = run(0, "info")
+    assert status == 0 and info_peak > 0
+    limit = info_peak + 64 * 1024
+    for argv in (["ls", "--json"], ["sql", "--json", "SELECT * FROM pipelines_v"]):
+        status, _, text = run(limit, *argv)
+        assert status == 0, f"{argv} failed under a {limit} KiB limit"
+        rows = json.loads(text)
+        assert len(rows) == 40_000 and len({row["entry_key"] for row in rows}) == 40_000

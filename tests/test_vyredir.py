@@ -13,7 +13,13 @@ from typing import Any
 import apsw
 import pytest
 
-from vyre_sqlcache import MAX_BLOB_BYTES, DeviceFingerprint, PipelineCache, PipelineCacheKey
+from vyre_sqlcache import (
+    MAX_BLOB_BYTES,
+    DeviceFingerprint,
+    PipelineCache,
+    PipelineCacheKey,
+    vyredir,
+)
 from vyre_sqlcache.errors import CacheError
 from vyre_sqlcache.vyredir import (
     DirEntry,
@@ -444,3 +450,61 @@ def test_import_writes_one_transaction_a_batch_not_a_file(
     monkeypatch.setattr("vyre_sqlcache.vyredir.IMPORT_BATCH_ENTRIES", 100)
     assert do_import(cache, tmp_path / "vyre").imported == 250
     assert batches == [100, 100, 50]
+
+
+def test_export_syncs_and_renames_in_batches_and_leaves_no_temporary_file(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    programs = make_vyre_tree(tmp_path / "vyre", fingerprint, 25)
+    do_import(cache, tmp_path / "vyre")
+    syncs: list[int] = []
+    renamed: list[int] = []  # files already renamed into place at each sync
+    out = tmp_path / "out"
+
+    def counting_sync(fd: int) -> None:
+        syncs.append(fd)
+        renamed.append(sum(1 for _ in out.rglob("*.bin")))
+
+    monkeypatch.setattr("vyre_sqlcache.vyredir.EXPORT_BATCH_ENTRIES", 10)
+    monkeypatch.setattr("vyre_sqlcache.vyredir.LIST_PAGE", 7)
+    if vyredir._SYNCFS is not None:
+        monkeypatch.setattr("vyre_sqlcache.vyredir._syncfs", counting_sync)
+    report = do_export(cache, out)
+    assert report.exported == len(programs) == 25
+    assert tree(out) == tree(tmp_path / "vyre")
+    assert not [p for p in out.rglob("*") if ".tmp." in p.name]
+    if vyredir._SYNCFS is not None:
+        # One sync a batch, and no file renamed into place before its batch's sync.
+        assert len(syncs) == 3 and renamed == [0, 10, 20]
+
+
+def test_a_failed_export_batch_leaves_whole_files_and_no_temporary_file(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_vyre_tree(tmp_path / "vyre", fingerprint, 25)
+    do_import(cache, tmp_path / "vyre")
+    source = tree(tmp_path / "vyre")
+    monkeypatch.setattr("vyre_sqlcache.vyredir.EXPORT_BATCH_ENTRIES", 10)
+    calls = 0
+    utime = os.utime
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 15:
+            raise OSError(28, "No space left on device")
+        utime(*args, **kwargs)
+
+    monkeypatch.setattr("vyre_sqlcache.vyredir.os.utime", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space"):
+        do_export(cache, out)
+    written = tree(out)
+    assert len(written) == 10  # the first batch, whole; none of the second
+    assert all(source[name] == value for name, value in written.items())

@@ -879,11 +879,27 @@ def list_entries(
     sort: str = "created",
     reverse: bool = False,
     limit: int | None = None,
+    after: tuple[int, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of `pipelines_v` that match, largest/newest first (`reverse`: the other way)."""
+    """Rows of `pipelines_v` that match, largest/newest first (`reverse`: the other way),
+    ties by entry key.
+
+    `after`: the (sort column, entry_key) of the last row of the previous page; only the
+    rows after it in this order are listed (keyset pagination: every sort column is NOT
+    NULL, and (column, entry_key) is unique).
+    """
     where, params = entry_filter.where()
+    column = ENTRY_SORTS[sort]
     order = "ASC" if reverse else "DESC"
-    sql = f"SELECT * FROM pipelines_v {where} ORDER BY {ENTRY_SORTS[sort]} {order}, entry_key"
+    if after is not None:
+        beyond = ">" if reverse else "<"
+        page = (
+            f"({column} {beyond} :after_value "
+            f"OR ({column} = :after_value AND entry_key > :after_key))"
+        )
+        where = f"{where} AND {page}" if where else f"WHERE {page}"
+        params["after_value"], params["after_key"] = after
+    sql = f"SELECT * FROM pipelines_v {where} ORDER BY {column} {order}, entry_key"
     if limit is not None:
         sql += " LIMIT :limit"
         params["limit"] = limit
@@ -946,6 +962,44 @@ def run_query(connection: apsw.Connection, sql: str) -> list[QueryResult]:
         cursor.close(True)
         connection.authorizer = previous
     return [result for result in results if result.columns]
+
+
+def iter_query(
+    connection: apsw.Connection, sql: str
+) -> Iterable[tuple[list[str], tuple[Any, ...]]]:
+    """Run `sql` (one or more statements) as `run_query` does, yielding `(columns, row)`
+    for each row as SQLite steps to it: nothing is collected.
+
+    The statement (and so a read transaction) stays open until the generator is exhausted
+    or closed; the caller gives it a connection of its own. Raises as `run_query`.
+    """
+    columns: list[str] = []
+
+    def before_each(cursor: apsw.Cursor, statement: str, bindings: Any) -> bool:
+        nonlocal columns
+        if not cursor.is_readonly:
+            raise WriteRefused(statement)
+        try:
+            columns = [name for name, _ in cursor.get_description()]
+        except apsw.ExecutionCompleteError:
+            columns = []
+        return True
+
+    def authorize(operation: int, *names: str | None) -> int:
+        if operation in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
+            raise WriteRefused(sql)
+        return apsw.SQLITE_OK
+
+    previous = connection.authorizer
+    connection.authorizer = authorize
+    cursor = connection.cursor()
+    cursor.exec_trace = before_each
+    try:
+        for row in cursor.execute(sql):
+            yield columns, tuple(row)
+    finally:
+        cursor.close(True)
+        connection.authorizer = previous
 
 
 def integrity_check(connection: apsw.Connection) -> list[str]:

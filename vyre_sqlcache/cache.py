@@ -1016,6 +1016,9 @@ class PipelineCache:
             return DEFAULT_MAX_BYTES
         return stored or None
 
+    #: Rows per page of `iter_entries`: each page is read in its own short transaction.
+    ENTRY_PAGE: Final[int] = 1000
+
     def entries(
         self,
         *,
@@ -1035,12 +1038,118 @@ class PipelineCache:
     ) -> list[dict[str, Any]]:
         """The entries that match every filter given, as rows of the `pipelines_v` view
         (hashes in lowercase hex), largest/newest first by `sort` (`reverse`: the other
-        way), at most `limit`. Counts no hit and changes nothing.
+        way; ties by entry key), at most `limit`. Counts no hit and changes nothing.
 
         `flags`: every bit must be set; `min_size`: blob bytes; `created_before_ms`:
         milliseconds since the epoch; `kind`: one of `ENTRY_KINDS`. Raises
-        TypeError/ValueError naming a bad argument.
+        TypeError/ValueError naming a bad argument. The whole list is in memory at once:
+        `iter_entries` lists a large cache page by page.
         """
+        entry_filter, limit = self._listing(
+            backend,
+            vendor,
+            device,
+            flags,
+            min_size,
+            created_before_ms,
+            key_version,
+            kind,
+            program_digests,
+            entry_keys,
+            sort,
+            limit,
+        )
+        return self._read(
+            "listing entries",
+            lambda c: _rows.list_entries(c, entry_filter, sort=sort, reverse=reverse, limit=limit),
+        )
+
+    def iter_entries(
+        self,
+        *,
+        backend: str | None = None,
+        vendor: int | None = None,
+        device: int | None = None,
+        flags: int = 0,
+        min_size: int | None = None,
+        created_before_ms: int | None = None,
+        key_version: int | None = None,
+        kind: str | None = None,
+        program_digests: Iterable[bytes | str] | None = None,
+        entry_keys: Iterable[bytes | str] | None = None,
+        sort: str = "created",
+        reverse: bool = False,
+        limit: int | None = None,
+        page: int = ENTRY_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """The rows of `entries()` with the same arguments, in the same order, read `page`
+        rows at a time: memory stays bounded however many entries there are.
+
+        Each page is read in its own short read transaction (keyset pagination on the
+        sort column and the entry key), so an iterator left unfinished holds no
+        transaction and no lock. An entry changed by another writer between two pages
+        may be listed in its old or its new place, twice or not at all; entries that do
+        not change are listed exactly once. Arguments are checked at the call, before
+        the first row is read.
+        """
+        entry_filter, limit = self._listing(
+            backend,
+            vendor,
+            device,
+            flags,
+            min_size,
+            created_before_ms,
+            key_version,
+            kind,
+            program_digests,
+            entry_keys,
+            sort,
+            limit,
+        )
+        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+            raise ValueError(f"page must be a whole number of rows above 0, got {page!r}")
+        column = _rows.ENTRY_SORTS[sort]
+
+        def pages() -> Iterator[dict[str, Any]]:
+            after: tuple[int, str] | None = None
+            left = limit
+            while left is None or left > 0:
+                size = page if left is None else min(page, left)
+
+                def read(
+                    c: apsw.Connection, size: int = size, after: tuple[int, str] | None = after
+                ) -> list[dict[str, Any]]:
+                    return _rows.list_entries(
+                        c, entry_filter, sort=sort, reverse=reverse, limit=size, after=after
+                    )
+
+                rows = self._read("listing entries", read)
+                yield from rows
+                if len(rows) < size:
+                    return
+                if left is not None:
+                    left -= len(rows)
+                last = rows[-1]
+                after = (int(last[column]), str(last["entry_key"]))
+
+        return pages()
+
+    def _listing(
+        self,
+        backend: str | None,
+        vendor: int | None,
+        device: int | None,
+        flags: int,
+        min_size: int | None,
+        created_before_ms: int | None,
+        key_version: int | None,
+        kind: str | None,
+        program_digests: Iterable[bytes | str] | None,
+        entry_keys: Iterable[bytes | str] | None,
+        sort: str,
+        limit: int | None,
+    ) -> tuple[_rows.EntryFilter, int | None]:
+        """The checked filter and limit of `entries()` and `iter_entries()`."""
         self._before_inspection()
         if sort not in _rows.ENTRY_SORTS:
             raise ValueError(f"sort must be one of {', '.join(_rows.ENTRY_SORTS)}, got {sort!r}")
@@ -1069,11 +1178,7 @@ class PipelineCache:
             program_digests=hexes("program_digests", program_digests),
             entry_keys=hexes("entry_keys", entry_keys),
         )
-        limit = self._int64("limit", limit, low=1)
-        return self._read(
-            "listing entries",
-            lambda c: _rows.list_entries(c, entry_filter, sort=sort, reverse=reverse, limit=limit),
-        )
+        return entry_filter, self._int64("limit", limit, low=1)
 
     def device_totals(self) -> list[dict[str, Any]]:
         """Entries, bytes, hits and last access per backend and device (rows of `stats_v`),
@@ -1122,6 +1227,57 @@ class PipelineCache:
                 raise translate(error, "the query", self._path) from error
             finally:
                 connection.set_progress_handler(None)
+
+    def iter_query(
+        self, sql: str, *, timeout: float | None = None
+    ) -> Iterator[tuple[list[str], tuple[Any, ...]]]:
+        """Run SQL that only reads, as `query` does, yielding `(columns, row)` for each row
+        of each statement as SQLite steps to it: a result of any size is never held in
+        memory.
+
+        The query runs on a connection of its own, in one read transaction (one snapshot)
+        that lasts until the iterator is exhausted or closed: close an iterator left
+        unfinished (`contextlib.closing`), since until then the write-ahead log cannot be
+        checkpointed past it. An iterator dropped unfinished is closed when it is freed.
+        `timeout` counts from the call to the end of the iteration. Bad arguments raise
+        at the call; a statement that would write raises ReadOnlyCacheError from the
+        first `next()`, before it runs.
+        """
+        self._before_inspection()
+        if not isinstance(sql, str):
+            raise TypeError(f"sql must be a str, got {type(sql).__name__}")
+        if timeout is not None and not (
+            isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds above 0, or None; got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def past_deadline() -> bool:
+            return deadline is not None and time.monotonic() > deadline
+
+        def rows() -> Iterator[tuple[list[str], tuple[Any, ...]]]:
+            connection = self._connect(False)
+            connection.set_progress_handler(past_deadline, 4096)
+            try:
+                yield from _rows.iter_query(connection, sql)
+            except _rows.WriteRefused as refused:
+                raise ReadOnlyCacheError(
+                    f"refused to run {refused.statement.strip()[:80]!r}: a query may only "
+                    "read the cache; nothing was run"
+                ) from None
+            except apsw.InterruptError as error:
+                if not past_deadline():
+                    raise translate(error, "the query", self._path) from error
+                raise CacheError(
+                    f"the query ran longer than its timeout of {timeout:g} s and was stopped"
+                ) from None
+            except apsw.Error as error:
+                raise translate(error, "the query", self._path) from error
+            finally:
+                with suppress(apsw.Error):
+                    connection.close()
+
+        return rows()
 
     def peek_entry(self, entry_key: bytes | str) -> bytes | None:
         """The blob of the entry with this entry key, or None if there is none, read

@@ -19,7 +19,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -181,6 +181,19 @@ def _json(value: Any) -> str:
     )
 
 
+def _json_array(items: Iterable[Any]) -> None:
+    """Print `items` as `_json(list(items))` would, one item at a time: the list is never
+    in memory. Nothing is printed before the first item is there, so an error raised
+    by it (a refused query, say) leaves standard output empty."""
+    out = sys.stdout
+    first = True
+    for item in items:
+        text = _json(item).replace("\n", "\n  ")
+        out.write(f"[\n  {text}" if first else f",\n  {text}")
+        first = False
+    out.write("[]\n" if first else "\n]\n")
+
+
 def _bytes(count: int | None) -> str:
     if count is None:
         return "none"
@@ -330,6 +343,9 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Rows per page of `ls --json` (each page is one short read of the cache).
+_JSON_PAGE = 2000
+
 _LS_COLUMNS = (
     ("entry key", "entry_key"),
     ("kind", "kind"),
@@ -346,13 +362,14 @@ _LS_COLUMNS = (
 
 
 def _ls(args: argparse.Namespace) -> int:
+    listing = {"sort": args.sort, "reverse": args.reverse, "limit": args.limit}
     with _opened(args) as cache:
-        rows = cache.entries(
-            **_filters(args), sort=args.sort, reverse=args.reverse, limit=args.limit
-        )
-    if args.json:
-        print(_json(rows))
-    elif rows:
+        if args.json:
+            # Page by page: memory stays bounded however many entries there are.
+            _json_array(cache.iter_entries(**_filters(args), **listing, page=_JSON_PAGE))
+            return 0
+        rows = cache.entries(**_filters(args), **listing)
+    if rows:
         print(_table([h for h, _ in _LS_COLUMNS], [[r[c] for _, c in _LS_COLUMNS] for r in rows]))
     return 0
 
@@ -491,15 +508,21 @@ def _invalidate(args: argparse.Namespace) -> int:
 def _sql(args: argparse.Namespace) -> int:
     with _opened(args) as cache:
         try:
+            if args.json:
+                # Row by row as SQLite steps: a result of any size is never in memory.
+                rows = cache.iter_query(args.query, timeout=args.timeout)
+                try:
+                    _json_array(dict(zip(names, row, strict=True)) for names, row in rows)
+                finally:
+                    if isinstance(rows, Generator):
+                        rows.close()  # its read transaction ends here, not when it is freed
+                return 0
             results = cache.query(args.query, timeout=args.timeout)
         except ReadOnlyCacheError as error:
             raise Failure(
                 f"{error}: 'sql' only reads the cache (use rm, invalidate, check --repair "
                 "or compact to change it)"
             ) from error
-    if args.json:
-        print(_json([dict(zip(r.columns, row, strict=True)) for r in results for row in r.rows]))
-        return 0
     print("\n\n".join(_table(r.columns, r.rows) for r in results))
     return 0
 

@@ -17,11 +17,13 @@ may be a link.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -56,6 +58,12 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 #: Entries are imported in transactions of up to this many blob bytes (and entries).
 IMPORT_BATCH_BYTES = 64 * 1024 * 1024
 IMPORT_BATCH_ENTRIES = 1000
+#: Entries are exported in batches of up to this many blob bytes (and entries): each
+#: batch's files are written, synced together, then renamed into place.
+EXPORT_BATCH_BYTES = 64 * 1024 * 1024
+EXPORT_BATCH_ENTRIES = 2000
+#: Rows per page when listing the cache's entries.
+LIST_PAGE = 2000
 
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 Note = Callable[[str], None]
@@ -251,11 +259,12 @@ class ImportReport:
 
 
 def _known(cache: PipelineCache) -> dict[bytes, tuple[int, int]]:
-    """(blob size, created ms) of every entry without key columns, by entry key."""
+    """(blob size, created ms) of every entry without key columns, by entry key (listed
+    page by page: only these two numbers of each entry are kept)."""
     return {
         bytes.fromhex(row["entry_key"]): (int(row["blob_size"]), int(row["created_ms"]))
         for kind in ("imported", "program")
-        for row in cache.entries(kind=kind)
+        for row in cache.iter_entries(kind=kind, page=LIST_PAGE)
     }
 
 
@@ -302,6 +311,7 @@ def import_dir(
         batch.clear()
         batch_bytes = 0
 
+    evictions = cache.stats().total_evictions  # unchanged at the end: none evicted
     with _tree(root) as tree:
         files, report.skipped = tree.scan(note)
         known = _known(cache)
@@ -326,8 +336,9 @@ def import_dir(
     report.imported = len(stored)
     if stored:
         cache.flush()
-        present = cache.entries(entry_keys=stored)
-        report.evicted = report.imported - len(present)
+        if cache.stats().total_evictions != evictions:
+            present = sum(1 for _ in cache.iter_entries(entry_keys=stored, page=LIST_PAGE))
+            report.evicted = report.imported - present
     return report
 
 
@@ -373,6 +384,85 @@ def _sync(fd: int) -> None:
         os.fsync(fd)
 
 
+def _syncfs_call() -> Callable[[int], int] | None:
+    """Linux's syncfs(2) (every file of one file system to storage, in one call), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNCFS = _syncfs_call()
+
+
+def _syncfs(fd: int) -> None:
+    """Write every file of the file system holding `fd` to storage; raise OSError."""
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"syncing the export folder: {os.strerror(code)}")
+
+
+class _Batch:
+    """Files of one export batch: written to temporary names, synced, then renamed.
+
+    With syncfs (Linux) the batch's files are written without a sync each, the file
+    system is synced once, then every file is renamed into place; elsewhere each file is
+    synced before it is closed, as `write_atomic` does. Either way a name `<hex>.bin`
+    only ever points at bytes already on storage: a crash leaves whole entry files, or
+    temporary files (`<hex>.bin.tmp.<pid>.<n>`, which vyre and `import_dir` ignore).
+    """
+
+    def __init__(self, top: int) -> None:
+        self._top = top
+        self._pending: list[tuple[int, str, str]] = []  # (folder, temporary, name)
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, folder: int, name: str, data: bytes, mtime_ms: int) -> None:
+        temporary = f"{name}.tmp.{os.getpid()}.{next(_counter)}"
+        fd = os.open(temporary, _WRITE_FLAGS, 0o666, dir_fd=folder)
+        self._pending.append((folder, temporary, name))
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if _SYNCFS is None:
+                os.fsync(fd)
+            ns = mtime_ms * 1_000_000
+            os.utime(fd, ns=(ns, ns))
+        finally:
+            os.close(fd)
+        self.bytes += len(data)
+
+    def commit(self) -> None:
+        """Sync the batch's files, then rename each into place."""
+        if not self._pending:
+            return
+        if _SYNCFS is not None:
+            _syncfs(self._top)
+        while self._pending:
+            folder, temporary, name = self._pending[-1]
+            os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+            self._pending.pop()
+        self.bytes = 0
+
+    def discard(self) -> None:
+        """Remove the temporary files not renamed (after an error)."""
+        for folder, temporary, _ in self._pending:
+            with suppress(OSError):
+                os.unlink(temporary, dir_fd=folder)
+        self._pending.clear()
+        self.bytes = 0
+
+
 @dataclass
 class ExportReport:
     """What `export_dir` did: `damaged` lists hex keys whose bytes failed their checksum;
@@ -390,19 +480,29 @@ def export_dir(
 ) -> ExportReport:
     """Write every entry a vyre build can look up (those without key columns) under `root`.
 
-    Reads with `peek_entry`, so nothing in the cache changes (no hits, no access times).
-    Bytes that fail their checksum are not written; they are listed in the report.
-    Entries stored by `PipelineCacheKey` are counted, not written: vyre's directory cache
-    never looks them up. A folder of the tree that is a symbolic link (or not a folder)
-    is refused: nothing is written into it. Raises OSError if `root` cannot be written.
+    Lists the cache page by page and reads with `peek_entry`, so memory stays bounded and
+    nothing in the cache changes (no hits, no access times). Bytes that fail their
+    checksum are not written; they are listed in the report. Entries stored by
+    `PipelineCacheKey` are counted, not written: vyre's directory cache never looks them
+    up. A folder of the tree that is a symbolic link (or not a folder) is refused:
+    nothing is written into it. Raises OSError if `root` cannot be written.
+
+    Files are written in batches (`EXPORT_BATCH_ENTRIES`, `EXPORT_BATCH_BYTES`), each
+    file to a temporary name first; a batch is synced to storage together, then renamed
+    into place, and every folder is synced once at the end (see `_Batch`). A crash at any
+    point leaves only whole entry files and temporary files; after a crash before the
+    end, some renames may not have reached storage, so entries may be missing (export
+    again), never cut short.
     """
     report = ExportReport()
-    rows = sorted(cache.entries(), key=lambda row: str(row["entry_key"]))
+    # By last access: the pages come from an index, with no sort of the whole table.
+    rows = cache.iter_entries(sort="accessed", page=LIST_PAGE)
     root.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         stack.callback(os.close, top)
         folders: dict[str, int | None] = {}
+        batch = _Batch(top)
 
         def folder_of(name: str) -> int | None:
             if name not in folders:
@@ -419,25 +519,32 @@ def export_dir(
                     folders[name] = fd
             return folders[name]
 
-        for row in progress(rows, len(rows), "exporting"):
-            if row["kind"] == "keyed":
-                report.keyed += 1
-                continue
-            key = str(row["entry_key"])
-            try:
-                data = cache.peek_entry(key)
-            except CorruptCacheError:
-                report.damaged.append(key)
-                continue
-            if data is None:
-                continue  # deleted since the list was made
-            folder = folder_of(key[:2])
-            if folder is None:
-                where = str(root / key[:2])
-                report.refused[where] = report.refused.get(where, 0) + 1
-                continue
-            _write_at(folder, f"{key}.bin", data, int(row["created_ms"]))
-            report.exported += 1
+        try:
+            for row in progress(rows, len(cache), "exporting"):
+                if row["kind"] == "keyed":
+                    report.keyed += 1
+                    continue
+                key = str(row["entry_key"])
+                try:
+                    data = cache.peek_entry(key)
+                except CorruptCacheError:
+                    report.damaged.append(key)
+                    continue
+                if data is None:
+                    continue  # deleted since the page was listed
+                folder = folder_of(key[:2])
+                if folder is None:
+                    where = str(root / key[:2])
+                    report.refused[where] = report.refused.get(where, 0) + 1
+                    continue
+                batch.add(folder, f"{key}.bin", data, int(row["created_ms"]))
+                report.exported += 1
+                if len(batch) >= EXPORT_BATCH_ENTRIES or batch.bytes >= EXPORT_BATCH_BYTES:
+                    batch.commit()
+            batch.commit()
+        except BaseException:
+            batch.discard()
+            raise
         for fd in folders.values():
             if fd is not None:
                 _sync(fd)
