@@ -236,3 +236,40 @@ def test_a_blob_that_cannot_fit_raises_cache_full_and_the_cache_stays_usable(
         cache.write(os.urandom(32), fingerprint, b"small still fits")
     with PipelineCache.open(cache_path) as cache:
         assert cache.stats().entries >= 1
+
+
+def test_a_misdirected_write_over_the_header_is_healed(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # Another page's bytes over page 1 decode as UTF-8 (NULs and control bytes): a
+    # damaged cache, not a text document.
+    populate(cache_path, fingerprint, count=50)
+    data = cache_path.read_bytes()
+    page = int.from_bytes(data[16:18], "big")
+    leaf = b"\x0d\x00\x00\x00\x01\x3f\xf0\x00"  # a b-tree leaf's header: ASCII bytes
+    cache_path.write_bytes(leaf + bytes(page - len(leaf)) + data[page:])
+    with PipelineCache.open(cache_path) as cache:
+        assert len(cache) == 0
+    assert len(aside(cache_path)) == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "INSERT INTO meta (name, value) VALUES (CAST(X'ff00fe41' AS TEXT), 1)",
+        "UPDATE blobs SET checksum_algo = CAST(X'c3ff' AS TEXT)",
+    ],
+    ids=["meta-name", "checksum-algo"],
+)
+def test_text_damaged_into_invalid_utf8_is_a_miss_not_an_exception(
+    cache_path: Path, fingerprint: DeviceFingerprint, damage: str
+) -> None:
+    digests = populate(cache_path, fingerprint, count=5)
+    raw = apsw.Connection(str(cache_path))
+    raw.pragma("ignore_check_constraints", True)
+    raw.execute(damage)
+    raw.close()
+    with PipelineCache.open(cache_path) as cache:
+        assert cache.stats().entries in (0, 5)
+        for digest in digests:
+            assert cache.read(digest, fingerprint) in (None, blob_of(digest))

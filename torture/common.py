@@ -146,7 +146,11 @@ def check_file(path: Path, blob_ok: Callable[[bytes, bytes], bool] | None = None
         found.integrity = [str(row[0]) for row in connection.execute("PRAGMA integrity_check")]
         if not found.sound:
             return found
-        meta = {str(n): int(v) for n, v in connection.execute("SELECT name, value FROM meta")}
+        # A damaged name may not be UTF-8: read it as bytes.
+        meta = {
+            bytes(n).decode("utf-8", "replace"): int(v)
+            for n, v in connection.execute("SELECT CAST(name AS BLOB), value FROM meta")
+        }
         count, sizes = connection.execute(
             "SELECT count(*), coalesce(sum(blob_size), 0) FROM entries"
         ).fetchone() or (0, 0)

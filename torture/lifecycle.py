@@ -255,6 +255,8 @@ def interrupt_trial(path: Path, seconds: float, seed: int) -> int:
     many interrupts were caught. Raises if a call fails other than by the interrupt."""
     rng = random.Random(seed)
     acks = Path(str(path) + ".acks")
+    # A process started in the background inherits SIGINT ignored: the trial wants it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cache = PipelineCache.open(path, max_bytes=None)
     caught = 0
     stop = threading.Event()

@@ -143,11 +143,21 @@ def looks_like_damaged_pages(path: Path) -> bool:
         return True
     if head.startswith(_DOCUMENT_MAGIC):
         return False
+    return size % 512 == 0 and not _is_text(head)
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether bytes read as text: UTF-8 without control characters other than spacing (a
+    b-tree page copied over the header decodes as UTF-8 but is full of NULs and controls)."""
     try:
-        head.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return size % 512 == 0
-    return False
+        # The 100 bytes may end inside a character.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return all(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
 
 
 def has_side_files(path: Path) -> bool:

@@ -64,9 +64,12 @@ EVICTION_SLACK = 0.05
 log = logging.getLogger("vyre_sqlcache")
 
 # One statement a read-hit; a large blob is left out of the row.
+# Text read back from a file may be damaged into invalid UTF-8: it is read as bytes and
+# decoded leniently (a mangled algorithm name then fails the checksum like any damage).
 _SELECT_BLOB = (
-    "SELECT checksum_algo, checksum, "
-    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, codec, dict_id, raw_size "
+    "SELECT CAST(checksum_algo AS BLOB), checksum, "
+    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, CAST(codec AS BLOB), "
+    "dict_id, raw_size "
     "FROM blobs WHERE id = ?"
 )
 
@@ -200,6 +203,11 @@ class Fetched:
     dictionary: tuple[str, int] | None = None
 
 
+def _text(value: object) -> str:
+    """A text column read as bytes, decoded leniently (damage gives a name nothing knows)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 # -- reading ---------------------------------------------------------------------------
 
 
@@ -214,7 +222,9 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
     rows = cursor.execute(_SELECT_BLOB, (rowid,)).fetchall()
     if not rows:
         return None
-    algo, checksum, data, codec, dict_id, raw_size = rows[0]
+    raw_algo, checksum, data, raw_codec, dict_id, raw_size = rows[0]
+    algo = _text(raw_algo)
+    codec = None if raw_codec is None else _text(raw_codec)
     if data is None:
         # The blob may be replaced between the select and this read: a checksum that
         # then fails is looked at again before anything is dropped.
@@ -300,8 +310,11 @@ def owner(connection: apsw.Connection, entry_key: bytes) -> bytes | None:
 
 def totals(connection: apsw.Connection) -> dict[str, int]:
     """The cache-wide totals and counters kept in `meta`."""
-    rows = connection.execute("SELECT name, value FROM meta").fetchall()
-    return {str(name): int(value) for name, value in rows}  # type: ignore[arg-type]
+    rows = connection.execute(
+        "SELECT CAST(name AS BLOB), CASE typeof(value) WHEN 'integer' THEN value END FROM meta"
+    ).fetchall()
+    # A damaged row may hold anything: only integers count (a missing total reads as 0).
+    return {_text(name): value for name, value in rows if isinstance(value, int)}
 
 
 def blob_bytes(connection: apsw.Connection) -> int:
@@ -526,15 +539,16 @@ def load_dictionary(connection: apsw.Connection, dict_id: int) -> Dictionary:
     if cached is not None:
         return cached
     rows = connection.execute(
-        "SELECT checksum_algo, checksum, data FROM dictionaries WHERE id = ?", (dict_id,)
+        "SELECT CAST(checksum_algo AS BLOB), checksum, data FROM dictionaries WHERE id = ?",
+        (dict_id,),
     ).fetchall()
     if not rows:
         raise _codec.DecodeError(f"dictionary {dict_id} is missing")
-    algo, checksum, data = rows[0]
+    raw_algo, checksum, data = rows[0]
     if not (
         isinstance(data, bytes)
         and isinstance(checksum, bytes)
-        and _checksums.matches(str(algo), checksum, _DICTIONARY_KEY, data)
+        and _checksums.matches(_text(raw_algo), checksum, _DICTIONARY_KEY, data)
     ):
         raise _codec.DecodeError(f"dictionary {dict_id} fails its checksum")
     dictionary = Dictionary(dict_id, data, checksum)
