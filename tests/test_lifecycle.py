@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from torture.lifecycle import FORK_VARIANTS, ROOT, check_acks, run_fork_trials
+from torture.lifecycle import FORK_VARIANTS, run_fork_trials, run_interrupt_trials
 from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
 
 from .helpers import open_connections
@@ -26,26 +23,6 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork and signal
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def writer_in_another_process(path: Path, seconds: float) -> subprocess.Popen[str]:
-    """A process that writes and flushes for `seconds`, then prints its slowest call."""
-    code = f"""
-import json, os, time
-from vyre_sqlcache import DeviceFingerprint, PipelineCache
-fp = DeviceFingerprint.from_parts(1, 2, "other process")
-worst = 0.0
-with PipelineCache.open({str(path)!r}, max_bytes=None) as cache:
-    end = time.monotonic() + {seconds}
-    while time.monotonic() < end:
-        start = time.monotonic()
-        cache.write(os.urandom(32), fp, b"x" * 1000)
-        cache.flush()
-        worst = max(worst, time.monotonic() - start)
-        time.sleep(0.01)
-print(json.dumps({{"worst": worst}}))
-"""
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
 # -- fork --------------------------------------------------------------------------------
@@ -104,26 +81,14 @@ def test_a_forked_child_can_open_the_cache_afresh(
 
 
 def test_thousands_of_interrupts_leave_no_lock_and_lose_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "cache.sqlite3"
-    PipelineCache.open(path).close()
-    other = writer_in_another_process(path, 6)
-    trial = subprocess.run(
-        [sys.executable, "-m", "torture.lifecycle", "interrupt", str(path), "5", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert trial.returncode == 0, trial.stderr[-2000:]
-    caught = json.loads(trial.stdout)["caught"]
-    assert caught > 300
-    out, _ = other.communicate(timeout=120)
-    assert other.returncode == 0
+    # SIGINT every 0-2 ms for 5 s while another process writes and flushes throughout.
+    report = run_interrupt_trials(tmp_path, trials=1, seconds=5, seed=3)
+    assert report.errors == [] and report.hangs == 0
+    assert report.caught > 300
+    assert report.checked > 100
+    assert (report.lost, report.wrong, report.not_ok) == (0, 0, 0)
     # The other process's writes never waited out a lock the interrupted one kept.
-    assert json.loads(out)["worst"] < 2.0
-    checked, lost, wrong, ok = check_acks(path)
-    assert checked > 100
-    assert (lost, wrong, ok) == (0, 0, True)
+    assert report.slowest_other_write_s < 2.0
 
 
 def raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
