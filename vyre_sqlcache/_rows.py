@@ -339,6 +339,8 @@ def totals_value(connection: apsw.Connection, name: str) -> int:
 # -- settings kept in the file -----------------------------------------------------------
 
 _SETTING_PREFIX = "setting:"
+#: The file's size cap is kept as this setting (0: no cap).
+CAP_SETTING = "max_bytes"
 
 
 def setting(connection: apsw.Connection, name: str) -> int | None:

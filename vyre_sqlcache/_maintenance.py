@@ -1,0 +1,576 @@
+"""Inspection and maintenance of a cache, for the command line and for people: listing
+entries, read-only SQL, checking and rebuilding a damaged file, compacting.
+
+`CacheMaintenance` is a part of `PipelineCache` kept in its own module: the
+everyday path (open, write, read, flush, close) stays in `cache.py`. On a cache
+opened with readonly=True these methods read without writing anything: no
+migration, no hits or access times, no marker files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import apsw
+
+from . import _codec, _rows
+from ._cachefile import move_aside, needs_check_marker
+from ._checkpointer import compact_shortfall
+from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate
+from ._writer import WriteBehind
+from .config import DEFAULT_MAX_BYTES
+from .errors import CacheError, CacheFullError, CorruptCacheError, ReadOnlyCacheError
+from .keys import check_u32, coerce_digest
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+__all__ = ["CacheMaintenance"]
+
+log = logging.getLogger("vyre_sqlcache")
+T = TypeVar("T")
+
+
+class CacheMaintenance:
+    """The inspection and maintenance methods of `PipelineCache` (see there)."""
+
+    if TYPE_CHECKING:
+        _path: Path
+        _readonly: bool
+        _pool: ConnectionPool
+        _writer: WriteBehind
+        _file: Any
+
+        @property
+        def disabled(self) -> bool: ...
+
+        def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int: ...
+
+        def _read(self, what: str, run: Callable[[apsw.Connection], T]) -> T: ...
+
+        def _call(self) -> AbstractContextManager[Slot]: ...
+
+        @staticmethod
+        def _truncate_log(connection: apsw.Connection) -> None: ...
+
+        def _connect(self, mmap: bool) -> apsw.Connection: ...
+
+    # -- inspection and maintenance (used by the command line) --------------------------
+    #
+    # On a cache opened with readonly=True these read without writing anything: no
+    # migration, no hits or access times, no marker files.
+
+    #: The `sort` names of `entries()`: largest, newest, most recently used, most hit.
+    ENTRY_SORTS: Final[tuple[str, ...]] = tuple(_rows.ENTRY_SORTS)
+    #: The `kind` names of `entries()`: stored by PipelineCacheKey, by program digest
+    #: (`write`), or by bare entry key (`put_entry`, a vyre directory import).
+    ENTRY_KINDS: Final[tuple[str, ...]] = _rows.ENTRY_KINDS
+
+    @staticmethod
+    def sqlite_version() -> str:
+        """The version of the SQLite library the cache runs on."""
+        return str(apsw.sqlite_lib_version())
+
+    def schema_version(self) -> int:
+        """The schema version of the file (`PRAGMA user_version`)."""
+        from ._schema import schema_version
+
+        self._before_inspection()
+        return self._read("reading the schema version", schema_version)
+
+    def file_max_bytes(self) -> int | None:
+        """The size cap kept in the file, which every process that sets none of its own
+        applies (the default where none was ever stored; None: no cap). `max_bytes` is the
+        cap this object applies, which an argument or the environment may override."""
+        self._before_inspection()
+        stored = self._read("reading the size cap", lambda c: _rows.setting(c, _rows.CAP_SETTING))
+        if stored is None:
+            return DEFAULT_MAX_BYTES
+        return stored or None
+
+    #: Rows per page of `iter_entries`: each page is read in its own short transaction.
+    ENTRY_PAGE: Final[int] = 1000
+
+    def entries(
+        self,
+        *,
+        backend: str | None = None,
+        vendor: int | None = None,
+        device: int | None = None,
+        flags: int = 0,
+        min_size: int | None = None,
+        created_before_ms: int | None = None,
+        key_version: int | None = None,
+        kind: str | None = None,
+        program_digests: Iterable[bytes | str] | None = None,
+        entry_keys: Iterable[bytes | str] | None = None,
+        sort: str = "created",
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The entries that match every filter given, as rows of the `pipelines_v` view
+        (hashes in lowercase hex), largest/newest first by `sort` (`reverse`: the other
+        way; ties by entry key), at most `limit`. Counts no hit and changes nothing.
+
+        `flags`: every bit must be set; `min_size`: blob bytes; `created_before_ms`:
+        milliseconds since the epoch; `kind`: one of `ENTRY_KINDS`. Raises
+        TypeError/ValueError naming a bad argument. The whole list is in memory at once:
+        `iter_entries` lists a large cache page by page.
+        """
+        entry_filter, limit = self._listing(
+            backend,
+            vendor,
+            device,
+            flags,
+            min_size,
+            created_before_ms,
+            key_version,
+            kind,
+            program_digests,
+            entry_keys,
+            sort,
+            limit,
+        )
+        return self._read(
+            "listing entries",
+            lambda c: _rows.list_entries(c, entry_filter, sort=sort, reverse=reverse, limit=limit),
+        )
+
+    def iter_entries(
+        self,
+        *,
+        backend: str | None = None,
+        vendor: int | None = None,
+        device: int | None = None,
+        flags: int = 0,
+        min_size: int | None = None,
+        created_before_ms: int | None = None,
+        key_version: int | None = None,
+        kind: str | None = None,
+        program_digests: Iterable[bytes | str] | None = None,
+        entry_keys: Iterable[bytes | str] | None = None,
+        sort: str = "created",
+        reverse: bool = False,
+        limit: int | None = None,
+        page: int = ENTRY_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """The rows of `entries()` with the same arguments, in the same order, read `page`
+        rows at a time: memory stays bounded however many entries there are.
+
+        Each page is read in its own short read transaction (keyset pagination on the
+        sort column and the entry key), so an iterator left unfinished holds no
+        transaction and no lock. An entry changed by another writer between two pages
+        may be listed in its old or its new place, twice or not at all; entries that do
+        not change are listed exactly once. Arguments are checked at the call, before
+        the first row is read.
+        """
+        entry_filter, limit = self._listing(
+            backend,
+            vendor,
+            device,
+            flags,
+            min_size,
+            created_before_ms,
+            key_version,
+            kind,
+            program_digests,
+            entry_keys,
+            sort,
+            limit,
+        )
+        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+            raise ValueError(f"page must be a whole number of rows above 0, got {page!r}")
+        column = _rows.ENTRY_SORTS[sort]
+
+        def pages() -> Iterator[dict[str, Any]]:
+            after: tuple[int, str] | None = None
+            left = limit
+            while left is None or left > 0:
+                size = page if left is None else min(page, left)
+
+                def read(
+                    c: apsw.Connection, size: int = size, after: tuple[int, str] | None = after
+                ) -> list[dict[str, Any]]:
+                    return _rows.list_entries(
+                        c, entry_filter, sort=sort, reverse=reverse, limit=size, after=after
+                    )
+
+                rows = self._read("listing entries", read)
+                yield from rows
+                if len(rows) < size:
+                    return
+                if left is not None:
+                    left -= len(rows)
+                last = rows[-1]
+                after = (int(last[column]), str(last["entry_key"]))
+
+        return pages()
+
+    def _listing(
+        self,
+        backend: str | None,
+        vendor: int | None,
+        device: int | None,
+        flags: int,
+        min_size: int | None,
+        created_before_ms: int | None,
+        key_version: int | None,
+        kind: str | None,
+        program_digests: Iterable[bytes | str] | None,
+        entry_keys: Iterable[bytes | str] | None,
+        sort: str,
+        limit: int | None,
+    ) -> tuple[_rows.EntryFilter, int | None]:
+        """The checked filter and limit of `entries()` and `iter_entries()`."""
+        self._before_inspection()
+        if sort not in _rows.ENTRY_SORTS:
+            raise ValueError(f"sort must be one of {', '.join(_rows.ENTRY_SORTS)}, got {sort!r}")
+        if kind is not None and kind not in _rows.ENTRY_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_rows.ENTRY_KINDS)}, got {kind!r}")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+
+        def u32(name: str, value: int | None) -> int | None:
+            return None if value is None else check_u32(name, value)
+
+        def hexes(name: str, values: Iterable[bytes | str] | None) -> tuple[str, ...] | None:
+            if values is None:
+                return None
+            return tuple(coerce_digest(f"{name}[{i}]", v).hex() for i, v in enumerate(values))
+
+        entry_filter = _rows.EntryFilter(
+            backend=backend,
+            vendor=u32("vendor", vendor),
+            device=u32("device", device),
+            flags=check_u32("flags", flags),
+            min_size=self._int64("min_size", min_size, low=0),
+            created_before_ms=self._int64("created_before_ms", created_before_ms),
+            key_version=u32("key_version", key_version),
+            kind=kind,
+            program_digests=hexes("program_digests", program_digests),
+            entry_keys=hexes("entry_keys", entry_keys),
+        )
+        return entry_filter, self._int64("limit", limit, low=1)
+
+    def device_totals(self) -> list[dict[str, Any]]:
+        """Entries, bytes, hits and last access per backend and device (rows of `stats_v`),
+        most bytes first."""
+        self._before_inspection()
+        return self._read("reading totals", _rows.device_totals)
+
+    def query(self, sql: str, *, timeout: float | None = None) -> list[_rows.QueryResult]:
+        """Run SQL that only reads (one or more statements; the views `pipelines_v` and
+        `stats_v` are there for it); return the rows of each statement that has columns.
+
+        A statement that would write raises ReadOnlyCacheError before it runs. The query
+        stops with CacheError after `timeout` seconds, and with KeyboardInterrupt on
+        Ctrl-C. SQL that SQLite rejects raises CacheError.
+        """
+        self._before_inspection()
+        if not isinstance(sql, str):
+            raise TypeError(f"sql must be a str, got {type(sql).__name__}")
+        if timeout is not None and not (
+            isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds above 0, or None; got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def past_deadline() -> bool:
+            # Called every few thousand SQLite steps: it also lets Python deliver Ctrl-C.
+            return deadline is not None and time.monotonic() > deadline
+
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            connection.set_progress_handler(past_deadline, 4096)
+            try:
+                return _rows.run_query(connection, sql)
+            except _rows.WriteRefused as refused:
+                raise ReadOnlyCacheError(
+                    f"refused to run {refused.statement.strip()[:80]!r}: a query may only "
+                    "read the cache; nothing was run"
+                ) from None
+            except apsw.InterruptError as error:
+                if not past_deadline():
+                    raise translate(error, "the query", self._path) from error
+                raise CacheError(
+                    f"the query ran longer than its timeout of {timeout:g} s and was stopped"
+                ) from None
+            except apsw.Error as error:
+                raise translate(error, "the query", self._path) from error
+            finally:
+                connection.set_progress_handler(None)
+
+    def iter_query(
+        self, sql: str, *, timeout: float | None = None
+    ) -> Iterator[tuple[list[str], tuple[Any, ...]]]:
+        """Run SQL that only reads, as `query` does, yielding `(columns, row)` for each row
+        of each statement as SQLite steps to it: a result of any size is never held in
+        memory.
+
+        The query runs on a connection of its own, in one read transaction (one snapshot)
+        that lasts until the iterator is exhausted or closed: close an iterator left
+        unfinished (`contextlib.closing`), since until then the write-ahead log cannot be
+        checkpointed past it. An iterator dropped unfinished is closed when it is freed.
+        `timeout` counts from the call to the end of the iteration. Bad arguments raise
+        at the call; a statement that would write raises ReadOnlyCacheError from the
+        first `next()`, before it runs.
+        """
+        self._before_inspection()
+        if not isinstance(sql, str):
+            raise TypeError(f"sql must be a str, got {type(sql).__name__}")
+        if timeout is not None and not (
+            isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds above 0, or None; got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def past_deadline() -> bool:
+            return deadline is not None and time.monotonic() > deadline
+
+        def rows() -> Iterator[tuple[list[str], tuple[Any, ...]]]:
+            connection = self._connect(False)
+            connection.set_progress_handler(past_deadline, 4096)
+            try:
+                yield from _rows.iter_query(connection, sql)
+            except _rows.WriteRefused as refused:
+                raise ReadOnlyCacheError(
+                    f"refused to run {refused.statement.strip()[:80]!r}: a query may only "
+                    "read the cache; nothing was run"
+                ) from None
+            except apsw.InterruptError as error:
+                if not past_deadline():
+                    raise translate(error, "the query", self._path) from error
+                raise CacheError(
+                    f"the query ran longer than its timeout of {timeout:g} s and was stopped"
+                ) from None
+            except apsw.Error as error:
+                raise translate(error, "the query", self._path) from error
+            finally:
+                with suppress(apsw.Error):
+                    connection.close()
+
+        return rows()
+
+    def peek_entry(self, entry_key: bytes | str) -> bytes | None:
+        """The blob of the entry with this entry key, or None if there is none, read
+        without counting a hit or changing anything.
+
+        Raises CorruptCacheError if its bytes fail their checksum (the entry is left as
+        it is), CacheError types if it cannot be read.
+        """
+        self._before_inspection()
+        key = coerce_digest("entry_key", entry_key)
+        with self._call() as slot:
+            try:
+                fetched = _rows.fetch(self._pool.cursor(slot), lambda: self._pool.large(slot), key)
+                if fetched is None or _rows.verify(key, fetched):
+                    return None if fetched is None else fetched.data
+                if _rows.owner(self._pool.main(slot), key) != key:
+                    return None  # the row belongs to another key sharing its row id
+            except apsw.Error as error:
+                raise translate(error, f"reading entry {key.hex()}", self._path) from error
+        raise CorruptCacheError(
+            f"entry {key.hex()} in {self._path} fails its {fetched.algo} checksum; "
+            "'vyre-sqlcache check --repair' (or check(repair=True)) drops it"
+        )
+
+    def check(
+        self,
+        *,
+        repair: bool = False,
+        progress: Callable[[list[int]], Iterable[int]] | None = None,
+    ) -> _rows.CheckReport:
+        """SQLite's `integrity_check`, then every entry's checksum; changes nothing unless
+        `repair`.
+
+        With `repair`, a sound file loses its bad entries; a damaged file is rebuilt from
+        its readable entries whose checksums hold (copied into a new file, which is then
+        written over this one through SQLite, so processes using the cache go on safely).
+        `progress(row_ids)` may wrap the loop over entries (a progress bar). Raises
+        ReadOnlyCacheError for `repair` on a read-only cache.
+        """
+        self._before_inspection()
+        if repair and self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; repairing it needs write access"
+            )
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            integrity = tuple(_rows.integrity_check(connection))
+            try:
+                ids, complete = _rows.readable_ids(connection)
+            except apsw.Error as error:
+                raise translate(error, "listing entries", self._path) from error
+            rescue = None
+            if repair and (integrity != ("ok",) or not complete):
+                rescue = self._rescue_start(connection)
+            damaged: list[str] = []
+            missing: list[str] = []
+            checked = unreadable = kept = 0
+            try:
+                for rowid in ids if progress is None else progress(ids):
+                    try:
+                        with transaction(connection, "DEFERRED"):
+                            raw = _rows.raw_entry(connection, rowid)
+                    except apsw.Error:
+                        checked += 1
+                        unreadable += 1
+                        continue
+                    except _codec.Unavailable as error:
+                        raise CacheError(
+                            f"{self._path} holds zstd-compressed entries; checking them needs "
+                            "the zstandard package: pip install 'vyre-sqlcache[zstd]'"
+                        ) from error
+                    if raw is None:
+                        continue  # a blob without its entry, or deleted since the scan
+                    checked += 1
+                    sound = raw.sound()
+                    if sound is None:
+                        missing.append(raw.entry_key.hex())
+                    elif not sound:
+                        damaged.append(raw.entry_key.hex())
+                    elif rescue is not None:
+                        try:
+                            _rows.insert_raw(rescue[1], raw)
+                            kept += 1
+                        except apsw.ConstraintError:
+                            unreadable += 1
+                if rescue is not None:
+                    after = self._rescue_finish(slot, *rescue)
+                    return _rows.CheckReport(
+                        integrity,
+                        checked,
+                        tuple(damaged),
+                        tuple(missing),
+                        unreadable,
+                        rebuilt=True,
+                        kept=kept,
+                        integrity_after=after,
+                    )
+            finally:
+                if rescue is not None:
+                    self._rescue_discard(*rescue)
+        dropped = self.delete_entries(damaged + missing) if repair else 0
+        return _rows.CheckReport(
+            integrity, checked, tuple(damaged), tuple(missing), unreadable, dropped
+        )
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the file without free pages (VACUUM) and truncate its write-ahead log;
+        return the bytes the cache took on disk before and after. Raises
+        ReadOnlyCacheError on a read-only cache, CacheError types if it fails."""
+        self._before_inspection()
+        if self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; compacting it needs write access"
+            )
+        before = self._file.file_bytes()
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            try:
+                self._truncate_log(connection)  # its space counts as free for the VACUUM
+                shortfall = compact_shortfall(connection)
+                if shortfall is not None:
+                    raise CacheFullError(f"compacting {self._path}: {shortfall}")
+                retry_busy(lambda: connection.execute("VACUUM"))
+                connection.pragma("wal_checkpoint", "TRUNCATE")
+            except apsw.Error as error:
+                self._truncate_log(connection)  # a failed VACUUM's log would keep the disk
+                raise translate(error, "compacting", self._path) from error
+        return before, self._file.file_bytes()
+
+    def _before_inspection(self) -> None:
+        """Refuse a disabled cache; commit this object's queued writes, so that what it
+        looks at includes every write it made."""
+        if self.disabled:
+            raise CacheError(
+                "the cache is disabled by VYRE_SQLCACHE_DISABLE; unset it to look into the file"
+            )
+        if len(self._writer) and not self._readonly:
+            self._writer.commit()
+
+    @staticmethod
+    def _int64(name: str, value: int | None, low: int = -(2**63)) -> int | None:
+        """`value` if it is None or an int from `low` to 2**63-1; else TypeError/ValueError."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        if not low <= value < 2**63:
+            raise ValueError(f"{name} must be from {low} to 2**63-1, got {value}")
+        return value
+
+    def _rescue_start(self, live: apsw.Connection) -> tuple[Path, apsw.Connection]:
+        """A new, empty cache file beside this one, with the same page size and schema, in
+        an open transaction: the readable entries of a damaged file are copied into it."""
+        from ._schema import migrations
+
+        temporary = self._path.with_name(f"{self._path.name}.rebuild-{time.time_ns()}")
+        try:
+            rescue = connect(temporary, mmap=False)
+        except apsw.Error as error:
+            raise translate(error, "creating a file to rebuild into", temporary) from error
+        try:
+            rescue.pragma("page_size", live.pragma("page_size"))
+            rescue.pragma("journal_mode", "off")  # a failed rebuild deletes the file
+            rescue.execute("BEGIN")
+            for migration in migrations():
+                rescue.execute(migration.sql)
+                rescue.execute(f"PRAGMA user_version = {migration.version:d}")
+            _rows.restore_meta(rescue, _rows.readable_meta(live))
+            _rows.copy_dictionaries(live, rescue)
+        except BaseException:
+            self._rescue_discard(temporary, rescue)
+            raise
+        return temporary, rescue
+
+    def _rescue_finish(
+        self, slot: Slot, temporary: Path, rescue: apsw.Connection
+    ) -> tuple[str, ...]:
+        """Write the rebuilt file over the cache; return `integrity_check` of the result.
+
+        The copy goes through SQLite's backup API, under the write lock, so connections of
+        other processes see a new version of the file, as after any write. If the damaged
+        file cannot take it, the file is moved aside and the rebuilt one renamed into place.
+        """
+        rescue.execute("COMMIT")
+        live = self._pool.main(slot)
+        try:
+
+            def copy() -> None:
+                with live.backup("main", rescue, "main") as backup:
+                    backup.step(-1)
+
+            retry_busy(copy)
+        except apsw.Error as error:
+            log.warning("vyre-sqlcache: could not rebuild %s in place: %s", self._path, error)
+            rescue.pragma("journal_mode", "wal")
+            rescue.close()
+            if not self._pool.quiesce():
+                raise CacheError(
+                    f"could not rebuild {self._path}: another thread is using the cache"
+                ) from error
+            try:
+                move_aside(self._path, f"could not be rebuilt in place ({error})")
+                temporary.replace(self._path)
+            finally:
+                self._pool.resume()
+            live = self._pool.main(slot)
+        with suppress(apsw.Error):
+            live.pragma("wal_checkpoint", "TRUNCATE")
+        with suppress(OSError):
+            needs_check_marker(self._path).unlink(missing_ok=True)
+        return tuple(_rows.integrity_check(live))
+
+    @staticmethod
+    def _rescue_discard(temporary: Path, rescue: apsw.Connection) -> None:
+        with suppress(apsw.Error):
+            rescue.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with suppress(OSError):
+                Path(f"{temporary}{suffix}").unlink(missing_ok=True)
