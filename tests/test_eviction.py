@@ -161,3 +161,24 @@ def test_replacing_an_entry_keeps_the_byte_total_exact(
     assert (cache.stats().entries, cache.stats().blob_bytes) == (2, 47)
     cache.invalidate_impacted([1], [digest], fingerprint)
     assert (cache.stats().entries, cache.stats().blob_bytes) == (1, 7)
+
+
+def test_counters_at_their_limit_never_make_writes_fail(
+    cache: PipelineCache, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # A hand-edited (or ancient) counter at the int64 maximum saturates, not overflows.
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, b"x")
+    cache.flush()
+    top = 2**63 - 1
+    raw = apsw.Connection(str(cache_path))
+    raw.execute("UPDATE meta SET value = ? WHERE name IN ('hits', 'misses', 'flushes')", (top,))
+    raw.execute("UPDATE entries SET hits = ?", (top,))
+    raw.close()
+    for _ in range(3):
+        assert cache.read(digest, fingerprint) == b"x"
+        assert cache.read(os.urandom(32), fingerprint) is None
+        cache.write(os.urandom(32), fingerprint, b"more")
+        cache.flush()
+    stats = cache.stats()
+    assert (stats.total_hits, stats.total_misses, stats.total_flushes) == (top, top, top)
