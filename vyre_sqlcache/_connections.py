@@ -261,13 +261,6 @@ class Slot:
     def connections(self) -> list[apsw.Connection]:
         return [c for c in (self.main, self.large) if c is not None]
 
-    def drop(self) -> None:
-        """Close and forget this slot's connections."""
-        for connection in self.connections():
-            with suppress(apsw.Error):
-                connection.close()
-        self.main = self.cursor = self.large = None
-
 
 _pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
@@ -311,11 +304,12 @@ class ConnectionPool:
             # An exception delivered asynchronously (Ctrl-C, say) ended an earlier call
             # of this thread inside a transaction or a statement: a snapshot kept open
             # would block checkpoints and make every later write fail as busy.
-            self._heal(slot)
+            self.reopen(slot)
         return slot
 
-    def _heal(self, slot: Slot) -> None:
-        """Close a slot's connections left inside a transaction; they reopen on next use."""
+    def reopen(self, slot: Slot) -> None:
+        """Close a slot's connections (ending any transaction left open); the slot opens
+        new ones on next use."""
         connections = slot.connections()
         slot.main = slot.cursor = slot.large = None
         with self._lock:

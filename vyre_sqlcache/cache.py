@@ -881,7 +881,7 @@ class PipelineCache(CacheMaintenance):
         if generation == getattr(self._generation, "seen", 0):
             return False
         self._generation.seen = generation
-        slot.drop()
+        self._pool.reopen(slot)
         return True
 
     def _load_many(self, entry_keys: list[bytes]) -> list[bytes | None]:
