@@ -47,13 +47,12 @@ def test_a_grown_log_is_checkpointed_in_the_background(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 16)
-    done = count_checkpoints(monkeypatch)
     others = set(checkpoint_threads())  # of caches other tests left to the collector
     with PipelineCache.open(cache_path) as cache:
         before = cache_path.stat().st_size
         digests = write_until_checkpointed(cache, fingerprint, 20, 50_000)
-        assert len(done) > 0
-        # The database file itself received the pages while the cache stayed open.
+        # The database file itself received the pages while the cache stayed open (in WAL
+        # mode only a checkpoint writes it), and the checkpoint thread is running.
         assert cache_path.stat().st_size > before + 500_000
         assert len(set(checkpoint_threads()) - others) == 1
         for digest in digests:
