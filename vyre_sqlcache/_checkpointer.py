@@ -311,7 +311,15 @@ class Checkpointer:
         self._purge_due = True
         self._start()
 
+    def start(self) -> None:
+        """Start the thread now (a cache that may write starts it when it opens)."""
+        self._start()
+
     def _start(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._wake.set()
+            return
         with self._lock:
             if self._stopped:
                 return

@@ -326,6 +326,10 @@ class PipelineCache(CacheMaintenance):
         if self._write_behind and not self._readonly:
             self._writer.start()
         if not self._readonly:
+            # Started here, not by the first call that needs it: a thread started from a
+            # caller's thread could be left half-started by an asynchronous exception
+            # (Ctrl-C) delivered to that thread inside `Thread.start`.
+            self._checkpointer.start()
             # Tombstones left by a process that ended before its purge.
             with suppress(apsw.Error):
                 if _rows.tombstones(connection):
