@@ -721,7 +721,7 @@ def test_a_schema_2_file_migrates_and_its_raw_entries_stay_readable(path: Path) 
     blob = kernel_text(1, 20_000)
     schema_2_file(path, blob)
     with open_cache(path) as cache:
-        assert cache.schema_version() == _schema.latest_version() == 3
+        assert cache.schema_version() == _schema.latest_version() >= 3
         assert cache.read(digest(1), FP) == blob
         stats = cache.stats()
         assert stats.stored_bytes == stats.blob_bytes == len(blob)
@@ -739,10 +739,11 @@ def test_a_compressed_file_is_refused_by_a_library_that_knows_schema_2(
     with open_cache(path) as cache:
         write_kernels(cache, 0, _codec.TRAIN_AFTER + 1)
     before = path.read_bytes()
+    latest = _schema.latest_version()
     known = _schema.migrations()[:2]
     monkeypatch.setattr(_schema, "migrations", lambda: known)
     for readonly in (False, True):
-        with pytest.raises(SchemaTooNewError, match=r"schema version 3.* up to 2"):
+        with pytest.raises(SchemaTooNewError, match=rf"schema version {latest}.* up to 2"):
             PipelineCache.open(path, readonly=readonly)
     assert path.read_bytes() == before
 

@@ -23,10 +23,13 @@ from vyre_sqlcache._writer import MAX_QUEUED_ENTRIES
 
 
 def in_file(path: Path) -> int:
-    """How many entries another connection sees in the file."""
+    """How many live entries another connection sees in the file (a tombstoned entry
+    waits for the purge, unreadable)."""
     connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        row = connection.execute("SELECT count(*) FROM entries").fetchone()
+        row = connection.execute(
+            "SELECT count(*) FROM entries WHERE id NOT IN (SELECT id FROM tombstones)"
+        ).fetchone()
         assert row is not None
         return int(row[0])  # type: ignore[arg-type]
     finally:

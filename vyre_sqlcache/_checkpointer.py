@@ -25,6 +25,10 @@ connection
   and the reserve is the room the eviction, the checkpoint and the truncation
   need. A disk that other programs fill is met the same way: the cache stops
   growing and reuses its own free pages.
+
+The purge. The same thread deletes tombstoned entries (see migration 0004) after an
+invalidation or delete wakes it, in transactions of `_rows.PURGE_BATCH` entries, so the
+write lock is never held for long; a purge that fails is retried after `PURGE_RETRY_S`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ FULL_DISK_STEP_ENTRIES = 8
 #: Once the incoming bytes are freed, a full-disk eviction stops after this long, even
 #: short of its quarter of the blobs: the write that met the full disk waits for it.
 FULL_DISK_EVICTION_S = 1.0
+#: After a failed purge (the file busy, a full disk), the thread tries again this much later.
+PURGE_RETRY_S = 1.0
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
 #: The page size the thresholds are counted in (what cache files use).
@@ -204,9 +210,16 @@ class Checkpointer:
     """Wakes a daemon thread to checkpoint when the write-ahead log has grown, and keeps
     the log and the database within the free space of a filling disk."""
 
-    def __init__(self, checkpoint: Callable[[], None]) -> None:
-        """`checkpoint` runs one PASSIVE checkpoint, raising apsw or cache errors."""
+    def __init__(
+        self, checkpoint: Callable[[], None], purge: Callable[[], bool] | None = None
+    ) -> None:
+        """`checkpoint` runs one PASSIVE checkpoint; `purge` deletes one batch of
+        tombstoned entries and returns whether any may be left; both raise apsw or cache
+        errors."""
         self._checkpoint = checkpoint
+        self._purge = purge
+        self._checkpoint_due = False
+        self._purge_due = False
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -288,6 +301,25 @@ class Checkpointer:
 
     def wake(self) -> None:
         """Start the thread if needed and have it checkpoint once more."""
+        self._checkpoint_due = True
+        self._start()
+
+    def purge_soon(self) -> None:
+        """Start the thread if needed and have it purge tombstoned entries."""
+        if self._purge is None:
+            return
+        self._purge_due = True
+        self._start()
+
+    def start(self) -> None:
+        """Start the thread now (a cache that may write starts it when it opens)."""
+        self._start()
+
+    def _start(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._wake.set()
+            return
         with self._lock:
             if self._stopped:
                 return
@@ -309,16 +341,30 @@ class Checkpointer:
 
     def _run(self) -> None:
         try:
+            retry: float | None = None
             while True:
-                self._wake.wait()
+                self._wake.wait(retry)
                 self._wake.clear()
                 if self._stopped:
                     return
-                try:
-                    self._checkpoint()
-                except Exception as error:
-                    # Best effort: the next commit past the threshold tries again, and
-                    # close() checkpoints too.
-                    log.debug("vyre-sqlcache: background checkpoint failed: %s", error)
+                if retry is not None:
+                    self._purge_due = True
+                retry = None
+                if self._checkpoint_due:
+                    self._checkpoint_due = False
+                    try:
+                        self._checkpoint()
+                    except Exception as error:
+                        # Best effort: the next commit past the threshold tries again,
+                        # and close() checkpoints too.
+                        log.debug("vyre-sqlcache: background checkpoint failed: %s", error)
+                if self._purge_due and self._purge is not None:
+                    self._purge_due = False
+                    try:
+                        while not self._stopped and self._purge():
+                            pass
+                    except Exception as error:
+                        log.debug("vyre-sqlcache: background purge failed: %s", error)
+                        retry = PURGE_RETRY_S
         except BaseException as error:
             log.warning("vyre-sqlcache: the checkpoint thread stopped: %s", error)

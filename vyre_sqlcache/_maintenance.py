@@ -473,6 +473,11 @@ class CacheMaintenance:
         with self._call() as slot:
             connection = self._pool.main(slot)
             try:
+                # Tombstoned entries are purged first, so that their pages are freed.
+                while True:
+                    with transaction(connection):
+                        if _rows.purge(connection) == 0:
+                            break
                 self._truncate_log(connection)  # its space counts as free for the VACUUM
                 shortfall = compact_shortfall(connection)
                 if shortfall is not None:

@@ -38,6 +38,7 @@ __all__ = [
     "insert",
     "invalidate",
     "owner",
+    "purge",
     "recompress",
     "scopes",
     "setting",
@@ -63,6 +64,15 @@ EVICTION_SLACK = 0.05
 
 log = logging.getLogger("vyre_sqlcache")
 
+#: A condition true unless the row id `{}` is tombstoned (invalidated or deleted, not yet
+#: purged): every read, lookup and eviction adds it.
+_LIVE = "NOT EXISTS (SELECT 1 FROM tombstones WHERE id = {})"
+#: The same for a scan of `entries`.
+_LIVE_ENTRY = "id NOT IN (SELECT id FROM tombstones)"
+#: Tombstoned entries one purge transaction deletes: a few hundred rows and their blobs'
+#: pages, so the write lock is held for milliseconds.
+PURGE_BATCH = 256
+
 # One statement a read-hit; a large blob is left out of the row.
 # Text read back from a file may be damaged into invalid UTF-8: it is read as bytes and
 # decoded leniently (a mangled algorithm name then fails the checksum like any damage).
@@ -70,7 +80,7 @@ _SELECT_BLOB = (
     "SELECT CAST(checksum_algo AS BLOB), checksum, "
     f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, CAST(codec AS BLOB), "
     "dict_id, raw_size "
-    "FROM blobs WHERE id = ?"
+    f"FROM blobs WHERE id = ?1 AND {_LIVE.format('?1')}"
 )
 
 _INSERT_ENTRY = """
@@ -303,7 +313,8 @@ def decode(
 def owner(connection: apsw.Connection, entry_key: bytes) -> bytes | None:
     """The entry key of the row `entry_key` maps to (another key may share its row id)."""
     row = connection.execute(
-        "SELECT entry_key FROM entries WHERE id = ?", (entry_id(entry_key),)
+        f"SELECT entry_key FROM entries WHERE id = ?1 AND {_LIVE.format('?1')}",
+        (entry_id(entry_key),),
     ).fetchone()
     return None if row is None else bytes(row[0])
 
@@ -386,6 +397,9 @@ def insert(
     ]
     evicted = 0
     ids = array("q", (entry.rowid for entry in entries))
+    # A write of a tombstoned key brings it back: the trigger counts the old row live
+    # again, and the upsert's resize trigger then counts the new sizes.
+    connection.execute("DELETE FROM tombstones WHERE id IN carray(?)", (apsw.carray(ids),))
     if cap is not None:
         evicted = make_room(connection, ids, sum(len(e.data) for e in encoded), cap)
     params = [entry.params(now_ms, e) for entry, e in zip(entries, encoded, strict=True)]
@@ -412,7 +426,8 @@ def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: 
     if total + incoming <= cap:
         return 0
     row = connection.execute(
-        "SELECT coalesce(sum(stored_size), 0) FROM entries WHERE id IN carray(?)",
+        f"SELECT coalesce(sum(stored_size), 0) FROM entries WHERE id IN carray(?) "
+        f"AND {_LIVE_ENTRY}",
         (apsw.carray(ids),),
     ).fetchone()
     replaced = 0 if row is None else int(row[0])
@@ -435,7 +450,8 @@ def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> in
     while freed < bytes_to_free:
         batch = connection.execute(
             "SELECT accessed_ms, id, stored_size FROM entries "
-            "WHERE (accessed_ms, id) > (?, ?) ORDER BY accessed_ms, id LIMIT 256",
+            f"WHERE (accessed_ms, id) > (?, ?) AND {_LIVE_ENTRY} "
+            "ORDER BY accessed_ms, id LIMIT 256",
             last,
         ).fetchall()
         if not batch:
@@ -456,9 +472,10 @@ def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> in
 
 
 def delete_entries(connection: apsw.Connection, entry_keys: list[bytes]) -> int:
-    """Delete the entries with these keys in one statement; return how many."""
+    """Tombstone the live entries with these keys in one statement; return how many."""
     connection.execute(
-        "DELETE FROM entries WHERE id IN carray(?) AND entry_key IN carray(?)",
+        "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
+        f"WHERE id IN carray(?) AND entry_key IN carray(?) AND {_LIVE_ENTRY}",
         (apsw.carray(array("q", map(entry_id, entry_keys))), apsw.carray(tuple(entry_keys))),
     )
     return connection.changes()
@@ -467,12 +484,14 @@ def delete_entries(connection: apsw.Connection, entry_keys: list[bytes]) -> int:
 def invalidate(
     connection: apsw.Connection, digests: list[bytes], fingerprint: DeviceFingerprint
 ) -> int:
-    """Delete a device's entries of these program digests, written by digest or keyed."""
+    """Tombstone a device's live entries of these program digests, written by digest or
+    keyed; return how many."""
     ids = array("q", (entry_id(fingerprint.cache_key(d)) for d in digests))
     connection.execute(
-        "DELETE FROM entries WHERE id IN carray(?1) OR (key_version IS NOT NULL "
+        "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
+        "WHERE (id IN carray(?1) OR (key_version IS NOT NULL "
         "AND program_digest IS NOT NULL AND program_digest IN carray(?2) "
-        "AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)",
+        f"AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)) AND {_LIVE_ENTRY}",
         (
             apsw.carray(ids),
             apsw.carray(tuple(digests)),
@@ -482,6 +501,35 @@ def invalidate(
         ),
     )
     return connection.changes()
+
+
+def purge(connection: apsw.Connection, limit: int = PURGE_BATCH) -> int:
+    """Delete up to `limit` tombstoned entries, their blobs and their tombstones; return
+    how many tombstones were cleared (0: none left). The totals do not change: they
+    stopped counting these entries when they were tombstoned."""
+    ids = array(
+        "q",
+        (
+            int(rowid)
+            for (rowid,) in connection.execute(
+                "SELECT id FROM tombstones ORDER BY id LIMIT ?", (limit,)
+            )
+        ),
+    )
+    if not ids:
+        return 0
+    # The entry first: its delete trigger skips the totals while the tombstone is there,
+    # and the tombstone's trigger then finds no entry to count back.
+    connection.execute("DELETE FROM entries WHERE id IN carray(?)", (apsw.carray(ids),))
+    connection.execute("DELETE FROM blobs WHERE id IN carray(?)", (apsw.carray(ids),))
+    connection.execute("DELETE FROM tombstones WHERE id IN carray(?)", (apsw.carray(ids),))
+    return len(ids)
+
+
+def tombstones(connection: apsw.Connection) -> int:
+    """How many tombstoned entries wait for the purge."""
+    row = connection.execute("SELECT count(*) FROM tombstones").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def drop(connection: apsw.Connection, entry_key: bytes) -> None:
@@ -628,7 +676,7 @@ def train_dictionary(connection: apsw.Connection, scope: Scope, now_ms: int) -> 
     """Train a dictionary on the scope's most recent entries and store it; its id, or
     None if zstd could not train one (too few or too small samples)."""
     rows = connection.execute(
-        f"SELECT id, stored_size FROM entries WHERE {_SCOPE} "
+        f"SELECT id, stored_size FROM entries WHERE {_SCOPE} AND {_LIVE_ENTRY} "
         "ORDER BY created_ms DESC, id DESC LIMIT ?4",
         (*_scope_params(scope), _codec.SAMPLE_ENTRIES),
     ).fetchall()
@@ -682,14 +730,20 @@ def train_dictionary(connection: apsw.Connection, scope: Scope, now_ms: int) -> 
 def scopes(connection: apsw.Connection) -> list[tuple[Scope, int]]:
     """Every scope that has entries, with how many."""
     rows = connection.execute(
-        "SELECT backend, vendor, device, count(*) FROM entries GROUP BY backend, vendor, device"
+        f"SELECT backend, vendor, device, count(*) FROM entries WHERE {_LIVE_ENTRY} "
+        "GROUP BY backend, vendor, device"
     ).fetchall()
     return [(Scope(b, v, d), int(n)) for b, v, d, n in rows]  # type: ignore[arg-type]
 
 
 def entry_ids(connection: apsw.Connection) -> list[int]:
     """Every entry's row id, in order."""
-    return [int(rowid) for (rowid,) in connection.execute("SELECT id FROM entries ORDER BY id")]
+    return [
+        int(rowid)
+        for (rowid,) in connection.execute(
+            f"SELECT id FROM entries WHERE {_LIVE_ENTRY} ORDER BY id"
+        )
+    ]
 
 
 @dataclass
@@ -1027,13 +1081,20 @@ def integrity_check(connection: apsw.Connection) -> list[str]:
 
 
 def readable_ids(connection: apsw.Connection) -> tuple[list[int], bool]:
-    """The row ids of entries that can be found, and whether every scan ran to its end.
+    """The row ids of live entries that can be found, and whether every scan ran to its
+    end.
 
     On a damaged file a scan stops at the first bad page: the table, its LRU index and
     the blob table are each scanned, and what any of them found before stopping counts.
+    Tombstoned entries are left out (they are neither checked nor copied by a rebuild).
     """
     found: set[int] = set()
     complete = True
+    dead: set[int] = set()
+    try:
+        dead.update(int(rowid) for (rowid,) in connection.execute("SELECT id FROM tombstones"))
+    except (apsw.CorruptError, apsw.NotADBError, apsw.IOError):
+        complete = False
     for sql in (
         "SELECT id FROM entries",
         "SELECT id FROM entries INDEXED BY entries_lru WHERE accessed_ms IS NOT NULL",
@@ -1044,7 +1105,7 @@ def readable_ids(connection: apsw.Connection) -> tuple[list[int], bool]:
                 found.add(int(rowid))
         except (apsw.CorruptError, apsw.NotADBError, apsw.IOError):
             complete = False
-    return sorted(found), complete
+    return sorted(found - dead), complete
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from ._cachefile import (
     move_aside,
     needs_check_marker,
 )
-from ._checkpointer import Checkpointer, FullDiskEviction
+from ._checkpointer import FULL_DISK_STEP_ENTRIES, Checkpointer, FullDiskEviction
 from ._checks import (
     MAX_BLOB_BYTES,
     check_blob,
@@ -82,6 +82,8 @@ _UNSET: Final[Any] = object()
 #: Blobs from this size on are committed by the caller, not queued: a commit of a large
 #: blob costs more than the queue saves.
 DIRECT_WRITE_BYTES = 256 * 1024
+#: How long `close()` goes on purging tombstoned entries the background purge left.
+PURGE_AT_CLOSE_S = 0.2
 T = TypeVar("T")
 
 
@@ -147,7 +149,7 @@ class PipelineCache(CacheMaintenance):
         self._books = Bookkeeping()
         self._lock = threading.Lock()  # guards _unflushed
         self._unflushed = 0
-        self._checkpointer = Checkpointer(self._checkpoint_passive)
+        self._checkpointer = Checkpointer(self._checkpoint_passive, self._purge_batch)
         self._pool = ConnectionPool(self._connect, file.path)
         wal = Path(f"{file.path}-wal")
         self._leftover_log = wal.exists() and wal.stat().st_size > 0
@@ -323,6 +325,15 @@ class PipelineCache(CacheMaintenance):
             self._pool.leave(slot)
         if self._write_behind and not self._readonly:
             self._writer.start()
+        if not self._readonly:
+            # Started here, not by the first call that needs it: a thread started from a
+            # caller's thread could be left half-started by an asynchronous exception
+            # (Ctrl-C) delivered to that thread inside `Thread.start`.
+            self._checkpointer.start()
+            # Tombstones left by a process that ended before its purge.
+            with suppress(apsw.Error):
+                if _rows.tombstones(connection):
+                    self._checkpointer.purge_soon()
 
     def _settle_cap(self, connection: apsw.Connection) -> None:
         """Take the file's cap unless this object was given one."""
@@ -356,6 +367,7 @@ class PipelineCache(CacheMaintenance):
                 with self._call() as slot:
                     connection = self._pool.main(slot)
                     self._write_bookkeeping(connection, wait=False)
+                    self._purge_at_close(connection)
                     waiter = waiter_of(connection)
                     if waiter is not None:
                         waiter.timeout_ms = 100  # a quitting application does not wait
@@ -733,11 +745,36 @@ class PipelineCache(CacheMaintenance):
 
     def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int:
         """Run a deleting statement in a write transaction, after the queued writes (so it
-        reaches them too); return the rows it changed."""
+        reaches them too); return the rows it changed. Entries it tombstoned are purged
+        later, by the checkpoint thread."""
         if self._readonly:
             self._refuse_write()
         changed: int = self._writer.commit(extra=run)
+        if changed:
+            self._checkpointer.purge_soon()
         return changed
+
+    def _purge_batch(self) -> bool:
+        """Delete one batch of tombstoned entries in a short transaction of its own (on the
+        checkpoint thread); whether more may be left."""
+        with self._call() as slot:
+            connection = self._pool.main(slot)
+            with transaction(connection):
+                purged = _rows.purge(connection)
+        return purged >= _rows.PURGE_BATCH
+
+    @staticmethod
+    def _purge_at_close(connection: apsw.Connection) -> None:
+        """Purge what is left, for at most `PURGE_AT_CLOSE_S` and never waiting for the
+        write lock; the next cache object that opens the file purges the rest."""
+        deadline = time.monotonic() + PURGE_AT_CLOSE_S
+        try:
+            while time.monotonic() < deadline:
+                with transaction(connection, wait=False):
+                    if _rows.purge(connection) < _rows.PURGE_BATCH:
+                        return
+        except apsw.Error as error:
+            log.debug("vyre-sqlcache: purge at close: %s", error)
 
     # -- internals: writing --------------------------------------------------------
 
@@ -826,6 +863,17 @@ class PipelineCache(CacheMaintenance):
         evicted = 0
         with self._checkpointer.evicting(connection):
             self._truncate_log(connection)
+            # Tombstoned entries go first: they take space and are no longer counted.
+            while True:
+                try:
+                    with self._write_transaction(slot, "purging for a full disk"):
+                        purged = _rows.purge(connection, FULL_DISK_STEP_ENTRIES)
+                except CacheError:
+                    break
+                self._truncate_log(connection)
+                if purged == 0:
+                    break
+                evicted += purged
             totals = _rows.totals(connection)
             plan = FullDiskEviction(totals.get("blob_bytes", 0), totals.get("entries", 0), incoming)
             while (step := plan.next_step()) > 0:
