@@ -246,7 +246,7 @@ def test_a_misdirected_write_over_the_header_is_healed(
     populate(cache_path, fingerprint, count=50)
     data = cache_path.read_bytes()
     page = int.from_bytes(data[16:18], "big")
-    leaf = b"\x0d\x00\x00\x00\x01\x3f\xf0\x00"  # a b-tree leaf's header: ASCII bytes
+    leaf = b"\x0d\x00\x00\x00\x01\x3f\x70\x00"  # a b-tree leaf header, valid UTF-8
     cache_path.write_bytes(leaf + bytes(page - len(leaf)) + data[page:])
     with PipelineCache.open(cache_path) as cache:
         assert len(cache) == 0
