@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -1004,33 +1004,8 @@ def run_query(connection: apsw.Connection, sql: str) -> list[QueryResult]:
     WriteRefused. Raises apsw errors for SQL that SQLite rejects.
     """
     results: list[QueryResult] = []
-
-    def before_each(cursor: apsw.Cursor, statement: str, bindings: Any) -> bool:
-        if not cursor.is_readonly:
-            raise WriteRefused(statement)
-        try:
-            columns = [name for name, _ in cursor.get_description()]
-        except apsw.ExecutionCompleteError:
-            columns = []
-        results.append(QueryResult(columns, []))
-        return True
-
-    def authorize(operation: int, *names: str | None) -> int:
-        # SQLite counts ATTACH as reading, but it creates the file it names.
-        if operation in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
-            raise WriteRefused(sql)
-        return apsw.SQLITE_OK
-
-    previous = connection.authorizer
-    connection.authorizer = authorize
-    cursor = connection.cursor()
-    cursor.exec_trace = before_each
-    try:
-        for row in cursor.execute(sql):
-            results[-1].rows.append(tuple(row))
-    finally:
-        cursor.close(True)
-        connection.authorizer = previous
+    for row in _read_only_rows(connection, sql, lambda c: results.append(QueryResult(c, []))):
+        results[-1].rows.append(row)
     return [result for result in results if result.columns]
 
 
@@ -1045,17 +1020,32 @@ def iter_query(
     """
     columns: list[str] = []
 
-    def before_each(cursor: apsw.Cursor, statement: str, bindings: Any) -> bool:
+    def started(names: list[str]) -> None:
         nonlocal columns
+        columns = names
+
+    for row in _read_only_rows(connection, sql, started):
+        yield columns, row
+
+
+def _read_only_rows(
+    connection: apsw.Connection, sql: str, started: Callable[[list[str]], object]
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of `sql`, refusing (WriteRefused) any statement that would write and
+    ATTACH/DETACH before it runs; `started(columns)` is called as each statement begins."""
+
+    def before_each(cursor: apsw.Cursor, statement: str, bindings: Any) -> bool:
         if not cursor.is_readonly:
             raise WriteRefused(statement)
         try:
             columns = [name for name, _ in cursor.get_description()]
         except apsw.ExecutionCompleteError:
             columns = []
+        started(columns)
         return True
 
     def authorize(operation: int, *names: str | None) -> int:
+        # SQLite counts ATTACH as reading, but it creates the file it names.
         if operation in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
             raise WriteRefused(sql)
         return apsw.SQLITE_OK
@@ -1066,7 +1056,7 @@ def iter_query(
     cursor.exec_trace = before_each
     try:
         for row in cursor.execute(sql):
-            yield columns, tuple(row)
+            yield tuple(row)
     finally:
         cursor.close(True)
         connection.authorizer = previous
