@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import apsw
@@ -40,6 +41,8 @@ class Bookkeeping:
         self._unwritten_misses = 0
         self._hits = self._misses = self._evictions = self._checksum_failures = 0
         self._next_write = time.monotonic() + TOUCH_INTERVAL_S
+        #: More buffered bookkeeping written with this (the miss log, see `_explain`).
+        self.also: Callable[[apsw.Connection], None] | None = None
 
     def hit(self, rowid: int) -> bool:
         """Count a hit on `rowid`; return whether buffered bookkeeping is due to be written."""
@@ -77,6 +80,8 @@ class Bookkeeping:
 
         If the write fails, the buffer is kept for the next try.
         """
+        if self.also is not None:
+            self.also(connection)
         with self._lock:
             touched, self._touched = self._touched, {}
             misses, self._unwritten_misses = self._unwritten_misses, 0

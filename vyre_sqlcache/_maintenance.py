@@ -53,6 +53,8 @@ class CacheMaintenance:
 
         def _read(self, what: str, run: Callable[[apsw.Connection], T]) -> T: ...
 
+        def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int: ...
+
         def _call(self) -> AbstractContextManager[Slot]: ...
 
         @staticmethod
@@ -455,7 +457,13 @@ class CacheMaintenance:
             finally:
                 if rescue is not None:
                     self._rescue_discard(*rescue)
-        dropped = self.delete_entries(damaged + missing) if repair else 0
+        bad = [bytes.fromhex(key) for key in damaged + missing]
+        dropped = 0
+        if repair and bad:
+            # Recorded as damaged in the departure record (see `explain`), not deleted.
+            dropped = self._change(
+                "dropping damaged entries", lambda c: _rows.delete_entries(c, bad, "damaged")
+            )
         return _rows.CheckReport(
             integrity, checked, tuple(damaged), tuple(missing), unreadable, dropped
         )

@@ -18,7 +18,7 @@ from typing import Any
 
 import apsw
 
-from . import _checksums, _codec
+from . import _checksums, _codec, _explain_sql
 from ._codec import Codec, Dictionary, Encoded, Scope
 from .keys import DeviceFingerprint, PipelineCacheKey, entry_id
 
@@ -466,19 +466,31 @@ def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> in
             if freed >= bytes_to_free:
                 break
     if victims:
+        _explain_sql.record_departures(connection, victims, "evicted")
         connection.execute("DELETE FROM entries WHERE id IN carray(?)", (apsw.carray(victims),))
         bump(connection, "evictions", len(victims))
     return len(victims)
 
 
-def delete_entries(connection: apsw.Connection, entry_keys: list[bytes]) -> int:
-    """Tombstone the live entries with these keys in one statement; return how many."""
-    connection.execute(
-        "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
-        f"WHERE id IN carray(?) AND entry_key IN carray(?) AND {_LIVE_ENTRY}",
-        (apsw.carray(array("q", map(entry_id, entry_keys))), apsw.carray(tuple(entry_keys))),
+def delete_entries(
+    connection: apsw.Connection, entry_keys: list[bytes], reason: str = "deleted"
+) -> int:
+    """Tombstone the live entries with these keys in one statement, recording them as
+    departed for `reason` ('deleted', or 'damaged' for a repair); return how many."""
+    ids = _tombstoned(
+        connection.execute(
+            "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
+            f"WHERE id IN carray(?) AND entry_key IN carray(?) AND {_LIVE_ENTRY} RETURNING id",
+            (apsw.carray(array("q", map(entry_id, entry_keys))), apsw.carray(tuple(entry_keys))),
+        )
     )
-    return connection.changes()
+    _explain_sql.record_departures(connection, ids, reason)
+    return len(ids)
+
+
+def _tombstoned(cursor: apsw.Cursor) -> array[int]:
+    """The row ids a tombstoning statement's RETURNING gives (those it tombstoned)."""
+    return array("q", (int(rowid) for (rowid,) in cursor))
 
 
 def invalidate(
@@ -487,11 +499,12 @@ def invalidate(
     """Tombstone a device's live entries of these program digests, written by digest or
     keyed; return how many."""
     ids = array("q", (entry_id(fingerprint.cache_key(d)) for d in digests))
-    connection.execute(
+    cursor = connection.execute(
         "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
         "WHERE (id IN carray(?1) OR (key_version IS NOT NULL "
         "AND program_digest IS NOT NULL AND program_digest IN carray(?2) "
-        f"AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)) AND {_LIVE_ENTRY}",
+        f"AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)) AND {_LIVE_ENTRY} "
+        "RETURNING id",
         (
             apsw.carray(ids),
             apsw.carray(tuple(digests)),
@@ -500,7 +513,9 @@ def invalidate(
             fingerprint.driver_digest,
         ),
     )
-    return connection.changes()
+    tombstoned = _tombstoned(cursor)
+    _explain_sql.record_departures(connection, tombstoned, "invalidated")
+    return len(tombstoned)
 
 
 def purge(connection: apsw.Connection, limit: int = PURGE_BATCH) -> int:
@@ -535,6 +550,7 @@ def tombstones(connection: apsw.Connection) -> int:
 def drop(connection: apsw.Connection, entry_key: bytes) -> None:
     """Delete a damaged entry and count it as a checksum failure."""
     rowid = entry_id(entry_key)
+    _explain_sql.record_departures(connection, (rowid,), "damaged")
     connection.execute("DELETE FROM entries WHERE id = ?", (rowid,))
     connection.execute("DELETE FROM blobs WHERE id = ?", (rowid,))
     bump(connection, "checksum_failures", 1)

@@ -52,6 +52,7 @@ from ._connections import (
     translate,
     waiter_of,
 )
+from ._explain import CacheExplain, MissLog
 from ._maintenance import CacheMaintenance
 from ._rows import NewEntry
 from ._schema import prepare
@@ -120,7 +121,7 @@ class CacheStats:
     compression: str = "off"
 
 
-class PipelineCache(CacheMaintenance):
+class PipelineCache(CacheMaintenance, CacheExplain):
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
     Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
@@ -159,6 +160,7 @@ class PipelineCache(CacheMaintenance):
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
         self._writer = WriteBehind(self._commit_entries)
+        self._miss_log: MissLog | None = None  # see `open(log_misses=...)`
 
     # -- opening and closing -------------------------------------------------------
 
@@ -188,6 +190,7 @@ class PipelineCache(CacheMaintenance):
         vfs: str | None = None,
         write_behind: bool = True,
         compression: str | int = _UNSET,
+        log_misses: bool | None = None,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
 
@@ -204,7 +207,9 @@ class PipelineCache(CacheMaintenance):
         where it saves at least 1/8, with dictionaries trained per backend and device; raw
         without the zstandard package), 'off', or a zstd level from 1 to 22 (default:
         `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
-        back whatever wrote it.
+        back whatever wrote it. `log_misses` keeps a bounded log of the misses of `get`,
+        `get_many` and `read` in the file, for `misses()` (default:
+        `$VYRE_SQLCACHE_LOG_MISSES`, else off; a read-only cache logs nothing).
 
         Raises SchemaTooNewError (file from a newer library), NotACacheError (another
         program's file or database, a FIFO or device), CorruptCacheError (with strict),
@@ -212,6 +217,8 @@ class PipelineCache(CacheMaintenance):
         (cannot open: a folder, a file with several hard links, no permission).
         """
         settings = Settings.from_environment()
+        if log_misses is not None and not isinstance(log_misses, bool):
+            raise TypeError(f"log_misses must be True, False or None, got {log_misses!r}")
         if compression is _UNSET:
             level = _codec.parse_compression(
                 settings.compression or DEFAULT_COMPRESSION, ENV_COMPRESSION
@@ -235,6 +242,9 @@ class PipelineCache(CacheMaintenance):
             file, readonly=readonly, max_bytes=max_bytes, vfs=vfs, write_behind=write_behind
         )
         cache._codec = _codec.Codec(level)
+        if (settings.log_misses if log_misses is None else log_misses) and not cache._readonly:
+            cache._miss_log = MissLog()
+            cache._books.also = cache._miss_log.write
         try:
             cache._check_file_bytes(own=path is None)
             cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
@@ -446,7 +456,13 @@ class PipelineCache(CacheMaintenance):
 
         Raises TypeError/ValueError for bad arguments; a damaged entry is a miss.
         """
-        return self._load(check_fingerprint(fingerprint).cache_key(program_digest))
+        fp = check_fingerprint(fingerprint)
+        entry_key = fp.cache_key(program_digest)
+        blob = self._load(entry_key)
+        if blob is None and self._miss_log is not None:
+            digest = coerce_digest("program_digest", program_digest)
+            self._missed("read", entry_key, fp, None, digest)
+        return blob
 
     def flush(self) -> None:
         """Make every earlier write of this object durable (survives power loss).
@@ -534,14 +550,26 @@ class PipelineCache(CacheMaintenance):
 
         Raises TypeError for bad arguments; a damaged entry is a miss.
         """
-        return self._load(check_key(key).entry_key(check_fingerprint(fingerprint)))
+        key = check_key(key)
+        fp = check_fingerprint(fingerprint)
+        entry_key = key.entry_key(fp)
+        blob = self._load(entry_key)
+        if blob is None and self._miss_log is not None:
+            self._missed("get", entry_key, fp, key)
+        return blob
 
     def get_many(
         self, keys: Iterable[PipelineCacheKey], fingerprint: DeviceFingerprint
     ) -> list[bytes | None]:
         """The blobs of many keys (None for each miss), read from one snapshot."""
         fp = check_fingerprint(fingerprint)
-        return self._load_many([check_key(k).entry_key(fp) for k in keys])
+        checked = [check_key(k) for k in keys]
+        blobs = self._load_many([k.entry_key(fp) for k in checked])
+        if self._miss_log is not None:
+            for k, blob in zip(checked, blobs, strict=True):
+                if blob is None:
+                    self._missed("get_many", k.entry_key(fp), fp, k)
+        return blobs
 
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Whether an entry is stored under `key` on a device (its bytes are not verified)."""

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "ENV_COMPRESSION",
     "ENV_DISABLE",
+    "ENV_LOG_MISSES",
     "ENV_MAX_SIZE",
     "ENV_PATH",
     "Settings",
@@ -23,6 +24,7 @@ ENV_PATH = "VYRE_SQLCACHE_PATH"
 ENV_MAX_SIZE = "VYRE_SQLCACHE_MAX_SIZE"
 ENV_DISABLE = "VYRE_SQLCACHE_DISABLE"
 ENV_COMPRESSION = "VYRE_SQLCACHE_COMPRESSION"
+ENV_LOG_MISSES = "VYRE_SQLCACHE_LOG_MISSES"
 
 #: Default size cap on blob bytes: 1 GiB, as Mesa's shader cache.
 DEFAULT_MAX_BYTES = 1 << 30
@@ -59,6 +61,8 @@ class Settings:
     disabled: bool = False
     #: 'auto', 'off' or a zstd level as text, checked; None where it says nothing
     compression: str | None = None
+    #: whether misses are logged in the file (see `PipelineCache.misses`)
+    log_misses: bool = False
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +73,9 @@ class Settings:
         disable = env.get(ENV_DISABLE, "").strip().lower()
         if disable not in _TRUE | _FALSE:
             raise ValueError(f"{ENV_DISABLE} must be 1 or 0 (or true/false), got {disable!r}")
+        log_misses = env.get(ENV_LOG_MISSES, "").strip().lower()
+        if log_misses not in _TRUE | _FALSE:
+            raise ValueError(f"{ENV_LOG_MISSES} must be 1 or 0 (or true/false), got {log_misses!r}")
         compression = env.get(ENV_COMPRESSION) or None
         if compression is not None:
             from ._codec import parse_compression
@@ -79,4 +86,5 @@ class Settings:
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,
             compression=compression,
+            log_misses=log_misses in _TRUE,
         )

@@ -1,0 +1,257 @@
+"""Every statement of "why did this miss?": the departure record, the miss log, and the
+lookups `explain` makes (migration 0005).
+
+Functions run on a connection the caller gives them, inside the caller's transaction
+where they change anything; they raise apsw errors as they come. Departures are
+recorded by `_rows` where entries leave (eviction, tombstones, a damaged entry
+dropped), one `INSERT ... SELECT` a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+import apsw
+
+from .keys import entry_id
+
+__all__ = [
+    "DEPARTURE_REASONS",
+    "KEPT_DEPARTURES",
+    "KEPT_MISSES",
+    "MISS_CALLS",
+    "departure",
+    "entry_state",
+    "miss_for",
+    "nearest_by_program",
+    "nearest_by_shader",
+    "recent_misses",
+    "record_departures",
+    "record_misses",
+    "same_device_count",
+]
+
+#: Rows each table keeps: the newest, by `seq`; older ones are deleted by the statement
+#: that adds rows, in the same transaction.
+KEPT_DEPARTURES = 10_000
+KEPT_MISSES = 10_000
+#: `departures.reason` values (the schema's CHECK).
+DEPARTURE_REASONS = ("evicted", "invalidated", "deleted", "damaged")
+#: `misses.call` values (the schema's CHECK).
+MISS_CALLS = ("get", "get_many", "read")
+
+_LIVE = "NOT EXISTS (SELECT 1 FROM tombstones WHERE id = entries.id)"
+_KEY_COLUMNS = (
+    "key_version, shader_hash, layout_hash, push_constant_size, workgroup_x, workgroup_y, "
+    "workgroup_z, feature_flags, backend, vendor, device, driver_digest, program_digest"
+)
+#: The columns `entry_state`, `departure` and the nearest-entry lookups return.
+_ROW_COLUMNS = f"entry_key, {_KEY_COLUMNS}, created_ms"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _trim(connection: apsw.Connection, table: str, kept: int) -> None:
+    # `seq` only grows while the table has rows, so the newest `kept` are a range.
+    connection.execute(
+        f"DELETE FROM {table} WHERE seq <= (SELECT max(seq) FROM {table}) - ?", (kept,)
+    )
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+def record_departures(
+    connection: apsw.Connection, ids: Sequence[int], reason: str, now_ms: int | None = None
+) -> None:
+    """Record that the entries with these row ids leave, and why; call it before their
+    rows are deleted. One statement for the batch; the record keeps its newest
+    `KEPT_DEPARTURES` rows."""
+    if not ids:
+        return
+    carray_ids = ids if isinstance(ids, array) else array("q", ids)
+    connection.execute(
+        f"INSERT INTO departures (id, {_ROW_COLUMNS}, blob_size, reason, at_ms) "
+        f"SELECT id, {_ROW_COLUMNS}, blob_size, ?2, ?3 FROM entries WHERE id IN carray(?1)",
+        (apsw.carray(carray_ids), reason, _now_ms() if now_ms is None else now_ms),
+    )
+    _trim(connection, "departures", KEPT_DEPARTURES)
+
+
+_INSERT_MISS = (
+    "INSERT INTO misses (at_ms, call, entry_key, pid, key_version, shader_hash, layout_hash, "
+    "push_constant_size, workgroup_x, workgroup_y, workgroup_z, feature_flags, backend, "
+    "vendor, device, driver_digest, program_digest) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def record_misses(connection: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Add rows to the miss log (the columns of `_INSERT_MISS`); it keeps its newest
+    `KEPT_MISSES`."""
+    if not rows:
+        return
+    connection.executemany(_INSERT_MISS, rows)
+    _trim(connection, "misses", KEPT_MISSES)
+
+
+# -- the lookups of explain ------------------------------------------------------------
+
+
+def _dict(cursor: apsw.Cursor) -> dict[str, Any] | None:
+    rows = _dicts(cursor)
+    return rows[0] if rows else None
+
+
+def _dicts(cursor: apsw.Cursor) -> list[dict[str, Any]]:
+    try:
+        columns = [name for name, _ in cursor.get_description()]
+    except apsw.ExecutionCompleteError:
+        return []
+    return [dict(zip(columns, row, strict=True)) for row in cursor]
+
+
+def entry_state(connection: apsw.Connection, entry_key: bytes) -> dict[str, Any] | None:
+    """The row of `entry_key` (its key columns, `created_ms` and `tombstoned`), or None."""
+    return _dict(
+        connection.execute(
+            f"SELECT {_ROW_COLUMNS}, "
+            "EXISTS (SELECT 1 FROM tombstones WHERE id = ?1) AS tombstoned "
+            "FROM entries WHERE id = ?1 AND entry_key = ?2",
+            (entry_id(entry_key), entry_key),
+        )
+    )
+
+
+def departure(
+    connection: apsw.Connection, entry_key: bytes, before_ms: int | None
+) -> dict[str, Any] | None:
+    """The newest departure of `entry_key` (at or before `before_ms`, if given), or None."""
+    return _dict(
+        connection.execute(
+            f"SELECT {_ROW_COLUMNS}, reason, at_ms FROM departures "
+            "WHERE id = ?1 AND entry_key = ?2 AND at_ms <= ?3 ORDER BY seq DESC LIMIT 1",
+            (entry_id(entry_key), entry_key, 2**63 - 1 if before_ms is None else before_ms),
+        )
+    )
+
+
+def nearest_by_shader(
+    connection: apsw.Connection, asked: dict[str, Any], before_ms: int | None, limit: int
+) -> list[dict[str, Any]]:
+    """Live keyed entries of the asked shader (created before `before_ms`, if given),
+    fewest differing fields first, then newest; `asked` holds the key columns.
+
+    A scan of `entries` (metadata only): `explain` is for people, and an index on the
+    shader would cost every insert a page.
+    """
+    differing = (
+        "(key_version IS NOT :key_version) + (backend IS NOT :backend) "
+        "+ (layout_hash IS NOT :layout_hash) + (push_constant_size IS NOT :push_constant_size) "
+        "+ (workgroup_x IS NOT :workgroup_x OR workgroup_y IS NOT :workgroup_y "
+        "   OR workgroup_z IS NOT :workgroup_z) "
+        "+ (feature_flags IS NOT :feature_flags) "
+        "+ (vendor IS NOT :vendor OR device IS NOT :device) "
+        "+ (driver_digest IS NOT :driver_digest)"
+    )
+    params = {
+        **{name: asked.get(name) for name in _KEY_COLUMNS.split(", ")},
+        "entry_key": asked["entry_key"],
+        "before": 2**63 - 1 if before_ms is None else before_ms,
+        "limit": limit,
+    }
+    return _dicts(
+        connection.execute(
+            f"{_candidates('shader_hash = :shader_hash')} SELECT * FROM candidates "
+            "WHERE key_version IS NOT NULL AND entry_key != :entry_key "
+            f"AND created_ms < :before ORDER BY {differing}, created_ms DESC, entry_key "
+            "LIMIT :limit",
+            params,
+        )
+    )
+
+
+def _candidates(match: str) -> str:
+    """A `candidates` CTE: the entries that `match` and were live at `:before` - the
+    live ones, and those the departure record says left at or after it (all live ones when
+    `:before` is the largest int64)."""
+    return (
+        f"WITH candidates AS (SELECT {_ROW_COLUMNS} FROM entries WHERE {match} AND {_LIVE} "
+        f"UNION ALL SELECT {_ROW_COLUMNS} FROM departures WHERE {match} AND at_ms >= :before)"
+    )
+
+
+def nearest_by_program(
+    connection: apsw.Connection, asked: dict[str, Any], before_ms: int | None, limit: int
+) -> list[dict[str, Any]]:
+    """Live entries stored by the asked program digest (`write`) on other devices or
+    drivers, as `nearest_by_shader` orders them."""
+    return _dicts(
+        connection.execute(
+            f"{_candidates('program_digest = :program_digest')} SELECT * FROM candidates "
+            "WHERE key_version IS NULL AND entry_key != :entry_key AND created_ms < :before "
+            "ORDER BY (vendor IS NOT :vendor OR device IS NOT :device) "
+            "+ (driver_digest IS NOT :driver_digest), created_ms DESC, entry_key LIMIT :limit",
+            {
+                "program_digest": asked["program_digest"],
+                "entry_key": asked["entry_key"],
+                "vendor": asked["vendor"],
+                "device": asked["device"],
+                "driver_digest": asked["driver_digest"],
+                "before": 2**63 - 1 if before_ms is None else before_ms,
+                "limit": limit,
+            },
+        )
+    )
+
+
+def same_device_count(
+    connection: apsw.Connection,
+    vendor: int,
+    device: int,
+    driver_digest: bytes,
+    before_ms: int | None,
+) -> int:
+    """How many entries a device has for one driver (live now, or at `before_ms`)."""
+    match = "vendor = :vendor AND device = :device AND driver_digest = :driver"
+    row = connection.execute(
+        f"{_candidates(match)} SELECT count(*) FROM candidates WHERE created_ms < :before",
+        {
+            "vendor": vendor,
+            "device": device,
+            "driver": driver_digest,
+            "before": 2**63 - 1 if before_ms is None else before_ms,
+        },
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+_MISS_COLUMNS = (
+    "seq, at_ms, call, entry_key, pid, key_version, shader_hash, layout_hash, "
+    "push_constant_size, workgroup_x, workgroup_y, workgroup_z, feature_flags, backend, "
+    "vendor, device, driver_digest, program_digest"
+)
+
+
+def recent_misses(connection: apsw.Connection, limit: int) -> list[dict[str, Any]]:
+    """The newest `limit` rows of the miss log, newest first."""
+    return _dicts(
+        connection.execute(
+            f"SELECT {_MISS_COLUMNS} FROM misses ORDER BY seq DESC LIMIT ?", (limit,)
+        )
+    )
+
+
+def miss_for(connection: apsw.Connection, entry_key: bytes) -> dict[str, Any] | None:
+    """The newest miss-log row of `entry_key`, or None."""
+    return _dict(
+        connection.execute(
+            f"SELECT {_MISS_COLUMNS} FROM misses WHERE entry_key = ? ORDER BY seq DESC LIMIT 1",
+            (entry_key,),
+        )
+    )
