@@ -13,7 +13,7 @@ import apsw
 
 from vyre_sqlcache import PipelineCache
 
-__all__ = ["abandon", "connection_of", "count_checkpoints", "open_connections"]
+__all__ = ["abandon", "connection_of", "count_checkpoints", "damage_blob", "open_connections"]
 
 
 def connection_of(cache: PipelineCache) -> apsw.Connection:
@@ -51,3 +51,15 @@ def count_checkpoints(monkeypatch: Any) -> list[None]:
 
     monkeypatch.setattr(PipelineCache, "_checkpoint_passive", counting)
     return done
+
+
+def damage_blob(cache: PipelineCache, entry_key: bytes) -> None:
+    """Flip the first byte of an entry's stored blob with SQL, as damage on disk would
+    (the entry must be committed)."""
+    from vyre_sqlcache.keys import entry_id
+
+    connection = connection_of(cache)
+    rowid = entry_id(entry_key)
+    (data,) = connection.execute("SELECT data FROM blobs WHERE id = ?", (rowid,)).fetchone()
+    damaged = bytes([data[0] ^ 0xFF]) + data[1:]
+    connection.execute("UPDATE blobs SET data = ? WHERE id = ?", (damaged, rowid))

@@ -639,8 +639,7 @@ class CacheExplain:
         self._before_inspection()
         with self._call() as slot:
             connection = self._pool.main(slot)
-            if self._miss_log is not None and len(self._miss_log) and not self._readonly:
-                self._write_bookkeeping(connection, wait=True)
+            self._write_miss_log(connection)
             try:
                 with transaction(connection, "DEFERRED"):
                     rows = _explain_sql.recent_misses(connection, limit)
@@ -658,6 +657,11 @@ class CacheExplain:
                     ]
             except apsw.Error as error:
                 raise translate(error, "reading the miss log", self._path) from error
+
+    def _write_miss_log(self, connection: apsw.Connection) -> None:
+        """Write this object's buffered misses (with the rest of the bookkeeping)."""
+        if self._miss_log is not None and len(self._miss_log) and not self._readonly:
+            self._write_bookkeeping(connection, wait=True)
 
     def _explain_layers(self, entry_key: bytes) -> Path | None:
         """The read-only layer a read of `entry_key` would be served from, or None.
@@ -679,6 +683,8 @@ class CacheExplain:
         self._before_inspection()
         with self._call() as slot:
             connection = self._pool.main(slot)
+            if not known:
+                self._write_miss_log(connection)
             try:
                 with transaction(connection, "DEFERRED"):
                     if not known:

@@ -28,7 +28,14 @@ from . import MAX_BLOB_BYTES, SCHEMA_VERSION, PipelineCache, __version__, vyredi
 from . import _cli_demo as demo
 from .config import ENV_MAX_SIZE, ENV_PATH, parse_size
 from .errors import CacheError, CorruptCacheError, ReadOnlyCacheError
-from .keys import U32_MAX, DeviceFingerprint, FeatureFlags, coerce_digest
+from .keys import (
+    CURRENT_KEY_VERSION,
+    U32_MAX,
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCacheKey,
+    coerce_digest,
+)
 
 __all__ = ["main"]
 
@@ -91,6 +98,27 @@ def _entry_key(text: str) -> str:
         return coerce_digest("an entry key", text.strip().lower()).hex()
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _hash(text: str) -> bytes:
+    try:
+        return coerce_digest("a hash", text.strip().lower())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_WORKGROUP = re.compile(r"^(\d+)[x,](\d+)[x,](\d+)$")
+
+
+def _workgroup(text: str) -> tuple[int, int, int]:
+    match = _WORKGROUP.match(text.strip().lower())
+    if match is None or not all(0 <= int(v) <= U32_MAX for v in match.groups()):
+        raise argparse.ArgumentTypeError(
+            f"expected a workgroup size such as 64x1x1 (three numbers up to {U32_MAX}), "
+            f"got {text!r}"
+        )
+    x, y, z = (int(v) for v in match.groups())
+    return (x, y, z)
 
 
 def _size(text: str) -> int:
@@ -715,6 +743,132 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if outcome.ok(workload.count) else 1
 
 
+def _asked_fingerprint(args: argparse.Namespace, what: str) -> DeviceFingerprint:
+    """The device of `explain`'s options: --vendor, --device and the driver, as
+    --revision [--revision-extra] (vyre's from_parts) or --driver-digest."""
+    if args.vendor is None or args.device is None:
+        raise UsageError(f"{what} needs --vendor and --device, and --revision or --driver-digest")
+    if (args.revision is None) == (args.driver_digest is None):
+        raise UsageError(f"{what} needs --revision or --driver-digest (one of them)")
+    if args.driver_digest is not None:
+        return DeviceFingerprint(args.vendor, args.device, args.driver_digest)
+    return DeviceFingerprint.from_parts(
+        args.vendor, args.device, args.revision, args.revision_extra
+    )
+
+
+def _explanation_lines(why: Any) -> list[str]:
+    """An explanation for people: the summary, then the details."""
+    lines = [
+        why.summary,
+        f"  outcome    {why.outcome}",
+        f"  reason     {why.reason}",
+        f"  entry key  {why.entry_key}",
+    ]
+    if why.where is not None:
+        lines.append(f"  where      {why.where}")
+    if why.departure is not None:
+        lines.append(f"  departed   {why.departure.reason} at {why.departure.at}")
+    if why.nearest:
+        lines.append("  nearest entries (field: cached -> asked):")
+        for near in why.nearest:
+            differs = "; ".join(f"{d.field}: {d.cached} -> {d.asked}" for d in near.differences)
+            lines.append(f"    {near.entry_key}  {differs}")
+    return lines
+
+
+def _explain(args: argparse.Namespace) -> int:
+    given = [
+        name
+        for name, value in (
+            ("--entry-key", args.entry_key),
+            ("--program-digest", args.program_digest),
+            ("--shader-hash", args.shader_hash),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise UsageError(
+            "give --entry-key, --program-digest or --shader-hash (with the other key fields), "
+            "one of them"
+        )
+    key = None
+    fingerprint = None
+    if args.shader_hash is not None:
+        missing = [
+            option
+            for option, value in (
+                ("--layout-hash", args.layout_hash),
+                ("--push-constant-size", args.push_constant_size),
+                ("--workgroup", args.workgroup),
+                ("--backend", args.backend),
+            )
+            if value is None
+        ]
+        if missing:
+            raise UsageError(f"--shader-hash needs {', '.join(missing)} too")
+        flags = 0
+        for bit in args.flag or ():
+            flags |= bit
+        try:
+            key = PipelineCacheKey(
+                args.shader_hash,
+                args.layout_hash,
+                args.push_constant_size,
+                args.workgroup,
+                FeatureFlags(flags),
+                args.backend,
+                args.key_version,
+            )
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from error
+        fingerprint = _asked_fingerprint(args, "--shader-hash")
+    elif args.program_digest is not None:
+        fingerprint = _asked_fingerprint(args, "--program-digest")
+    with _opened(args) as cache:
+        if key is not None and fingerprint is not None:
+            why = cache.explain(key, fingerprint)
+        elif fingerprint is not None:
+            why = cache.explain_program(args.program_digest, fingerprint)
+        else:
+            why = cache.explain_entry(args.entry_key)
+    if args.json:
+        print(_json(why.as_dict()))
+    else:
+        print("\n".join(_explanation_lines(why)))
+    return 0
+
+
+def _misses(args: argparse.Namespace) -> int:
+    with _opened(args) as cache:
+        misses = cache.misses(limit=args.limit)
+    if args.json:
+        print(
+            _json(
+                [
+                    {
+                        "at": miss.at,
+                        "call": miss.call,
+                        "pid": miss.pid,
+                        "entry_key": miss.entry_key,
+                        "explanation": miss.explanation.as_dict(),
+                    }
+                    for miss in misses
+                ]
+            )
+        )
+        return 0
+    if not misses:
+        print(
+            "no misses logged (the miss log is kept by processes that set "
+            "VYRE_SQLCACHE_LOG_MISSES=1 or open the cache with log_misses=True)"
+        )
+    for miss in misses:
+        print(f"{miss.at}  {miss.call:<8} pid {miss.pid:<7} {miss.entry_key}")
+        print(f"    {miss.explanation.reason}: {miss.explanation.summary}")
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------
 
 
@@ -839,6 +993,65 @@ def _parser() -> argparse.ArgumentParser:
     json_option(check)
 
     command("compact", _compact, "checkpoint the write-ahead log and VACUUM the file")
+
+    explain = command(
+        "explain",
+        _explain,
+        "why a lookup hits or misses: the entry, the departure record (evicted, "
+        "invalidated, deleted, damaged), or the nearest entries and the fields that differ",
+        epilog="Give --entry-key; or --program-digest (vyre's read) with the device; or "
+        "--shader-hash with the other key fields and the device. The device is --vendor, "
+        "--device and --revision [--revision-extra] (as vyre's DeviceFingerprint.from_parts) "
+        "or --driver-digest.",
+    )
+    explain.add_argument("--entry-key", type=_entry_key, metavar="HEX", help="the entry key")
+    explain.add_argument(
+        "--program-digest", type=_hash, metavar="HEX", help="the program digest (vyre's read)"
+    )
+    explain.add_argument("--shader-hash", type=_hash, metavar="HEX")
+    explain.add_argument("--layout-hash", type=_hash, metavar="HEX", help="bind group layout hash")
+    explain.add_argument("--push-constant-size", type=_u32, metavar="N")
+    explain.add_argument("--workgroup", type=_workgroup, metavar="XxYxZ", help="e.g. 64x1x1")
+    explain.add_argument(
+        "--flag",
+        action="append",
+        type=_flag,
+        metavar="NAME",
+        help="a feature flag (F16, SUBGROUP_OPS, ... or a bit value); repeatable",
+    )
+    explain.add_argument("--backend", help="e.g. vulkan")
+    explain.add_argument(
+        "--key-version",
+        type=_u32,
+        default=CURRENT_KEY_VERSION,
+        metavar="N",
+        help=f"key format version (default {CURRENT_KEY_VERSION})",
+    )
+    explain.add_argument("--vendor", type=_u32, help="PCI vendor id (0x10de or 4318)")
+    explain.add_argument("--device", type=_u32, help="PCI device id (0x2684 or 9860)")
+    explain.add_argument("--revision", metavar="TEXT", help="driver revision")
+    explain.add_argument(
+        "--revision-extra", default="", metavar="TEXT", help="its extra revision string"
+    )
+    explain.add_argument(
+        "--driver-digest", type=_hash, metavar="HEX", help="the fingerprint's driver digest"
+    )
+    json_option(explain)
+
+    misses = command(
+        "misses",
+        _misses,
+        "recent misses from the miss log (VYRE_SQLCACHE_LOG_MISSES=1), newest first, each "
+        "with its explanation",
+    )
+    misses.add_argument(
+        "--limit",
+        type=_whole(1, 10_000),
+        default=20,
+        metavar="N",
+        help="at most N misses (default 20)",
+    )
+    json_option(misses)
 
     import_dir = command(
         "import-dir",
