@@ -424,6 +424,17 @@ def test_the_departure_record_keeps_ten_thousand(
     assert rows(cache.path, "SELECT min(seq) FROM departures") == [(51,)]
 
 
+@pytest.mark.parametrize(
+    ("cap", "kept"), [(512 << 10, _explain_sql.MIN_KEPT), (4 << 20, 512), (None, 300)]
+)
+def test_a_small_cap_keeps_a_smaller_record(cache_path: Path, cap: int | None, kept: int) -> None:
+    with PipelineCache.open(cache_path, max_bytes=cap) as cache:
+        keys = [os.urandom(32) for _ in range(300)]
+        cache.put_entries([(k, b"x", None) for k in keys])
+        assert cache.delete_entries(keys) == 300
+        assert rows(cache_path, "SELECT count(*) FROM departures") == [(min(kept, 300),)]
+
+
 # -- the miss log ---------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "MISS_CALLS",
     "departure",
     "entry_state",
+    "kept_rows",
     "miss_for",
     "nearest_by_program",
     "nearest_by_shader",
@@ -32,12 +33,20 @@ __all__ = [
     "record_departures",
     "record_misses",
     "same_device_count",
+    "shrink",
 ]
 
-#: Rows each table keeps: the newest, by `seq`; older ones are deleted by the statement
-#: that adds rows, in the same transaction.
+#: Rows each table keeps at most: the newest, by `seq`; older ones are deleted by the
+#: statement that adds rows, in the same transaction.
 KEPT_DEPARTURES = 10_000
 KEPT_MISSES = 10_000
+#: Under a small size cap each table keeps fewer rows, so that it takes at most about
+#: 1/`CAP_SHARE` of the cap (a row takes about `ROW_BYTES` with its index entry), but
+#: never fewer than `MIN_KEPT`: the cap counts blobs, and on a small disk (a few MiB)
+#: ten thousand rows would be a large part of the file.
+CAP_SHARE = 32
+ROW_BYTES = 256
+MIN_KEPT = 64
 #: `departures.reason` values (the schema's CHECK).
 DEPARTURE_REASONS = ("evicted", "invalidated", "deleted", "damaged")
 #: `misses.call` values (the schema's CHECK).
@@ -56,7 +65,22 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _trim(connection: apsw.Connection, table: str, kept: int) -> None:
+def kept_rows(connection: apsw.Connection, most: int) -> int:
+    """How many rows a table keeps under the file's size cap (see `CAP_SHARE`)."""
+    from . import _rows  # which imports this module
+
+    cap = _rows.setting(connection, _rows.CAP_SETTING)
+    if cap == 0:  # no cap
+        return most
+    if cap is None:
+        from .config import DEFAULT_MAX_BYTES
+
+        cap = DEFAULT_MAX_BYTES
+    return min(most, max(MIN_KEPT, cap // (CAP_SHARE * ROW_BYTES)))
+
+
+def _trim(connection: apsw.Connection, table: str, most: int) -> None:
+    kept = kept_rows(connection, most)
     # `seq` only grows while the table has rows, so the newest `kept` are a range.
     connection.execute(
         f"DELETE FROM {table} WHERE seq <= (SELECT max(seq) FROM {table}) - ?", (kept,)
@@ -98,6 +122,15 @@ def record_misses(connection: apsw.Connection, rows: Sequence[tuple[Any, ...]]) 
         return
     connection.executemany(_INSERT_MISS, rows)
     _trim(connection, "misses", KEPT_MISSES)
+
+
+def shrink(connection: apsw.Connection) -> None:
+    """Cut the departure record and the miss log to their newest `MIN_KEPT` rows (a
+    full disk: the blobs' room first)."""
+    for table in ("departures", "misses"):
+        connection.execute(
+            f"DELETE FROM {table} WHERE seq <= (SELECT max(seq) FROM {table}) - ?", (MIN_KEPT,)
+        )
 
 
 # -- the lookups of explain ------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _rows
+from . import _codec, _explain_sql, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
@@ -891,6 +891,12 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         evicted = 0
         with self._checkpointer.evicting(connection):
             self._truncate_log(connection)
+            # The record of departures and misses gives way first.
+            with (
+                suppress(CacheError),
+                self._write_transaction(slot, "trimming the departure record"),
+            ):
+                _explain_sql.shrink(connection)
             # Tombstoned entries go first: they take space and are no longer counted.
             while True:
                 try:
