@@ -87,9 +87,9 @@ FIELD_REASONS: Final[dict[str, str]] = {
 #: How many nearest entries an explanation lists.
 NEAREST = 5
 #: Misses the buffer of one cache object holds; beyond it the oldest are dropped.
-MISS_BUFFER = 1000
+MISS_BUFFER = 2048
 #: Buffered misses that make a miss write the buffer (if the write lock is free at once).
-MISS_WRITE_AT = 256
+MISS_WRITE_AT = 512
 
 
 def iso_ms(ms: int) -> str:

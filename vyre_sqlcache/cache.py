@@ -381,6 +381,9 @@ class PipelineCache(CacheMaintenance, CacheExplain):
                     waiter = waiter_of(connection)
                     if waiter is not None:
                         waiter.timeout_ms = 100  # a quitting application does not wait
+                    if self._miss_log is not None and len(self._miss_log):
+                        # Misses found the lock taken: they may wait that long, no more.
+                        self._write_bookkeeping(connection, wait=True)
                     try:
                         connection.pragma("wal_checkpoint", "TRUNCATE")
                     except apsw.Error as error:
