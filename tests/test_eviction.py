@@ -73,7 +73,7 @@ def test_blob_over_the_cap_is_refused(
 ) -> None:
     capped.write(os.urandom(32), fingerprint, b"small")
     with pytest.raises(BlobTooLargeError, match=r"size cap of 100000 bytes"):
-        capped.write(os.urandom(32), fingerprint, bytes(10 * BLOB + 1))
+        capped.write(os.urandom(32), fingerprint, os.urandom(10 * BLOB + 1))  # incompressible
     assert len(capped) == 1
 
 

@@ -594,7 +594,7 @@ class PipelineCache(CacheMaintenance):
         ]
         if self._readonly:
             self._refuse_write()
-        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
+        self._check_fits(entries)
         keys = [e.entry_key for e in entries]
         kept: int | None = self._writer.commit(
             entries, extra=lambda c: sum(_rows.owner(c, k) == k for k in keys)
@@ -785,7 +785,7 @@ class PipelineCache(CacheMaintenance):
             return
         if self._readonly:
             self._refuse_write()
-        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
+        self._check_fits(entries)
         if self._write_behind and all(len(e.blob) < DIRECT_WRITE_BYTES for e in entries):
             self._writer.put(entries)
         else:
@@ -845,14 +845,25 @@ class PipelineCache(CacheMaintenance):
             "from a process that may write the file, to change it"
         )
 
-    def _check_fits(self, incoming: int, count: int) -> None:
+    def _check_fits(self, entries: list[NewEntry]) -> None:
+        """Raise BlobTooLargeError if `entries` as stored would not fit under the cap."""
         cap = self._cap
-        if cap is not None and incoming > cap:
-            what = "blob is" if count == 1 else f"{count} blobs are"
-            raise BlobTooLargeError(
-                f"{what} {incoming} bytes, over the cache's size cap of {cap} bytes "
-                f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
-            )
+        incoming = sum(len(e.blob) for e in entries)
+        if cap is None or incoming <= cap:
+            return
+        stored = ""
+        if self._codec.enabled:
+            # The cap counts bytes as stored: compressing is the only way to know them,
+            # and it is paid only by writes larger than the whole cap.
+            size = sum(len(self._codec.encode(e.blob).data) for e in entries)
+            if size <= cap:
+                return
+            stored = f" ({size} bytes as stored, compressed where it pays)"
+        what = "blob is" if len(entries) == 1 else f"{len(entries)} blobs are"
+        raise BlobTooLargeError(
+            f"{what} {incoming} bytes{stored}, over the cache's size cap of {cap} bytes "
+            f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
+        )
 
     def _make_room_on_disk(self, slot: Slot, incoming: int) -> bool:
         """After SQLITE_FULL: fold the log back and truncate it, then evict at least
