@@ -924,9 +924,9 @@ class PipelineCache(CacheMaintenance):
         try:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
-            fetched = self._fetch(slot, entry_key)
+            fetched = self._fetch(slot, entry_key, held=True)
             if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
-                fetched = self._fetch(slot, entry_key)
+                fetched = self._fetch(slot, entry_key, held=True)
             return self._verified(slot, entry_key, fetched)
         finally:
             self._pool.leave(slot)
@@ -965,13 +965,14 @@ class PipelineCache(CacheMaintenance):
             return [self._verified(slot, k, f) for k, f in zip(entry_keys, fetched, strict=True)]
 
     def _fetch(
-        self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None = None
+        self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None = None, *, held: bool = False
     ) -> _rows.Fetched | None:
-        """The entry's stored bytes, unverified, or None; damage or I/O trouble is a miss."""
+        """The entry's stored bytes, unverified, or None; damage or I/O trouble is a miss.
+        `held`: read in the thread's held snapshot (see `_snapshots`)."""
         try:
-            return _rows.fetch(
-                cursor or self._pool.cursor(slot), lambda: self._pool.large(slot), entry_key
-            )
+            if cursor is None:
+                cursor = self._pool.held_cursor(slot) if held else self._pool.cursor(slot)
+            return _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
         except apsw.Error as error:
             # A read never takes the application down: damage or I/O trouble is a miss.
             self._note_damage(error)
