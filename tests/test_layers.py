@@ -434,3 +434,39 @@ def test_a_bundled_layer_on_a_read_only_folder_serves_an_unprivileged_user(
     assert stat.S_IMODE(app.stat().st_mode) == 0o555
     with PipelineCache.open(home / "cache.sqlite3", readonly=True) as user:
         assert user.read(digest(0), fingerprint) == b"user's own"
+
+
+def test_a_mask_committed_by_another_connection_is_seen_at_the_next_read(
+    cache_path: Path, fingerprint: DeviceFingerprint, make_layer: Callable[..., Path]
+) -> None:
+    layer = make_layer("layer", items(0, 3))
+    with (
+        PipelineCache.open(cache_path, layers=[layer]) as reader,
+        PipelineCache.open(cache_path, layers=[layer]) as other,
+    ):
+        assert reader.read(digest(1), fingerprint) is not None  # the masks are copied now
+        assert other.invalidate_impacted([1], [digest(1)], fingerprint) == 1
+        assert reader.read(digest(1), fingerprint) is None
+        assert reader.get_entry(fingerprint.cache_key(digest(1))) is None
+        assert reader.read(digest(2), fingerprint) == items(2, 1)[0][1]
+        other.write(digest(1), fingerprint, b"new")
+        other.flush()
+        assert reader.read(digest(1), fingerprint) == b"new"
+
+
+def test_many_masks_are_asked_of_the_file_at_each_layer_hit(
+    cache_path: Path, fingerprint: DeviceFingerprint, make_layer: Callable[..., Path]
+) -> None:
+    layer = make_layer("big", items(0, 300))
+    with PipelineCache.open(cache_path, layers=[layer]) as cache:
+        assert cache.invalidate_impacted([1] * 280, [digest(n) for n in range(280)], fingerprint)
+        assert cache.query("SELECT count(*) FROM layer_masks_v")[0].rows == [(280,)]
+        got = cache.get_many([], fingerprint)
+        assert got == []
+        assert cache.read(digest(5), fingerprint) is None
+        assert cache.read(digest(290), fingerprint) == items(290, 1)[0][1]
+        assert [cache.read(digest(n), fingerprint) is None for n in (0, 279, 280)] == [
+            True,
+            True,
+            False,
+        ]

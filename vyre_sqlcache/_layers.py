@@ -93,12 +93,49 @@ def check_layer_paths(name: str, value: object) -> tuple[Path, ...]:
 # -- the user's file: masks and the layer marker --------------------------------------
 
 
-def is_masked(connection: apsw.Connection, entry_key: bytes, checksum: bytes) -> bool:
+def is_masked(cursor: apsw.Cursor, entry_key: bytes, checksum: bytes) -> bool:
     """Whether the user's file hides this layer entry (invalidated or deleted)."""
-    row = connection.execute(
+    row = cursor.execute(
         "SELECT 1 FROM layer_masks WHERE entry_key = ? AND checksum = ?", (entry_key, checksum)
     ).fetchall()
     return bool(row)
+
+
+#: A user's file with more masks than this is asked on every layer hit instead of
+#: being copied into memory.
+MASKS_IN_MEMORY = 256
+
+
+class MaskCopy:
+    """Each thread's copy of the user's masks, kept while its connection's data version
+    (SQLite's count of commits it has seen, read without a statement) stays the same.
+
+    A layer hit would otherwise pay one more statement on the user's file (3.0 µs of
+    the 17.7 µs a layer hit took, against 10.5 µs for a direct hit). The version is
+    read right after the user's own lookup, so it stands for the snapshot that lookup
+    saw: a mask committed by any connection since shows as a new version.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def masked(self, cursor: apsw.Cursor, entry_key: bytes, checksum: bytes) -> bool:
+        connection = cursor.connection
+        local = self._local
+        version = connection.data_version()
+        if getattr(local, "connection", None) is not connection or local.version != version:
+            rows = cursor.execute(
+                "SELECT entry_key, checksum FROM layer_masks LIMIT ?", (MASKS_IN_MEMORY + 1,)
+            ).fetchall()
+            local.masks = (
+                None
+                if len(rows) > MASKS_IN_MEMORY
+                else frozenset((bytes(k), bytes(c)) for k, c in rows)  # type: ignore[arg-type]
+            )
+            local.connection, local.version = connection, version
+        if local.masks is None:
+            return is_masked(cursor, entry_key, checksum)
+        return (entry_key, checksum) in local.masks
 
 
 def mask(connection: apsw.Connection, found: Iterable[Found], now_ms: int) -> int:
@@ -165,7 +202,7 @@ class Layer:
             self.pool.leave(slot)
 
     def _connect(self, mmap: bool) -> apsw.Connection:
-        return connect(
+        connection = connect(
             self.path,
             readonly=True,
             query_only=True,
@@ -174,6 +211,8 @@ class Layer:
             vfs=self._vfs,
             pool=self.pool,
         )
+        hold_shared_lock(connection, self.path)
+        return connection
 
     def fetch(self, entry_keys: Sequence[bytes]) -> list[Fetched | None]:
         """The stored blobs of these keys (None where absent), unverified, from one
@@ -193,6 +232,17 @@ class Layer:
             except apsw.Error as error:
                 log.warning("vyre-sqlcache: reading layer %s failed: %s", self.path, error)
             return found + [None] * (len(entry_keys) - len(found))
+        finally:
+            self.pool.leave(slot)
+
+    def fetch_one(self, entry_key: bytes) -> Fetched | None:
+        """`fetch` of one key."""
+        slot = self.pool.enter()
+        try:
+            return _rows.fetch(self.pool.cursor(slot), lambda: self.pool.large(slot), entry_key)
+        except apsw.Error as error:
+            log.warning("vyre-sqlcache: reading layer %s failed: %s", self.path, error)
+            return None
         finally:
             self.pool.leave(slot)
 
@@ -231,6 +281,7 @@ class Layers:
         self._on_damage = on_damage
         self._lock = threading.Lock()
         self.hits = 0
+        self.masks = MaskCopy()
 
     def __bool__(self) -> bool:
         return bool(self.layers)
@@ -244,6 +295,8 @@ class Layers:
     ) -> list[Lookup | None]:
         """The verified, unmasked entries of these keys from the first layer that has each
         (None: in no layer); `masked(key, checksum)` asks the user's file."""
+        if len(entry_keys) == 1:
+            return [self._load_one(entry_keys[0], masked)]
         results: list[Lookup | None] = [None] * len(entry_keys)
         wanted = list(range(len(entry_keys)))
         for number, layer in enumerate(self.layers):
@@ -263,6 +316,16 @@ class Layers:
             with self._lock:
                 self.hits += served
         return results
+
+    def _load_one(self, key: bytes, masked: Callable[[bytes, bytes], bool]) -> Lookup | None:
+        """`load` of one key: the read path's own, without the batch's lists."""
+        for number, layer in enumerate(self.layers):
+            got = layer.fetch_one(key)
+            if got is not None and self._sound(layer, key, got) and not masked(key, got.checksum):
+                with self._lock:
+                    self.hits += 1
+                return Lookup(got.data, number)
+        return None
 
     def _sound(self, layer: Layer, entry_key: bytes, fetched: Fetched) -> bool:
         if _rows.verify(entry_key, fetched):
@@ -309,6 +372,23 @@ class Layers:
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
+
+
+def hold_shared_lock(connection: apsw.Connection, path: Path) -> None:
+    """Keep the shared lock of a layer in rollback-journal mode (as `bundle` writes
+    them) from the first read on, instead of taking and dropping it (two fcntl calls
+    and a look at the header) around every statement: a read that hits such a layer
+    took 8.8 against 5.6 µs for the same statement on a WAL file. A layer is never
+    written, and holding the lock keeps anyone from writing it through SQLite under
+    us. A layer in WAL mode (a user's cache used as a layer) is left alone: there
+    exclusive locking would take the write lock from its owner."""
+    try:
+        with open(path, "rb") as file:
+            rollback = file.read(20)[18:19] == b"\x01"
+    except OSError:
+        return
+    if rollback:
+        connection.pragma("locking_mode", "exclusive")
 
 
 def open_layers(
@@ -358,6 +438,7 @@ def _open_layer(path: Path, seen: set[Path], vfs: str | None) -> Layer | None:
             mmap=file.mappable,
             vfs=vfs,
         )
+        hold_shared_lock(connection, file.path)
         with transaction(connection, "DEFERRED"):
             version = _checked_version(connection, str(file.path))
         if version != latest_version():

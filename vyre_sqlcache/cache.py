@@ -575,7 +575,8 @@ class PipelineCache(CacheMaintenance):
         if self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key:
             return True
         return bool(self._layers) and self._read(
-            "looking up layers", lambda c: self._layers.contains(entry_key, self._masks(c))
+            "looking up layers",
+            lambda c: self._layers.contains(entry_key, self._masks(c.cursor())),
         )
 
     def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
@@ -998,7 +999,7 @@ class PipelineCache(CacheMaintenance):
     def _load_from_tiers(self, slot: Slot, entry_keys: list[bytes]) -> list[bytes | None]:
         """Keys the user's file missed, looked up in the tiers after it, in order: the
         read-only layers (skipping what the user's masks hide); counts hits and misses."""
-        found = self._layers.load(entry_keys, self._masks(self._pool.main(slot)))
+        found = self._layers.load(entry_keys, self._masks(self._pool.cursor(slot)))
         results: list[bytes | None] = []
         for entry_key, lookup in zip(entry_keys, found, strict=True):
             if lookup is None:
@@ -1010,14 +1011,13 @@ class PipelineCache(CacheMaintenance):
             results.append(lookup.data)
         return results
 
-    @staticmethod
-    def _masks(connection: apsw.Connection) -> Callable[[bytes, bytes], bool]:
+    def _masks(self, cursor: apsw.Cursor) -> Callable[[bytes, bytes], bool]:
         """Whether the user's file hides a layer entry; one it cannot answer for is hidden
         (bytes an invalidation may have reached are never served)."""
 
         def masked(entry_key: bytes, checksum: bytes) -> bool:
             try:
-                return _layers.is_masked(connection, entry_key, checksum)
+                return self._layers.masks.masked(cursor, entry_key, checksum)
             except apsw.Error as error:
                 log.warning("vyre-sqlcache: reading the layer masks failed: %s", error)
                 return True
