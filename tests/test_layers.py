@@ -28,6 +28,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache.config import ENV_LAYERS
 
 from .corpus_blobs import blobs
+from .helpers import without_mask_copies
 
 Items = list[tuple[bytes, bytes]]
 
@@ -436,9 +437,16 @@ def test_a_bundled_layer_on_a_read_only_folder_serves_an_unprivileged_user(
         assert user.read(digest(0), fingerprint) == b"user's own"
 
 
+@pytest.mark.parametrize("copied", [True, False], ids=["masks-copied", "masks-asked"])
 def test_a_mask_committed_by_another_connection_is_seen_at_the_next_read(
-    cache_path: Path, fingerprint: DeviceFingerprint, make_layer: Callable[..., Path]
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    make_layer: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    copied: bool,
 ) -> None:
+    if not copied:
+        without_mask_copies(monkeypatch)
     layer = make_layer("layer", items(0, 3))
     with (
         PipelineCache.open(cache_path, layers=[layer]) as reader,
@@ -470,3 +478,26 @@ def test_many_masks_are_asked_of_the_file_at_each_layer_hit(
             True,
             False,
         ]
+
+
+def test_both_sides_of_a_fork_read_through_the_layers(
+    cache_path: Path, fingerprint: DeviceFingerprint, make_layer: Callable[..., Path]
+) -> None:
+    pairs = items(0, 4)
+    layer = make_layer("layer", pairs)
+    with PipelineCache.open(cache_path, layers=[layer]) as cache:
+        assert cache.read(digest(0), fingerprint) == pairs[0][1]  # connections open
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            ok = False
+            try:
+                ok = [cache.read(digest(n), fingerprint) for n in range(4)] == [b for _, b in pairs]
+                cache.invalidate_impacted([1], [digest(3)], fingerprint)
+                ok = ok and cache.read(digest(3), fingerprint) is None
+                cache.close()
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert cache.read(digest(1), fingerprint) == pairs[1][1]
+        assert cache.read(digest(3), fingerprint) is None  # the child's mask, in the file

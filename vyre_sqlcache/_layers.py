@@ -106,6 +106,10 @@ def is_masked(cursor: apsw.Cursor, entry_key: bytes, checksum: bytes) -> bool:
 MASKS_IN_MEMORY = 256
 
 
+#: `Connection.data_version` came with apsw 3.47; an older apsw asks the file each time.
+_HAS_DATA_VERSION = hasattr(apsw.Connection, "data_version")
+
+
 class MaskCopy:
     """Each thread's copy of the user's masks, kept while its connection's data version
     (SQLite's count of commits it has seen, read without a statement) stays the same.
@@ -121,6 +125,8 @@ class MaskCopy:
 
     def masked(self, cursor: apsw.Cursor, entry_key: bytes, checksum: bytes) -> bool:
         connection = cursor.connection
+        if not _HAS_DATA_VERSION:
+            return is_masked(cursor, entry_key, checksum)
         local = self._local
         version = connection.data_version()
         if getattr(local, "connection", None) is not connection or local.version != version:
