@@ -501,3 +501,22 @@ def test_both_sides_of_a_fork_read_through_the_layers(
         assert os.waitstatus_to_exitcode(status) == 0
         assert cache.read(digest(1), fingerprint) == pairs[1][1]
         assert cache.read(digest(3), fingerprint) is None  # the child's mask, in the file
+
+
+def test_the_layer_views_read_in_a_plain_sqlite_client(
+    tmp_path: Path,
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    make_layer: Callable[..., Path],
+) -> None:
+    import sqlite3
+
+    layer = make_layer("layer", items(0, 2))
+    with PipelineCache.open(cache_path, layers=[layer], max_bytes=1 << 20) as cache:
+        cache.invalidate_impacted([1], [digest(1)], fingerprint)
+    with sqlite3.connect(f"file:{cache_path}?mode=ro", uri=True) as plain:
+        masks = plain.execute("SELECT entry_key, length(checksum), masked FROM layer_masks_v")
+        assert [(k, n) for k, n, _ in masks] == [(fingerprint.cache_key(digest(1)).hex(), 32)]
+        assert plain.execute("SELECT * FROM info_v").fetchall() == [("max_bytes", 1 << 20)]
+    with sqlite3.connect(f"file:{layer}?mode=ro", uri=True) as plain:
+        assert plain.execute("SELECT * FROM info_v").fetchall() == [("layer", 1)]
