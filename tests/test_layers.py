@@ -520,3 +520,28 @@ def test_the_layer_views_read_in_a_plain_sqlite_client(
         assert plain.execute("SELECT * FROM info_v").fetchall() == [("max_bytes", 1 << 20)]
     with sqlite3.connect(f"file:{layer}?mode=ro", uri=True) as plain:
         assert plain.execute("SELECT * FROM info_v").fetchall() == [("layer", 1)]
+
+
+def test_a_rebuilt_user_file_keeps_its_layer_masks(
+    cache_path: Path, fingerprint: DeviceFingerprint, make_layer: Callable[..., Path]
+) -> None:
+    layer = make_layer("layer", items(0, 4))
+    with PipelineCache.open(cache_path, layers=[layer]) as cache:
+        cache.write_many(items(10, 20), fingerprint)
+        assert cache.invalidate_impacted([1, 1], [digest(0), digest(1)], fingerprint) == 2
+    # Damage a page of the LRU index: the file fails integrity_check and is rebuilt.
+    connection = apsw.Connection(str(cache_path))
+    page_size = connection.pragma("page_size")
+    ((root,),) = connection.execute(
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'entries_lru'"
+    ).fetchall()
+    connection.close()
+    with open(cache_path, "r+b") as file:
+        file.seek((root - 1) * page_size + 8)
+        file.write(b"\xff" * 64)
+    with PipelineCache.open(cache_path, layers=[layer]) as cache:
+        report = cache.check(repair=True)
+        assert report.rebuilt and report.ok
+        assert cache.read(digest(0), fingerprint) is None
+        assert cache.read(digest(1), fingerprint) is None
+        assert cache.read(digest(2), fingerprint) == items(2, 1)[0][1]

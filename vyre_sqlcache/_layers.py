@@ -159,6 +159,21 @@ def mask(connection: apsw.Connection, found: Iterable[Found], now_ms: int) -> in
     return sum(_rows.owner(connection, key) != key for key in newly)
 
 
+def copy_masks(source: apsw.Connection, target: apsw.Connection) -> int:
+    """Copy the masks that can be read into a rebuilt file (a repair must not bring
+    invalidated layer entries back); return how many."""
+    try:
+        rows = source.execute("SELECT entry_key, checksum, masked_ms FROM layer_masks").fetchall()
+    except (apsw.CorruptError, apsw.NotADBError, apsw.IOError):
+        return 0
+    copied = 0
+    for row in rows:
+        with suppress(apsw.ConstraintError, apsw.MismatchError):
+            target.execute("INSERT OR IGNORE INTO layer_masks VALUES (?, ?, ?)", row)
+            copied += 1
+    return copied
+
+
 def is_layer_file(connection: apsw.Connection) -> bool:
     """Whether a cache file (of our schema) is marked as a layer."""
     return bool(_rows.setting(connection, LAYER_SETTING))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import apsw
 
-from . import _codec, _combine, _rows
+from . import _codec, _combine, _layers, _rows
 from ._cachefile import move_aside, needs_check_marker
 from ._checkpointer import compact_shortfall
 from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate
@@ -634,6 +634,7 @@ class CacheMaintenance:
                 rescue.execute(f"PRAGMA user_version = {migration.version:d}")
             _rows.restore_meta(rescue, _rows.readable_meta(live))
             _rows.copy_dictionaries(live, rescue)
+            _layers.copy_masks(live, rescue)
         except BaseException:
             self._rescue_discard(temporary, rescue)
             raise
