@@ -212,6 +212,8 @@ def discard(temporary: Path) -> None:
 def source(path: Path) -> Iterator[apsw.Connection]:
     """A read-only connection to a cache file to merge from; never writes it (no
     migration, no checkpoint on close). Raises CacheError types naming the file."""
+    if not path.exists():
+        raise CacheError(f"{path} does not exist; give the path of a cache file to merge from")
     file = CacheFile.locate(path, create=False)
     if is_not_sqlite(file.path) or header_damage(file.path) is not None:
         raise CacheError(f"{file.path} is not a readable cache (not a SQLite database, or damaged)")
