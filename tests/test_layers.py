@@ -545,3 +545,28 @@ def test_a_rebuilt_user_file_keeps_its_layer_masks(
         assert cache.read(digest(0), fingerprint) is None
         assert cache.read(digest(1), fingerprint) is None
         assert cache.read(digest(2), fingerprint) == items(2, 1)[0][1]
+
+
+def test_a_layer_with_damaged_pages_reads_right_or_misses_and_warns_once(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    make_layer: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pairs = items(0, 64)
+    layer = make_layer("layer", pairs)
+    size = layer.stat().st_size
+    with open(layer, "r+b") as file:  # garbage over pages in the second half of the file
+        for page in range(size // 16384 // 2, size // 16384, 2):
+            file.seek(page * 16384)
+            file.write(b"\xa5" * 16384)
+    with (
+        caplog.at_level(logging.WARNING, logger="vyre_sqlcache"),
+        PipelineCache.open(cache_path, layers=[layer]) as cache,
+    ):
+        got = [cache.read(d, fingerprint) for d, _ in pairs] * 2
+        got += cache.get_many([], fingerprint)
+    assert all(g in (None, b) for g, (_, b) in zip(got, pairs * 2, strict=True))
+    assert None in got and any(g is not None for g in got)
+    failures = [r for r in caplog.records if "reading layer" in r.getMessage()]
+    assert len(failures) == 1

@@ -214,6 +214,7 @@ class Layer:
     def __init__(self, file: CacheFile, first: apsw.Connection, vfs: str | None) -> None:
         self.file = file
         self._vfs = vfs
+        self._warned = False
         self.path = file.path
         self.pool = ConnectionPool(self._connect, file.path)
         slot = self.pool.enter()
@@ -251,10 +252,24 @@ class Layer:
                         for key in entry_keys:
                             found.append(_rows.fetch(cursor, lambda: self.pool.large(slot), key))
             except apsw.Error as error:
-                log.warning("vyre-sqlcache: reading layer %s failed: %s", self.path, error)
+                self.failed(error)
             return found + [None] * (len(entry_keys) - len(found))
         finally:
             self.pool.leave(slot)
+
+    def failed(self, error: apsw.Error) -> None:
+        """Report a read of this layer that failed (a miss): once as a warning, then at
+        debug level, so that a damaged layer does not flood the application's log."""
+        if self._warned:
+            log.debug("vyre-sqlcache: reading layer %s failed: %s", self.path, error)
+            return
+        self._warned = True
+        log.warning(
+            "vyre-sqlcache: reading layer %s failed: %s (its entries read as misses where "
+            "this happens; later failures are logged at debug level)",
+            self.path,
+            error,
+        )
 
     def fetch_one(self, entry_key: bytes) -> Fetched | None:
         """`fetch` of one key."""
@@ -262,7 +277,7 @@ class Layer:
         try:
             return _rows.fetch(self.pool.cursor(slot), lambda: self.pool.large(slot), entry_key)
         except apsw.Error as error:
-            log.warning("vyre-sqlcache: reading layer %s failed: %s", self.path, error)
+            self.failed(error)
             return None
         finally:
             self.pool.leave(slot)
@@ -285,7 +300,7 @@ class Layer:
         try:
             return run(self.pool.main(slot))
         except apsw.Error as error:
-            log.warning("vyre-sqlcache: reading layer %s failed: %s", self.path, error)
+            self.failed(error)
             return default
         finally:
             self.pool.leave(slot)
