@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -21,7 +22,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _rows
+from . import _codec, _layers, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
@@ -118,6 +119,8 @@ class CacheStats:
     compression_ratio: float = 1.0
     #: what this object writes: 'off' or 'zstd-<level>'
     compression: str = "off"
+    #: hits of this object served by a read-only layer (also counted in `hits`)
+    layer_hits: int = 0
 
 
 class PipelineCache(CacheMaintenance):
@@ -159,6 +162,7 @@ class PipelineCache(CacheMaintenance):
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
         self._writer = WriteBehind(self._commit_entries)
+        self._layers = _layers.Layers((), self._books.checksum_failed)
 
     # -- opening and closing -------------------------------------------------------
 
@@ -188,6 +192,7 @@ class PipelineCache(CacheMaintenance):
         vfs: str | None = None,
         write_behind: bool = True,
         compression: str | int = _UNSET,
+        layers: Sequence[str | PathLike[str]] | None = None,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
 
@@ -204,10 +209,13 @@ class PipelineCache(CacheMaintenance):
         where it saves at least 1/8, with dictionaries trained per backend and device; raw
         without the zstandard package), 'off', or a zstd level from 1 to 22 (default:
         `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
-        back whatever wrote it.
+        back whatever wrote it. `layers` are read-only cache files (made by `bundle`) read,
+        in order, after this one on every miss (default: `$VYRE_SQLCACHE_LAYERS`); one that
+        cannot be used is skipped with a warning.
 
         Raises SchemaTooNewError (file from a newer library), NotACacheError (another
-        program's file or database, a FIFO or device), CorruptCacheError (with strict),
+        program's file or database, a FIFO or device), ReadOnlyCacheError (a layer file
+        opened for writing), CorruptCacheError (with strict),
         ValueError/TypeError (malformed environment variable or argument), CacheError
         (cannot open: a folder, a file with several hard links, no permission).
         """
@@ -224,6 +232,9 @@ class PipelineCache(CacheMaintenance):
         else:
             max_bytes = check_max_bytes(max_bytes)
         resolved = cls.resolve_path(path, settings)
+        layer_paths = (
+            settings.layers if layers is None else _layers.check_layer_paths("layers", layers)
+        )
         if settings.disabled:
             from ._disabled import DisabledCache
 
@@ -243,6 +254,10 @@ class PipelineCache(CacheMaintenance):
                 raise
             move_aside(file.path, f"is damaged ({error})")
             cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
+        if layer_paths:
+            cache._layers = _layers.open_layers(
+                layer_paths, cache._path, cache._books.checksum_failed, vfs
+            )
         return cache
 
     def _check_file_bytes(self, *, own: bool) -> None:
@@ -297,6 +312,8 @@ class PipelineCache(CacheMaintenance):
         marker = needs_check_marker(self._path)
         connection = self._connect(True)
         try:
+            if not self._readonly:
+                _layers.refuse_layer_for_writes(connection, where)
             retry_busy(lambda: prepare(connection, where, readonly=self._readonly))
             # A reader cannot repair what quick_check would find, nor remove the marker:
             # it reads on, and every entry is still checksummed.
@@ -379,6 +396,7 @@ class PipelineCache(CacheMaintenance):
             log.warning("vyre-sqlcache: closing %s: %s", self._path, error)
         finally:
             self._pool.close()
+            self._layers.close()
 
     def __enter__(self) -> PipelineCache:
         return self
@@ -487,7 +505,13 @@ class PipelineCache(CacheMaintenance):
                 impacted.append(digest)
         if not impacted:
             return 0
-        return self._change("invalidating entries", lambda c: _rows.invalidate(c, impacted, fp))
+        # Layers are read-only: what it reaches there is masked in the user's file, first
+        # (so that `mask` counts only keys the file's own invalidation does not).
+        found = self._layers.impacted(impacted, fp) if self._layers else []
+        return self._change(
+            "invalidating entries",
+            lambda c: _layers.mask(c, found, _now_ms()) + _rows.invalidate(c, impacted, fp),
+        )
 
     # -- the key API: entries by PipelineCacheKey -------------------------------------
 
@@ -548,7 +572,12 @@ class PipelineCache(CacheMaintenance):
         entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
         if self._writer.get(entry_key) is not None:
             return True
-        return self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key
+        if self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key:
+            return True
+        return bool(self._layers) and self._read(
+            "looking up layers",
+            lambda c: self._layers.contains(entry_key, self._masks(c.cursor())),
+        )
 
     def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Delete the entry under `key` on a device; return whether there was one."""
@@ -606,7 +635,11 @@ class PipelineCache(CacheMaintenance):
         keys = [coerce_digest(f"entry_keys[{i}]", k) for i, k in enumerate(entry_keys)]
         if not keys:
             return 0
-        return self._change("deleting entries", lambda c: _rows.delete_entries(c, keys))
+        found = self._layers.with_keys(keys) if self._layers else []
+        return self._change(
+            "deleting entries",
+            lambda c: _layers.mask(c, found, _now_ms()) + _rows.delete_entries(c, keys),
+        )
 
     def check_entry(self, entry_key: bytes | str) -> bool | None:
         """Whether an entry's bytes match its checksum (None: no such entry); changes nothing."""
@@ -654,6 +687,7 @@ class PipelineCache(CacheMaintenance):
             if totals.get("stored_bytes", 0)
             else 1.0,
             compression=self.compression,
+            layer_hits=self._layers.hits,
         )
 
     @property
@@ -927,6 +961,8 @@ class PipelineCache(CacheMaintenance):
             fetched = self._fetch(slot, entry_key, held=True)
             if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
                 fetched = self._fetch(slot, entry_key, held=True)
+            if fetched is None and self._layers:
+                return self._load_from_tiers(slot, [entry_key], held=True)[0]
             return self._verified(slot, entry_key, fetched)
         finally:
             self._pool.leave(slot)
@@ -962,7 +998,52 @@ class PipelineCache(CacheMaintenance):
                 fetched += [None] * (len(entry_keys) - len(fetched))
             if self._watch.active and None in fetched:
                 self._reopened_if_changed(slot, now=True)  # the next read sees the change
+            if self._layers and None in fetched:
+                missed = [k for k, f in zip(entry_keys, fetched, strict=True) if f is None]
+                tiers = iter(self._load_from_tiers(slot, missed))
+                return [
+                    next(tiers) if f is None else self._verified(slot, k, f)
+                    for k, f in zip(entry_keys, fetched, strict=True)
+                ]
             return [self._verified(slot, k, f) for k, f in zip(entry_keys, fetched, strict=True)]
+
+    def _load_from_tiers(
+        self, slot: Slot, entry_keys: list[bytes], *, held: bool = False
+    ) -> list[bytes | None]:
+        """Keys the user's file missed, looked up in the tiers after it, in order: the
+        read-only layers (skipping what the user's masks hide); counts hits and misses.
+        `held`: the masks are read in the thread's held snapshot, as the miss was."""
+        try:
+            cursor = self._pool.held_cursor(slot) if held else self._pool.cursor(slot)
+        except apsw.Error as error:
+            log.warning("vyre-sqlcache: reading the layer masks failed: %s", error)
+            cursor = None
+        found = self._layers.load(entry_keys, self._masks(cursor))
+        results: list[bytes | None] = []
+        for entry_key, lookup in zip(entry_keys, found, strict=True):
+            if lookup is None:
+                self._books.miss()
+                results.append(None)
+                continue
+            if self._books.hit(entry_id(entry_key)) and not self._readonly:
+                self._write_bookkeeping(self._pool.main(slot), wait=False)
+            results.append(lookup.data)
+        return results
+
+    def _masks(self, cursor: apsw.Cursor | None) -> Callable[[bytes, bytes], bool]:
+        """Whether the user's file hides a layer entry; one it cannot answer for is hidden
+        (bytes an invalidation may have reached are never served)."""
+
+        def masked(entry_key: bytes, checksum: bytes) -> bool:
+            if cursor is None:
+                return True
+            try:
+                return self._layers.masks.masked(cursor, entry_key, checksum)
+            except apsw.Error as error:
+                log.warning("vyre-sqlcache: reading the layer masks failed: %s", error)
+                return True
+
+        return masked
 
     def _fetch(
         self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None = None, *, held: bool = False
