@@ -20,10 +20,9 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 from os import PathLike, fspath
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import apsw
 
@@ -199,9 +198,9 @@ def refuse_layer_for_writes(connection: apsw.Connection, where: str) -> None:
 # -- the layers ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """A verified layer entry: its bytes and the index of the layer that served them."""
+class Lookup(NamedTuple):
+    """A verified layer entry: its bytes and the index of the layer that served them
+    (a named tuple: one is made for every layer hit)."""
 
     data: bytes
     layer: int
@@ -272,10 +271,11 @@ class Layer:
         )
 
     def fetch_one(self, entry_key: bytes) -> Fetched | None:
-        """`fetch` of one key."""
+        """`fetch` of one key, in the thread's held snapshot of the layer (see `_snapshots`)."""
         slot = self.pool.enter()
         try:
-            return _rows.fetch(self.pool.cursor(slot), lambda: self.pool.large(slot), entry_key)
+            cursor = self.pool.held_cursor(slot)
+            return _rows.fetch(cursor, lambda: self.pool.large(slot), entry_key)
         except apsw.Error as error:
             self.failed(error)
             return None
