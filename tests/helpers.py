@@ -13,7 +13,14 @@ import apsw
 
 from vyre_sqlcache import PipelineCache
 
-__all__ = ["abandon", "connection_of", "count_checkpoints", "damage_blob", "open_connections"]
+__all__ = [
+    "abandon",
+    "connection_of",
+    "count_checkpoints",
+    "damage_blob",
+    "open_connections",
+    "without_mask_copies",
+]
 
 
 def connection_of(cache: PipelineCache) -> apsw.Connection:
@@ -51,6 +58,14 @@ def count_checkpoints(monkeypatch: Any) -> list[None]:
 
     monkeypatch.setattr(PipelineCache, "_checkpoint_passive", counting)
     return done
+
+
+def without_mask_copies(monkeypatch: Any) -> None:
+    """Make layer reads ask the user's file for masks at every hit, as with an apsw
+    older than 3.47 (no `Connection.data_version`)."""
+    from vyre_sqlcache import _layers
+
+    monkeypatch.setattr(_layers, "_HAS_DATA_VERSION", False)
 
 
 def damage_blob(cache: PipelineCache, entry_key: bytes) -> None:

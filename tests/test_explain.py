@@ -1,4 +1,4 @@
-"""Why did this miss? `explain`, the departure record and the miss log (migration 0005)."""
+"""Why did this miss? `explain`, the departure record and the miss log (migration 0006)."""
 
 from __future__ import annotations
 

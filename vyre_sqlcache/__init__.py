@@ -6,6 +6,7 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 
 from __future__ import annotations
 
+from ._combine import BundleReport, MergeReport
 from ._schema import latest_version as _latest_version
 from .cache import MAX_BLOB_BYTES, CacheStats, PipelineCache
 from .errors import (
@@ -30,6 +31,7 @@ __all__ = [
     "MAX_BLOB_BYTES",
     "SCHEMA_VERSION",
     "BlobTooLargeError",
+    "BundleReport",
     "CacheBusyError",
     "CacheError",
     "CacheFullError",
@@ -37,6 +39,7 @@ __all__ = [
     "CorruptCacheError",
     "DeviceFingerprint",
     "FeatureFlags",
+    "MergeReport",
     "NotACacheError",
     "PipelineCache",
     "PipelineCacheKey",

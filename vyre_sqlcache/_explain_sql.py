@@ -1,5 +1,5 @@
 """Every statement of "why did this miss?": the departure record, the miss log, and the
-lookups `explain` makes (migration 0005).
+lookups `explain` makes (migration 0006).
 
 Functions run on a connection the caller gives them, inside the caller's transaction
 where they change anything; they raise apsw errors as they come. Departures are

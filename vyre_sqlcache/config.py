@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "ENV_COMPRESSION",
     "ENV_DISABLE",
+    "ENV_LAYERS",
     "ENV_LOG_MISSES",
     "ENV_MAX_SIZE",
     "ENV_PATH",
@@ -24,6 +25,7 @@ ENV_PATH = "VYRE_SQLCACHE_PATH"
 ENV_MAX_SIZE = "VYRE_SQLCACHE_MAX_SIZE"
 ENV_DISABLE = "VYRE_SQLCACHE_DISABLE"
 ENV_COMPRESSION = "VYRE_SQLCACHE_COMPRESSION"
+ENV_LAYERS = "VYRE_SQLCACHE_LAYERS"
 ENV_LOG_MISSES = "VYRE_SQLCACHE_LOG_MISSES"
 
 #: Default size cap on blob bytes: 1 GiB, as Mesa's shader cache.
@@ -61,6 +63,8 @@ class Settings:
     disabled: bool = False
     #: 'auto', 'off' or a zstd level as text, checked; None where it says nothing
     compression: str | None = None
+    #: read-only layer files searched after the cache, in order (os.pathsep-separated)
+    layers: tuple[Path, ...] = ()
     #: whether misses are logged in the file (see `PipelineCache.misses`)
     log_misses: bool = False
 
@@ -86,5 +90,10 @@ class Settings:
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,
             compression=compression,
+            layers=tuple(
+                Path(part).expanduser()
+                for part in env.get(ENV_LAYERS, "").split(os.pathsep)
+                if part.strip()
+            ),
             log_misses=log_misses in _TRUE,
         )
