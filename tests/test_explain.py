@@ -215,6 +215,26 @@ def test_another_field(
     assert difference.cached in why.summary and difference.asked in why.summary
 
 
+def test_a_hit_in_a_layer_names_the_layer(
+    tmp_path: Path, cache_path: Path, fingerprint: DeviceFingerprint, make_key: Key
+) -> None:
+    key, masked = make_key(), make_key()
+    digest = os.urandom(32)
+    layer = tmp_path / "app.layer"
+    with PipelineCache.open(tmp_path / "ci.sqlite3") as ci:
+        ci.put(key, fingerprint, BLOB)
+        ci.put(masked, fingerprint, BLOB, program_digest=digest)
+        ci.bundle(layer)
+    with PipelineCache.open(cache_path, layers=[layer]) as cache:
+        why = cache.explain(key, fingerprint)
+        assert (why.outcome, why.where) == ("hit", f"layer {layer}")
+        assert why.summary == f"a hit: served by the read-only layer {layer}"
+        assert cache.stats().layer_hits == 0  # explaining counts no hit
+        assert cache.invalidate_impacted([1], [digest], fingerprint) == 1
+        assert cache.get(masked, fingerprint) is None
+        assert cache.explain(masked, fingerprint).outcome == "miss"
+
+
 def test_never_seen(cache: PipelineCache, fingerprint: DeviceFingerprint, make_key: Key) -> None:
     cache.put(make_key(), fingerprint, BLOB)  # another shader
     why = cache.explain(make_key(), fingerprint)

@@ -663,11 +663,9 @@ class CacheExplain:
         if self._miss_log is not None and len(self._miss_log) and not self._readonly:
             self._write_bookkeeping(connection, wait=True)
 
-    def _explain_layers(self, entry_key: bytes) -> Path | None:
-        """The read-only layer a read of `entry_key` would be served from, or None.
-
-        The hook for layers (issue 15, part 1): this cache has none yet.
-        """
+    def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> Path | None:
+        """The read-only layer a read of `entry_key` would be served from, or None
+        (`cursor`: on the user's file, for its masks). `PipelineCache` has layers."""
         return None
 
     def _explain(self, asked: dict[str, Any], *, known: bool = True) -> Explanation:
@@ -715,7 +713,7 @@ class CacheExplain:
             asked,
             before_ms=before_ms,
             verify=verify,
-            layer=lambda: self._explain_layers(entry_key),
+            layer=lambda: self._explain_layers(entry_key, connection.cursor()),
             known=known,
         )
 

@@ -1067,6 +1067,16 @@ class PipelineCache(CacheMaintenance, CacheExplain):
             results.append(lookup.data)
         return results
 
+    def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> Path | None:
+        """The layer a read of `entry_key` would be served from (its bytes verified, the
+        user's masks asked; no hit counted), or None: for `explain`."""
+        masked = self._masks(cursor)
+        for layer in self._layers.layers:
+            got = layer.fetch_one(entry_key)
+            if got is not None and _rows.verify(entry_key, got):
+                return None if masked(entry_key, got.checksum) else layer.path
+        return None
+
     def _masks(self, cursor: apsw.Cursor | None) -> Callable[[bytes, bytes], bool]:
         """Whether the user's file hides a layer entry; one it cannot answer for is hidden
         (bytes an invalidation may have reached are never served)."""
