@@ -6,6 +6,7 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 
 from __future__ import annotations
 
+from ._remote import RemoteSettings, RemoteStats, RemoteTier
 from ._schema import latest_version as _latest_version
 from .cache import MAX_BLOB_BYTES, CacheStats, PipelineCache
 from .errors import (
@@ -41,6 +42,9 @@ __all__ = [
     "PipelineCache",
     "PipelineCacheKey",
     "ReadOnlyCacheError",
+    "RemoteSettings",
+    "RemoteStats",
+    "RemoteTier",
     "SchemaTooNewError",
     "__version__",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _rows
+from . import _codec, _remote, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
@@ -118,6 +118,8 @@ class CacheStats:
     compression_ratio: float = 1.0
     #: what this object writes: 'off' or 'zstd-<level>'
     compression: str = "off"
+    #: the shared tier's counters, None without a remote (see README "Sharing a cache")
+    remote: _remote.RemoteStats | None = None
 
 
 class PipelineCache(CacheMaintenance):
@@ -159,6 +161,7 @@ class PipelineCache(CacheMaintenance):
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
         self._writer = WriteBehind(self._commit_entries)
+        self._remote: _remote.RemoteTier | None = None
 
     # -- opening and closing -------------------------------------------------------
 
@@ -188,6 +191,7 @@ class PipelineCache(CacheMaintenance):
         vfs: str | None = None,
         write_behind: bool = True,
         compression: str | int = _UNSET,
+        remote: str | _remote.RemoteSettings | None = _UNSET,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
 
@@ -204,12 +208,15 @@ class PipelineCache(CacheMaintenance):
         where it saves at least 1/8, with dictionaries trained per backend and device; raw
         without the zstandard package), 'off', or a zstd level from 1 to 22 (default:
         `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
-        back whatever wrote it.
+        back whatever wrote it. `remote` is a shared tier behind the file: a redis:// URL
+        (with `$VYRE_SQLCACHE_REMOTE_MODE`, `_KEY`, `_TIMEOUT`), a `RemoteSettings`, or None
+        for none (default: `$VYRE_SQLCACHE_REMOTE`); see README "Sharing a cache".
 
         Raises SchemaTooNewError (file from a newer library), NotACacheError (another
         program's file or database, a FIFO or device), CorruptCacheError (with strict),
         ValueError/TypeError (malformed environment variable or argument), CacheError
-        (cannot open: a folder, a file with several hard links, no permission).
+        (cannot open: a folder, a file with several hard links, no permission),
+        ImportError (a `remote` argument without the `remote` extra installed).
         """
         settings = Settings.from_environment()
         if compression is _UNSET:
@@ -235,6 +242,7 @@ class PipelineCache(CacheMaintenance):
             file, readonly=readonly, max_bytes=max_bytes, vfs=vfs, write_behind=write_behind
         )
         cache._codec = _codec.Codec(level)
+        tier = _remote.open_tier(remote, settings.remote, given=remote is not _UNSET)
         try:
             cache._check_file_bytes(own=path is None)
             cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
@@ -243,6 +251,7 @@ class PipelineCache(CacheMaintenance):
                 raise
             move_aside(file.path, f"is damaged ({error})")
             cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
+        cache._remote = tier
         return cache
 
     def _check_file_bytes(self, *, own: bool) -> None:
@@ -378,6 +387,8 @@ class PipelineCache(CacheMaintenance):
         except CacheError as error:
             log.warning("vyre-sqlcache: closing %s: %s", self._path, error)
         finally:
+            if self._remote is not None:
+                self._remote.close()  # sends what is queued, for a bounded time
             self._pool.close()
 
     def __enter__(self) -> PipelineCache:
@@ -446,7 +457,8 @@ class PipelineCache(CacheMaintenance):
 
         Raises TypeError/ValueError for bad arguments; a damaged entry is a miss.
         """
-        return self._load(check_fingerprint(fingerprint).cache_key(program_digest))
+        fp = check_fingerprint(fingerprint)
+        return self._load_or_fetch(fp.cache_key(program_digest), (None, fp, program_digest))
 
     def flush(self) -> None:
         """Make every earlier write of this object durable (survives power loss).
@@ -534,14 +546,18 @@ class PipelineCache(CacheMaintenance):
 
         Raises TypeError for bad arguments; a damaged entry is a miss.
         """
-        return self._load(check_key(key).entry_key(check_fingerprint(fingerprint)))
+        fp = check_fingerprint(fingerprint)
+        return self._load_or_fetch(check_key(key).entry_key(fp), (key, fp, None))
 
     def get_many(
         self, keys: Iterable[PipelineCacheKey], fingerprint: DeviceFingerprint
     ) -> list[bytes | None]:
         """The blobs of many keys (None for each miss), read from one snapshot."""
         fp = check_fingerprint(fingerprint)
-        return self._load_many([check_key(k).entry_key(fp) for k in keys])
+        checked = [check_key(k) for k in keys]
+        return self._load_many_or_fetch(
+            [k.entry_key(fp) for k in checked], [(k, fp, None) for k in checked]
+        )
 
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Whether an entry is stored under `key` on a device (its bytes are not verified)."""
@@ -562,7 +578,7 @@ class PipelineCache(CacheMaintenance):
 
         Raises TypeError/ValueError for a malformed key; a damaged entry is a miss.
         """
-        return self._load(coerce_digest("entry_key", entry_key))
+        return self._load_or_fetch(coerce_digest("entry_key", entry_key), _remote.NO_ORIGIN)
 
     def put_entry(
         self, entry_key: bytes | str, blob: bytes, *, created_ms: int | None = None
@@ -654,6 +670,7 @@ class PipelineCache(CacheMaintenance):
             if totals.get("stored_bytes", 0)
             else 1.0,
             compression=self.compression,
+            remote=None if self._remote is None else self._remote.stats(),
         )
 
     @property
@@ -834,6 +851,8 @@ class PipelineCache(CacheMaintenance):
                 if durable:
                     with suppress(apsw.Error):
                         connection.pragma("synchronous", "NORMAL")
+        if self._remote is not None and entries:
+            self._remote.upload(entries)  # queued for the shared tier; never blocks or raises
         changes = len(entries) + (result if isinstance(result, int) else 0)
         with self._lock:
             self._unflushed = 0 if durable else self._unflushed + changes
@@ -931,6 +950,54 @@ class PipelineCache(CacheMaintenance):
         self._generation.seen = generation
         self._pool.reopen(slot)
         return True
+
+    # -- internals: the shared tier, asked after the local file misses ----------------------
+
+    def _load_or_fetch(self, entry_key: bytes, origin: _remote.Origin) -> bytes | None:
+        """`_load`, then the shared tier on a miss."""
+        found = self._load(entry_key)
+        if found is None and self._remote is not None:
+            return self._from_remote([entry_key], [origin])[0]
+        return found
+
+    def _load_many_or_fetch(
+        self, entry_keys: list[bytes], origins: list[_remote.Origin]
+    ) -> list[bytes | None]:
+        """`_load_many`, then one round trip to the shared tier for all its misses."""
+        found = self._load_many(entry_keys)
+        if self._remote is not None and None in found:
+            misses = [i for i, blob in enumerate(found) if blob is None]
+            fetched = self._from_remote(
+                [entry_keys[i] for i in misses],
+                [origins[i] for i in misses],
+            )
+            for i, blob in zip(misses, fetched, strict=True):
+                found[i] = blob
+        return found
+
+    def _from_remote(
+        self, entry_keys: list[bytes], origins: list[_remote.Origin]
+    ) -> list[bytes | None]:
+        """Ask the shared tier for local misses (one round trip, never raising); verified
+        hits are queued for the local file, so the next read of them is local."""
+        assert self._remote is not None
+        found = self._remote.fetch(entry_keys)
+        admitted: list[NewEntry] = [
+            _remote.admitted(key, origin, blob)
+            for key, origin, blob in zip(entry_keys, origins, found, strict=True)
+            if blob is not None
+        ]
+        # A pending background error is the next write's or flush's to raise, not a read's.
+        if admitted and not self._readonly and self._writer._error is None:
+            try:
+                self._check_fits(sum(len(e.blob) for e in admitted), len(admitted))
+                if self._write_behind:
+                    self._writer.put(admitted)
+                else:
+                    self._writer.commit(admitted)
+            except CacheError as error:
+                log.info("vyre-sqlcache: remote entries not stored locally: %s", error)
+        return found
 
     def _load_many(self, entry_keys: list[bytes]) -> list[bytes | None]:
         if any(self._writer.get(key) is not None for key in entry_keys):

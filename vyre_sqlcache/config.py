@@ -7,6 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._remote import RemoteSettings
 
 __all__ = [
     "DEFAULT_COMPRESSION",
@@ -59,6 +63,8 @@ class Settings:
     disabled: bool = False
     #: 'auto', 'off' or a zstd level as text, checked; None where it says nothing
     compression: str | None = None
+    #: the shared tier of VYRE_SQLCACHE_REMOTE and its companions (see `_remote`)
+    remote: RemoteSettings | None = None
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,7 +80,10 @@ class Settings:
             from ._codec import parse_compression
 
             parse_compression(compression, ENV_COMPRESSION)
+        from ._remote import remote_from_environment
+
         return cls(
+            remote=remote_from_environment(env),
             path=None if path is None else Path(path).expanduser(),
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,

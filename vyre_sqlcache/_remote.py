@@ -1,0 +1,706 @@
+"""The shared tier: a Redis server behind the local file, never fatal, every value verified.
+
+`RemoteTier` is what a cache object holds when a remote is configured. Reads ask it
+only for what the local file missed (`fetch`, one MGET for a whole `get_many`);
+commits hand it their entries (`upload`), which a bounded queue takes without ever
+blocking and a background thread sends in pipelined SETs. Every remote call goes
+through `_guarded`: an error is counted and logged (the kinds that do not fix
+themselves, authentication and permissions, once), never raised, and a circuit
+breaker stops asking a server that failed `breaker_failures` times in a row (or timed
+out once) until `breaker_cooldown_s` has passed; then one call probes it.
+
+redis-py is imported only when a tier is made (the `remote` extra). Its client is
+built with short connect and socket timeouts, no retries and no handshake beyond the
+connection itself, so a dead server costs one timeout, not redis-py's 4 s of retries.
+
+Fork: the child must not share the parent's socket or thread. A hook registered with
+`os.register_at_fork` gives every tier in the child a new lock, an empty queue, no
+thread and no client (made again on first use); the parent keeps and sends its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+import urllib.parse
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from . import _remote_format
+from ._rows import NewEntry
+from .errors import CacheError
+
+__all__ = [
+    "ENV_REMOTE",
+    "ENV_REMOTE_KEY",
+    "ENV_REMOTE_MAX_BLOB",
+    "ENV_REMOTE_MODE",
+    "ENV_REMOTE_PREFIX",
+    "ENV_REMOTE_TIMEOUT",
+    "FetchedEntry",
+    "RemoteSettings",
+    "RemoteStats",
+    "RemoteTier",
+    "remote_from_environment",
+]
+
+log = logging.getLogger("vyre_sqlcache")
+
+ENV_REMOTE = "VYRE_SQLCACHE_REMOTE"
+ENV_REMOTE_MODE = "VYRE_SQLCACHE_REMOTE_MODE"
+ENV_REMOTE_KEY = "VYRE_SQLCACHE_REMOTE_KEY"
+ENV_REMOTE_TIMEOUT = "VYRE_SQLCACHE_REMOTE_TIMEOUT"
+ENV_REMOTE_MAX_BLOB = "VYRE_SQLCACHE_REMOTE_MAX_BLOB"
+ENV_REMOTE_PREFIX = "VYRE_SQLCACHE_REMOTE_PREFIX"
+
+MODES: Final = ("read-write", "read-only", "write-only")
+Mode = Literal["read-write", "read-only", "write-only"]
+#: Connect and socket timeout: a dead or black-holed server adds at most about this
+#: much to the first read, after which the breaker is open.
+DEFAULT_TIMEOUT_S: Final = 0.05
+#: Larger blobs are not shared: Redis keeps values in memory, and a large value delays
+#: every small read queued behind it.
+DEFAULT_MAX_BLOB_BYTES: Final = 8 << 20
+DEFAULT_PREFIX: Final = "vyre-sqlcache:v1:"
+MIN_KEY_BYTES: Final = 16
+EXTRA_HINT: Final = "pip install 'vyre-sqlcache[remote]'"
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Where the shared tier is and how to use it; validated at construction.
+
+    `url` is redis-py's (`redis://[user:password@]host:port/db`, `rediss://` for TLS,
+    `unix://`). `mode` is 'read-write', 'read-only' (never upload) or 'write-only'
+    (never ask). `key` is the team's HMAC-SHA256 key (at least 16 bytes): entries are
+    signed, and unsigned or wrongly signed ones refused. Raises ValueError/TypeError.
+    """
+
+    url: str
+    mode: Mode = "read-write"
+    key: bytes | None = field(default=None, repr=False)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
+    prefix: str = DEFAULT_PREFIX
+    #: consecutive failures that open the breaker (a timeout opens it at once)
+    breaker_failures: int = 3
+    #: how long the breaker stays open before one call probes the server (doubling,
+    #: up to 16 times this, while probes fail)
+    breaker_cooldown_s: float = 2.0
+    #: the upload queue: a write that finds it full is not shared (counted)
+    queue_entries: int = 1024
+    queue_bytes: int = 64 << 20
+    #: how long close() goes on sending what is queued
+    drain_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str):
+            raise TypeError(f"remote must be a redis:// URL string, got {type(self.url).__name__}")
+        scheme = urllib.parse.urlsplit(self.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"remote must be a redis://, rediss:// or unix:// URL, got {_redacted(self.url)!r}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"remote mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.key is not None and (not isinstance(self.key, bytes) or len(self.key) < 16):
+            raise ValueError(f"the remote key must be at least {MIN_KEY_BYTES} bytes")
+        for name, low, high in (("timeout_s", 0.001, 60.0), ("breaker_cooldown_s", 0.0, 3600.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"remote {name} must be from {low} to {high}, got {value!r}")
+        for name, low, high in (
+            ("max_blob_bytes", 1, 64 << 20),
+            ("breaker_failures", 1, 1000),
+            ("queue_entries", 1, 1 << 20),
+            ("queue_bytes", 1, 1 << 40),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"remote {name} must be a whole number from {low} to {high}")
+        if not isinstance(self.prefix, str) or len(self.prefix) > 200:
+            raise ValueError("remote prefix must be text of at most 200 characters")
+
+    @property
+    def where(self) -> str:
+        """The URL with any password hidden, for messages."""
+        return _redacted(self.url)
+
+
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
+    """The VYRE_SQLCACHE_REMOTE* variables as settings (None without a URL); raises
+    ValueError naming the malformed variable."""
+    url = env.get(ENV_REMOTE, "").strip()
+    if not url:
+        return None
+    values: dict[str, Any] = {"url": url}
+    mode = env.get(ENV_REMOTE_MODE, "").strip().lower()
+    if mode:
+        if mode not in MODES:
+            raise ValueError(f"{ENV_REMOTE_MODE} must be one of {', '.join(MODES)}, got {mode!r}")
+        values["mode"] = mode
+    key = env.get(ENV_REMOTE_KEY)
+    if key:
+        if len(key.encode()) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"{ENV_REMOTE_KEY} must be at least {MIN_KEY_BYTES} bytes (a long random "
+                f"secret shared by the team), got one of {len(key.encode())}"
+            )
+        values["key"] = key.encode()
+    timeout = env.get(ENV_REMOTE_TIMEOUT, "").strip()
+    if timeout:
+        try:
+            values["timeout_s"] = float(timeout)
+        except ValueError:
+            values["timeout_s"] = None
+        if values["timeout_s"] is None or not 0.001 <= values["timeout_s"] <= 60:
+            raise ValueError(
+                f"{ENV_REMOTE_TIMEOUT} must be seconds from 0.001 to 60 (e.g. 0.05), "
+                f"got {timeout!r}"
+            )
+    size = env.get(ENV_REMOTE_MAX_BLOB, "").strip()
+    if size:
+        from .config import parse_size
+
+        values["max_blob_bytes"] = parse_size(size, name=ENV_REMOTE_MAX_BLOB)
+        if not 1 <= values["max_blob_bytes"] <= 64 << 20:
+            raise ValueError(f"{ENV_REMOTE_MAX_BLOB} must be from 1 byte to 64M, got {size!r}")
+    prefix = env.get(ENV_REMOTE_PREFIX)
+    if prefix is not None:
+        values["prefix"] = prefix
+    try:
+        return RemoteSettings(**values)
+    except ValueError as error:
+        raise ValueError(f"{ENV_REMOTE}: {error}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedEntry(NewEntry):
+    """An entry admitted from the remote: stored locally, never uploaded back."""
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    """The shared tier's counters for this cache object."""
+
+    where: str
+    mode: str
+    #: 'closed' (asking), 'open' (not asking until a probe) or 'half-open' (probing)
+    breaker: str
+    hits: int
+    misses: int
+    errors: int
+    timeouts: int
+    #: values refused by a check (size, key, checksum, signature): misses, never admitted
+    rejected: int
+    bytes_down: int
+    bytes_up: int
+    uploads: int
+    #: writes not shared because the upload queue was full
+    queue_drops: int
+    #: writes not shared because the blob is over max_blob_bytes
+    too_large: int
+    queued: int
+
+
+class _Breaker:
+    """Closed, open for a cooldown after repeated failures, then one probe (half-open)."""
+
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self._limit = failures
+        self._base = cooldown_s
+        self._cooldown = cooldown_s
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        if self._probing:
+            return "half-open"
+        return "open" if self._failures >= self._limit else "closed"
+
+    def allow(self) -> bool:
+        """Whether a call may go to the server now (one probe at a time once open)."""
+        if self._failures < self._limit:
+            return True
+        with self._lock:
+            if self._probing or time.monotonic() < self._open_until:
+                return False
+            self._probing = True
+            return True
+
+    def succeeded(self) -> None:
+        if self._failures or self._probing:
+            with self._lock:
+                self._failures = 0
+                self._probing = False
+                self._cooldown = self._base
+
+    def failed(self, *, at_once: bool) -> None:
+        with self._lock:
+            if self._probing:
+                self._cooldown = min(self._cooldown * 2, self._base * 16)
+            self._probing = False
+            self._failures = self._limit if at_once else self._failures + 1
+            if self._failures >= self._limit:
+                self._open_until = time.monotonic() + self._cooldown
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._probing = False
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError as error:
+        raise ImportError(f"a remote cache tier needs the redis package: {EXTRA_HINT}") from error
+    return redis
+
+
+def make_client(settings: RemoteSettings) -> Any:
+    """A redis-py client: short timeouts, no retries, no handshake beyond connecting."""
+    redis = _redis()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.url,
+        socket_timeout=settings.timeout_s,
+        socket_connect_timeout=settings.timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+        lib_name=None,
+        lib_version=None,
+        client_name=None,
+    )
+
+
+class RemoteTier:
+    """One cache object's shared tier: reads, the upload queue and thread, counters."""
+
+    def __init__(self, settings: RemoteSettings) -> None:
+        """Check that redis-py is importable (ImportError naming the extra if not)."""
+        _redis()
+        self.settings = settings
+        self._key = settings.key
+        self._breaker = _Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
+        self._warned: set[str] = set()
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("hits", "misses", "errors", "timeouts", "rejected", "bytes_down", "bytes_up",
+             "uploads", "queue_drops", "too_large"),
+            0,
+        )  # fmt: skip
+        self._compress = True
+        self._reset()
+        _tiers.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[NewEntry] = deque()
+        self._queued_bytes = 0
+        self._sending = 0  # entries taken by the thread and not yet sent
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def reads(self) -> bool:
+        return self.settings.mode != "write-only"
+
+    def name(self, entry_key: bytes) -> str:
+        """The Redis key of an entry."""
+        return self.settings.prefix + entry_key.hex()
+
+    def fetch(self, entry_keys: Sequence[bytes]) -> list[bytes | None]:
+        """The verified blobs of these entries (None for a miss, a refused value or any
+        error), in one round trip; never raises."""
+        misses: list[bytes | None] = [None] * len(entry_keys)
+        if not self.reads or not entry_keys:
+            return misses
+        names = [self.name(key) for key in entry_keys]
+        values = self._guarded(
+            "reading", lambda c: c.mget(names) if len(names) > 1 else [c.get(names[0])]
+        )
+        if values is None:
+            return misses
+        found: list[bytes | None] = []
+        limit = self.settings.max_blob_bytes
+        for entry_key, value in zip(entry_keys, values, strict=True):
+            if value is None:
+                self._count("misses")
+                found.append(None)
+                continue
+            self._count("bytes_down", len(value))
+            try:
+                if len(value) > limit + _remote_format.HEADER.size + _remote_format.MAC_BYTES:
+                    raise _remote_format.Rejected(f"{len(value)} bytes, over the size limit")
+                blob = _remote_format.decode(value, entry_key, self._key, limit)
+            except _remote_format.Rejected as why:
+                self._count("rejected")
+                self._warn_once(
+                    "rejected",
+                    f"refused a remote entry {entry_key.hex()} from {self.settings.where}: {why} "
+                    "(it is a miss; later refusals are logged at debug level)",
+                )
+                log.debug("vyre-sqlcache: refused remote entry %s: %s", entry_key.hex(), why)
+                found.append(None)
+                continue
+            self._count("hits")
+            found.append(blob)
+        return found
+
+    # -- writing ---------------------------------------------------------------------
+
+    def upload(self, entries: Sequence[NewEntry]) -> None:
+        """Queue committed entries for the thread to send; never blocks, never raises.
+        Entries admitted from the remote, over the size limit or finding the queue full
+        are not sent (the last two counted)."""
+        if self.settings.mode == "read-only":
+            return
+        limit = self.settings.max_blob_bytes
+        start = False
+        with self._lock:
+            if self._stopped:
+                return
+            for entry in entries:
+                if isinstance(entry, FetchedEntry):
+                    continue
+                size = len(entry.blob)
+                if size > limit:
+                    self._counts["too_large"] += 1
+                elif (
+                    len(self._queue) >= self.settings.queue_entries
+                    or self._queued_bytes + size > self.settings.queue_bytes
+                ):
+                    self._counts["queue_drops"] += 1
+                else:
+                    self._queue.append(entry)
+                    self._queued_bytes += size
+                    start = True
+            if start:
+                self._wake.notify()
+                start = self._thread is None
+        if start:
+            self._start()
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._run, name="vyre-sqlcache remote", daemon=True)
+        with self._lock:
+            if self._thread is not None or self._stopped:
+                return
+            self._thread = thread
+        thread.start()
+
+    def _take(self, limit_entries: int = 128, limit_bytes: int = 8 << 20) -> list[NewEntry]:
+        """Up to a batch of queued entries (called with the lock held)."""
+        batch: list[NewEntry] = []
+        size = 0
+        while self._queue and len(batch) < limit_entries and size < limit_bytes:
+            entry = self._queue.popleft()
+            batch.append(entry)
+            size += len(entry.blob)
+            self._queued_bytes -= len(entry.blob)
+        self._sending = len(batch)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopped:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+            try:
+                self._send(batch)
+            except BaseException as error:  # never let the thread die silently
+                log.warning("vyre-sqlcache: the remote upload thread stopped: %r", error)
+                return
+            finally:
+                with self._lock:
+                    self._sending = 0
+                    self._wake.notify_all()
+
+    def _send(self, batch: list[NewEntry]) -> None:
+        """Encode and SET a batch in one pipeline; while the breaker is open, wait for a
+        probe (the queue fills and drops meanwhile), dropping the batch if stopped."""
+        values = [
+            (
+                self.name(e.entry_key),
+                _remote_format.encode(e.entry_key, e.blob, self._key, compress=self._compress),
+            )
+            for e in batch
+        ]
+
+        def send(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)
+            for name, value in values:
+                pipe.set(name, value)
+            pipe.execute()
+            return sum(len(v) for _, v in values)
+
+        while True:
+            if not self._breaker.allow():
+                if self._stopped:
+                    return
+                time.sleep(min(0.05, self.settings.breaker_cooldown_s))
+                continue
+            sent = self._guarded("uploading", send, checked=False)
+            if sent is not None:
+                with self._lock:
+                    self._counts["uploads"] += len(values)
+                    self._counts["bytes_up"] += sent
+            return
+
+    def close(self) -> None:
+        """Send what is queued for up to `drain_s`, then stop the thread; never raises."""
+        deadline = time.monotonic() + self.settings.drain_s
+        with self._lock:
+            self._stopped = True
+            self._wake.notify_all()
+            while (
+                (self._queue or self._sending)
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            lost = len(self._queue)
+            self._queue.clear()
+            thread, client = self._thread, self._client
+            self._client = None
+        if lost:
+            log.warning(
+                "vyre-sqlcache: %d entries were not shared with %s before close",
+                lost,
+                self.settings.where,
+            )
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        if client is not None:
+            try:
+                client.close()
+            except Exception as error:
+                log.debug("vyre-sqlcache: closing the remote client: %r", error)
+
+    # -- calls ------------------------------------------------------------------------
+
+    def _client_now(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = make_client(self.settings)
+                client = self._client
+        return client
+
+    def _guarded(self, what: str, call: Callable[[Any], Any], *, checked: bool = True) -> Any:
+        """`call(client)`'s result, or None after any error (counted, logged, fed to the
+        breaker) or while the breaker is open; never raises."""
+        if checked and not self._breaker.allow():
+            return None
+        redis = _redis()
+        try:
+            result = call(self._client_now())
+        except redis.exceptions.TimeoutError as error:
+            self._failed(what, "timeouts", error, at_once=True)
+            return None
+        except (redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError) as error:
+            # The server answered: the connection is fine, this user may not do it.
+            self._breaker.succeeded()
+            self._count("errors")
+            self._warn_once(type(error).__name__, f"{what} {self.settings.where}: {error}")
+            return None
+        except redis.exceptions.AuthenticationError as error:
+            self._failed(what, "errors", error, at_once=True, once=True)
+            return None
+        except redis.exceptions.ResponseError as error:
+            once = str(error).startswith(("NOAUTH", "WRONGPASS", "NOPERM", "READONLY"))
+            self._failed(what, "errors", error, at_once=once, once=once)
+            return None
+        except Exception as error:  # never fatal: a cache may only miss
+            self._failed(what, "errors", error, at_once=False)
+            return None
+        self._breaker.succeeded()
+        return result
+
+    def _failed(
+        self, what: str, counter: str, error: BaseException, *, at_once: bool, once: bool = False
+    ) -> None:
+        self._count(counter)
+        before = self._breaker.state
+        self._breaker.failed(at_once=at_once)
+        message = f"{what} {self.settings.where} failed: {error!r}"
+        if once:
+            self._warn_once(type(error).__name__, message)
+        elif before != "open" and self._breaker.state == "open":
+            log.warning(
+                "vyre-sqlcache: %s; not asking the remote for %.1f s (local cache only)",
+                message,
+                self._breaker._cooldown,
+            )
+        else:
+            log.debug("vyre-sqlcache: %s", message)
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("vyre-sqlcache: %s", message)
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def stats(self) -> RemoteStats:
+        """This object's counters and the breaker's state."""
+        with self._lock:
+            counts = dict(self._counts)
+            queued = len(self._queue) + self._sending
+        return RemoteStats(
+            where=self.settings.where,
+            mode=self.settings.mode,
+            breaker=self._breaker.state,
+            queued=queued,
+            **counts,
+        )
+
+    # -- looking at and cleaning the remote (the command line) -------------------------
+
+    def _direct(self, call: Callable[[Any], Any]) -> Any:
+        """`call(client)`, raising CacheError with the server's error (for commands)."""
+        redis = _redis()
+        try:
+            return call(self._client_now())
+        except redis.exceptions.RedisError as error:
+            raise CacheError(f"the remote {self.settings.where}: {error}") from error
+
+    def ping(self) -> float:
+        """Seconds one PING took; raises CacheError if the server does not answer."""
+        start = time.perf_counter()
+        self._direct(lambda c: c.ping())
+        return time.perf_counter() - start
+
+    def scan(self) -> Iterator[tuple[bytes, int]]:
+        """(entry key, value bytes) of every entry under this prefix; raises CacheError."""
+        pattern = self.settings.prefix.replace("\\", "\\\\").replace("*", "\\*") + "*"
+        names: list[bytes] = self._direct(lambda c: list(c.scan_iter(match=pattern, count=1000)))
+        skip = len(self.settings.prefix.encode())
+        for start in range(0, len(names), 1000):
+            chunk = names[start : start + 1000]
+
+            def sizes(client: Any, chunk: list[bytes] = chunk) -> list[int]:
+                pipe = client.pipeline(transaction=False)
+                for name in chunk:
+                    pipe.strlen(name)
+                return [int(size) for size in pipe.execute()]
+
+            for name, size in zip(chunk, self._direct(sizes), strict=True):
+                try:
+                    entry_key = bytes.fromhex(name[skip:].decode("ascii"))
+                except ValueError:
+                    continue  # not one of ours
+                if len(entry_key) == 32:
+                    yield entry_key, size
+
+    def delete(self, entry_keys: Sequence[bytes]) -> int:
+        """Delete these entries from the remote; how many were there. Raises CacheError."""
+        if not entry_keys:
+            return 0
+        return int(self._direct(lambda c: c.delete(*(self.name(k) for k in entry_keys))))
+
+    # -- fork --------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        # The parent sends its own queue on its own socket; the child starts afresh.
+        self._reset()
+        self._breaker.reset_after_fork()
+
+
+_tiers: weakref.WeakSet[RemoteTier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_tiers):
+        tier._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open_tier(
+    argument: str | RemoteSettings | None, from_environment: RemoteSettings | None, *, given: bool
+) -> RemoteTier | None:
+    """The tier a cache object uses: the argument's (`given`; a URL takes the mode, key and
+    timeout of the environment), else the environment's, else None. Without redis-py: an
+    ImportError naming the extra for an argument, one warning for the environment."""
+    if not given:
+        if from_environment is None:
+            return None
+        try:
+            return RemoteTier(from_environment)
+        except ImportError as error:
+            global _warned_missing
+            if not _warned_missing:
+                _warned_missing = True
+                log.warning(
+                    "vyre-sqlcache: %s is set, but %s; the cache stays local", ENV_REMOTE, error
+                )
+            return None
+    if argument is None:
+        return None
+    if isinstance(argument, str):
+        base = from_environment
+        if base is None:
+            argument = RemoteSettings(argument)
+        else:
+            argument = dataclasses.replace(base, url=argument)
+    elif not isinstance(argument, RemoteSettings):
+        raise TypeError(
+            "remote must be a redis:// URL, a RemoteSettings or None, "
+            f"got {type(argument).__name__}"
+        )
+    return RemoteTier(argument)
+
+
+_warned_missing = False
+
+
+#: What the reading call knows of an entry beside its key: (key, fingerprint, program
+#: digest as given), so that an admitted entry gets the same columns as a written one.
+Origin = tuple[Any, Any, Any]
+NO_ORIGIN: Final[Origin] = (None, None, None)
+
+
+def admitted(entry_key: bytes, origin: Origin, blob: bytes) -> FetchedEntry:
+    """The local entry of a verified remote hit."""
+    key, fingerprint, digest = origin
+    if digest is not None:
+        from .keys import coerce_digest
+
+        digest = coerce_digest("program_digest", digest)  # checked by the call already
+    return FetchedEntry(entry_key, key, fingerprint, digest, blob)
