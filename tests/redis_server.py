@@ -18,7 +18,11 @@ __all__ = ["RedisServer", "find_redis_server", "free_port"]
 
 def find_redis_server() -> str | None:
     """The redis-server executable, or None."""
-    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/sbin/redis-server"):
+    for candidate in (
+        shutil.which("redis-server"),
+        "/usr/bin/redis-server",
+        "/usr/sbin/redis-server",
+    ):
         if candidate and Path(candidate).exists():
             return candidate
     return None
@@ -68,7 +72,9 @@ class RedisServer:
             try:
                 if self.client().ping():
                     return self
-            except Exception:
+            except Exception as error:
+                if "auth" in type(error).__name__.lower():  # up, and asking for a password
+                    return self
                 time.sleep(0.02)
         raise RuntimeError("redis-server did not answer within 10 s")
 

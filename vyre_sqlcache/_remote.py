@@ -69,6 +69,8 @@ DEFAULT_TIMEOUT_S: Final = 0.05
 DEFAULT_MAX_BLOB_BYTES: Final = 8 << 20
 DEFAULT_PREFIX: Final = "vyre-sqlcache:v1:"
 MIN_KEY_BYTES: Final = 16
+#: How many locally invalidated entry keys an object remembers not to fetch again.
+MAX_FENCED: Final = 100_000
 EXTRA_HINT: Final = "pip install 'vyre-sqlcache[remote]'"
 
 
@@ -126,6 +128,9 @@ class RemoteSettings:
                 raise ValueError(f"remote {name} must be a whole number from {low} to {high}")
         if not isinstance(self.prefix, str) or len(self.prefix) > 200:
             raise ValueError("remote prefix must be text of at most 200 characters")
+
+    def __repr__(self) -> str:
+        return f"RemoteSettings({self.where!r}, mode={self.mode!r}, signed={self.key is not None})"
 
     @property
     def where(self) -> str:
@@ -214,6 +219,8 @@ class RemoteStats:
     queue_drops: int
     #: writes not shared because the blob is over max_blob_bytes
     too_large: int
+    #: writes whose upload failed (an error, or still queued when close() gave up)
+    unsent: int
     queued: int
 
 
@@ -287,10 +294,19 @@ def make_client(settings: RemoteSettings) -> Any:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
-        lib_name=None,
-        lib_version=None,
         client_name=None,
+        **_no_setinfo(redis),
     )
+
+
+def _no_setinfo(redis: Any) -> dict[str, Any]:
+    """The arguments that turn off CLIENT SETINFO (a round trip on every connect):
+    `driver_info=None` from redis-py 7, `lib_name`/`lib_version` before."""
+    import inspect
+
+    if "driver_info" in inspect.signature(redis.Redis.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
 
 
 class RemoteTier:
@@ -305,10 +321,13 @@ class RemoteTier:
         self._warned: set[str] = set()
         self._counts: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "errors", "timeouts", "rejected", "bytes_down", "bytes_up",
-             "uploads", "queue_drops", "too_large"),
+             "uploads", "queue_drops", "too_large", "unsent"),
             0,
         )  # fmt: skip
         self._compress = True
+        #: entry keys this object invalidated locally and has not written since: not
+        #: fetched again (the shared tier still holds the bytes the invalidation dropped)
+        self._fenced: dict[bytes, None] = {}
         self._reset()
         _tiers.add(self)
 
@@ -339,6 +358,13 @@ class RemoteTier:
         misses: list[bytes | None] = [None] * len(entry_keys)
         if not self.reads or not entry_keys:
             return misses
+        if self._fenced:
+            asked = [i for i, key in enumerate(entry_keys) if key not in self._fenced]
+            if len(asked) < len(entry_keys):
+                fetched = self.fetch([entry_keys[i] for i in asked]) if asked else []
+                for i, blob in zip(asked, fetched, strict=True):
+                    misses[i] = blob
+                return misses
         names = [self.name(key) for key in entry_keys]
         values = self._guarded(
             "reading", lambda c: c.mget(names) if len(names) > 1 else [c.get(names[0])]
@@ -373,11 +399,23 @@ class RemoteTier:
 
     # -- writing ---------------------------------------------------------------------
 
+    def fence(self, entry_keys: Sequence[bytes]) -> None:
+        """Fetch these entries no more until this object writes them again (bounded)."""
+        with self._lock:
+            for key in entry_keys:
+                self._fenced[key] = None
+            while len(self._fenced) > MAX_FENCED:
+                del self._fenced[next(iter(self._fenced))]
+
     def upload(self, entries: Sequence[NewEntry]) -> None:
         """Queue committed entries for the thread to send; never blocks, never raises.
         Entries admitted from the remote, over the size limit or finding the queue full
         are not sent (the last two counted)."""
         if self.settings.mode == "read-only":
+            if self._fenced:
+                with self._lock:
+                    for entry in entries:
+                        self._fenced.pop(entry.entry_key, None)
             return
         limit = self.settings.max_blob_bytes
         start = False
@@ -387,6 +425,7 @@ class RemoteTier:
             for entry in entries:
                 if isinstance(entry, FetchedEntry):
                     continue
+                self._fenced.pop(entry.entry_key, None)
                 size = len(entry.blob)
                 if size > limit:
                     self._counts["too_large"] += 1
@@ -464,12 +503,15 @@ class RemoteTier:
         while True:
             if not self._breaker.allow():
                 if self._stopped:
+                    self._count("unsent", len(values))
                     return
                 time.sleep(min(0.05, self.settings.breaker_cooldown_s))
                 continue
             sent = self._guarded("uploading", send, checked=False)
-            if sent is not None:
-                with self._lock:
+            with self._lock:
+                if sent is None:
+                    self._counts["unsent"] += len(values)
+                else:
                     self._counts["uploads"] += len(values)
                     self._counts["bytes_up"] += sent
             return
@@ -490,6 +532,7 @@ class RemoteTier:
                     break
                 self._wake.wait(left)
             lost = len(self._queue)
+            self._counts["unsent"] += lost
             self._queue.clear()
             thread, client = self._thread, self._client
             self._client = None
@@ -533,7 +576,11 @@ class RemoteTier:
             # The server answered: the connection is fine, this user may not do it.
             self._breaker.succeeded()
             self._count("errors")
-            self._warn_once(type(error).__name__, f"{what} {self.settings.where}: {error}")
+            self._warn_once(
+                type(error).__name__,
+                f"{what} {self.settings.where} refused ({type(error).__name__}): {error}; "
+                "further refusals are counted, not logged",
+            )
             return None
         except redis.exceptions.AuthenticationError as error:
             self._failed(what, "errors", error, at_once=True, once=True)

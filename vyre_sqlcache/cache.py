@@ -499,6 +499,8 @@ class PipelineCache(CacheMaintenance):
                 impacted.append(digest)
         if not impacted:
             return 0
+        if self._remote is not None:  # the shared tier is not invalidated: README says why
+            self._remote.fence([fp.cache_key(digest) for digest in impacted])
         return self._change("invalidating entries", lambda c: _rows.invalidate(c, impacted, fp))
 
     # -- the key API: entries by PipelineCacheKey -------------------------------------
