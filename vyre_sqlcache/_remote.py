@@ -63,7 +63,7 @@ MODES: Final = ("read-write", "read-only", "write-only")
 Mode = Literal["read-write", "read-only", "write-only"]
 #: Connect and socket timeout: a dead or black-holed server adds at most about this
 #: much to the first read, after which the breaker is open.
-DEFAULT_TIMEOUT_S: Final = 0.05
+DEFAULT_TIMEOUT_S: Final = 0.04
 #: Larger blobs are not shared: Redis keeps values in memory, and a large value delays
 #: every small read queued behind it.
 DEFAULT_MAX_BLOB_BYTES: Final = 8 << 20
@@ -90,6 +90,8 @@ class RemoteSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
     prefix: str = DEFAULT_PREFIX
+    #: zstd (where it saves 1/8) on what this object uploads: Redis keeps values in memory
+    compress: bool = True
     #: consecutive failures that open the breaker (a timeout opens it at once)
     breaker_failures: int = 3
     #: how long the breaker stays open before one call probes the server (doubling,
@@ -324,7 +326,7 @@ class RemoteTier:
              "uploads", "queue_drops", "too_large", "unsent"),
             0,
         )  # fmt: skip
-        self._compress = True
+        self._compress = settings.compress
         #: entry keys this object invalidated locally and has not written since: not
         #: fetched again (the shared tier still holds the bytes the invalidation dropped)
         self._fenced: dict[bytes, None] = {}
