@@ -25,14 +25,23 @@ import logging
 import os
 import threading
 import time
-import urllib.parse
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
 
 from . import _remote_format
+from ._remote_settings import (
+    ENV_REMOTE,
+    ENV_REMOTE_KEY,
+    ENV_REMOTE_MAX_BLOB,
+    ENV_REMOTE_MODE,
+    ENV_REMOTE_PREFIX,
+    ENV_REMOTE_TIMEOUT,
+    RemoteSettings,
+    remote_from_environment,
+)
 from ._rows import NewEntry
 from .errors import CacheError
 
@@ -52,147 +61,11 @@ __all__ = [
 
 log = logging.getLogger("vyre_sqlcache")
 
-ENV_REMOTE = "VYRE_SQLCACHE_REMOTE"
-ENV_REMOTE_MODE = "VYRE_SQLCACHE_REMOTE_MODE"
-ENV_REMOTE_KEY = "VYRE_SQLCACHE_REMOTE_KEY"
-ENV_REMOTE_TIMEOUT = "VYRE_SQLCACHE_REMOTE_TIMEOUT"
-ENV_REMOTE_MAX_BLOB = "VYRE_SQLCACHE_REMOTE_MAX_BLOB"
-ENV_REMOTE_PREFIX = "VYRE_SQLCACHE_REMOTE_PREFIX"
-
-MODES: Final = ("read-write", "read-only", "write-only")
-Mode = Literal["read-write", "read-only", "write-only"]
-#: Connect and socket timeout: a dead or black-holed server adds at most about this
-#: much to the first read, after which the breaker is open.
-DEFAULT_TIMEOUT_S: Final = 0.04
-#: Larger blobs are not shared: Redis keeps values in memory, and a large value delays
-#: every small read queued behind it.
-DEFAULT_MAX_BLOB_BYTES: Final = 8 << 20
-DEFAULT_PREFIX: Final = "vyre-sqlcache:v1:"
-MIN_KEY_BYTES: Final = 16
+#: The upload thread's socket timeout (at least): a large SET is one `sendall`.
+UPLOAD_TIMEOUT_S: Final = 2.0
 #: How many locally invalidated entry keys an object remembers not to fetch again.
 MAX_FENCED: Final = 100_000
 EXTRA_HINT: Final = "pip install 'vyre-sqlcache[remote]'"
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    """Where the shared tier is and how to use it; validated at construction.
-
-    `url` is redis-py's (`redis://[user:password@]host:port/db`, `rediss://` for TLS,
-    `unix://`). `mode` is 'read-write', 'read-only' (never upload) or 'write-only'
-    (never ask). `key` is the team's HMAC-SHA256 key (at least 16 bytes): entries are
-    signed, and unsigned or wrongly signed ones refused. Raises ValueError/TypeError.
-    """
-
-    url: str
-    mode: Mode = "read-write"
-    key: bytes | None = field(default=None, repr=False)
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
-    prefix: str = DEFAULT_PREFIX
-    #: zstd (where it saves 1/8) on what this object uploads: Redis keeps values in memory
-    compress: bool = True
-    #: consecutive failures that open the breaker (a timeout opens it at once)
-    breaker_failures: int = 3
-    #: how long the breaker stays open before one call probes the server (doubling,
-    #: up to 16 times this, while probes fail)
-    breaker_cooldown_s: float = 2.0
-    #: the upload queue: a write that finds it full is not shared (counted)
-    queue_entries: int = 1024
-    queue_bytes: int = 64 << 20
-    #: how long close() goes on sending what is queued
-    drain_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.url, str):
-            raise TypeError(f"remote must be a redis:// URL string, got {type(self.url).__name__}")
-        scheme = urllib.parse.urlsplit(self.url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                f"remote must be a redis://, rediss:// or unix:// URL, got {_redacted(self.url)!r}"
-            )
-        if self.mode not in MODES:
-            raise ValueError(f"remote mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.key is not None and (not isinstance(self.key, bytes) or len(self.key) < 16):
-            raise ValueError(f"the remote key must be at least {MIN_KEY_BYTES} bytes")
-        for name, low, high in (("timeout_s", 0.001, 60.0), ("breaker_cooldown_s", 0.0, 3600.0)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"remote {name} must be from {low} to {high}, got {value!r}")
-        for name, low, high in (
-            ("max_blob_bytes", 1, 64 << 20),
-            ("breaker_failures", 1, 1000),
-            ("queue_entries", 1, 1 << 20),
-            ("queue_bytes", 1, 1 << 40),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"remote {name} must be a whole number from {low} to {high}")
-        if not isinstance(self.prefix, str) or len(self.prefix) > 200:
-            raise ValueError("remote prefix must be text of at most 200 characters")
-
-    def __repr__(self) -> str:
-        return f"RemoteSettings({self.where!r}, mode={self.mode!r}, signed={self.key is not None})"
-
-    @property
-    def where(self) -> str:
-        """The URL with any password hidden, for messages."""
-        return _redacted(self.url)
-
-
-def _redacted(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
-    """The VYRE_SQLCACHE_REMOTE* variables as settings (None without a URL); raises
-    ValueError naming the malformed variable."""
-    url = env.get(ENV_REMOTE, "").strip()
-    if not url:
-        return None
-    values: dict[str, Any] = {"url": url}
-    mode = env.get(ENV_REMOTE_MODE, "").strip().lower()
-    if mode:
-        if mode not in MODES:
-            raise ValueError(f"{ENV_REMOTE_MODE} must be one of {', '.join(MODES)}, got {mode!r}")
-        values["mode"] = mode
-    key = env.get(ENV_REMOTE_KEY)
-    if key:
-        if len(key.encode()) < MIN_KEY_BYTES:
-            raise ValueError(
-                f"{ENV_REMOTE_KEY} must be at least {MIN_KEY_BYTES} bytes (a long random "
-                f"secret shared by the team), got one of {len(key.encode())}"
-            )
-        values["key"] = key.encode()
-    timeout = env.get(ENV_REMOTE_TIMEOUT, "").strip()
-    if timeout:
-        try:
-            values["timeout_s"] = float(timeout)
-        except ValueError:
-            values["timeout_s"] = None
-        if values["timeout_s"] is None or not 0.001 <= values["timeout_s"] <= 60:
-            raise ValueError(
-                f"{ENV_REMOTE_TIMEOUT} must be seconds from 0.001 to 60 (e.g. 0.05), "
-                f"got {timeout!r}"
-            )
-    size = env.get(ENV_REMOTE_MAX_BLOB, "").strip()
-    if size:
-        from .config import parse_size
-
-        values["max_blob_bytes"] = parse_size(size, name=ENV_REMOTE_MAX_BLOB)
-        if not 1 <= values["max_blob_bytes"] <= 64 << 20:
-            raise ValueError(f"{ENV_REMOTE_MAX_BLOB} must be from 1 byte to 64M, got {size!r}")
-    prefix = env.get(ENV_REMOTE_PREFIX)
-    if prefix is not None:
-        values["prefix"] = prefix
-    try:
-        return RemoteSettings(**values)
-    except ValueError as error:
-        raise ValueError(f"{ENV_REMOTE}: {error}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +156,7 @@ def _redis() -> Any:
     return redis
 
 
-def make_client(settings: RemoteSettings) -> Any:
+def make_client(settings: RemoteSettings, socket_timeout: float) -> Any:
     """A redis-py client: short timeouts, no retries, no handshake beyond connecting."""
     redis = _redis()
     from redis.backoff import NoBackoff
@@ -291,7 +164,7 @@ def make_client(settings: RemoteSettings) -> Any:
 
     return redis.Redis.from_url(
         settings.url,
-        socket_timeout=settings.timeout_s,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=settings.timeout_s,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
@@ -341,7 +214,7 @@ class RemoteTier:
         self._sending = 0  # entries taken by the thread and not yet sent
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self._client: Any = None
+        self._clients: dict[str, Any] = {}
         self._client_lock = threading.Lock()
 
     # -- reading ---------------------------------------------------------------------
@@ -509,7 +382,7 @@ class RemoteTier:
                     return
                 time.sleep(min(0.05, self.settings.breaker_cooldown_s))
                 continue
-            sent = self._guarded("uploading", send, checked=False)
+            sent = self._guarded("uploading", send, checked=False, kind="upload")
             with self._lock:
                 if sent is None:
                     self._counts["unsent"] += len(values)
@@ -536,8 +409,8 @@ class RemoteTier:
             lost = len(self._queue)
             self._counts["unsent"] += lost
             self._queue.clear()
-            thread, client = self._thread, self._client
-            self._client = None
+            thread, clients = self._thread, list(self._clients.values())
+            self._clients = {}
         if lost:
             log.warning(
                 "vyre-sqlcache: %d entries were not shared with %s before close",
@@ -546,7 +419,7 @@ class RemoteTier:
             )
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
-        if client is not None:
+        for client in clients:
             try:
                 client.close()
             except Exception as error:
@@ -554,23 +427,33 @@ class RemoteTier:
 
     # -- calls ------------------------------------------------------------------------
 
-    def _client_now(self) -> Any:
-        client = self._client
+    def _client_now(self, kind: str = "read") -> Any:
+        """The client of reads (the short timeout) or of uploads, made on first use.
+
+        Uploads have a client of their own with a longer socket timeout: Python bounds a
+        whole `sendall` by it, and an 8 MiB SET takes 67 ms at 1 Gbit/s. The upload
+        thread can wait; a reader cannot."""
+        client = self._clients.get(kind)
         if client is None:
             with self._client_lock:
-                if self._client is None:
-                    self._client = make_client(self.settings)
-                client = self._client
+                client = self._clients.get(kind)
+                if client is None:
+                    timeout = self.settings.timeout_s
+                    if kind == "upload":
+                        timeout = max(timeout, UPLOAD_TIMEOUT_S)
+                    client = self._clients[kind] = make_client(self.settings, timeout)
         return client
 
-    def _guarded(self, what: str, call: Callable[[Any], Any], *, checked: bool = True) -> Any:
+    def _guarded(
+        self, what: str, call: Callable[[Any], Any], *, checked: bool = True, kind: str = "read"
+    ) -> Any:
         """`call(client)`'s result, or None after any error (counted, logged, fed to the
         breaker) or while the breaker is open; never raises."""
         if checked and not self._breaker.allow():
             return None
         redis = _redis()
         try:
-            result = call(self._client_now())
+            result = call(self._client_now(kind))
         except redis.exceptions.TimeoutError as error:
             self._failed(what, "timeouts", error, at_once=True)
             return None

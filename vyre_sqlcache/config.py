@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._remote import RemoteSettings
+    from ._remote_settings import RemoteSettings
 
 __all__ = [
     "DEFAULT_COMPRESSION",
@@ -80,7 +80,7 @@ class Settings:
             from ._codec import parse_compression
 
             parse_compression(compression, ENV_COMPRESSION)
-        from ._remote import remote_from_environment
+        from ._remote_settings import remote_from_environment
 
         return cls(
             remote=remote_from_environment(env),
