@@ -13,7 +13,16 @@ import apsw
 
 from vyre_sqlcache import PipelineCache
 
-__all__ = ["abandon", "connection_of", "count_checkpoints", "open_connections"]
+__all__ = [
+    "abandon",
+    "connection_of",
+    "count_checkpoints",
+    "forget_missing_redis_warning",
+    "open_connections",
+    "remote_decode",
+    "remote_header",
+    "remote_value",
+]
 
 
 def connection_of(cache: PipelineCache) -> apsw.Connection:
@@ -51,3 +60,36 @@ def count_checkpoints(monkeypatch: Any) -> list[None]:
 
     monkeypatch.setattr(PipelineCache, "_checkpoint_passive", counting)
     return done
+
+
+def remote_value(
+    entry_key: bytes, blob: bytes, key: bytes | None = None, *, compress: bool = True
+) -> bytes:
+    """The shared tier's value of an entry, as an upload writes it (to plant variants)."""
+    from vyre_sqlcache import _remote_format
+
+    value: bytes = _remote_format.encode(entry_key, blob, key, compress=compress)
+    return value
+
+
+def remote_decode(value: bytes, entry_key: bytes, key: bytes | None, max_raw: int) -> bytes:
+    """A remote value's checked bytes; raises ValueError where a fetch would refuse it."""
+    from vyre_sqlcache import _remote_format
+
+    try:
+        data: bytes = _remote_format.decode(value, entry_key, key, max_raw)
+    except _remote_format.Rejected as why:
+        raise ValueError(str(why)) from why
+    return data
+
+
+def remote_header() -> Any:
+    """The `struct.Struct` of a remote value's fixed header, and its magic."""
+    from vyre_sqlcache import _remote_format
+
+    return _remote_format.HEADER, _remote_format.MAGIC
+
+
+def forget_missing_redis_warning(monkeypatch: Any) -> None:
+    """Let the next cache warn again that redis-py is missing (it warns once a process)."""
+    monkeypatch.setattr("vyre_sqlcache._remote._warned_missing", False)

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from tests.helpers import forget_missing_redis_warning, remote_decode, remote_header, remote_value
 from tests.redis_server import RedisServer, free_port
 from vyre_sqlcache import (
     DeviceFingerprint,
@@ -29,7 +33,6 @@ from vyre_sqlcache import (
     RemoteSettings,
     RemoteTier,
 )
-from vyre_sqlcache import _remote_format as wire
 from vyre_sqlcache.cli import main
 from vyre_sqlcache.config import Settings
 
@@ -38,6 +41,7 @@ if not CORPUS.exists():
     CORPUS = Path("/work/shared/corpus/gpu-artifacts.tar.xz")
 TEAM_KEY = b"team secret of at least 16 bytes"
 PREFIX = "vyre-sqlcache:v1:"
+HEADER, MAGIC = remote_header()
 
 
 @pytest.fixture(scope="session")
@@ -244,7 +248,7 @@ def test_a_full_upload_queue_drops_and_counts_without_blocking(
 
 
 def _good(entry_key: bytes, blob: bytes, key: bytes | None = None) -> bytes:
-    return wire.encode(entry_key, blob, key, compress=True)
+    return remote_value(entry_key, blob, key)
 
 
 def _flip_last(value: bytes) -> bytes:
@@ -254,14 +258,14 @@ def _flip_last(value: bytes) -> bytes:
 PLANTED: dict[str, Callable[[bytes, bytes, bytes], bytes]] = {
     "corrupted byte": lambda k, blob, other: _flip_last(_good(k, blob)),
     "truncated": lambda k, blob, other: _good(k, blob)[:-7],
-    "header only": lambda k, blob, other: _good(k, blob)[: wire.HEADER.size],
+    "header only": lambda k, blob, other: _good(k, blob)[: HEADER.size],
     "empty": lambda k, blob, other: b"",
     "another key's entry": lambda k, blob, other: _good(other, blob),
     "bad magic": lambda k, blob, other: b"XXXX" + _good(k, blob)[4:],
     "future version": lambda k, blob, other: _good(k, blob)[:4] + b"\x09" + _good(k, blob)[5:],
     "pickle": lambda k, blob, other: b"\x80\x04\x95" + blob,
     "raw size lie": lambda k, blob, other: (
-        wire.HEADER.pack(wire.MAGIC, 1, 0, 0, 1, k, len(blob) - 1, len(blob), b"\0" * 16) + blob
+        HEADER.pack(MAGIC, 1, 0, 0, 1, k, len(blob) - 1, len(blob), b"\0" * 16) + blob
     ),
     "oversized value": lambda k, blob, other: _good(k, os.urandom(9 << 20)),
 }
@@ -319,10 +323,10 @@ def test_the_wire_format_round_trips_every_corpus_blob(corpus_blobs: list[bytes]
         key = os.urandom(32)
         for team in (None, TEAM_KEY):
             for compress in (False, True):
-                value = wire.encode(key, blob, team, compress=compress)
-                assert wire.decode(value, key, team, len(blob)) == blob
-                with pytest.raises(wire.Rejected):
-                    wire.decode(value, key, team, len(blob) - 1)
+                value = remote_value(key, blob, team, compress=compress)
+                assert remote_decode(value, key, team, len(blob)) == blob
+                with pytest.raises(ValueError, match="over the limit"):
+                    remote_decode(value, key, team, len(blob) - 1)
 
 
 # -- failures: dead, killed, black-holed servers; auth and READONLY ------------------------------
@@ -645,7 +649,7 @@ def test_without_redis_py_an_argument_raises_and_the_environment_warns_once(
     with pytest.raises(ImportError, match=r"vyre-sqlcache\[remote\]"):
         PipelineCache.open(tmp_path / "a.sqlite3", remote="redis://127.0.0.1:1/0")
     monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", "redis://127.0.0.1:1/0")
-    monkeypatch.setattr("vyre_sqlcache._remote._warned_missing", False)
+    forget_missing_redis_warning(monkeypatch)
     caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
     for name in ("b", "c"):
         with PipelineCache.open(tmp_path / f"{name}.sqlite3") as cache:
@@ -732,3 +736,27 @@ def test_threads_share_one_tier(
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+@given(
+    blob=st.binary(min_size=0, max_size=3000),
+    signed=st.booleans(),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=3),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+    junk=st.binary(max_size=40),
+)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_a_damaged_value_is_refused_or_exact(
+    blob: bytes, signed: bool, damage: list[tuple[int, int]], cut: int | None, junk: bytes
+) -> None:
+    entry_key = bytes(range(32))
+    team = TEAM_KEY if signed else None
+    value = bytearray(remote_value(entry_key, blob * 3, team))
+    for at, xor in damage:
+        value[at % len(value)] ^= xor
+    changed = bytes(value[:cut] if cut is not None else value) + junk
+    try:
+        got = remote_decode(changed, entry_key, team, 64 << 20)
+    except ValueError:
+        return
+    assert got == blob * 3  # never wrong bytes: refused, or exactly what was written
