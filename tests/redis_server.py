@@ -69,14 +69,20 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {self.process.stderr!r}")
-            try:
-                if self.client().ping():
-                    return self
-            except Exception as error:
-                if "auth" in type(error).__name__.lower():  # up, and asking for a password
-                    return self
-                time.sleep(0.02)
+            if self.answers():
+                return self
+            time.sleep(0.02)
         raise RuntimeError("redis-server did not answer within 10 s")
+
+    def answers(self) -> bool:
+        """Whether the server answers a PING (with PONG, or asking for a password)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                reply = probe.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
 
     def client(self) -> Any:
         import redis

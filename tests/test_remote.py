@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -455,6 +456,7 @@ def test_a_read_only_replica_logs_one_warning_and_reads_on(
     with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as a:
         a.write(digest, fingerprint, b"on the primary" * 9)
         uploaded(a, 1)
+    redis_server.client().config_set("repl-diskless-sync-delay", 0)  # default: 5 s
     replica_args = ("--replicaof", "127.0.0.1", str(redis_server.port))
     with RedisServer(tmp_path / "replica", *replica_args) as replica:
         wait_for(lambda: len(replica.client().keys("*")) == 1)
@@ -559,15 +561,15 @@ def test_fork_child_uses_its_own_connection_and_thread(
         cache.write(before, fingerprint, b"parent before fork" * 5)
         uploaded(cache, 1)
         assert cache.get_entry(os.urandom(32)) is None  # the parent's socket is open
-        clients_before = redis_server.client().client_list()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             status = 1
             try:
                 mine = b"c" * 32
+                sent = (cache.stats().remote or pytest.fail()).uploads  # the parent's, copied
                 cache.write(mine, fingerprint, b"child" * 9)
                 cache.flush()
-                wait_for(lambda: (cache.stats().remote or pytest.fail()).uploads >= 1)
+                wait_for(lambda: (cache.stats().remote or pytest.fail()).uploads > sent)
                 ok = redis_server.client().get(PREFIX + fingerprint.cache_key(mine).hex())
                 status = 0 if ok else 2
             finally:
@@ -581,7 +583,6 @@ def test_fork_child_uses_its_own_connection_and_thread(
         uploaded(cache, 21)
         remote = cache.stats().remote
         assert remote is not None and remote.errors == 0 and remote.rejected == 0
-        assert len(clients_before) >= 2  # the fixture's client and the cache's
     assert len(remote_keys(redis_server)) == 22
 
 
@@ -760,3 +761,44 @@ def test_a_damaged_value_is_refused_or_exact(
     except ValueError:
         return
     assert got == blob * 3  # never wrong bytes: refused, or exactly what was written
+
+
+def test_tls_with_rediss_and_a_password(
+    tmp_path: Path, fingerprint: DeviceFingerprint, corpus_blobs: list[bytes]
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: it makes the test's certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    tls = (
+        "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        "--requirepass", "tls-pass-123",
+    )  # fmt: skip
+    server = RedisServer(tmp_path / "tls", *tls)
+    server.start()
+    try:
+        url = f"rediss://:tls-pass-123@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        digest = os.urandom(32)
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=url) as a:
+            a.write(digest, fingerprint, corpus_blobs[7])
+            uploaded(a, 1)
+        with PipelineCache.open(tmp_path / "b.sqlite3", remote=url) as b:
+            assert b.read(digest, fingerprint) == corpus_blobs[7]
+            remote = b.stats().remote
+            assert remote is not None and remote.hits == 1 and "tls-pass" not in repr(remote)
+        # Plain text to the TLS port: a miss, never an exception.
+        plain = f"redis://:tls-pass-123@127.0.0.1:{port}/0"
+        with PipelineCache.open(tmp_path / "c.sqlite3", remote=plain) as c:
+            assert c.read(digest, fingerprint) is None
+            assert (c.stats().remote or pytest.fail()).errors + (
+                c.stats().remote or pytest.fail()
+            ).timeouts >= 1
+    finally:
+        server.kill()
