@@ -248,18 +248,20 @@ class RemoteTier:
             return misses
         found: list[bytes | None] = []
         limit = self.settings.max_blob_bytes
+        largest = limit + _remote_format.HEADER.size + _remote_format.MAC_BYTES
+        hits = rejected = down = 0
         for entry_key, value in zip(entry_keys, values, strict=True):
             if value is None:
-                self._count("misses")
                 found.append(None)
                 continue
-            self._count("bytes_down", len(value))
+            down += len(value)
             try:
-                if len(value) > limit + _remote_format.HEADER.size + _remote_format.MAC_BYTES:
+                if len(value) > largest:
                     raise _remote_format.Rejected(f"{len(value)} bytes, over the size limit")
-                blob = _remote_format.decode(value, entry_key, self._key, limit)
+                found.append(_remote_format.decode(value, entry_key, self._key, limit))
+                hits += 1
             except _remote_format.Rejected as why:
-                self._count("rejected")
+                rejected += 1
                 self._warn_once(
                     "rejected",
                     f"refused a remote entry {entry_key.hex()} from {self.settings.where}: {why} "
@@ -267,9 +269,11 @@ class RemoteTier:
                 )
                 log.debug("vyre-sqlcache: refused remote entry %s: %s", entry_key.hex(), why)
                 found.append(None)
-                continue
-            self._count("hits")
-            found.append(blob)
+        with self._lock:  # once a call, not once a key
+            self._counts["hits"] += hits
+            self._counts["rejected"] += rejected
+            self._counts["misses"] += len(values) - hits - rejected
+            self._counts["bytes_down"] += down
         return found
 
     # -- writing ---------------------------------------------------------------------
