@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import textwrap
 import threading
 import time
@@ -25,6 +24,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from benchmarks.corpus import DEFAULT_TARBALL, unpack
 from tests.helpers import forget_missing_redis_warning, remote_decode, remote_header, remote_value
 from tests.redis_server import RedisServer, free_port
 from vyre_sqlcache import (
@@ -37,9 +37,6 @@ from vyre_sqlcache import (
 from vyre_sqlcache.cli import main
 from vyre_sqlcache.config import Settings
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "gpu-artifacts.tar.xz"
-if not CORPUS.exists():
-    CORPUS = Path("/work/shared/corpus/gpu-artifacts.tar.xz")
 TEAM_KEY = b"team secret of at least 16 bytes"
 PREFIX = "vyre-sqlcache:v1:"
 HEADER, MAGIC = remote_header()
@@ -48,9 +45,9 @@ HEADER, MAGIC = remote_header()
 @pytest.fixture(scope="session")
 def corpus_blobs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     """Real compiler output: the corpus's files of 1 KiB to 2 MiB, largest and smallest."""
-    folder = tmp_path_factory.mktemp("corpus")
-    with tarfile.open(CORPUS) as archive:
-        archive.extractall(folder, filter="data")
+    if not DEFAULT_TARBALL.is_file():
+        pytest.skip(f"no corpus at {DEFAULT_TARBALL} (shared/corpus beside the checkout)")
+    folder = unpack(DEFAULT_TARBALL, tmp_path_factory.mktemp("corpus"))
     blobs = sorted(
         (p.read_bytes() for p in folder.rglob("*") if p.is_file()), key=len, reverse=True
     )
