@@ -68,10 +68,12 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.process.stderr!r}")
+                log = self.folder / "redis.log"
+                raise RuntimeError(f"redis-server exited: {log.read_text()[-2000:]}")
             if self.answers():
                 return self
             time.sleep(0.02)
+        self.kill()
         raise RuntimeError("redis-server did not answer within 10 s")
 
     def answers(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -799,3 +800,39 @@ def test_tls_with_rediss_and_a_password(
             ).timeouts >= 1
     finally:
         server.kill()
+
+
+def test_the_readme_sharing_example_runs(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    section = text[text.index("## Sharing a cache") :]
+    block = section[
+        section.index("```sh\n") + 6 : section.index("```", section.index("```sh\n") + 6)
+    ]
+    port = str(free_port())
+    pidfile = tmp_path / "redis.pid"
+    script = block.replace("6390", port).replace(
+        "--daemonize yes", f"--daemonize yes --dir {tmp_path} --pidfile {pidfile}"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VYRE_SQLCACHE_PATH": str(tmp_path / "cache.sqlite3"),
+    }
+    try:
+        done = subprocess.run(
+            ["bash", "-e", "-c", script],
+            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                os.kill(int(pidfile.read_text()), 15)
+                break
+            time.sleep(0.05)
+    assert done.returncode == 0, done.stderr
+    listed = [
+        line.split()
+        for line in done.stdout.splitlines()
+        if re.fullmatch(r"[0-9a-f]{64}  \d+", line)
+    ]
+    assert len(listed) == 3 and all(len(key) == 64 and int(size) > 0 for key, size in listed)
