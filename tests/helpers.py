@@ -22,6 +22,7 @@ __all__ = [
     "remote_decode",
     "remote_header",
     "remote_value",
+    "without_mask_copies",
 ]
 
 
@@ -93,3 +94,11 @@ def remote_header() -> Any:
 def forget_missing_redis_warning(monkeypatch: Any) -> None:
     """Let the next cache warn again that redis-py is missing (it warns once a process)."""
     monkeypatch.setattr("vyre_sqlcache._remote._warned_missing", False)
+
+
+def without_mask_copies(monkeypatch: Any) -> None:
+    """Make layer reads ask the user's file for masks at every hit, as with an apsw
+    older than 3.47 (no `Connection.data_version`)."""
+    from vyre_sqlcache import _layers
+
+    monkeypatch.setattr(_layers, "_HAS_DATA_VERSION", False)

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vyre_sqlcache import (
+    BlobTooLargeError,
     DeviceFingerprint,
     PipelineCache,
     PipelineCacheKey,
@@ -858,3 +859,26 @@ def test_a_rebuild_keeps_compressed_entries_and_their_dictionaries(path: Path) -
         stats = cache.stats()
         assert stats.stored_bytes == stored and stats.dictionary_bytes > 0
         assert stats.entries == len(blobs) + 1
+
+
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_the_cap_is_checked_against_the_compressed_size(path: Path, write_behind: bool) -> None:
+    """A blob larger than the cap that compresses under it is stored; one that does not
+    is refused, naming the size it would take."""
+    cap = 100_000
+    text = kernel_text(7, 3 * cap)
+    with PipelineCache.open(path, max_bytes=cap, compression=3, write_behind=write_behind) as cache:
+        cache.write(digest(1), FP, text)
+        cache.flush()
+        assert cache.read(digest(1), FP) == text
+        assert 0 < cache.stats().stored_bytes <= cap
+        with pytest.raises(BlobTooLargeError, match=r"300000 bytes.*stored.*size cap of 100000"):
+            cache.write(digest(2), FP, random.Random(2).randbytes(3 * cap))
+        assert cache.read(digest(2), FP) is None
+
+
+def test_without_compression_the_raw_size_meets_the_cap(path: Path) -> None:
+    with PipelineCache.open(path, max_bytes=100_000, compression="off") as cache:
+        with pytest.raises(BlobTooLargeError, match=r"size cap of 100000"):
+            cache.write(digest(1), FP, kernel_text(7, 300_000))
+        assert len(cache) == 0

@@ -294,9 +294,9 @@ def test_blobs_over_the_limit_or_the_cap_are_refused(tmp_path: Path) -> None:
         cache.flush()
         before = dump(cache.path)
         with pytest.raises(BlobTooLargeError):
-            cache.write(b"\2" * 32, FP, b"x" * 1001)
+            cache.write(b"\2" * 32, FP, os.urandom(1001))  # incompressible
         with pytest.raises(BlobTooLargeError):
-            cache.write_many([(b"\2" * 32, b"x" * 600), (b"\3" * 32, b"x" * 600)], FP)
+            cache.write_many([(b"\2" * 32, os.urandom(600)), (b"\3" * 32, os.urandom(600))], FP)
         big = bytearray(MAX_BLOB_BYTES + 1)
         for call in (
             lambda: cache.write(b"\2" * 32, FP, big),

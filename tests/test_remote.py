@@ -836,3 +836,25 @@ def test_the_readme_sharing_example_runs(tmp_path: Path) -> None:
         if re.fullmatch(r"[0-9a-f]{64}  \d+", line)
     ]
     assert len(listed) == 3 and all(len(key) == 64 and int(size) > 0 for key, size in listed)
+
+
+def test_layers_are_read_before_the_remote(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    in_layer, only_remote = os.urandom(32), os.urandom(32)
+    layer = tmp_path / "layer.sqlite3"
+    with PipelineCache.open(tmp_path / "src.sqlite3", remote=redis_server.url) as source:
+        source.write(in_layer, fingerprint, b"in the layer" * 20)
+        source.flush()
+        source.bundle(layer)
+        source.write(only_remote, fingerprint, b"only in Redis" * 20)
+        uploaded(source, 2)
+    with PipelineCache.open(
+        tmp_path / "user.sqlite3", layers=[layer], remote=redis_server.url
+    ) as user:
+        redis_server.client().config_resetstat()
+        assert user.read(in_layer, fingerprint) == b"in the layer" * 20
+        assert "cmdstat_get" not in redis_server.client().info("commandstats")
+        assert user.read(only_remote, fingerprint) == b"only in Redis" * 20
+        stats = user.stats()
+        assert stats.layer_hits == 1 and stats.remote is not None and stats.remote.hits == 1

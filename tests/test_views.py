@@ -131,7 +131,8 @@ def test_open_brings_the_schema_to_version_2_with_both_views(populated: Pipeline
     rows = _stdlib_rows(
         populated.path, "SELECT name FROM sqlite_schema WHERE type = 'view' ORDER BY name"
     )
-    assert [r["name"] for r in rows] == ["pipelines_v", "stats_v"]
+    # info_v and layer_masks_v came with schema 5 (layers).
+    assert [r["name"] for r in rows] == ["info_v", "layer_masks_v", "pipelines_v", "stats_v"]
     assert latest_version() >= 2 and migrations()[1].name == "0002_views.sql"
 
 

@@ -508,3 +508,23 @@ def test_a_failed_export_batch_leaves_whole_files_and_no_temporary_file(
     written = tree(out)
     assert len(written) == 10  # the first batch, whole; none of the second
     assert all(source[name] == value for name, value in written.items())
+
+
+@pytest.mark.parametrize(("compression", "imported"), [("auto", 1), ("off", 0)])
+def test_a_file_over_the_cap_is_imported_when_it_fits_compressed(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    compression: str,
+    imported: int,
+) -> None:
+    pytest.importorskip("zstandard")
+    root = tmp_path / "vyre"
+    path = entry_path(root, fingerprint.cache_key(bytes(32)))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\tld.global.f32 %r1, [%rd2];\n" * 10_000)  # 280 KB of PTX-like text
+    notes: list[str] = []
+    with PipelineCache.open(cache_path, max_bytes=100_000, compression=compression) as cache:
+        report = do_import(cache, root, notes)
+        assert (report.imported, report.skipped, len(cache)) == (imported, 1 - imported, imported)
+    assert len(notes) == 1 - imported

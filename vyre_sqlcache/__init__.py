@@ -6,6 +6,7 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 
 from __future__ import annotations
 
+from ._combine import BundleReport, MergeReport
 from ._remote import RemoteSettings, RemoteStats, RemoteTier
 from ._schema import latest_version as _latest_version
 from .cache import MAX_BLOB_BYTES, CacheStats, PipelineCache
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_BLOB_BYTES",
     "SCHEMA_VERSION",
     "BlobTooLargeError",
+    "BundleReport",
     "CacheBusyError",
     "CacheError",
     "CacheFullError",
@@ -38,6 +40,7 @@ __all__ = [
     "CorruptCacheError",
     "DeviceFingerprint",
     "FeatureFlags",
+    "MergeReport",
     "NotACacheError",
     "PipelineCache",
     "PipelineCacheKey",

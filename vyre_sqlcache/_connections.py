@@ -32,6 +32,7 @@ from typing import TypeVar
 import apsw
 import apsw.bestpractice
 
+from . import _snapshots
 from .errors import (
     CacheBusyError,
     CacheError,
@@ -197,9 +198,12 @@ def transaction(
         try:
             if waiter is not None:
                 waiter.patient = False
+            _snapshots.end(connection)  # a held read snapshot (see _snapshots.py)
             connection.execute(f"BEGIN {kind}")
             yield
             connection.execute("COMMIT")
+            if kind != "DEFERRED":
+                _snapshots.changed()
         finally:
             # A failed COMMIT (a sync error, say) can leave the transaction open; the
             # original error is the one to report.
@@ -248,15 +252,33 @@ def translate(error: apsw.Error, what: str, path: Path) -> CacheError:
 
 class Slot:
     """One thread's connections to a cache file: the main one, its reusable cursor, and
-    one without memory mapping for large blobs. `busy` is set while a call runs."""
+    one without memory mapping for large blobs. `busy` is set and `lock` held while a
+    call runs. `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
+    `held_generation` describe the main connection's held read snapshot."""
 
-    __slots__ = ("__weakref__", "busy", "cursor", "large", "main")
+    __slots__ = (
+        "__weakref__",
+        "busy",
+        "cursor",
+        "held_generation",
+        "held_reads",
+        "held_since",
+        "large",
+        "lock",
+        "main",
+        "watched",
+    )
 
     def __init__(self) -> None:
         self.main: apsw.Connection | None = None
         self.cursor: apsw.Cursor | None = None
         self.large: apsw.Connection | None = None
         self.busy = False
+        self.lock = threading.RLock()
+        self.held_since = 0.0
+        self.held_reads = 0
+        self.held_generation = 0
+        self.watched = False  # known to the snapshot reaper
 
     def connections(self) -> list[apsw.Connection]:
         return [c for c in (self.main, self.large) if c is not None]
@@ -299,12 +321,17 @@ class ConnectionPool:
             slot.busy = False
             self._wait_for_resume()
             slot.busy = True
+        slot.lock.acquire()
         main = slot.main
-        if main is not None and main.txn_state() != apsw.SQLITE_TXN_NONE:
-            # An exception delivered asynchronously (Ctrl-C, say) ended an earlier call
-            # of this thread inside a transaction or a statement: a snapshot kept open
-            # would block checkpoints and make every later write fail as busy.
-            self.reopen(slot)
+        if main is not None:
+            state = main.txn_state()
+            if state == apsw.SQLITE_TXN_WRITE or (
+                state != apsw.SQLITE_TXN_NONE and not slot.held_since
+            ):
+                # An exception delivered asynchronously (Ctrl-C, say) ended an earlier call
+                # of this thread inside a transaction or a statement: a snapshot kept open
+                # would block checkpoints and make every later write fail as busy.
+                self.reopen(slot)
         return slot
 
     def reopen(self, slot: Slot) -> None:
@@ -312,6 +339,7 @@ class ConnectionPool:
         new ones on next use."""
         connections = slot.connections()
         slot.main = slot.cursor = slot.large = None
+        slot.held_since = 0.0
         with self._lock:
             held = self._held.get(id(slot), [])
             self._held[id(slot)] = [c for c in held if c not in connections]
@@ -324,6 +352,7 @@ class ConnectionPool:
     def leave(slot: Slot) -> None:
         """End a call begun by `enter()`."""
         slot.busy = False
+        slot.lock.release()
 
     def _wait_for_resume(self) -> None:
         with self._resume:
@@ -333,18 +362,57 @@ class ConnectionPool:
             raise CacheError(f"the cache {self._path} is closed; open it again to use it")
 
     def main(self, slot: Slot) -> apsw.Connection:
-        """The slot's main connection, opened on first use."""
+        """The slot's main connection, opened on first use, its held snapshot ended."""
+        if slot.held_since:
+            self.release(slot)
         if slot.main is None:
             slot.main = self._open(slot, mmap=True)
             slot.cursor = slot.main.cursor()
         return slot.main
 
     def cursor(self, slot: Slot) -> apsw.Cursor:
-        """The slot's reusable cursor on its main connection (saves making one a read)."""
-        if slot.cursor is None:
-            self.main(slot)
+        """The slot's reusable cursor on its main connection (saves making one a read),
+        its held snapshot ended."""
+        self.main(slot)
         assert slot.cursor is not None
         return slot.cursor
+
+    def held_cursor(self, slot: Slot) -> apsw.Cursor:
+        """The slot's cursor inside its held read snapshot (see `_snapshots`), begun anew
+        when it has served its reads or its time, or this process changed the file."""
+        main = slot.main
+        since = slot.held_since
+        if (
+            main is not None
+            and since
+            and (
+                slot.held_reads < _snapshots.HOLD_READS
+                and slot.held_generation == _snapshots.current_generation()
+                and time.monotonic() - since < _snapshots.HOLD_S
+                and not main.get_autocommit()
+            )
+        ):
+            slot.held_reads += 1
+            assert slot.cursor is not None
+            return slot.cursor
+        main = self.main(slot)  # ends the stale snapshot
+        if not main.get_autocommit() and not _snapshots.end(main):
+            self.reopen(slot)
+            main = self.main(slot)
+        slot.held_generation = _snapshots.current_generation()
+        assert slot.cursor is not None
+        slot.cursor.execute("BEGIN")
+        slot.held_since = time.monotonic()
+        slot.held_reads = 1
+        _snapshots.watch(slot)
+        return slot.cursor
+
+    def release(self, slot: Slot) -> None:
+        """End the slot's held read snapshot, if any."""
+        slot.held_since = 0.0
+        main = slot.main
+        if main is not None and not _snapshots.end(main):
+            self.reopen(slot)
 
     def large(self, slot: Slot) -> apsw.Connection:
         """The slot's connection without memory mapping, for large blobs."""
@@ -414,11 +482,13 @@ class ConnectionPool:
         with self._lock:
             for slot in slots:
                 slot.main = slot.cursor = slot.large = None
+                slot.held_since = 0.0
             held, self._held = self._held, {}
-        for connections in held.values():
-            for connection in connections:
-                with suppress(apsw.Error):
-                    connection.close()
+        with _snapshots.paused():  # the reaper may be ending a snapshot on one of them
+            for connections in held.values():
+                for connection in connections:
+                    with suppress(apsw.Error):
+                        connection.close()
         return True
 
     def resume(self) -> None:

@@ -67,7 +67,7 @@ class DisabledCache(PipelineCache):
         )
 
     def _store(self, entries: list[NewEntry]) -> None:
-        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
+        self._check_fits(entries)
 
     def _load(self, entry_key: bytes) -> bytes | None:
         self._books.miss(persist=False)

@@ -9,7 +9,9 @@ migration, no hits or access times, no marker files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import apsw
 
-from . import _codec, _rows
+from . import _codec, _combine, _layers, _rows
 from ._cachefile import move_aside, needs_check_marker
 from ._checkpointer import compact_shortfall
 from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate
@@ -59,6 +61,14 @@ class CacheMaintenance:
         def _truncate_log(connection: apsw.Connection) -> None: ...
 
         def _connect(self, mmap: bool) -> apsw.Connection: ...
+
+        _cap: int | None
+        _codec: _codec.Codec
+        _books: Any
+
+        def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int: ...
+
+        def _settle_cap(self, connection: apsw.Connection) -> None: ...
 
     # -- inspection and maintenance (used by the command line) --------------------------
     #
@@ -489,6 +499,101 @@ class CacheMaintenance:
                 raise translate(error, "compacting", self._path) from error
         return before, self._file.file_bytes()
 
+    # -- bundle and merge ------------------------------------------------------------------
+
+    def bundle(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        backend: str | None = None,
+        vendor: int | None = None,
+        device: int | None = None,
+        driver: bytes | str | None = None,
+        key_version: int | None = None,
+        overwrite: bool = False,
+    ) -> _combine.BundleReport:
+        """Write the entries that match every filter given into a new read-only layer file
+        at `out` (see `open(layers=...)`): each verified on the way (bad ones skipped and
+        counted), compressed ones kept as stored with their dictionaries, written beside
+        `out` and renamed into place, vacuumed, marked as a layer. `driver` is the
+        fingerprint's 32-byte driver digest (or 64 hex).
+
+        Raises FileExistsError if `out` exists (unless `overwrite`), TypeError/ValueError
+        for a bad filter, CacheError types if reading or writing fails (nothing is left
+        at `out` then).
+        """
+        if backend is not None and (not isinstance(backend, str) or not backend):
+            raise TypeError(f"backend must be a non-empty str or None, got {backend!r:.80}")
+        wanted = _combine.BundleFilter(
+            backend,
+            None if vendor is None else check_u32("vendor", vendor),
+            None if device is None else check_u32("device", device),
+            None if driver is None else coerce_digest("driver", driver),
+            None if key_version is None else check_u32("key_version", key_version),
+        )
+        target = Path(os.fspath(out)).expanduser().absolute()
+        if target.resolve() == self._path:
+            raise ValueError(f"out is the cache itself ({target}); give another file")
+        if target.is_dir():
+            raise CacheError(f"{target} is a folder; give the path of the layer file to write")
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise FileExistsError(
+                f"{target} exists; choose another path, or pass overwrite=True "
+                "(--force) to replace it"
+            )
+        self._before_inspection()
+        temporary = target.with_name(f".{target.name}.bundle-{os.getpid()}-{time.time_ns()}")
+        try:
+            report = self._read("bundling", lambda c: _combine.bundle_into(c, temporary, wanted))
+            _combine.install(temporary, target)
+        except apsw.Error as error:
+            raise translate(error, "writing the bundle", temporary) from error
+        except OSError as error:
+            raise CacheError(f"writing the bundle {target} failed: {error}") from error
+        finally:
+            _combine.discard(temporary)
+        return dataclasses.replace(report, path=target)
+
+    def merge(self, sources: Iterable[str | os.PathLike[str]]) -> _combine.MergeReport:
+        """Admit the entries of other cache files into this one, one transaction per
+        source. Sources are only read. Every incoming entry is verified (bad ones skipped
+        and counted); of two entries under one key the newer `created_ms` wins (a tie
+        keeps this cache's); this cache's cap holds, its LRU deciding what stays.
+
+        Raises ReadOnlyCacheError on a read-only cache, TypeError for a bad source list,
+        CacheError types for a source that is missing, not a cache or of another schema
+        version (the sources before it stay merged), or if writing fails.
+        """
+        if isinstance(sources, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"sources must be a list of cache file paths, got {sources!r:.80}; "
+                "for one source write [path]"
+            )
+        paths = [Path(os.fspath(s)).expanduser() for s in sources]
+        self._before_inspection()
+        if self._readonly:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only; merging into it needs write access"
+            )
+        report = _combine.MergeReport()
+        for path in paths:
+            evicted = report.evicted
+            with _combine.source(path) as connection:
+                if Path(connection.filename) == self._path:
+                    raise CacheError(f"{path} is this cache itself; nothing to merge")
+
+                def admit(target: apsw.Connection, source: apsw.Connection = connection) -> int:
+                    self._settle_cap(target)
+                    codec = self._codec if self._codec.enabled else None
+                    return _combine.merge_from(
+                        source, target, self._cap, codec, time.time_ns() // 1_000_000, report
+                    )
+
+                self._change(f"merging {path}", admit)
+            self._books.evicted(report.evicted - evicted)
+            report.sources.append(str(path))
+        return report
+
     def _before_inspection(self) -> None:
         """Refuse a disabled cache; commit this object's queued writes, so that what it
         looks at includes every write it made."""
@@ -529,6 +634,7 @@ class CacheMaintenance:
                 rescue.execute(f"PRAGMA user_version = {migration.version:d}")
             _rows.restore_meta(rescue, _rows.readable_meta(live))
             _rows.copy_dictionaries(live, rescue)
+            _layers.copy_masks(live, rescue)
         except BaseException:
             self._rescue_discard(temporary, rescue)
             raise

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -21,7 +22,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _remote, _rows
+from . import _codec, _layers, _remote, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
@@ -118,6 +119,8 @@ class CacheStats:
     compression_ratio: float = 1.0
     #: what this object writes: 'off' or 'zstd-<level>'
     compression: str = "off"
+    #: hits of this object served by a read-only layer (also counted in `hits`)
+    layer_hits: int = 0
     #: the shared tier's counters, None without a remote (see README "Sharing a cache")
     remote: _remote.RemoteStats | None = None
 
@@ -161,6 +164,7 @@ class PipelineCache(CacheMaintenance):
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
         self._writer = WriteBehind(self._commit_entries)
+        self._layers = _layers.Layers((), self._books.checksum_failed)
         self._remote: _remote.RemoteTier | None = None
 
     # -- opening and closing -------------------------------------------------------
@@ -191,6 +195,7 @@ class PipelineCache(CacheMaintenance):
         vfs: str | None = None,
         write_behind: bool = True,
         compression: str | int = _UNSET,
+        layers: Sequence[str | PathLike[str]] | None = None,
         remote: str | _remote.RemoteSettings | None = _UNSET,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
@@ -208,12 +213,16 @@ class PipelineCache(CacheMaintenance):
         where it saves at least 1/8, with dictionaries trained per backend and device; raw
         without the zstandard package), 'off', or a zstd level from 1 to 22 (default:
         `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
-        back whatever wrote it. `remote` is a shared tier behind the file: a redis:// URL
-        (with `$VYRE_SQLCACHE_REMOTE_MODE`, `_KEY`, `_TIMEOUT`), a `RemoteSettings`, or None
-        for none (default: `$VYRE_SQLCACHE_REMOTE`); see README "Sharing a cache".
+        back whatever wrote it. `layers` are read-only cache files (made by `bundle`) read,
+        in order, after this one on every miss (default: `$VYRE_SQLCACHE_LAYERS`); one that
+        cannot be used is skipped with a warning. `remote` is a shared tier behind the file
+        and its layers: a redis:// URL (with `$VYRE_SQLCACHE_REMOTE_MODE`, `_KEY`,
+        `_TIMEOUT`), a `RemoteSettings`, or None for none (default:
+        `$VYRE_SQLCACHE_REMOTE`); see README "Sharing a cache".
 
         Raises SchemaTooNewError (file from a newer library), NotACacheError (another
-        program's file or database, a FIFO or device), CorruptCacheError (with strict),
+        program's file or database, a FIFO or device), ReadOnlyCacheError (a layer file
+        opened for writing), CorruptCacheError (with strict),
         ValueError/TypeError (malformed environment variable or argument), CacheError
         (cannot open: a folder, a file with several hard links, no permission),
         ImportError (a `remote` argument without the `remote` extra installed).
@@ -231,6 +240,9 @@ class PipelineCache(CacheMaintenance):
         else:
             max_bytes = check_max_bytes(max_bytes)
         resolved = cls.resolve_path(path, settings)
+        layer_paths = (
+            settings.layers if layers is None else _layers.check_layer_paths("layers", layers)
+        )
         if settings.disabled:
             from ._disabled import DisabledCache
 
@@ -251,6 +263,10 @@ class PipelineCache(CacheMaintenance):
                 raise
             move_aside(file.path, f"is damaged ({error})")
             cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
+        if layer_paths:
+            cache._layers = _layers.open_layers(
+                layer_paths, cache._path, cache._books.checksum_failed, vfs
+            )
         cache._remote = tier
         return cache
 
@@ -306,6 +322,8 @@ class PipelineCache(CacheMaintenance):
         marker = needs_check_marker(self._path)
         connection = self._connect(True)
         try:
+            if not self._readonly:
+                _layers.refuse_layer_for_writes(connection, where)
             retry_busy(lambda: prepare(connection, where, readonly=self._readonly))
             # A reader cannot repair what quick_check would find, nor remove the marker:
             # it reads on, and every entry is still checksummed.
@@ -390,6 +408,7 @@ class PipelineCache(CacheMaintenance):
             if self._remote is not None:
                 self._remote.close()  # sends what is queued, for a bounded time
             self._pool.close()
+            self._layers.close()
 
     def __enter__(self) -> PipelineCache:
         return self
@@ -501,7 +520,13 @@ class PipelineCache(CacheMaintenance):
             return 0
         if self._remote is not None:  # the shared tier is not invalidated: README says why
             self._remote.fence([fp.cache_key(digest) for digest in impacted])
-        return self._change("invalidating entries", lambda c: _rows.invalidate(c, impacted, fp))
+        # Layers are read-only: what it reaches there is masked in the user's file, first
+        # (so that `mask` counts only keys the file's own invalidation does not).
+        found = self._layers.impacted(impacted, fp) if self._layers else []
+        return self._change(
+            "invalidating entries",
+            lambda c: _layers.mask(c, found, _now_ms()) + _rows.invalidate(c, impacted, fp),
+        )
 
     # -- the key API: entries by PipelineCacheKey -------------------------------------
 
@@ -566,7 +591,12 @@ class PipelineCache(CacheMaintenance):
         entry_key = check_key(key).entry_key(check_fingerprint(fingerprint))
         if self._writer.get(entry_key) is not None:
             return True
-        return self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key
+        if self._read("looking up an entry", lambda c: _rows.owner(c, entry_key)) == entry_key:
+            return True
+        return bool(self._layers) and self._read(
+            "looking up layers",
+            lambda c: self._layers.contains(entry_key, self._masks(c.cursor())),
+        )
 
     def delete(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:
         """Delete the entry under `key` on a device; return whether there was one."""
@@ -612,7 +642,7 @@ class PipelineCache(CacheMaintenance):
         ]
         if self._readonly:
             self._refuse_write()
-        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
+        self._check_fits(entries)
         keys = [e.entry_key for e in entries]
         kept: int | None = self._writer.commit(
             entries, extra=lambda c: sum(_rows.owner(c, k) == k for k in keys)
@@ -624,7 +654,11 @@ class PipelineCache(CacheMaintenance):
         keys = [coerce_digest(f"entry_keys[{i}]", k) for i, k in enumerate(entry_keys)]
         if not keys:
             return 0
-        return self._change("deleting entries", lambda c: _rows.delete_entries(c, keys))
+        found = self._layers.with_keys(keys) if self._layers else []
+        return self._change(
+            "deleting entries",
+            lambda c: _layers.mask(c, found, _now_ms()) + _rows.delete_entries(c, keys),
+        )
 
     def check_entry(self, entry_key: bytes | str) -> bool | None:
         """Whether an entry's bytes match its checksum (None: no such entry); changes nothing."""
@@ -672,6 +706,7 @@ class PipelineCache(CacheMaintenance):
             if totals.get("stored_bytes", 0)
             else 1.0,
             compression=self.compression,
+            layer_hits=self._layers.hits,
             remote=None if self._remote is None else self._remote.stats(),
         )
 
@@ -804,7 +839,7 @@ class PipelineCache(CacheMaintenance):
             return
         if self._readonly:
             self._refuse_write()
-        self._check_fits(sum(len(e.blob) for e in entries), len(entries))
+        self._check_fits(entries)
         if self._write_behind and all(len(e.blob) < DIRECT_WRITE_BYTES for e in entries):
             self._writer.put(entries)
         else:
@@ -866,14 +901,25 @@ class PipelineCache(CacheMaintenance):
             "from a process that may write the file, to change it"
         )
 
-    def _check_fits(self, incoming: int, count: int) -> None:
+    def _check_fits(self, entries: list[NewEntry]) -> None:
+        """Raise BlobTooLargeError if `entries` as stored would not fit under the cap."""
         cap = self._cap
-        if cap is not None and incoming > cap:
-            what = "blob is" if count == 1 else f"{count} blobs are"
-            raise BlobTooLargeError(
-                f"{what} {incoming} bytes, over the cache's size cap of {cap} bytes "
-                f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
-            )
+        incoming = sum(len(e.blob) for e in entries)
+        if cap is None or incoming <= cap:
+            return
+        stored = ""
+        if self._codec.enabled:
+            # The cap counts bytes as stored: compressing is the only way to know them,
+            # and it is paid only by writes larger than the whole cap.
+            size = sum(len(self._codec.encode(e.blob).data) for e in entries)
+            if size <= cap:
+                return
+            stored = f" ({size} bytes as stored, compressed where it pays)"
+        what = "blob is" if len(entries) == 1 else f"{len(entries)} blobs are"
+        raise BlobTooLargeError(
+            f"{what} {incoming} bytes{stored}, over the cache's size cap of {cap} bytes "
+            f"(max_bytes / {ENV_MAX_SIZE}); raise the cap to store it; nothing was written"
+        )
 
     def _make_room_on_disk(self, slot: Slot, incoming: int) -> bool:
         """After SQLITE_FULL: fold the log back and truncate it, then evict at least
@@ -934,9 +980,11 @@ class PipelineCache(CacheMaintenance):
         try:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
-            fetched = self._fetch(slot, entry_key)
+            fetched = self._fetch(slot, entry_key, held=True)
             if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
-                fetched = self._fetch(slot, entry_key)
+                fetched = self._fetch(slot, entry_key, held=True)
+            if fetched is None and self._layers:
+                return self._load_from_tiers(slot, [entry_key], held=True)[0]
             return self._verified(slot, entry_key, fetched)
         finally:
             self._pool.leave(slot)
@@ -992,7 +1040,7 @@ class PipelineCache(CacheMaintenance):
         # A pending background error is the next write's or flush's to raise, not a read's.
         if admitted and not self._readonly and self._writer._error is None:
             try:
-                self._check_fits(sum(len(e.blob) for e in admitted), len(admitted))
+                self._check_fits(admitted)
                 if self._write_behind:
                     self._writer.put(admitted)
                 else:
@@ -1020,16 +1068,62 @@ class PipelineCache(CacheMaintenance):
                 fetched += [None] * (len(entry_keys) - len(fetched))
             if self._watch.active and None in fetched:
                 self._reopened_if_changed(slot, now=True)  # the next read sees the change
+            if self._layers and None in fetched:
+                missed = [k for k, f in zip(entry_keys, fetched, strict=True) if f is None]
+                tiers = iter(self._load_from_tiers(slot, missed))
+                return [
+                    next(tiers) if f is None else self._verified(slot, k, f)
+                    for k, f in zip(entry_keys, fetched, strict=True)
+                ]
             return [self._verified(slot, k, f) for k, f in zip(entry_keys, fetched, strict=True)]
 
-    def _fetch(
-        self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None = None
-    ) -> _rows.Fetched | None:
-        """The entry's stored bytes, unverified, or None; damage or I/O trouble is a miss."""
+    def _load_from_tiers(
+        self, slot: Slot, entry_keys: list[bytes], *, held: bool = False
+    ) -> list[bytes | None]:
+        """Keys the user's file missed, looked up in the tiers after it, in order: the
+        read-only layers (skipping what the user's masks hide); counts hits and misses.
+        `held`: the masks are read in the thread's held snapshot, as the miss was."""
         try:
-            return _rows.fetch(
-                cursor or self._pool.cursor(slot), lambda: self._pool.large(slot), entry_key
-            )
+            cursor = self._pool.held_cursor(slot) if held else self._pool.cursor(slot)
+        except apsw.Error as error:
+            log.warning("vyre-sqlcache: reading the layer masks failed: %s", error)
+            cursor = None
+        found = self._layers.load(entry_keys, self._masks(cursor))
+        results: list[bytes | None] = []
+        for entry_key, lookup in zip(entry_keys, found, strict=True):
+            if lookup is None:
+                self._books.miss()
+                results.append(None)
+                continue
+            if self._books.hit(entry_id(entry_key)) and not self._readonly:
+                self._write_bookkeeping(self._pool.main(slot), wait=False)
+            results.append(lookup.data)
+        return results
+
+    def _masks(self, cursor: apsw.Cursor | None) -> Callable[[bytes, bytes], bool]:
+        """Whether the user's file hides a layer entry; one it cannot answer for is hidden
+        (bytes an invalidation may have reached are never served)."""
+
+        def masked(entry_key: bytes, checksum: bytes) -> bool:
+            if cursor is None:
+                return True
+            try:
+                return self._layers.masks.masked(cursor, entry_key, checksum)
+            except apsw.Error as error:
+                log.warning("vyre-sqlcache: reading the layer masks failed: %s", error)
+                return True
+
+        return masked
+
+    def _fetch(
+        self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None = None, *, held: bool = False
+    ) -> _rows.Fetched | None:
+        """The entry's stored bytes, unverified, or None; damage or I/O trouble is a miss.
+        `held`: read in the thread's held snapshot (see `_snapshots`)."""
+        try:
+            if cursor is None:
+                cursor = self._pool.held_cursor(slot) if held else self._pool.cursor(slot)
+            return _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
         except apsw.Error as error:
             # A read never takes the application down: damage or I/O trouble is a miss.
             self._note_damage(error)

@@ -662,6 +662,49 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle(args: argparse.Namespace) -> int:
+    driver = None
+    if args.driver is not None:
+        driver = DeviceFingerprint.from_parts(0, 0, args.driver, args.driver_extra).driver_digest
+    with _opened(args) as cache:
+        report = cache.bundle(
+            args.output,
+            backend=args.backend,
+            vendor=args.vendor,
+            device=args.device,
+            driver=driver,
+            key_version=args.key_version,
+            overwrite=args.force,
+        )
+    bad = f"; {report.skipped_bad} damaged entries skipped" if report.skipped_bad else ""
+    print(
+        f"bundled {report.entries} entries ({_bytes(report.blob_bytes)} of blobs, "
+        f"{report.dictionaries} dictionaries) into {report.path} ({_bytes(report.file_bytes)})"
+        f"{bad}"
+    )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    into = args.into if args.into is not None else args.path
+    try:
+        cache = PipelineCache.open(into, strict=True, write_behind=False)
+    except ValueError as error:
+        raise Failure(str(error)) from error
+    with cache:
+        if cache.disabled:
+            raise Failure("the cache is disabled by VYRE_SQLCACHE_DISABLE; unset it to use it")
+        report = cache.merge(args.sources)
+        path = cache.path
+    print(
+        f"merged {len(report.sources)} caches into {path}: {report.added} added, "
+        f"{report.replaced} replaced (newer), {report.kept_existing} kept (existing as new "
+        f"or newer), {report.skipped_bad} damaged skipped, {report.too_large} over the cap, "
+        f"{report.evicted} evicted for the cap"
+    )
+    return 0
+
+
 def _import_dir(args: argparse.Namespace) -> int:
     root = Path(args.dir).expanduser()
     if not root.is_dir():
@@ -902,6 +945,34 @@ def _parser() -> argparse.ArgumentParser:
     json_option(check)
 
     command("compact", _compact, "checkpoint the write-ahead log and VACUUM the file")
+
+    bundle = command(
+        "bundle",
+        _bundle,
+        "write the entries that match into a read-only layer file to ship (see "
+        "VYRE_SQLCACHE_LAYERS); every entry verified, the file vacuumed",
+    )
+    bundle.add_argument("-o", "--output", required=True, metavar="FILE", help="the layer file")
+    filters(bundle)
+    bundle.add_argument(
+        "--driver", metavar="REVISION", help="only entries of this driver revision string"
+    )
+    bundle.add_argument(
+        "--driver-extra", default="", metavar="TEXT", help="its extra revision string"
+    )
+    bundle.add_argument("--key-version", type=_u32, metavar="N", help="key format version N")
+    bundle.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+    merge = command(
+        "merge",
+        _merge,
+        "admit the entries of other cache files (only read) into a cache: every entry "
+        "verified, the newest created wins, the cap holds",
+    )
+    merge.add_argument("sources", nargs="+", metavar="SRC", help="cache files to merge from")
+    merge.add_argument(
+        "--into", metavar="DST", default=None, help="the cache to merge into (default: --path)"
+    )
 
     import_dir = command(
         "import-dir",

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "ENV_COMPRESSION",
     "ENV_DISABLE",
+    "ENV_LAYERS",
     "ENV_MAX_SIZE",
     "ENV_PATH",
     "Settings",
@@ -27,6 +28,7 @@ ENV_PATH = "VYRE_SQLCACHE_PATH"
 ENV_MAX_SIZE = "VYRE_SQLCACHE_MAX_SIZE"
 ENV_DISABLE = "VYRE_SQLCACHE_DISABLE"
 ENV_COMPRESSION = "VYRE_SQLCACHE_COMPRESSION"
+ENV_LAYERS = "VYRE_SQLCACHE_LAYERS"
 
 #: Default size cap on blob bytes: 1 GiB, as Mesa's shader cache.
 DEFAULT_MAX_BYTES = 1 << 30
@@ -65,6 +67,8 @@ class Settings:
     compression: str | None = None
     #: the shared tier of VYRE_SQLCACHE_REMOTE and its companions (see `_remote`)
     remote: RemoteSettings | None = None
+    #: read-only layer files searched after the cache, in order (os.pathsep-separated)
+    layers: tuple[Path, ...] = ()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -88,4 +92,9 @@ class Settings:
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,
             compression=compression,
+            layers=tuple(
+                Path(part).expanduser()
+                for part in env.get(ENV_LAYERS, "").split(os.pathsep)
+                if part.strip()
+            ),
         )

@@ -319,7 +319,8 @@ def import_dir(
             if known.get(item.entry_key) == (item.size, item.mtime_ms):
                 report.unchanged += 1
                 continue
-            if cap is not None and item.size > cap:
+            # Compressed, a file over the cap may still fit: the store decides then.
+            if cap is not None and item.size > cap and cache.compression == "off":
                 skip(item.path, f"{item.size} bytes, over the cache's size cap of {cap} bytes")
                 continue
             read = tree.read(item)

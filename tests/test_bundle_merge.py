@@ -1,0 +1,353 @@
+"""Bundle (a cache into a read-only layer file) and merge (cache files into a cache)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import apsw
+import pytest
+
+from vyre_sqlcache import (
+    SCHEMA_VERSION,
+    CacheError,
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCache,
+    PipelineCacheKey,
+    ReadOnlyCacheError,
+)
+from vyre_sqlcache.cli import main
+
+from .corpus_blobs import blobs
+
+
+def key_of(n: int) -> bytes:
+    return hashlib.sha256(b"entry %d" % n).digest()
+
+
+def file_state(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def damage(path: Path, entry_key: bytes) -> None:
+    """Make an entry fail its checksum (its stored bytes changed under it)."""
+    connection = apsw.Connection(str(path))
+    connection.execute(
+        "UPDATE blobs SET checksum = zeroblob(16) WHERE id = "
+        "(SELECT id FROM entries WHERE entry_key = ?)",
+        (entry_key,),
+    )
+    connection.close()
+
+
+def header(path: Path) -> tuple[int, int]:
+    """(file format write version: 1 rollback journal, 2 WAL; free-list pages)."""
+    head = path.read_bytes()[:40]
+    return head[18], struct.unpack(">I", head[36:40])[0]
+
+
+# -- bundle ---------------------------------------------------------------------------------
+
+FINGERPRINTS = {
+    "nvidia": DeviceFingerprint.from_parts(0x10DE, 0x2684, "550.54.14"),
+    "nvidia-new-driver": DeviceFingerprint.from_parts(0x10DE, 0x2684, "555.42.02"),
+    "amd": DeviceFingerprint.from_parts(0x1002, 0x744C, "mesa 24.0.5"),
+}
+
+
+def _key(n: int, backend: str, version: int) -> PipelineCacheKey:
+    return PipelineCacheKey(
+        shader_hash=hashlib.sha256(b"shader %d" % n).digest(),
+        bind_group_layout_hash=bytes(32),
+        push_constant_size=16,
+        workgroup_size=(64, 1, 1),
+        feature_flags=FeatureFlags.F16,
+        backend=backend,
+        version=version,
+    )
+
+
+@pytest.fixture
+def populated(cache_path: Path) -> tuple[Path, list[tuple[str, str, int, bytes]]]:
+    """A closed cache of keyed entries over 3 fingerprints, 2 backends, 2 key versions;
+    returns its path and (fingerprint name, backend, version, entry key) per entry."""
+    rows = []
+    corpus = blobs()
+    with PipelineCache.open(cache_path) as cache:
+        n = 0
+        for name, fp in FINGERPRINTS.items():
+            for backend in ("vulkan", "metal"):
+                for version in (1, 2):
+                    key = _key(n, backend, version)
+                    cache.put(key, fp, corpus[n % len(corpus)])
+                    rows.append((name, backend, version, key.entry_key(fp)))
+                    n += 1
+    return cache_path, rows
+
+
+@pytest.mark.parametrize(
+    ("filters", "keep"),
+    [
+        ({}, lambda name, backend, version: True),
+        ({"backend": "metal"}, lambda name, backend, version: backend == "metal"),
+        ({"vendor": 0x1002}, lambda name, backend, version: name == "amd"),
+        ({"device": 0x2684}, lambda name, backend, version: name != "amd"),
+        (
+            {"driver": FINGERPRINTS["nvidia-new-driver"].driver_digest},
+            lambda name, backend, version: name == "nvidia-new-driver",
+        ),
+        ({"key_version": 2}, lambda name, backend, version: version == 2),
+        (
+            {"vendor": 0x10DE, "backend": "vulkan", "key_version": 1},
+            lambda name, backend, version: name != "amd" and backend == "vulkan" and version == 1,
+        ),
+    ],
+    ids=["all", "backend", "vendor", "device", "driver", "key-version", "several"],
+)
+def test_bundle_takes_the_entries_that_match_every_filter(
+    tmp_path: Path,
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]],
+    filters: dict[str, object],
+    keep: Callable[[str, str, int], bool],
+) -> None:
+    path, rows = populated
+    out = tmp_path / "out.layer"
+    with PipelineCache.open(path, readonly=True) as cache:
+        report = cache.bundle(out, **filters)  # type: ignore[arg-type]
+    expected = {key for name, backend, version, key in rows if keep(name, backend, version)}
+    with PipelineCache.open(out, readonly=True) as layer:
+        got = {bytes.fromhex(row["entry_key"]) for row in layer.entries()}
+        assert all(layer.check_entry(key) for key in got)
+    assert got == expected and report.entries == len(expected) and report.skipped_bad == 0
+
+
+def test_a_bundle_is_one_vacuumed_file_marked_as_a_layer(
+    tmp_path: Path, populated: tuple[Path, list[tuple[str, str, int, bytes]]]
+) -> None:
+    path, rows = populated
+    out = tmp_path / "ship" / "pipelines.layer"
+    out.parent.mkdir()
+    with PipelineCache.open(path) as cache:
+        cache.delete_entries([rows[0][3]])  # a tombstoned entry is not bundled
+        report = cache.bundle(out)
+    assert report.entries == len(rows) - 1 and report.path == out
+    assert os.listdir(out.parent) == ["pipelines.layer"]  # no temporary file, -wal or -shm
+    assert header(out) == (1, 0)  # rollback journal (readers need no -shm), no free pages
+    assert report.file_bytes == out.stat().st_size
+    with PipelineCache.open(out, readonly=True) as layer:
+        info = dict(layer.query("SELECT setting, value FROM info_v")[0].rows)
+        assert info == {"layer": 1} and len(layer) == len(rows) - 1
+    assert os.listdir(out.parent) == ["pipelines.layer"]
+
+
+def test_bundle_skips_and_counts_damaged_entries(
+    tmp_path: Path, populated: tuple[Path, list[tuple[str, str, int, bytes]]]
+) -> None:
+    path, rows = populated
+    for row in rows[:2]:
+        damage(path, row[3])
+    with PipelineCache.open(path, readonly=True) as cache:
+        report = cache.bundle(tmp_path / "out.layer")
+    assert (report.entries, report.skipped_bad) == (len(rows) - 2, 2)
+    with PipelineCache.open(tmp_path / "out.layer", readonly=True) as layer:
+        assert {bytes.fromhex(r["entry_key"]) for r in layer.entries()} == {r[3] for r in rows[2:]}
+
+
+def test_bundle_keeps_compressed_entries_as_stored_with_their_dictionaries(
+    tmp_path: Path, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    pytest.importorskip("zstandard")
+    corpus = blobs()
+    pairs = [(key_of(n), corpus[n]) for n in range(48)]  # enough to train a dictionary
+    with PipelineCache.open(cache_path, compression="auto", write_behind=False) as cache:
+        cache.write_many(pairs[:40], fingerprint)
+        cache.write_many(pairs[40:], fingerprint)  # written with the trained dictionary
+        stored = {r["entry_key"]: r["stored_size"] for r in cache.entries()}
+        assert cache.stats().dictionary_bytes > 0
+        report = cache.bundle(tmp_path / "out.layer")
+    assert report.dictionaries >= 1
+    with PipelineCache.open(tmp_path / "out.layer", readonly=True) as layer:
+        assert {r["entry_key"]: r["stored_size"] for r in layer.entries()} == stored
+        assert layer.stats().dictionary_bytes > 0
+    with PipelineCache.open(tmp_path / "user.sqlite3", layers=[tmp_path / "out.layer"]) as user:
+        assert [user.read(d, fingerprint) for d, _ in pairs] == [b for _, b in pairs]
+    # Merged, compressed entries are stored with the destination's own dictionaries.
+    with PipelineCache.open(tmp_path / "merged.sqlite3", compression="off") as merged:
+        assert merged.merge([cache_path]).added == len(pairs)
+        assert [merged.read(d, fingerprint) for d, _ in pairs] == [b for _, b in pairs]
+        assert merged.stats().dictionary_bytes == 0 and merged.check().ok
+
+
+def test_bundle_refuses_to_overwrite_unless_asked(
+    tmp_path: Path, populated: tuple[Path, list[tuple[str, str, int, bytes]]]
+) -> None:
+    path, rows = populated
+    out = tmp_path / "out.layer"
+    out.write_bytes(b"an earlier release")
+    with PipelineCache.open(path, readonly=True) as cache:
+        with pytest.raises(FileExistsError, match=r"overwrite=True"):
+            cache.bundle(out)
+        assert out.read_bytes() == b"an earlier release"
+        with pytest.raises(ValueError, match=r"vendor"):
+            cache.bundle(tmp_path / "other.layer", vendor=-1)
+        assert cache.bundle(out, overwrite=True).entries == len(rows)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "out.layer"]
+
+
+# -- merge ----------------------------------------------------------------------------------
+
+
+def make_source(path: Path, entries: list[tuple[int, bytes, int]]) -> Path:
+    """A closed cache with bare entries (n, blob, created_ms)."""
+    with PipelineCache.open(path) as cache:
+        cache.put_entries([(key_of(n), blob, created) for n, blob, created in entries])
+    return path
+
+
+def test_merge_overlapping_sources_newest_created_wins(tmp_path: Path, cache_path: Path) -> None:
+    a = make_source(tmp_path / "a.sqlite3", [(n, b"a%d" % n, 1000) for n in range(6)])
+    b = make_source(tmp_path / "b.sqlite3", [(n, b"b%d" % n, 2000) for n in range(3, 9)])
+    c = make_source(tmp_path / "c.sqlite3", [(1, b"c1 tie", 1000)])
+    with PipelineCache.open(cache_path) as dest:
+        dest.put_entries([(key_of(0), b"dest0", 5000), (key_of(8), b"dest8", 1500)])
+        report = dest.merge([a, b, c])
+        got = {n: dest.get_entry(key_of(n)) for n in range(9)}
+    assert (report.added, report.replaced, report.kept_existing, report.skipped_bad) == (7, 4, 2, 0)
+    assert report.sources == [str(a), str(b), str(c)]
+    assert got == {
+        0: b"dest0",  # the destination's is newer
+        1: b"a1",  # a tie keeps what is there
+        2: b"a2",
+        **{n: b"b%d" % n for n in range(3, 9)},  # b is newer than a and than dest's 8
+    }
+
+
+def test_merge_skips_and_counts_damaged_entries(tmp_path: Path, cache_path: Path) -> None:
+    corpus = blobs()
+    source = make_source(tmp_path / "src.sqlite3", [(n, corpus[n], 1000) for n in range(10)])
+    damage(source, key_of(4))
+    with PipelineCache.open(cache_path) as dest:
+        report = dest.merge([source])
+        assert dest.get_entry(key_of(4)) is None and dest.get_entry(key_of(5)) == corpus[5]
+        assert dest.check().ok
+    assert (report.added, report.skipped_bad) == (9, 1)
+
+
+def test_merge_respects_the_destinations_cap(tmp_path: Path, cache_path: Path) -> None:
+    corpus = blobs()
+    cap = 96 * 1024
+    source = make_source(tmp_path / "src.sqlite3", [(n, corpus[n], 1000 + n) for n in range(64)])
+    with PipelineCache.open(cache_path, max_bytes=cap, compression="off") as dest:
+        dest.put_entry(key_of(1000), b"the destination's own", created_ms=1)
+        report = dest.merge([source])
+        stats = dest.stats()
+        assert stats.stored_bytes + stats.dictionary_bytes <= cap
+        assert report.added == 64 and report.evicted > 0
+        assert stats.evictions == report.evicted
+        assert stats.entries == 65 - report.evicted
+        # The newest merged entries are the ones the LRU kept.
+        assert dest.get_entry(key_of(63)) == corpus[63]
+        assert dest.check().ok
+
+
+def test_merge_leaves_its_sources_unchanged(
+    tmp_path: Path, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    corpus = blobs()
+    closed = make_source(
+        tmp_path / "closed" / "a.sqlite3", [(n, corpus[n], 1000) for n in range(8)]
+    )
+    # A source another cache object has open, with its write-ahead log beside it.
+    live_path = tmp_path / "live" / "b.sqlite3"
+    with PipelineCache.open(live_path, write_behind=False) as live:
+        live.write_many([(key_of(100 + n), corpus[n]) for n in range(8)], fingerprint)
+        wal = Path(f"{live_path}-wal")
+        assert wal.stat().st_size > 0
+        before = (
+            file_state(closed),
+            sorted(os.listdir(closed.parent)),
+            file_state(live_path),
+            file_state(wal),
+        )
+        with PipelineCache.open(cache_path) as dest:
+            report = dest.merge([closed, live_path])
+            assert dest.read(key_of(103), fingerprint) == corpus[3]
+        after = (
+            file_state(closed),
+            sorted(os.listdir(closed.parent)),
+            file_state(live_path),
+            file_state(wal),
+        )
+    assert report.added == 16
+    assert after == before
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-cache", "newer", "itself"])
+def test_merge_refuses_a_source_it_cannot_read(tmp_path: Path, cache_path: Path, kind: str) -> None:
+    source = tmp_path / f"{kind}.sqlite3"
+    if kind == "not-a-cache":
+        connection = apsw.Connection(str(source))
+        connection.execute("CREATE TABLE notes (text TEXT)")
+        connection.close()
+    elif kind == "newer":
+        make_source(source, [(1, b"x", 1)])
+        connection = apsw.Connection(str(source))
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        connection.close()
+    elif kind == "itself":
+        source = cache_path
+    with PipelineCache.open(cache_path) as dest:
+        dest.put_entry(key_of(1), b"mine")
+        with pytest.raises(CacheError):
+            dest.merge([source])
+        assert dest.get_entry(key_of(1)) == b"mine" and len(dest) == 1
+
+
+def test_merge_into_a_read_only_cache_is_refused(tmp_path: Path, cache_path: Path) -> None:
+    source = make_source(tmp_path / "src.sqlite3", [(1, b"x", 1)])
+    make_source(cache_path, [])
+    with PipelineCache.open(cache_path, readonly=True) as dest:
+        with pytest.raises(ReadOnlyCacheError, match=r"merging"):
+            dest.merge([source])
+        with pytest.raises(TypeError, match=r"sources"):
+            dest.merge(str(source))  # type: ignore[arg-type]
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_cli_bundle_and_merge(
+    tmp_path: Path,
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path, rows = populated
+    out = tmp_path / "amd.layer"
+    assert main(["--path", str(path), "bundle", "-o", str(out), "--vendor", "0x1002"]) == 0
+    assert "bundled 4 entries" in capsys.readouterr().out
+    assert main(["--path", str(path), "bundle", "-o", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert (
+        main(["--path", str(path), "bundle", "-o", str(out), "--force", "--driver", "555.42.02"])
+        == 0
+    )
+    assert "bundled 4 entries" in capsys.readouterr().out
+
+    other = make_source(tmp_path / "other.sqlite3", [(n, b"other %d" % n, 1000) for n in range(3)])
+    into = tmp_path / "merged.sqlite3"
+    assert main(["merge", str(path), str(other), "--into", str(into)]) == 0
+    printed = capsys.readouterr().out
+    assert f"merged 2 caches into {into}" in printed and f"{len(rows) + 3} added" in printed
+    # Without --into: the cache of --path / $VYRE_SQLCACHE_PATH.
+    monkeypatch.setenv("VYRE_SQLCACHE_PATH", str(tmp_path / "default.sqlite3"))
+    assert main(["merge", str(other)]) == 0
+    assert "3 added" in capsys.readouterr().out
+    with PipelineCache.open(tmp_path / "default.sqlite3", readonly=True) as merged:
+        assert merged.get_entry(key_of(2)) == b"other 2"
+    assert main(["merge", str(tmp_path / "nothing-here.sqlite3"), "--into", str(into)]) == 1
+    assert "does not exist" in capsys.readouterr().err

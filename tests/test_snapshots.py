@@ -1,0 +1,173 @@
+"""Held read snapshots: shared by a thread's reads, never stale for this process's own
+changes, stale for another process's by at most `HOLD_S`, and never left held."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+from tests.helpers import connection_of
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+from vyre_sqlcache._snapshots import HOLD_READS, HOLD_S
+
+
+def digest(index: int) -> bytes:
+    return index.to_bytes(32, "big")
+
+
+@pytest.mark.parametrize("write_behind", [True, False])
+@pytest.mark.parametrize("change", ["write", "invalidate", "delete"])
+def test_this_process_sees_its_own_changes_at_once(
+    cache_path: Path, fingerprint: DeviceFingerprint, write_behind: bool, change: str
+) -> None:
+    with PipelineCache.open(cache_path, write_behind=write_behind) as cache:
+        cache.write(digest(1), fingerprint, b"one")
+        cache.flush()
+        reader_ready, changed, done = threading.Event(), threading.Event(), threading.Event()
+        seen: list[bytes | None] = []
+
+        def reader() -> None:
+            # This thread's snapshot is held between the two reads; another thread changes.
+            seen.append(cache.read(digest(1), fingerprint))
+            reader_ready.set()
+            changed.wait()
+            seen.append(cache.read(digest(1), fingerprint))
+            seen.append(cache.read(digest(2), fingerprint))
+            done.set()
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        reader_ready.wait()
+        if change == "write":
+            cache.write(digest(1), fingerprint, b"uno")
+            cache.write(digest(2), fingerprint, b"two")
+            cache.flush()  # committed and gone from the queue: reads come from the file
+            expected = [b"one", b"uno", b"two"]
+        elif change == "invalidate":
+            assert cache.invalidate_impacted([1], [digest(1)], fingerprint) == 1
+            expected = [b"one", None, None]
+        else:
+            assert cache.delete_entries([fingerprint.cache_key(digest(1))]) == 1
+            expected = [b"one", None, None]
+        changed.set()
+        thread.join(10)
+        assert done.is_set()
+        assert seen == expected
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(sys.argv[1], write_behind=False) as cache:
+        cache.write(int(sys.argv[2]).to_bytes(32, "big"), fp, b"from the child")
+    """
+)
+
+
+def write_in_another_process(path: Path, index: int) -> None:
+    subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(index)],
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+def test_another_process_s_write_is_seen_within_the_hold_time(cache_path: Path) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest(1), fp, b"here")
+        cache.flush()
+        assert cache.read(digest(1), fp) == b"here"  # a snapshot is held now
+        write_in_another_process(cache_path, 2)
+        time.sleep(2 * HOLD_S)
+        assert cache.read(digest(2), fp) == b"from the child"
+
+
+def test_reads_share_snapshots_within_the_read_bound(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    cache.write(digest(1), fingerprint, b"x")
+    cache.flush()
+    assert cache.read(digest(1), fingerprint) == b"x"
+    statements: list[str] = []
+    connection_of(cache).trace_v2(
+        apsw.SQLITE_TRACE_STMT, lambda event: statements.append(event["sql"])
+    )
+    reads = 4 * HOLD_READS
+    for _ in range(reads):
+        assert cache.read(digest(1), fingerprint) == b"x"
+    begins = statements.count("BEGIN")
+    # At least one snapshot per HOLD_READS reads; far fewer than one a read (more than
+    # the minimum only where the machine is so slow that HOLD_S passes first).
+    assert reads // HOLD_READS <= begins <= reads // 4
+
+
+def checkpoint_is_blocked(path: Path) -> bool:
+    """Whether a full checkpoint must stop short: some reader holds an old snapshot."""
+    connection = apsw.Connection(str(path))
+    try:
+        busy, _log, _done = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return bool(busy)
+    finally:
+        connection.close()
+
+
+def test_a_thread_that_stops_reading_does_not_keep_its_snapshot(cache_path: Path) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest(1), fp, b"x" * 5000)
+        cache.flush()
+        read, finish = threading.Event(), threading.Event()
+
+        def read_then_idle() -> None:
+            assert cache.read(digest(1), fp) is not None
+            read.set()
+            finish.wait()  # alive, idle, never reading again
+
+        thread = threading.Thread(target=read_then_idle)
+        thread.start()
+        try:
+            read.wait()
+            write_in_another_process(cache_path, 2)  # log frames past the reader's snapshot
+            deadline = time.monotonic() + 5
+            while checkpoint_is_blocked(cache_path):
+                assert time.monotonic() < deadline, "the idle thread's snapshot is still held"
+                time.sleep(HOLD_S)
+        finally:
+            finish.set()
+            thread.join(10)
+
+
+def test_reads_in_a_held_snapshot_after_a_fork(cache_path: Path) -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("POSIX fork")
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest(1), fp, b"before")
+        cache.flush()
+        assert cache.read(digest(1), fp) == b"before"  # held when the process forks
+        pid = os.fork()
+        if pid == 0:  # the child reads and writes the same cache, then leaves at once
+            code = 1
+            try:
+                cache.write(digest(2), fp, b"child")
+                cache.flush()
+                ok = cache.read(digest(1), fp) == b"before" and cache.read(digest(2), fp)
+                code = 0 if ok == b"child" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        time.sleep(2 * HOLD_S)
+        assert cache.read(digest(2), fp) == b"child"

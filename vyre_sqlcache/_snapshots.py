@@ -1,0 +1,190 @@
+"""Held read snapshots: a thread's single reads share one read transaction for a while.
+
+Beginning and ending a read transaction is most of what a small read costs in SQLite
+(the WAL index is consulted and a read mark taken each time; see
+`shared/reference/sqlite-read-path.md`). So the single reads of one thread (`read`,
+`get`) share one read transaction, the thread's *held snapshot*, within bounds:
+
+- at most `HOLD_READS` reads and `HOLD_S` seconds, after which the next read starts a
+  new snapshot: another process's change is seen within `HOLD_S`;
+- every write transaction this process commits (writes, invalidations, deletes, the
+  purge) bumps `generation`, and a read whose snapshot began before it starts a new
+  one: this process sees its own changes at once;
+- a thread that stops reading does not keep its snapshot: the reaper thread ends
+  snapshots held past `HOLD_S` by threads that are not in a call, so no checkpoint
+  waits on one for much longer than `HOLD_S`;
+- any other use of the connection (a transaction, a query) ends the snapshot first.
+
+The snapshot lives on the slot's main connection; `ConnectionPool` (in
+`_connections.py`) decides when it is valid and the reaper here ends stale ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import apsw
+
+if TYPE_CHECKING:
+    from ._connections import Slot
+
+__all__ = ["HOLD_READS", "HOLD_S", "changed", "current_generation", "end", "paused", "watch"]
+
+log = logging.getLogger("vyre_sqlcache")
+
+#: How long one held snapshot serves reads: another process's change is seen this late.
+HOLD_S = 0.010
+#: How many reads one held snapshot serves at most.
+HOLD_READS = 64
+
+_counter = itertools.count(1)
+_generation = 0
+
+
+def changed() -> None:
+    """Note that this process committed a change: held snapshots begun before are stale."""
+    global _generation
+    # next() on a count is atomic under the GIL: concurrent writers never reuse a value.
+    _generation = next(_counter)
+
+
+def current_generation() -> int:
+    """The value `changed()` last set."""
+    return _generation
+
+
+def end(connection: apsw.Connection) -> bool:
+    """End a read transaction left open on `connection`; whether none is open now.
+
+    A write transaction is never ended here (False): committing it is not ours to do.
+    """
+    if connection.get_autocommit():
+        return True
+    if connection.txn_state() == apsw.SQLITE_TXN_WRITE:
+        return False
+    try:
+        connection.execute("COMMIT")
+    except apsw.Error:
+        # A statement interrupted mid-step (Ctrl-C) makes COMMIT busy; ROLLBACK aborts it.
+        try:
+            connection.execute("ROLLBACK")
+        except apsw.Error as error:
+            log.debug("vyre-sqlcache: ending a held read snapshot: %s", error)
+    return connection.get_autocommit()
+
+
+class _Reaper:
+    """One daemon thread per process that ends the held snapshots of idle threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Set by the thread before it looks at the slots and sleeps with nothing due.
+        self._idle = False
+
+    def watch(self, slot: Slot) -> None:
+        """Have the thread end `slot`'s snapshot once it is held past `HOLD_S` unused
+        (call after setting `slot.held_since`)."""
+        if not slot.watched:
+            with self._lock:
+                self._slots.add(slot)
+                slot.watched = True
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    thread = self._thread = threading.Thread(
+                        target=self._run, name="vyre-sqlcache snapshots", daemon=True
+                    )
+                    thread.start()
+            self._wake.set()
+        elif self._idle:
+            # A sleeping thread with something due wakes by itself, and every snapshot
+            # it does not know of yet is due later than what it waits for.
+            self._idle = False
+            self._wake.set()
+
+    def _run(self) -> None:
+        timeout: float | None = None
+        while True:
+            self._wake.wait(timeout)
+            self._wake.clear()
+            # Before the look at the slots: a snapshot begun after the look sees it set.
+            self._idle = True
+            try:
+                timeout = self._reap()
+            except Exception as error:  # never let the thread die: snapshots would stay held
+                log.debug("vyre-sqlcache: ending held snapshots: %s", error)
+                timeout = HOLD_S
+            if timeout is not None:
+                self._idle = False
+
+    def _reap(self) -> float | None:
+        """End stale snapshots of idle slots; the seconds until the next one is due."""
+        now = time.monotonic()
+        next_due: float | None = None
+        with self._lock:
+            for slot in list(self._slots):
+                since = slot.held_since
+                if not since:
+                    continue
+                due = since + HOLD_S
+                if now < due:
+                    next_due = due if next_due is None else min(next_due, due)
+                    continue
+                # The slot's owner holds this lock for the whole of each call.
+                if not slot.lock.acquire(blocking=False):
+                    next_due = now + HOLD_S if next_due is None else min(next_due, now + HOLD_S)
+                    continue
+                try:
+                    main = slot.main
+                    if slot.held_since == since:
+                        slot.held_since = 0.0
+                        if main is not None:
+                            end(main)
+                finally:
+                    slot.lock.release()
+        return None if next_due is None else max(0.0, next_due - time.monotonic()) + 0.0005
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep the thread from ending snapshots while the block closes connections."""
+        with self._lock:
+            yield
+
+    def before_fork(self) -> None:
+        # The thread takes slot locks only while holding this one: none is held at fork.
+        self._lock.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        # The thread is gone: the next snapshot of each slot registers it again.
+        for slot in list(self._slots):
+            slot.watched = False
+        self._lock = threading.Lock()
+        self._slots = weakref.WeakSet()
+        self._wake = threading.Event()
+        self._thread = None
+        self._idle = False
+
+
+_reaper = _Reaper()
+watch = _reaper.watch
+paused = _reaper.paused
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_reaper.before_fork,
+        after_in_parent=_reaper.after_fork_in_parent,
+        after_in_child=_reaper.after_fork_in_child,
+    )
