@@ -397,6 +397,10 @@ def insert(
         for entry in entries
     ]
     evicted = 0
+    if cap is not None:
+        entries, encoded, evicted = _newest_that_fit(connection, entries, encoded, cap)
+        if not entries:
+            return evicted
     ids = array("q", (entry.rowid for entry in entries))
     # A write of a tombstoned key brings it back: the trigger counts the old row live
     # again, and the upsert's resize trigger then counts the new sizes.
@@ -415,6 +419,45 @@ def insert(
         if cap is not None and any(trained):
             evicted += make_room(connection, ids, 0, cap)  # the cap counts dictionaries too
     return evicted
+
+
+def _newest_that_fit(
+    connection: apsw.Connection, entries: list[NewEntry], encoded: list[Encoded], cap: int
+) -> tuple[list[NewEntry], list[Encoded], int]:
+    """The newest of `entries` that fit under `cap` together, and how many of the others
+    were evicted at once.
+
+    Writes queued together commit in one transaction; had each committed alone, the
+    cap would have evicted the older ones as the newer came. They leave the same way:
+    evicted, any earlier version in the file with them (never kept as stale bytes).
+    """
+    if sum(len(e.data) for e in encoded) <= cap:
+        return entries, encoded, 0
+    kept: list[int] = []
+    seen: set[bytes] = set()
+    dropped: set[bytes] = set()
+    total = 0
+    for index in range(len(entries) - 1, -1, -1):
+        key = entries[index].entry_key
+        if key in seen or key in dropped:
+            continue  # an older write of a key written again in the same group
+        size = len(encoded[index].data)
+        if total + size <= cap:
+            total += size
+            seen.add(key)
+            kept.append(index)
+        else:
+            dropped.add(key)
+    kept.reverse()
+    kept_ids = {entries[i].rowid for i in kept}
+    gone = array("q", (i for i in map(entry_id, dropped) if i not in kept_ids))
+    if gone:
+        connection.execute(
+            f"DELETE FROM entries WHERE id IN carray(?) AND {_LIVE_ENTRY}", (apsw.carray(gone),)
+        )
+    if dropped:
+        bump(connection, "evictions", len(dropped))
+    return [entries[i] for i in kept], [encoded[i] for i in kept], len(dropped)
 
 
 def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: int) -> int:
