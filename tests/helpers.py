@@ -13,7 +13,13 @@ import apsw
 
 from vyre_sqlcache import PipelineCache
 
-__all__ = ["abandon", "connection_of", "count_checkpoints", "open_connections"]
+__all__ = [
+    "abandon",
+    "connection_of",
+    "count_checkpoints",
+    "fresh_triton_process",
+    "open_connections",
+]
 
 
 def connection_of(cache: PipelineCache) -> apsw.Connection:
@@ -51,3 +57,13 @@ def count_checkpoints(monkeypatch: Any) -> list[None]:
 
     monkeypatch.setattr(PipelineCache, "_checkpoint_passive", counting)
     return done
+
+
+def fresh_triton_process() -> None:
+    """Make `vyre_sqlcache.triton` start over as a new process would: its exit work runs
+    (held files stored, cache closed, folder removed) and its state is forgotten."""
+    from vyre_sqlcache import triton
+
+    state: Any = triton
+    state._PROCESS.at_exit()
+    state._PROCESS = state._Process()

@@ -18,7 +18,14 @@ from .errors import (
     ReadOnlyCacheError,
     SchemaTooNewError,
 )
-from .keys import CURRENT_KEY_VERSION, DeviceFingerprint, FeatureFlags, PipelineCacheKey
+from ._named import pack_group, unpack_group
+from .keys import (
+    CURRENT_KEY_VERSION,
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCacheKey,
+    named_entry_key,
+)
 
 __version__ = "0.1.0"
 
@@ -43,4 +50,7 @@ __all__ = [
     "ReadOnlyCacheError",
     "SchemaTooNewError",
     "__version__",
+    "named_entry_key",
+    "pack_group",
+    "unpack_group",
 ]

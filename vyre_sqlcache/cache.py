@@ -53,6 +53,7 @@ from ._connections import (
     waiter_of,
 )
 from ._maintenance import CacheMaintenance
+from ._named import NamedEntries
 from ._rows import NewEntry
 from ._schema import prepare
 from ._writer import WriteBehind
@@ -120,7 +121,7 @@ class CacheStats:
     compression: str = "off"
 
 
-class PipelineCache(CacheMaintenance):
+class PipelineCache(CacheMaintenance, NamedEntries):
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
     Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
