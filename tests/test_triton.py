@@ -357,7 +357,7 @@ def test_threads_compiling_the_same_kernels_at_once(env: Path, kernels: list[Ker
             barrier.wait()
             for kernel in some:
                 compile_like_triton(*kernel)
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=work) for _ in range(6)]
@@ -401,7 +401,7 @@ def test_processes_compiling_the_same_kernels_at_once(
     body = "print(sum(compile_like_triton(*k) for k in kernels[:30]))"
     children = [_python(_child(corpus_folder, body)) for _ in range(3)]
     for child in children:
-        out, err = child.communicate(timeout=120)
+        _, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
     fresh_triton_process()
     assert all(compile_like_triton(*k) for k in kernels[:30])

@@ -6,6 +6,7 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 
 from __future__ import annotations
 
+from ._named import pack_group, unpack_group
 from ._schema import latest_version as _latest_version
 from .cache import MAX_BLOB_BYTES, CacheStats, PipelineCache
 from .errors import (
@@ -18,7 +19,6 @@ from .errors import (
     ReadOnlyCacheError,
     SchemaTooNewError,
 )
-from ._named import pack_group, unpack_group
 from .keys import (
     CURRENT_KEY_VERSION,
     DeviceFingerprint,

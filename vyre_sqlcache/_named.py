@@ -56,7 +56,9 @@ def pack_group(files: Mapping[str, bytes]) -> bytes:
     group over 64 MiB in all.
     """
     if not isinstance(files, Mapping):
-        raise TypeError(f"files must be a mapping of file name to bytes, got {type(files).__name__}")
+        raise TypeError(
+            f"files must be a mapping of file name to bytes, got {type(files).__name__}"
+        )
     items = []
     for index, (name, data) in enumerate(files.items()):
         raw_name = _check_file_name(index, name)
@@ -139,7 +141,9 @@ class NamedEntries:
         that is not valid text without NUL, and as `write` does.
         """
         entry_key = named_entry_key(namespace, name)
-        self._store([NewEntry(entry_key, None, None, None, check_blob(blob), named=(namespace, name))])
+        self._store(
+            [NewEntry(entry_key, None, None, None, check_blob(blob), named=(namespace, name))]
+        )
 
     def get_named(self, namespace: str, name: str) -> bytes | None:
         """The blob of entry `name` of `namespace`, or None on a miss.

@@ -247,7 +247,9 @@ def check_text(name: str, value: Any, most: int) -> str:
     """Return `value` if it is a str of 1..`most` characters, valid Unicode, not starting
     with NUL; raise TypeError/ValueError naming `name` otherwise."""
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str of 1 to {most} characters, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a str of 1 to {most} characters, got {type(value).__name__}"
+        )
     if not 1 <= len(value) <= most:
         raise ValueError(f"{name} must be 1 to {most} characters long, got {len(value)}")
     if "\x00" in value:

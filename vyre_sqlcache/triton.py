@@ -54,8 +54,12 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from triton.runtime.cache import CacheManager as _TritonCacheManager
-    from triton.runtime.cache import FileCacheManager as _FileCacheManager
+    from triton.runtime.cache import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        CacheManager as _TritonCacheManager,
+    )
+    from triton.runtime.cache import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        FileCacheManager as _FileCacheManager,
+    )
 except ImportError as _error:  # pragma: no cover - the extra is not installed
     raise ImportError(
         "vyre_sqlcache.triton needs Triton (3.0 or newer): pip install 'vyre-sqlcache[triton]'"
@@ -362,7 +366,9 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
         super().__init__(key, override=override, dump=dump)
         self.key = str(key)
         # Debug folders (TRITON_KERNEL_OVERRIDE, TRITON_KERNEL_DUMP) stay Triton's.
-        self._delegate = _FileCacheManager(key, override=override, dump=dump) if override or dump else None
+        self._delegate = (
+            _FileCacheManager(key, override=override, dump=dump) if override or dump else None
+        )
         self._held: dict[str, bytes] = {}
         if self._delegate is None:
             finalizer = weakref.finalize(self, _store_orphans, self.key, self._held)
@@ -416,7 +422,10 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
         )
         if files is None:
             return None
-        paths = {name: _PROCESS.write_out(self.key, name, data, replace=False) for name, data in files.items()}
+        paths = {
+            name: _PROCESS.write_out(self.key, name, data, replace=False)
+            for name, data in files.items()
+        }
         _PROCESS.groups[index] = paths
         for name, path in paths.items():
             _PROCESS.files[(self.key, name)] = path
@@ -432,11 +441,18 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
         _PROCESS.files[(self.key, filename)] = path
         return path
 
+    def _store_group(self, target: PipelineCache, filename: str, files: dict[str, bytes]) -> None:
+        target.put_group(NAMESPACE, self._named(_GROUP_PREFIX + filename), files)
+        # Flushed: the kernel is in the file when Triton goes on, whatever ends this
+        # process next (a compile worker leaves with os._exit, skipping atexit). One
+        # synced commit costs milliseconds; the compile before it took far longer.
+        target.flush()
+
     def put_group(self, filename: str, group: Mapping[str, str]) -> str:
         """Store the group's files as ONE entry (one transaction); the path of its index."""
         if self._delegate is not None:
             return self._delegate.put_group(filename, group)  # type: ignore[no-any-return]
-        files: dict[str, bytes] | None = {}
+        files: dict[str, bytes] = {}
         for name, path in group.items():
             held = self._held.pop(name, None)
             if held is None:
@@ -445,21 +461,10 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
                 except OSError as error:
                     # Not stored: the next process compiles the kernel again.
                     _PROCESS.warn_once("reading a Triton file for its group", error)
-                    files = None
                     break
             files[name] = held
-        if files is not None:
-            group_files = files
-            # Flushed: the kernel is in the file when Triton goes on, whatever ends this
-            # process next (a compile worker leaves with os._exit, skipping atexit). One
-            # synced commit costs milliseconds; the compile before it took far longer.
-            self._guard(
-                "storing a Triton kernel",
-                lambda c: (
-                    c.put_group(NAMESPACE, self._named(_GROUP_PREFIX + filename), group_files),
-                    c.flush(),
-                ),
-            )
+        else:
+            self._guard("storing a Triton kernel", lambda c: self._store_group(c, filename, files))
         _PROCESS.groups[(self.key, _GROUP_PREFIX + filename)] = dict(group)
         index = json.dumps({"child_paths": dict(group)}).encode("utf-8")
         return _PROCESS.write_out(self.key, _GROUP_PREFIX + filename, index, replace=True)
