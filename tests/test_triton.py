@@ -468,3 +468,11 @@ def test_fork_child_and_parent_both_use_the_cache(env: Path, corpus_folder: Path
     assert not Path(out.strip()).exists()
     fresh_triton_process()
     assert len(named_rows(env)) == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "name"), [("../x", "k.cubin"), ("K" * 52, "../../k.cubin"), ("..", "k")]
+)
+def test_keys_and_file_names_never_leave_the_folder(env: Path, key: str, name: str) -> None:
+    with pytest.raises(ValueError, match="must be a plain file name"):
+        vt.CacheManager(key).put(b"x", name)

@@ -289,6 +289,7 @@ class _Process:
         """Write a file to `<folder>/<key>/<name>` (atomically: a temporary name, then a
         rename); unless `replace`, a file already there is kept (whoever wrote it wrote
         the same bytes: every file under a key is made from that key)."""
+        _plain("file name", name)
         for attempt in range(2):
             folder = self.folder_now() / key
             path = folder / name
@@ -351,6 +352,15 @@ def _store_orphans(key: str, held: dict[str, bytes]) -> None:
     held.clear()
 
 
+def _plain(what: str, value: str) -> str:
+    """`value` if it can name one file or folder inside another (it is used as one)."""
+    if not value or "/" in value or "\x00" in value or value in (".", ".."):
+        raise ValueError(
+            f"{what} must be a plain file name (no '/' or NUL, not '.' or '..'), got {value!r}"
+        )
+    return value
+
+
 def _as_bytes(data: Any) -> bytes:
     # As Triton's FileCacheManager: bytes stay, anything else is written as its text.
     return data if isinstance(data, bytes) else str(data).encode("utf-8")
@@ -364,7 +374,7 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
 
     def __init__(self, key: str, override: bool = False, dump: bool = False) -> None:
         super().__init__(key, override=override, dump=dump)
-        self.key = str(key)
+        self.key = _plain("key", str(key))
         # Debug folders (TRITON_KERNEL_OVERRIDE, TRITON_KERNEL_DUMP) stay Triton's.
         self._delegate = (
             _FileCacheManager(key, override=override, dump=dump) if override or dump else None
