@@ -307,7 +307,7 @@ def test_a_schema_3_file_migrates_and_its_entries_stay_readable(
     finally:
         connection.close()
     with PipelineCache.open(cache_path) as cache:
-        assert cache.schema_version() == _schema.latest_version() == 4
+        assert cache.schema_version() == _schema.latest_version() >= 4
         assert cache.read(digest, fingerprint) == blob
         assert len(cache) == 1 and cache.stats().blob_bytes == BLOB
         assert cache.invalidate_impacted([1], [digest], fingerprint) == 1
