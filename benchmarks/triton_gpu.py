@@ -296,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     capped_file = work / "vyre-capped" / "triton.sqlite3"
     for path in (folder, cache_file.parent, capped_file.parent):
         shutil.rmtree(path, ignore_errors=True)
-    runtime = work / "run"
-    runtime.mkdir(mode=0o700, exist_ok=True)
+    # Where the manager writes files out: memory-backed, as $XDG_RUNTIME_DIR is on a
+    # desktop (a folder of its own, so that folders left behind can be counted).
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        runtime = Path(tempfile.mkdtemp(dir=shm, prefix="triton-gpu-run-"))
+    else:
+        runtime = work / "run"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+    results_runtime = str(runtime)
     base = {
         k: v for k, v in os.environ.items() if not k.startswith(("TRITON_CACHE", "VYRE_SQLCACHE"))
     }
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         TORCHINDUCTOR_COMPILE_THREADS="1",
         XDG_RUNTIME_DIR=str(runtime),
     )
-    results: dict[str, Any] = {"kernels": args.kernels, "runs": []}
+    results: dict[str, Any] = {"kernels": args.kernels, "runs": [], "runtime": results_runtime}
 
     def run(mode: str, **env: str) -> dict[str, Any]:
         environment = dict(base, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(dir=work), **env)
