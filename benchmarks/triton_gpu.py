@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="triton-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     folder = work / "triton-folder"
     cache_file = work / "vyre" / "triton.sqlite3"
