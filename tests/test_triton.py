@@ -476,3 +476,20 @@ def test_fork_child_and_parent_both_use_the_cache(env: Path, corpus_folder: Path
 def test_keys_and_file_names_never_leave_the_folder(env: Path, key: str, name: str) -> None:
     with pytest.raises(ValueError, match="must be a plain file name"):
         vt.CacheManager(key).put(b"x", name)
+
+
+def test_compile_workers_started_later_share_the_folder(env: Path, corpus_folder: Path) -> None:
+    folder = vt.install()
+    try:
+        body = (
+            "from vyre_sqlcache import triton\n"
+            "compile_like_triton(*kernels[0])\n"
+            "print(triton.materialised_folder())\n"
+        )
+        child = _python(_child(corpus_folder, body))  # inherits TRITON_CACHE_DIR
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert Path(out.strip()) == folder
+        assert folder.is_dir() and any(folder.rglob("*.cubin"))  # the child left it ours
+    finally:
+        del os.environ["TRITON_CACHE_MANAGER"]
