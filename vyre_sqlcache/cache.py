@@ -54,6 +54,7 @@ from ._connections import (
     waiter_of,
 )
 from ._maintenance import CacheMaintenance
+from ._named import NamedEntries
 from ._rows import NewEntry
 from ._schema import prepare
 from ._writer import WriteBehind
@@ -123,7 +124,7 @@ class CacheStats:
     layer_hits: int = 0
 
 
-class PipelineCache(CacheMaintenance):
+class PipelineCache(CacheMaintenance, NamedEntries):
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
     Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
