@@ -18,6 +18,7 @@ __all__ = [
     "connection_of",
     "count_checkpoints",
     "forget_missing_redis_warning",
+    "fresh_triton_process",
     "open_connections",
     "remote_decode",
     "remote_header",
@@ -102,3 +103,13 @@ def without_mask_copies(monkeypatch: Any) -> None:
     from vyre_sqlcache import _layers
 
     monkeypatch.setattr(_layers, "_HAS_DATA_VERSION", False)
+
+
+def fresh_triton_process() -> None:
+    """Make `vyre_sqlcache.triton` start over as a new process would: its exit work runs
+    (held files stored, cache closed, folder removed) and its state is forgotten."""
+    from vyre_sqlcache import triton
+
+    state: Any = triton
+    state._PROCESS.at_exit()
+    state._PROCESS = state._Process()

@@ -858,3 +858,21 @@ def test_layers_are_read_before_the_remote(
         assert user.read(only_remote, fingerprint) == b"only in Redis" * 20
         stats = user.stats()
         assert stats.layer_hits == 1 and stats.remote is not None and stats.remote.hits == 1
+
+
+def test_named_entries_and_groups_are_shared(
+    pair: tuple[PipelineCache, PipelineCache], corpus_blobs: list[bytes]
+) -> None:
+    a, b = pair
+    files = {"kernel.cubin": corpus_blobs[0], "kernel.json": b'{"num_warps": 4}'}
+    a.put_named("triton", "abc123/kernel.ptx", corpus_blobs[1])
+    a.put_group("triton", "abc123", files)
+    uploaded(a, 2)
+    assert b.get_named("triton", "abc123/kernel.ptx") == corpus_blobs[1]
+    assert b.get_group("triton", "abc123") == files
+    assert b.get_named("triton", "missing") is None
+    b.flush()
+    assert b.get_named("triton", "abc123/kernel.ptx") == corpus_blobs[1]  # now local
+    stats = b.stats()
+    assert stats.remote is not None and stats.remote.hits == 2 and stats.entries == 2
+    assert {row["kind"] for row in b.entries()} == {row["kind"] for row in a.entries()}

@@ -627,16 +627,17 @@ _warned_missing = False
 
 
 #: What the reading call knows of an entry beside its key: (key, fingerprint, program
-#: digest as given), so that an admitted entry gets the same columns as a written one.
-Origin = tuple[Any, Any, Any]
-NO_ORIGIN: Final[Origin] = (None, None, None)
+#: digest as given, a named entry's (namespace, name)), so that an admitted entry gets
+#: the same columns as a written one.
+Origin = tuple[Any, Any, Any, Any]
+NO_ORIGIN: Final[Origin] = (None, None, None, None)
 
 
 def admitted(entry_key: bytes, origin: Origin, blob: bytes) -> FetchedEntry:
     """The local entry of a verified remote hit."""
-    key, fingerprint, digest = origin
+    key, fingerprint, digest, named = origin
     if digest is not None:
         from .keys import coerce_digest
 
         digest = coerce_digest("program_digest", digest)  # checked by the call already
-    return FetchedEntry(entry_key, key, fingerprint, digest, blob)
+    return FetchedEntry(entry_key, key, fingerprint, digest, blob, named=named)

@@ -54,6 +54,7 @@ from ._connections import (
     waiter_of,
 )
 from ._maintenance import CacheMaintenance
+from ._named import NamedEntries
 from ._rows import NewEntry
 from ._schema import prepare
 from ._writer import WriteBehind
@@ -125,7 +126,7 @@ class CacheStats:
     remote: _remote.RemoteStats | None = None
 
 
-class PipelineCache(CacheMaintenance):
+class PipelineCache(CacheMaintenance, NamedEntries):
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
     Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
@@ -477,7 +478,7 @@ class PipelineCache(CacheMaintenance):
         Raises TypeError/ValueError for bad arguments; a damaged entry is a miss.
         """
         fp = check_fingerprint(fingerprint)
-        return self._load_or_fetch(fp.cache_key(program_digest), (None, fp, program_digest))
+        return self._load_or_fetch(fp.cache_key(program_digest), (None, fp, program_digest, None))
 
     def flush(self) -> None:
         """Make every earlier write of this object durable (survives power loss).
@@ -574,7 +575,7 @@ class PipelineCache(CacheMaintenance):
         Raises TypeError for bad arguments; a damaged entry is a miss.
         """
         fp = check_fingerprint(fingerprint)
-        return self._load_or_fetch(check_key(key).entry_key(fp), (key, fp, None))
+        return self._load_or_fetch(check_key(key).entry_key(fp), (key, fp, None, None))
 
     def get_many(
         self, keys: Iterable[PipelineCacheKey], fingerprint: DeviceFingerprint
@@ -583,7 +584,7 @@ class PipelineCache(CacheMaintenance):
         fp = check_fingerprint(fingerprint)
         checked = [check_key(k) for k in keys]
         return self._load_many_or_fetch(
-            [k.entry_key(fp) for k in checked], [(k, fp, None) for k in checked]
+            [k.entry_key(fp) for k in checked], [(k, fp, None, None) for k in checked]
         )
 
     def contains(self, key: PipelineCacheKey, fingerprint: DeviceFingerprint) -> bool:

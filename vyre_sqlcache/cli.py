@@ -421,11 +421,17 @@ _LS_COLUMNS = (
     ("created", "created"),
     ("accessed", "accessed"),
     ("hits", "hits"),
+    ("name", "name"),
 )
 
 
 def _ls(args: argparse.Namespace) -> int:
-    listing = {"sort": args.sort, "reverse": args.reverse, "limit": args.limit}
+    listing = {
+        "sort": args.sort,
+        "reverse": args.reverse,
+        "limit": args.limit,
+        "namespace": args.namespace,
+    }
     with _opened(args) as cache:
         if args.json:
             # Page by page: memory stays bounded however many entries there are.
@@ -874,6 +880,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only entries with this feature flag (F16, SUBGROUP_OPS, ...); repeatable",
     )
     ls.add_argument("--min-size", type=_size, metavar="SIZE", help="only blobs of SIZE or more")
+    ls.add_argument(
+        "--namespace", help="only named entries of this namespace (e.g. triton: Triton's kernels)"
+    )
     ls.add_argument(
         "--older-than",
         type=_duration_ms,
