@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_server import RedisServer, find_redis_server
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
 
 
@@ -49,3 +50,12 @@ def make_key() -> Callable[..., PipelineCacheKey]:
         return PipelineCacheKey(**values)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server on a free loopback port (Debian's package), killed afterwards."""
+    if find_redis_server() is None:
+        pytest.skip("redis-server is not installed: apt-get install redis-server (.ci/run does)")
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

@@ -18,7 +18,12 @@ __all__ = [
     "connection_of",
     "count_checkpoints",
     "damage_blob",
+    "forget_missing_redis_warning",
+    "fresh_triton_process",
     "open_connections",
+    "remote_decode",
+    "remote_header",
+    "remote_value",
     "without_mask_copies",
 ]
 
@@ -60,12 +65,55 @@ def count_checkpoints(monkeypatch: Any) -> list[None]:
     return done
 
 
+def remote_value(
+    entry_key: bytes, blob: bytes, key: bytes | None = None, *, compress: bool = True
+) -> bytes:
+    """The shared tier's value of an entry, as an upload writes it (to plant variants)."""
+    from vyre_sqlcache import _remote_format
+
+    value: bytes = _remote_format.encode(entry_key, blob, key, compress=compress)
+    return value
+
+
+def remote_decode(value: bytes, entry_key: bytes, key: bytes | None, max_raw: int) -> bytes:
+    """A remote value's checked bytes; raises ValueError where a fetch would refuse it."""
+    from vyre_sqlcache import _remote_format
+
+    try:
+        data: bytes = _remote_format.decode(value, entry_key, key, max_raw)
+    except _remote_format.Rejected as why:
+        raise ValueError(str(why)) from why
+    return data
+
+
+def remote_header() -> Any:
+    """The `struct.Struct` of a remote value's fixed header, and its magic."""
+    from vyre_sqlcache import _remote_format
+
+    return _remote_format.HEADER, _remote_format.MAGIC
+
+
+def forget_missing_redis_warning(monkeypatch: Any) -> None:
+    """Let the next cache warn again that redis-py is missing (it warns once a process)."""
+    monkeypatch.setattr("vyre_sqlcache._remote._warned_missing", False)
+
+
 def without_mask_copies(monkeypatch: Any) -> None:
     """Make layer reads ask the user's file for masks at every hit, as with an apsw
     older than 3.47 (no `Connection.data_version`)."""
     from vyre_sqlcache import _layers
 
     monkeypatch.setattr(_layers, "_HAS_DATA_VERSION", False)
+
+
+def fresh_triton_process() -> None:
+    """Make `vyre_sqlcache.triton` start over as a new process would: its exit work runs
+    (held files stored, cache closed, folder removed) and its state is forgotten."""
+    from vyre_sqlcache import triton
+
+    state: Any = triton
+    state._PROCESS.at_exit()
+    state._PROCESS = state._Process()
 
 
 def damage_blob(cache: PipelineCache, entry_key: bytes) -> None:

@@ -288,7 +288,7 @@ def test_ls_human_table_shows_the_view(cli: Cli, filled: Filled) -> None:
     header, row = out.splitlines()
     assert header.split() == [
         "entry", "key", "kind", "backend", "vendor", "device", "flags", "workgroup", "size",
-        "created", "accessed", "hits",
+        "created", "accessed", "hits", "name",
     ]  # fmt: skip
     assert row.split()[:8] == [
         filled.keys["amd_both"], "keyed", "vulkan", "0x1002", "0x744c", "SUBGROUP_OPS,F16",

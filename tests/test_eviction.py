@@ -186,3 +186,49 @@ def test_counters_at_their_limit_never_make_writes_fail(
         cache.flush()
     stats = cache.stats()
     assert (stats.total_hits, stats.total_misses, stats.total_flushes) == (top, top, top)
+
+
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_writes_committed_together_keep_the_cap(
+    cache_path: Path, fingerprint: DeviceFingerprint, write_behind: bool
+) -> None:
+    """Queued writes commit in one transaction: together they may pass the cap, and the
+    oldest of them give way as if each had been committed alone."""
+    cap, size, count = 64_000, 4_000, 40
+    blobs = [os.urandom(size) for _ in range(count)]
+    with PipelineCache.open(
+        cache_path, max_bytes=cap, compression="off", write_behind=write_behind
+    ) as cache:
+        cache.write(b"\xff" * 32, fingerprint, os.urandom(size))  # an older entry
+        cache.flush()
+        items = [(index.to_bytes(32, "big"), blob) for index, blob in enumerate(blobs)]
+        for digest, blob in items:  # queued, or each committed alone
+            cache.write(digest, fingerprint, blob)
+        cache.flush()
+        stats = cache.stats()
+        assert stats.stored_bytes <= cap
+        assert cache.read(b"\xff" * 32, fingerprint) is None
+        read = [cache.read(digest, fingerprint) for digest, _ in items]
+        kept = [index for index, got in enumerate(read) if got is not None]
+        assert all(read[index] == blobs[index] for index in kept)  # never other bytes
+        assert kept[-1] == count - 1
+        if write_behind:  # one transaction: exactly the newest stay
+            assert kept == list(range(count - len(kept), count))
+        assert len(kept) * size > cap * 0.8
+        assert stats.total_evictions == count + 1 - len(kept)
+
+
+def test_a_key_written_twice_in_one_group_over_the_cap_keeps_its_last_bytes(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    cap, size = 64_000, 30_000
+    with PipelineCache.open(cache_path, max_bytes=cap, compression="off") as cache:
+        last = os.urandom(size)
+        for blob in (os.urandom(size), os.urandom(size), last):
+            cache.write(b"\1" * 32, fingerprint, blob)  # one queued entry, replaced
+        cache.write(b"\2" * 32, fingerprint, os.urandom(size))
+        cache.write(b"\3" * 32, fingerprint, os.urandom(size))
+        cache.flush()
+        assert cache.stats().stored_bytes <= cap
+        assert cache.read(b"\1" * 32, fingerprint) in (None, last)
+        assert cache.read(b"\3" * 32, fingerprint) is not None

@@ -1,4 +1,4 @@
-"""Why did this miss? `explain`, the departure record and the miss log (migration 0006)."""
+"""Why did this miss? `explain`, the departure record and the miss log (migration 0007)."""
 
 from __future__ import annotations
 
@@ -91,10 +91,27 @@ def test_evicted_under_a_small_cap(
         assert first.departure is not None and first.departure.reason == "evicted"
         assert first.summary.startswith(f"evicted at {first.departure.at} ")
         assert cache.explain(keys[-1], fingerprint).reason == "hit"
-        evicted = cache.stats().evictions
+        evicted = cache.stats().total_evictions  # (this object's count misses group evictions)
     # Every eviction is in the record, each with the entry's key columns.
     recorded = rows(cache_path, "SELECT count(*), count(shader_hash) FROM departures")
     assert recorded == [(evicted, evicted)]
+
+
+def test_evicted_from_a_group_of_writes_over_the_cap(
+    cache_path: Path, fingerprint: DeviceFingerprint, make_key: Key
+) -> None:
+    with PipelineCache.open(cache_path, max_bytes=64 << 10, compression="off") as cache:
+        keys = [make_key() for _ in range(40)]
+        for key in keys:  # queued: the writer thread commits them in groups over the cap
+            cache.put(key, fingerprint, os.urandom(4096))
+        cache.flush()
+        why = cache.explain(keys[0], fingerprint)
+        assert (why.reason, why.departure is not None) == ("evicted", True)
+        assert cache.explain(keys[-1], fingerprint).reason == "hit"
+        evicted = cache.stats().total_evictions  # (this object's count misses group evictions)
+    assert rows(cache_path, "SELECT count(*), count(DISTINCT entry_key) FROM departures") == [
+        (evicted,) * 2
+    ]
 
 
 @pytest.mark.parametrize("purged", [False, True], ids=["tombstoned", "purged"])

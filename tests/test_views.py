@@ -200,6 +200,9 @@ def test_a_keyed_row_shows_every_field(
         # schema 3: the bytes stored (compressed, or 1234 raw) and blob_size / stored_size
         "stored_size": row["stored_size"],
         "ratio": round(1234 / row["stored_size"], 2),
+        # schema 5: set for named entries only (put_named, put_group)
+        "namespace": None,
+        "name": None,
     }
     assert 0 < row["stored_size"] <= 1234
 

@@ -7,6 +7,8 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 from __future__ import annotations
 
 from ._combine import BundleReport, MergeReport
+from ._named import pack_group, unpack_group
+from ._remote import RemoteSettings, RemoteStats, RemoteTier
 from ._schema import latest_version as _latest_version
 from .cache import MAX_BLOB_BYTES, CacheStats, PipelineCache
 from .errors import (
@@ -19,7 +21,13 @@ from .errors import (
     ReadOnlyCacheError,
     SchemaTooNewError,
 )
-from .keys import CURRENT_KEY_VERSION, DeviceFingerprint, FeatureFlags, PipelineCacheKey
+from .keys import (
+    CURRENT_KEY_VERSION,
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCacheKey,
+    named_entry_key,
+)
 
 __version__ = "0.1.0"
 
@@ -44,6 +52,12 @@ __all__ = [
     "PipelineCache",
     "PipelineCacheKey",
     "ReadOnlyCacheError",
+    "RemoteSettings",
+    "RemoteStats",
+    "RemoteTier",
     "SchemaTooNewError",
     "__version__",
+    "named_entry_key",
+    "pack_group",
+    "unpack_group",
 ]

@@ -1,5 +1,5 @@
 """Every statement of "why did this miss?": the departure record, the miss log, and the
-lookups `explain` makes (migration 0006).
+lookups `explain` makes (migration 0007).
 
 Functions run on a connection the caller gives them, inside the caller's transaction
 where they change anything; they raise apsw errors as they come. Departures are
@@ -32,6 +32,7 @@ __all__ = [
     "recent_misses",
     "record_departures",
     "record_misses",
+    "record_unwritten",
     "same_device_count",
     "shrink",
 ]
@@ -103,6 +104,22 @@ def record_departures(
         f"INSERT INTO departures (id, {_ROW_COLUMNS}, blob_size, reason, at_ms) "
         f"SELECT id, {_ROW_COLUMNS}, blob_size, ?2, ?3 FROM entries WHERE id IN carray(?1)",
         (apsw.carray(carray_ids), reason, _now_ms() if now_ms is None else now_ms),
+    )
+    _trim(connection, "departures", KEPT_DEPARTURES)
+
+
+def record_unwritten(
+    connection: apsw.Connection, rows: Sequence[tuple[Any, ...]], reason: str
+) -> None:
+    """Record entries that leave before their rows were written (a group of writes over
+    the cap): `rows` hold (id, entry_key, the 13 key columns, blob_size)."""
+    if not rows:
+        return
+    now = _now_ms()
+    connection.executemany(
+        f"INSERT INTO departures (id, entry_key, {_KEY_COLUMNS}, blob_size, reason, at_ms) "
+        f"VALUES ({', '.join('?' * 18)})",
+        [(*row, reason, now) for row in rows],
     )
     _trim(connection, "departures", KEPT_DEPARTURES)
 

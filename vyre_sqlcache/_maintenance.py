@@ -27,7 +27,7 @@ from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction
 from ._writer import WriteBehind
 from .config import DEFAULT_MAX_BYTES
 from .errors import CacheError, CacheFullError, CorruptCacheError, ReadOnlyCacheError
-from .keys import check_u32, coerce_digest
+from .keys import MAX_NAMESPACE_CHARS, check_text, check_u32, coerce_digest
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -124,13 +124,15 @@ class CacheMaintenance:
         sort: str = "created",
         reverse: bool = False,
         limit: int | None = None,
+        namespace: str | None = None,
     ) -> list[dict[str, Any]]:
         """The entries that match every filter given, as rows of the `pipelines_v` view
         (hashes in lowercase hex), largest/newest first by `sort` (`reverse`: the other
         way; ties by entry key), at most `limit`. Counts no hit and changes nothing.
 
         `flags`: every bit must be set; `min_size`: blob bytes; `created_before_ms`:
-        milliseconds since the epoch; `kind`: one of `ENTRY_KINDS`. Raises
+        milliseconds since the epoch; `kind`: one of `ENTRY_KINDS`; `namespace`: named
+        entries of that namespace only (`put_named`). Raises
         TypeError/ValueError naming a bad argument. The whole list is in memory at once:
         `iter_entries` lists a large cache page by page.
         """
@@ -147,6 +149,7 @@ class CacheMaintenance:
             entry_keys,
             sort,
             limit,
+            namespace=namespace,
         )
         return self._read(
             "listing entries",
@@ -170,6 +173,7 @@ class CacheMaintenance:
         reverse: bool = False,
         limit: int | None = None,
         page: int = ENTRY_PAGE,
+        namespace: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The rows of `entries()` with the same arguments, in the same order, read `page`
         rows at a time: memory stays bounded however many entries there are.
@@ -194,6 +198,7 @@ class CacheMaintenance:
             entry_keys,
             sort,
             limit,
+            namespace=namespace,
         )
         if isinstance(page, bool) or not isinstance(page, int) or page < 1:
             raise ValueError(f"page must be a whole number of rows above 0, got {page!r}")
@@ -237,6 +242,8 @@ class CacheMaintenance:
         entry_keys: Iterable[bytes | str] | None,
         sort: str,
         limit: int | None,
+        *,
+        namespace: str | None = None,
     ) -> tuple[_rows.EntryFilter, int | None]:
         """The checked filter and limit of `entries()` and `iter_entries()`."""
         self._before_inspection()
@@ -266,6 +273,9 @@ class CacheMaintenance:
             kind=kind,
             program_digests=hexes("program_digests", program_digests),
             entry_keys=hexes("entry_keys", entry_keys),
+            namespace=None
+            if namespace is None
+            else check_text("namespace", namespace, MAX_NAMESPACE_CHARS),
         )
         return entry_filter, self._int64("limit", limit, low=1)
 

@@ -88,8 +88,8 @@ INSERT INTO entries (
     id, entry_key, key_version, shader_hash, layout_hash, push_constant_size,
     workgroup_x, workgroup_y, workgroup_z, feature_flags, backend,
     vendor, device, driver_digest, program_digest, blob_size, created_ms, accessed_ms,
-    stored_size
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    stored_size, namespace, name
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     entry_key = excluded.entry_key, key_version = excluded.key_version,
     shader_hash = excluded.shader_hash, layout_hash = excluded.layout_hash,
@@ -99,7 +99,7 @@ ON CONFLICT (id) DO UPDATE SET
     vendor = excluded.vendor, device = excluded.device, driver_digest = excluded.driver_digest,
     program_digest = excluded.program_digest, blob_size = excluded.blob_size,
     created_ms = excluded.created_ms, accessed_ms = excluded.accessed_ms, hits = 0,
-    stored_size = excluded.stored_size
+    stored_size = excluded.stored_size, namespace = excluded.namespace, name = excluded.name
 """
 _INSERT_BLOB = """
 INSERT INTO blobs (id, checksum_algo, checksum, data, codec, dict_id, raw_size)
@@ -128,6 +128,8 @@ class NewEntry:
     program_digest: bytes | None
     blob: bytes
     created_ms: int | None = None
+    #: a named entry's (namespace, name) (`PipelineCache.put_named`); None otherwise
+    named: tuple[str, str] | None = None
 
     @property
     def rowid(self) -> int:
@@ -137,6 +139,8 @@ class NewEntry:
     def scope(self) -> Scope:
         """The entries it shares compression dictionaries with: its backend and device."""
         fp = self.fingerprint
+        if self.named is not None:
+            return Scope(self.named[0], None, None)  # a namespace is its own backend
         return Scope(
             None if self.key is None else self.key.backend,
             None if fp is None else fp.vendor,
@@ -169,7 +173,7 @@ class NewEntry:
                 k.backend,
             )
             if k is not None
-            else (None,) * 9
+            else (None,) * 8 + (None if self.named is None else self.named[0],)
         )
         fp = self.fingerprint
         device = (None, None, None) if fp is None else (fp.vendor, fp.device, fp.driver_digest)
@@ -183,6 +187,7 @@ class NewEntry:
             when,
             when,
             len(stored.data),
+            *((None, None) if self.named is None else self.named),
         )
         algo = _checksums.DEFAULT
         blob = (
@@ -397,6 +402,10 @@ def insert(
         for entry in entries
     ]
     evicted = 0
+    if cap is not None:
+        entries, encoded, evicted = _newest_that_fit(connection, entries, encoded, cap)
+        if not entries:
+            return evicted
     ids = array("q", (entry.rowid for entry in entries))
     # A write of a tombstoned key brings it back: the trigger counts the old row live
     # again, and the upsert's resize trigger then counts the new sizes.
@@ -415,6 +424,50 @@ def insert(
         if cap is not None and any(trained):
             evicted += make_room(connection, ids, 0, cap)  # the cap counts dictionaries too
     return evicted
+
+
+def _newest_that_fit(
+    connection: apsw.Connection, entries: list[NewEntry], encoded: list[Encoded], cap: int
+) -> tuple[list[NewEntry], list[Encoded], int]:
+    """The newest of `entries` that fit under `cap` together, and how many of the others
+    were evicted at once.
+
+    Writes queued together commit in one transaction; had each committed alone, the
+    cap would have evicted the older ones as the newer came. They leave the same way:
+    evicted, any earlier version in the file with them (never kept as stale bytes).
+    """
+    if sum(len(e.data) for e in encoded) <= cap:
+        return entries, encoded, 0
+    kept: list[int] = []
+    seen: set[bytes] = set()
+    dropped: set[bytes] = set()
+    total = 0
+    for index in range(len(entries) - 1, -1, -1):
+        key = entries[index].entry_key
+        if key in seen or key in dropped:
+            continue  # an older write of a key written again in the same group
+        size = len(encoded[index].data)
+        if total + size <= cap:
+            total += size
+            seen.add(key)
+            kept.append(index)
+        else:
+            dropped.add(key)
+    kept.reverse()
+    kept_ids = {entries[i].rowid for i in kept}
+    gone = array("q", (i for i in map(entry_id, dropped) if i not in kept_ids))
+    if dropped:
+        newest = {e.entry_key: e for e in entries if e.entry_key in dropped}
+        _explain_sql.record_unwritten(
+            connection, [e.params(0)[0][:16] for e in newest.values()], "evicted"
+        )
+    if gone:
+        connection.execute(
+            f"DELETE FROM entries WHERE id IN carray(?) AND {_LIVE_ENTRY}", (apsw.carray(gone),)
+        )
+    if dropped:
+        bump(connection, "evictions", len(dropped))
+    return [entries[i] for i in kept], [encoded[i] for i in kept], len(dropped)
 
 
 def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: int) -> int:
@@ -899,7 +952,7 @@ ENTRY_SORTS: dict[str, str] = {
     "hits": "hits",
 }
 #: `pipelines_v.kind` values.
-ENTRY_KINDS = ("keyed", "program", "imported")
+ENTRY_KINDS = ("keyed", "program", "imported", "named")
 
 
 @dataclass(frozen=True, slots=True)
@@ -919,6 +972,8 @@ class EntryFilter:
     program_digests: tuple[str, ...] | None = None
     #: lowercase hex entry keys
     entry_keys: tuple[str, ...] | None = None
+    #: named entries of this namespace only (`PipelineCache.put_named`)
+    namespace: str | None = None
 
     def where(self) -> tuple[str, dict[str, Any]]:
         """A WHERE clause over `pipelines_v` ('' for every entry) and its parameters."""
@@ -932,6 +987,7 @@ class EntryFilter:
             ("before", self.created_before_ms, "created_ms < :before"),
             ("key_version", self.key_version, "key_version = :key_version"),
             ("kind", self.kind, "kind = :kind"),
+            ("namespace", self.namespace, "namespace = :namespace"),
         )
         for name, value, term in simple:
             if value is not None:

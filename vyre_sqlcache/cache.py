@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _explain_sql, _layers, _rows
+from . import _codec, _explain_sql, _layers, _remote, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     CacheFile,
@@ -55,6 +55,7 @@ from ._connections import (
 )
 from ._explain import CacheExplain, MissLog
 from ._maintenance import CacheMaintenance
+from ._named import NamedEntries
 from ._rows import NewEntry
 from ._schema import prepare
 from ._writer import WriteBehind
@@ -122,9 +123,11 @@ class CacheStats:
     compression: str = "off"
     #: hits of this object served by a read-only layer (also counted in `hits`)
     layer_hits: int = 0
+    #: the shared tier's counters, None without a remote (see README "Sharing a cache")
+    remote: _remote.RemoteStats | None = None
 
 
-class PipelineCache(CacheMaintenance, CacheExplain):
+class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     """A pipeline cache in one SQLite file, shared safely by threads and processes.
 
     Create it with `PipelineCache.open()`; use it as a context manager or call `close()`.
@@ -164,6 +167,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         self._write_behind = write_behind
         self._writer = WriteBehind(self._commit_entries)
         self._layers = _layers.Layers((), self._books.checksum_failed)
+        self._remote: _remote.RemoteTier | None = None
         self._miss_log: MissLog | None = None  # see `open(log_misses=...)`
 
     # -- opening and closing -------------------------------------------------------
@@ -195,6 +199,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         write_behind: bool = True,
         compression: str | int = _UNSET,
         layers: Sequence[str | PathLike[str]] | None = None,
+        remote: str | _remote.RemoteSettings | None = _UNSET,
         log_misses: bool | None = None,
     ) -> PipelineCache:
         """Open (creating if needed) the cache at `path`.
@@ -214,15 +219,19 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         `$VYRE_SQLCACHE_COMPRESSION`, else `config.DEFAULT_COMPRESSION`); every entry reads
         back whatever wrote it. `layers` are read-only cache files (made by `bundle`) read,
         in order, after this one on every miss (default: `$VYRE_SQLCACHE_LAYERS`); one that
-        cannot be used is skipped with a warning. `log_misses` keeps a bounded log of the
-        misses of `get`, `get_many` and `read` in the file, for `misses()` (default:
-        `$VYRE_SQLCACHE_LOG_MISSES`, else off; a read-only cache logs nothing).
+        cannot be used is skipped with a warning. `remote` is a shared tier behind the file
+        and its layers: a redis:// URL (with `$VYRE_SQLCACHE_REMOTE_MODE`, `_KEY`,
+        `_TIMEOUT`), a `RemoteSettings`, or None for none (default:
+        `$VYRE_SQLCACHE_REMOTE`); see README "Sharing a cache". `log_misses` keeps a bounded
+        log of the misses of `get`, `get_many` and `read` in the file, for `misses()`
+        (default: `$VYRE_SQLCACHE_LOG_MISSES`, else off; a read-only cache logs nothing).
 
         Raises SchemaTooNewError (file from a newer library), NotACacheError (another
         program's file or database, a FIFO or device), ReadOnlyCacheError (a layer file
         opened for writing), CorruptCacheError (with strict),
         ValueError/TypeError (malformed environment variable or argument), CacheError
-        (cannot open: a folder, a file with several hard links, no permission).
+        (cannot open: a folder, a file with several hard links, no permission),
+        ImportError (a `remote` argument without the `remote` extra installed).
         """
         settings = Settings.from_environment()
         if log_misses is not None and not isinstance(log_misses, bool):
@@ -256,6 +265,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         if (settings.log_misses if log_misses is None else log_misses) and not cache._readonly:
             cache._miss_log = MissLog()
             cache._books.also = cache._miss_log.write
+        tier = _remote.open_tier(remote, settings.remote, given=remote is not _UNSET)
         try:
             cache._check_file_bytes(own=path is None)
             cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
@@ -268,6 +278,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
             cache._layers = _layers.open_layers(
                 layer_paths, cache._path, cache._books.checksum_failed, vfs
             )
+        cache._remote = tier
         return cache
 
     def _check_file_bytes(self, *, own: bool) -> None:
@@ -408,6 +419,8 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         except CacheError as error:
             log.warning("vyre-sqlcache: closing %s: %s", self._path, error)
         finally:
+            if self._remote is not None:
+                self._remote.close()  # sends what is queued, for a bounded time
             self._pool.close()
             self._layers.close()
 
@@ -479,7 +492,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         """
         fp = check_fingerprint(fingerprint)
         entry_key = fp.cache_key(program_digest)
-        blob = self._load(entry_key)
+        blob = self._load_or_fetch(entry_key, (None, fp, program_digest, None))
         if blob is None and self._miss_log is not None:
             digest = coerce_digest("program_digest", program_digest)
             self._missed("read", entry_key, fp, None, digest)
@@ -524,6 +537,8 @@ class PipelineCache(CacheMaintenance, CacheExplain):
                 impacted.append(digest)
         if not impacted:
             return 0
+        if self._remote is not None:  # the shared tier is not invalidated: README says why
+            self._remote.fence([fp.cache_key(digest) for digest in impacted])
         # Layers are read-only: what it reaches there is masked in the user's file, first
         # (so that `mask` counts only keys the file's own invalidation does not).
         found = self._layers.impacted(impacted, fp) if self._layers else []
@@ -580,7 +595,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         key = check_key(key)
         fp = check_fingerprint(fingerprint)
         entry_key = key.entry_key(fp)
-        blob = self._load(entry_key)
+        blob = self._load_or_fetch(entry_key, (key, fp, None, None))
         if blob is None and self._miss_log is not None:
             self._missed("get", entry_key, fp, key)
         return blob
@@ -591,7 +606,9 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         """The blobs of many keys (None for each miss), read from one snapshot."""
         fp = check_fingerprint(fingerprint)
         checked = [check_key(k) for k in keys]
-        blobs = self._load_many([k.entry_key(fp) for k in checked])
+        blobs = self._load_many_or_fetch(
+            [k.entry_key(fp) for k in checked], [(k, fp, None, None) for k in checked]
+        )
         if self._miss_log is not None:
             for k, blob in zip(checked, blobs, strict=True):
                 if blob is None:
@@ -622,7 +639,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
 
         Raises TypeError/ValueError for a malformed key; a damaged entry is a miss.
         """
-        return self._load(coerce_digest("entry_key", entry_key))
+        return self._load_or_fetch(coerce_digest("entry_key", entry_key), _remote.NO_ORIGIN)
 
     def put_entry(
         self, entry_key: bytes | str, blob: bytes, *, created_ms: int | None = None
@@ -719,6 +736,7 @@ class PipelineCache(CacheMaintenance, CacheExplain):
             else 1.0,
             compression=self.compression,
             layer_hits=self._layers.hits,
+            remote=None if self._remote is None else self._remote.stats(),
         )
 
     @property
@@ -899,6 +917,8 @@ class PipelineCache(CacheMaintenance, CacheExplain):
                 if durable:
                     with suppress(apsw.Error):
                         connection.pragma("synchronous", "NORMAL")
+        if self._remote is not None and entries:
+            self._remote.upload(entries)  # queued for the shared tier; never blocks or raises
         changes = len(entries) + (result if isinstance(result, int) else 0)
         with self._lock:
             self._unflushed = 0 if durable else self._unflushed + changes
@@ -1015,6 +1035,54 @@ class PipelineCache(CacheMaintenance, CacheExplain):
         self._generation.seen = generation
         self._pool.reopen(slot)
         return True
+
+    # -- internals: the shared tier, asked after the local file misses ----------------------
+
+    def _load_or_fetch(self, entry_key: bytes, origin: _remote.Origin) -> bytes | None:
+        """`_load`, then the shared tier on a miss."""
+        found = self._load(entry_key)
+        if found is None and self._remote is not None:
+            return self._from_remote([entry_key], [origin])[0]
+        return found
+
+    def _load_many_or_fetch(
+        self, entry_keys: list[bytes], origins: list[_remote.Origin]
+    ) -> list[bytes | None]:
+        """`_load_many`, then one round trip to the shared tier for all its misses."""
+        found = self._load_many(entry_keys)
+        if self._remote is not None and None in found:
+            misses = [i for i, blob in enumerate(found) if blob is None]
+            fetched = self._from_remote(
+                [entry_keys[i] for i in misses],
+                [origins[i] for i in misses],
+            )
+            for i, blob in zip(misses, fetched, strict=True):
+                found[i] = blob
+        return found
+
+    def _from_remote(
+        self, entry_keys: list[bytes], origins: list[_remote.Origin]
+    ) -> list[bytes | None]:
+        """Ask the shared tier for local misses (one round trip, never raising); verified
+        hits are queued for the local file, so the next read of them is local."""
+        assert self._remote is not None
+        found = self._remote.fetch(entry_keys)
+        admitted: list[NewEntry] = [
+            _remote.admitted(key, origin, blob)
+            for key, origin, blob in zip(entry_keys, origins, found, strict=True)
+            if blob is not None
+        ]
+        # A pending background error is the next write's or flush's to raise, not a read's.
+        if admitted and not self._readonly and self._writer._error is None:
+            try:
+                self._check_fits(admitted)
+                if self._write_behind:
+                    self._writer.put(admitted)
+                else:
+                    self._writer.commit(admitted)
+            except CacheError as error:
+                log.info("vyre-sqlcache: remote entries not stored locally: %s", error)
+        return found
 
     def _load_many(self, entry_keys: list[bytes]) -> list[bytes | None]:
         if any(self._writer.get(key) is not None for key in entry_keys):

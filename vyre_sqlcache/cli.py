@@ -24,9 +24,17 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import MAX_BLOB_BYTES, SCHEMA_VERSION, PipelineCache, __version__, vyredir
+from . import (
+    MAX_BLOB_BYTES,
+    SCHEMA_VERSION,
+    PipelineCache,
+    RemoteSettings,
+    RemoteTier,
+    __version__,
+    vyredir,
+)
 from . import _cli_demo as demo
-from .config import ENV_MAX_SIZE, ENV_PATH, parse_size
+from .config import ENV_MAX_SIZE, ENV_PATH, Settings, parse_size
 from .errors import CacheError, CorruptCacheError, ReadOnlyCacheError
 from .keys import (
     CURRENT_KEY_VERSION,
@@ -319,6 +327,7 @@ def _info(args: argparse.Namespace) -> int:
         "checksum_failures": stats.total_checksum_failures,
         "flushes": stats.total_flushes,
         "by_device": groups,
+        "remote": None if stats.remote is None else vars(stats.remote),
     }
     if args.json:
         print(_json(info))
@@ -341,6 +350,17 @@ def _info(args: argparse.Namespace) -> int:
         ("checksum failures", stats.total_checksum_failures),
         ("flushes", stats.total_flushes),
     ]
+    if stats.remote is not None:  # this command's own counters: it only looked
+        remote = stats.remote
+        lines += [
+            ("remote", f"{remote.where} ({remote.mode}), breaker {remote.breaker}"),
+            ("remote hits", f"{remote.hits} / misses {remote.misses}"),
+            ("remote errors", f"{remote.errors} (timeouts {remote.timeouts})"),
+            ("remote refused", f"{remote.rejected} entries failed verification"),
+            ("remote bytes", f"{_bytes(remote.bytes_down)} down, {_bytes(remote.bytes_up)} up"),
+            ("remote uploads", f"{remote.uploads} (dropped {remote.queue_drops}, too large "
+             f"{remote.too_large}, queued {remote.queued})"),
+        ]  # fmt: skip
     print("\n".join(f"{name:<18} {value}" for name, value in lines))
     if groups:
         columns = ["backend", "vendor_hex", "device_hex", "entries", "bytes", "hits"]
@@ -351,6 +371,49 @@ def _info(args: argparse.Namespace) -> int:
                 [[g[c] for c in columns] + [g["last_accessed"]] for g in groups],
             )
         )
+    return 0
+
+
+def _remote(args: argparse.Namespace) -> int:
+    try:
+        configured = Settings.from_environment().remote
+        url = args.url or (None if configured is None else configured.url)
+        if url is None:
+            raise Failure("no remote: give --url redis://HOST:PORT/DB or set VYRE_SQLCACHE_REMOTE")
+        prefix = RemoteSettings(url).prefix if configured is None else configured.prefix
+        # A command waits for answers: the cache's short read timeout is for hot paths.
+        tier = RemoteTier(RemoteSettings(url, prefix=prefix, timeout_s=5.0))
+    except (ValueError, ImportError) as error:
+        raise Failure(str(error)) from error
+    try:
+        if args.action == "ping":
+            print(f"PONG from {tier.settings.where} in {1000 * tier.ping():.2f} ms")
+        elif args.action == "ls":
+            rows = list(tier.scan())
+            if args.json:
+                _json_array({"entry_key": k.hex(), "bytes": size} for k, size in rows)
+            else:
+                for key, size in sorted(rows):
+                    print(f"{key.hex()}  {size}")
+                print(f"{len(rows)} entries, {_bytes(sum(s for _, s in rows))}", file=sys.stderr)
+        else:
+            if args.all and args.keys:
+                raise UsageError("remote rm takes entry keys or --all, not both")
+            if args.all:
+                if not args.yes:
+                    raise UsageError(
+                        f"remote rm --all deletes every entry under {tier.settings.prefix!r} "
+                        f"on {tier.settings.where} for every user; add --yes to do it"
+                    )
+                keys = [key for key, _ in tier.scan()]
+            elif args.keys:
+                keys = [bytes.fromhex(k) for k in args.keys]
+            else:
+                raise UsageError("remote rm needs entry keys (64 hex) or --all --yes")
+            deleted = sum(tier.delete(keys[i : i + 1000]) for i in range(0, len(keys), 1000))
+            print(f"{deleted} entries deleted from {tier.settings.where}")
+    finally:
+        tier.close()
     return 0
 
 
@@ -386,11 +449,17 @@ _LS_COLUMNS = (
     ("created", "created"),
     ("accessed", "accessed"),
     ("hits", "hits"),
+    ("name", "name"),
 )
 
 
 def _ls(args: argparse.Namespace) -> int:
-    listing = {"sort": args.sort, "reverse": args.reverse, "limit": args.limit}
+    listing = {
+        "sort": args.sort,
+        "reverse": args.reverse,
+        "limit": args.limit,
+        "namespace": args.namespace,
+    }
     with _opened(args) as cache:
         if args.json:
             # Page by page: memory stays bounded however many entries there are.
@@ -966,6 +1035,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--min-size", type=_size, metavar="SIZE", help="only blobs of SIZE or more")
     ls.add_argument(
+        "--namespace", help="only named entries of this namespace (e.g. triton: Triton's kernels)"
+    )
+    ls.add_argument(
         "--older-than",
         type=_duration_ms,
         metavar="AGE",
@@ -1139,6 +1211,20 @@ def _parser() -> argparse.ArgumentParser:
         "mtime = creation time); keyed entries are left out",
     )
     export_dir.add_argument("dir", metavar="DIR")
+
+    remote = command(
+        "remote",
+        _remote,
+        "look at and clean the shared tier (VYRE_SQLCACHE_REMOTE or --url): ping, ls, rm",
+    )
+    remote.add_argument("action", choices=["ping", "ls", "rm"])
+    remote.add_argument("keys", type=_entry_key, nargs="*", metavar="KEY", help="for rm")
+    remote.add_argument(
+        "--url", help="redis://[user:password@]host:port/db (default: $VYRE_SQLCACHE_REMOTE)"
+    )
+    remote.add_argument("--all", action="store_true", help="rm: every entry under the prefix")
+    remote.add_argument("--yes", action="store_true", help="rm --all: yes, delete them all")
+    json_option(remote)
 
     demo_command = command(
         "demo", _demo, "write, read and invalidate a few hundred synthetic pipelines"

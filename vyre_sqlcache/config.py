@@ -7,6 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._remote_settings import RemoteSettings
 
 __all__ = [
     "DEFAULT_COMPRESSION",
@@ -63,6 +67,8 @@ class Settings:
     disabled: bool = False
     #: 'auto', 'off' or a zstd level as text, checked; None where it says nothing
     compression: str | None = None
+    #: the shared tier of VYRE_SQLCACHE_REMOTE and its companions (see `_remote`)
+    remote: RemoteSettings | None = None
     #: read-only layer files searched after the cache, in order (os.pathsep-separated)
     layers: tuple[Path, ...] = ()
     #: whether misses are logged in the file (see `PipelineCache.misses`)
@@ -85,7 +91,10 @@ class Settings:
             from ._codec import parse_compression
 
             parse_compression(compression, ENV_COMPRESSION)
+        from ._remote_settings import remote_from_environment
+
         return cls(
+            remote=remote_from_environment(env),
             path=None if path is None else Path(path).expanduser(),
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,

@@ -24,6 +24,7 @@ __all__ = [
     "PipelineCacheKey",
     "coerce_digest",
     "entry_id",
+    "named_entry_key",
 ]
 
 #: Version of the key format; entries keyed with another version are unreachable.
@@ -36,7 +37,13 @@ _FINGERPRINT_DOMAIN = b"vyre-pipeline-device-fingerprint-v1\0"
 _DIRECTORY_KEY_DOMAIN = b"vyre-disk-pipeline-cache-key-v1\0program\0"
 # Our own domain: keyed entries can never collide with vyre directory keys.
 _PIPELINE_KEY_DOMAIN = b"vyre-sqlcache-pipeline-key-v1\0"
+# Entries named by a (namespace, name) pair, e.g. a Triton kernel's group: a domain
+# of their own, so they never collide with pipeline or vyre directory keys.
+_NAMED_KEY_DOMAIN = b"vyre-sqlcache-named-key-v1\0"
 _LE32 = struct.Struct("<I")
+#: Longest namespace and name of a named entry, in characters.
+MAX_NAMESPACE_CHARS = 64
+MAX_NAME_CHARS = 1024
 
 
 class FeatureFlags(enum.IntFlag):
@@ -234,3 +241,37 @@ class PipelineCacheKey:
             + _LE32.pack(fingerprint.device)
             + fingerprint.driver_digest
         ).digest()
+
+
+def check_text(name: str, value: Any, most: int) -> str:
+    """Return `value` if it is a str of 1..`most` characters, valid Unicode, not starting
+    with NUL; raise TypeError/ValueError naming `name` otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a str of 1 to {most} characters, got {type(value).__name__}"
+        )
+    if not 1 <= len(value) <= most:
+        raise ValueError(f"{name} must be 1 to {most} characters long, got {len(value)}")
+    if "\x00" in value:
+        # SQLite counts the characters before the first NUL: the schema would see less.
+        raise ValueError(f"{name} must not contain a NUL character, got {value[:80]!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{name} must be valid Unicode text, got {value[:80]!r} (it contains a lone surrogate)"
+        ) from None
+    return value
+
+
+def named_entry_key(namespace: str, name: str) -> bytes:
+    """The 32-byte entry key of the entry `name` in `namespace` (see `put_named`).
+
+    Raises TypeError/ValueError for a namespace or name that is not 1..64 or 1..1024
+    characters of valid text without NUL.
+    """
+    space = check_text("namespace", namespace, MAX_NAMESPACE_CHARS).encode("utf-8")
+    label = check_text("name", name, MAX_NAME_CHARS).encode("utf-8")
+    return blake3.blake3(
+        _NAMED_KEY_DOMAIN + _LE32.pack(len(space)) + space + _LE32.pack(len(label)) + label
+    ).digest()

@@ -1,4 +1,4 @@
--- vyre-sqlcache schema 6 (issue 15, part 4): why did this miss?
+-- vyre-sqlcache schema 7 (issue 15, part 4): why did this miss?
 --
 -- `departures` keeps the newest entries that left the cache, with the reason they
 -- left: evicted by the size cap or a full disk, invalidated (`invalidate_impacted`),

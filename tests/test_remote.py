@@ -1,0 +1,878 @@
+"""The shared tier on Redis: layering, verification, failure, modes, fork, processes.
+
+Every test runs a real `redis-server` (the `redis_server` fixture) on a free loopback
+port; blobs come from the corpus of real compiler output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from benchmarks.corpus import DEFAULT_TARBALL, unpack
+from tests.helpers import forget_missing_redis_warning, remote_decode, remote_header, remote_value
+from tests.redis_server import RedisServer, free_port
+from vyre_sqlcache import (
+    DeviceFingerprint,
+    PipelineCache,
+    PipelineCacheKey,
+    RemoteSettings,
+    RemoteTier,
+)
+from vyre_sqlcache.cli import main
+from vyre_sqlcache.config import Settings
+
+TEAM_KEY = b"team secret of at least 16 bytes"
+PREFIX = "vyre-sqlcache:v1:"
+HEADER, MAGIC = remote_header()
+
+
+@pytest.fixture(scope="session")
+def corpus_blobs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """Real compiler output: the corpus's files of 1 KiB to 2 MiB, largest and smallest."""
+    if not DEFAULT_TARBALL.is_file():
+        pytest.skip(f"no corpus at {DEFAULT_TARBALL} (shared/corpus beside the checkout)")
+    folder = unpack(DEFAULT_TARBALL, tmp_path_factory.mktemp("corpus"))
+    blobs = sorted(
+        (p.read_bytes() for p in folder.rglob("*") if p.is_file()), key=len, reverse=True
+    )
+    return [b for b in blobs if 1024 <= len(b) <= 2 << 20][:200]
+
+
+def settings(server: RedisServer, **fields: Any) -> RemoteSettings:
+    return RemoteSettings(server.url, **fields)
+
+
+def remote_keys(server: RedisServer) -> list[bytes]:
+    return sorted(server.client().keys(PREFIX + "*"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[PipelineCache, PipelineCache]]:
+    """Two caches on different files sharing one Redis."""
+    a = PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url)
+    b = PipelineCache.open(tmp_path / "b.sqlite3", remote=redis_server.url)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def uploaded(cache: PipelineCache, count: int) -> None:
+    cache.flush()
+    wait_for(lambda: (cache.stats().remote or pytest.fail("no remote")).uploads >= count)
+
+
+# -- layering ---------------------------------------------------------------------------------
+
+
+def test_hits_across_two_caches_through_one_redis(
+    pair: tuple[PipelineCache, PipelineCache],
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+    corpus_blobs: list[bytes],
+) -> None:
+    a, b = pair
+    digests = [os.urandom(32) for _ in range(3)]
+    keys = [make_key() for _ in range(3)]
+    for digest, blob in zip(digests, corpus_blobs, strict=False):
+        a.write(digest, fingerprint, blob)
+    a.put_many(list(zip(keys, corpus_blobs[3:6], strict=True)), fingerprint)
+    uploaded(a, 6)
+    for digest, blob in zip(digests, corpus_blobs, strict=False):
+        assert b.read(digest, fingerprint) == blob
+    assert b.get(keys[0], fingerprint) == corpus_blobs[3]
+    assert b.get_many(keys, fingerprint) == corpus_blobs[3:6]
+    remote = b.stats().remote
+    assert remote is not None and remote.hits == 6 and remote.rejected == 0
+    # Admitted locally: the next reads are local hits, and the entries keep their columns.
+    b.flush()
+    assert b.read(digests[0], fingerprint) == corpus_blobs[0]
+    assert b.get_many(keys, fingerprint) == corpus_blobs[3:6]
+    after = b.stats()
+    assert after.remote is not None and after.remote.hits == 6 and after.entries == 6
+    kinds = sorted(row["kind"] for row in b.entries())
+    assert kinds == ["keyed"] * 3 + ["program"] * 3
+    # An admitted entry is not uploaded back.
+    assert after.remote.uploads == 0
+
+
+def test_get_many_is_one_round_trip(
+    pair: tuple[PipelineCache, PipelineCache],
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+) -> None:
+    a, b = pair
+    keys = [make_key() for _ in range(100)]
+    a.put_many([(k, os.urandom(512)) for k in keys], fingerprint)
+    uploaded(a, 100)
+    redis_server.client().config_resetstat()
+    found = b.get_many([*keys, make_key()], fingerprint)
+    assert all(found[:100]) and found[100] is None
+    stats = redis_server.client().info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+
+
+def test_contains_and_peek_do_not_ask_the_remote(
+    pair: tuple[PipelineCache, PipelineCache],
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+) -> None:
+    a, b = pair
+    key = make_key()
+    a.put(key, fingerprint, b"shared pipeline" * 10)
+    uploaded(a, 1)
+    assert not b.contains(key, fingerprint)
+    assert b.get(key, fingerprint) == b"shared pipeline" * 10
+    assert b.contains(key, fingerprint)
+
+
+def test_invalidate_stays_local_and_is_not_undone_by_the_remote(
+    pair: tuple[PipelineCache, PipelineCache],
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+) -> None:
+    a, b = pair
+    digest = os.urandom(32)
+    a.write(digest, fingerprint, b"old pipeline" * 10)
+    uploaded(a, 1)
+    assert a.invalidate_impacted([1], [digest], fingerprint) == 1
+    assert len(remote_keys(redis_server)) == 1  # others' entries stay shared
+    assert a.read(digest, fingerprint) is None  # this object does not fetch it back
+    assert b.read(digest, fingerprint) == b"old pipeline" * 10
+    a.write(digest, fingerprint, b"new pipeline" * 10)  # writing it again lifts the fence
+    uploaded(a, 2)
+    assert a.read(digest, fingerprint) == b"new pipeline" * 10
+    c = PipelineCache.open(a.path.with_name("c.sqlite3"), remote=redis_server.url)
+    with c:
+        assert c.read(digest, fingerprint) == b"new pipeline" * 10
+
+
+# -- modes, sizes, the queue ---------------------------------------------------------------
+
+
+def test_read_only_mode_never_uploads(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    digest, other = os.urandom(32), os.urandom(32)
+    with PipelineCache.open(tmp_path / "ci.sqlite3", remote=redis_server.url) as ci:
+        ci.write(digest, fingerprint, b"from CI" * 20)
+        uploaded(ci, 1)
+    dev_settings = settings(redis_server, mode="read-only")
+    with PipelineCache.open(tmp_path / "dev.sqlite3", remote=dev_settings) as dev:
+        assert dev.read(digest, fingerprint) == b"from CI" * 20
+        dev.write(other, fingerprint, b"local only" * 20)
+        dev.flush()
+    assert len(remote_keys(redis_server)) == 1
+
+
+def test_write_only_mode_never_asks(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    digest = os.urandom(32)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as a:
+        a.write(digest, fingerprint, b"shared" * 20)
+        uploaded(a, 1)
+    with PipelineCache.open(
+        tmp_path / "w.sqlite3", remote=settings(redis_server, mode="write-only")
+    ) as w:
+        redis_server.client().config_resetstat()
+        assert w.read(digest, fingerprint) is None
+        w.write(os.urandom(32), fingerprint, b"uploaded" * 20)
+        uploaded(w, 1)
+        stats = redis_server.client().info("commandstats")
+        assert "cmdstat_get" not in stats and "cmdstat_mget" not in stats
+    assert len(remote_keys(redis_server)) == 2
+
+
+def test_blobs_over_the_shared_size_are_not_shared(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    tier = settings(redis_server, max_blob_bytes=4096)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=tier, write_behind=False) as a:
+        a.write(os.urandom(32), fingerprint, os.urandom(4097))
+        a.write(os.urandom(32), fingerprint, os.urandom(4096))
+        remote = a.stats().remote
+        assert remote is not None and remote.too_large == 1
+        uploaded(a, 1)
+    assert len(remote_keys(redis_server)) == 1
+
+
+def test_a_full_upload_queue_drops_and_counts_without_blocking(
+    tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    with socket.socket() as refused:
+        refused.bind(("127.0.0.1", 0))
+        port = refused.getsockname()[1]  # bound, not listening: connections are refused
+        tier = RemoteSettings(
+            f"redis://127.0.0.1:{port}/0", queue_entries=4, breaker_cooldown_s=60, drain_s=0.2
+        )
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=tier, write_behind=False) as a:
+            for _ in range(40):
+                a.write(os.urandom(32), fingerprint, os.urandom(100))
+            remote = a.stats().remote
+            assert remote is not None
+            assert remote.queue_drops >= 40 - 2 * 4 and remote.queued <= 2 * 4
+            assert remote.uploads == 0 and remote.breaker == "open"
+            assert len(a) == 40  # the local file has every write
+
+
+# -- verification: planted values ------------------------------------------------------------
+
+
+def _good(entry_key: bytes, blob: bytes, key: bytes | None = None) -> bytes:
+    return remote_value(entry_key, blob, key)
+
+
+def _flip_last(value: bytes) -> bytes:
+    return value[:-1] + bytes([value[-1] ^ 1])
+
+
+PLANTED: dict[str, Callable[[bytes, bytes, bytes], bytes]] = {
+    "corrupted byte": lambda k, blob, other: _flip_last(_good(k, blob)),
+    "truncated": lambda k, blob, other: _good(k, blob)[:-7],
+    "header only": lambda k, blob, other: _good(k, blob)[: HEADER.size],
+    "empty": lambda k, blob, other: b"",
+    "another key's entry": lambda k, blob, other: _good(other, blob),
+    "bad magic": lambda k, blob, other: b"XXXX" + _good(k, blob)[4:],
+    "future version": lambda k, blob, other: _good(k, blob)[:4] + b"\x09" + _good(k, blob)[5:],
+    "pickle": lambda k, blob, other: b"\x80\x04\x95" + blob,
+    "raw size lie": lambda k, blob, other: (
+        HEADER.pack(MAGIC, 1, 0, 0, 1, k, len(blob) - 1, len(blob), b"\0" * 16) + blob
+    ),
+    "oversized value": lambda k, blob, other: _good(k, os.urandom(9 << 20)),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTED))
+def test_planted_values_are_refused_and_never_admitted(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    corpus_blobs: list[bytes],
+    plant: str,
+) -> None:
+    digest = os.urandom(32)
+    entry_key = fingerprint.cache_key(digest)
+    blob = corpus_blobs[-1]
+    redis_server.client().set(
+        PREFIX + entry_key.hex(), PLANTED[plant](entry_key, blob, os.urandom(32))
+    )
+    with PipelineCache.open(tmp_path / "b.sqlite3", remote=redis_server.url) as b:
+        assert b.read(digest, fingerprint) is None
+        assert b.get_entry(entry_key) is None
+        b.flush()
+        stats = b.stats()
+        assert stats.entries == 0  # nothing admitted
+        assert stats.remote is not None and stats.remote.hits == 0
+        assert stats.remote.rejected == 2
+
+
+@pytest.mark.parametrize("signer", ["unsigned", "other key", "team key"])
+def test_a_team_key_refuses_unsigned_and_wrongly_signed_entries(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint, signer: str
+) -> None:
+    digest = os.urandom(32)
+    key = {"unsigned": None, "other key": b"x" * 32, "team key": TEAM_KEY}[signer]
+    with PipelineCache.open(
+        tmp_path / "a.sqlite3", remote=settings(redis_server, key=key)
+    ) as writer:
+        writer.write(digest, fingerprint, b"signed?" * 30)
+        uploaded(writer, 1)
+    with PipelineCache.open(
+        tmp_path / "b.sqlite3", remote=settings(redis_server, key=TEAM_KEY)
+    ) as reader:
+        found = reader.read(digest, fingerprint)
+        remote = reader.stats().remote
+        assert remote is not None
+        if signer == "team key":
+            assert found == b"signed?" * 30 and remote.rejected == 0
+        else:
+            assert found is None and remote.rejected == 1 and reader.stats().entries == 0
+
+
+def test_the_wire_format_round_trips_every_corpus_blob(corpus_blobs: list[bytes]) -> None:
+    for blob in corpus_blobs[::5]:
+        key = os.urandom(32)
+        for team in (None, TEAM_KEY):
+            for compress in (False, True):
+                value = remote_value(key, blob, team, compress=compress)
+                assert remote_decode(value, key, team, len(blob)) == blob
+                with pytest.raises(ValueError, match="over the limit"):
+                    remote_decode(value, key, team, len(blob) - 1)
+
+
+# -- failures: dead, killed, black-holed servers; auth and READONLY ------------------------------
+
+
+def test_redis_killed_and_restarted_mid_run(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    tier = settings(redis_server, breaker_cooldown_s=0.2)
+    digests = [os.urandom(32) for _ in range(30)]
+    with (
+        PipelineCache.open(tmp_path / "a.sqlite3", remote=tier) as a,
+        PipelineCache.open(tmp_path / "b.sqlite3", remote=tier) as b,
+    ):
+        for i, digest in enumerate(digests[:10]):
+            a.write(digest, fingerprint, b"%d" % i * 50)
+        uploaded(a, 10)
+        redis_server.kill()
+        for i, digest in enumerate(digests[10:20], 10):  # no exception reaches a caller
+            a.write(digest, fingerprint, b"%d" % i * 50)
+            assert b.read(digest, fingerprint) is None
+            assert b.get_many([], fingerprint) == []
+        a.flush()
+        remote = b.stats().remote
+        assert remote is not None and remote.breaker == "open" and remote.errors >= 3
+        redis_server.start()  # same port, empty
+        time.sleep(0.3)
+        assert b.read(digests[0], fingerprint) is None  # the probe: a plain miss
+        assert (b.stats().remote or pytest.fail()).breaker == "closed"
+        for i, digest in enumerate(digests[20:], 20):
+            a.write(digest, fingerprint, b"%d" % i * 50)
+        wait_for(lambda: len(remote_keys(redis_server)) == 10)
+        assert b.read(digests[25], fingerprint) == b"25" * 50
+
+
+class BlackHole:
+    """A listening socket that never accepts or answers: its backlog is filled first."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(0)
+        self.port = self.server.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        for filler in self.fillers:
+            filler.close()
+        self.server.close()
+
+
+def test_a_black_holed_port_costs_one_timeout_then_the_breaker_opens(
+    tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    hole = BlackHole()
+    try:
+        tier = RemoteSettings(f"redis://127.0.0.1:{hole.port}/0", breaker_cooldown_s=60)
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=tier) as cache:
+            for _ in range(20):
+                assert cache.read(os.urandom(32), fingerprint) is None
+            cache.write(os.urandom(32), fingerprint, b"stays local")
+            remote = cache.stats().remote
+            assert remote is not None and remote.timeouts == 1 and remote.breaker == "open"
+            assert cache.read(os.urandom(32), fingerprint) is None
+        # close() gave up on the queue after its drain time
+    finally:
+        hole.close()
+
+
+def test_close_drains_the_upload_queue_within_its_bound(
+    tmp_path: Path, fingerprint: DeviceFingerprint, redis_server: RedisServer
+) -> None:
+    hole = BlackHole()
+    try:
+        tier = RemoteSettings(f"redis://127.0.0.1:{hole.port}/0", drain_s=0.3)
+        cache = PipelineCache.open(tmp_path / "a.sqlite3", remote=tier, write_behind=False)
+        for _ in range(5):
+            cache.write(os.urandom(32), fingerprint, b"queued")
+        start = time.monotonic()
+        cache.close()
+        assert time.monotonic() - start < 0.3 + 2  # a bound, not a speed
+    finally:
+        hole.close()
+    # Against a live server, close() sends everything queued.
+    with PipelineCache.open(
+        tmp_path / "b.sqlite3", remote=redis_server.url, write_behind=False
+    ) as cache:
+        for _ in range(200):
+            cache.write(os.urandom(32), fingerprint, os.urandom(2000))
+    assert len(remote_keys(redis_server)) == 200
+
+
+def test_authentication_errors_log_one_warning(
+    tmp_path: Path, fingerprint: DeviceFingerprint, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RedisServer(tmp_path / "auth", "--requirepass", "s3cret-pass") as server:
+        tier = RemoteSettings(server.url, breaker_cooldown_s=0)
+        caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=tier) as cache:
+            for _ in range(20):
+                assert cache.read(os.urandom(32), fingerprint) is None
+            remote = cache.stats().remote
+            assert remote is not None and remote.errors >= 10
+        warnings = [r for r in caplog.records if r.name == "vyre_sqlcache"]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "s3cret" not in caplog.text
+        # With the password in the URL it works.
+        good = f"redis://:s3cret-pass@127.0.0.1:{server.port}/0"
+        with PipelineCache.open(tmp_path / "b.sqlite3", remote=good) as cache:
+            cache.write(os.urandom(32), fingerprint, b"authenticated")
+            uploaded(cache, 1)
+
+
+def test_a_read_only_replica_logs_one_warning_and_reads_on(
+    tmp_path: Path,
+    fingerprint: DeviceFingerprint,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    digest = os.urandom(32)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as a:
+        a.write(digest, fingerprint, b"on the primary" * 9)
+        uploaded(a, 1)
+    redis_server.client().config_set("repl-diskless-sync-delay", 0)  # default: 5 s
+    replica_args = ("--replicaof", "127.0.0.1", str(redis_server.port))
+    with RedisServer(tmp_path / "replica", *replica_args) as replica:
+        wait_for(lambda: len(replica.client().keys("*")) == 1)
+        caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
+        with PipelineCache.open(
+            tmp_path / "b.sqlite3", remote=replica.url, write_behind=False
+        ) as b:
+            for _ in range(10):
+                b.write(os.urandom(32), fingerprint, b"refused upload")
+            wait_for(lambda: (b.stats().remote or pytest.fail()).unsent == 10)
+            assert b.read(digest, fingerprint) == b"on the primary" * 9
+            assert (b.stats().remote or pytest.fail()).breaker == "closed"
+        readonly = [r for r in caplog.records if r.name == "vyre_sqlcache"]
+        assert len(readonly) == 1 and "ReadOnlyError" in readonly[0].getMessage()
+
+
+# -- eviction, processes, fork ---------------------------------------------------------------
+
+
+def test_maxmemory_allkeys_lru_evicts_under_load(
+    tmp_path: Path, fingerprint: DeviceFingerprint, corpus_blobs: list[bytes]
+) -> None:
+    limit = ("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru")
+    blobs = {os.urandom(32): os.urandom(64 << 10) for _ in range(150)}
+    with RedisServer(tmp_path / "small", *limit) as server:
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=server.url) as a:
+            for digest, blob in blobs.items():
+                a.write(digest, fingerprint, blob)
+            uploaded(a, len(blobs))
+            remote = a.stats().remote
+            assert remote is not None and remote.errors == 0
+        kept = server.client().dbsize()
+        assert 0 < kept < len(blobs)
+        assert server.client().info("stats")["evicted_keys"] > 0
+        with PipelineCache.open(tmp_path / "b.sqlite3", remote=server.url) as b:
+            found = [b.read(d, fingerprint) for d in blobs]
+            assert all(got in (None, blobs[d]) for d, got in zip(blobs, found, strict=True))
+            assert sum(got is not None for got in found) > 0
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    url, path, me, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    fp = DeviceFingerprint.from_parts(0x10DE, 0x2684, "procs")
+    def blob(owner, i):
+        return (b"%d:%d:" % (owner, i)) * 200
+    wrong = hits = 0
+    with PipelineCache.open(path, remote=url) as cache:
+        for i in range(n):
+            cache.write((b"%d-%d" % (me, i)).ljust(32, b"-"), fp, blob(me, i))
+        cache.flush()
+        for rounds in range(3):
+            for owner in range(4):
+                for i in range(n):
+                    got = cache.read((b"%d-%d" % (owner, i)).ljust(32, b"-"), fp)
+                    if got is not None:
+                        hits += 1
+                        wrong += got != blob(owner, i)
+    print(hits, wrong)
+    """
+)
+
+
+def test_concurrent_processes_share_through_one_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                redis_server.url,
+                str(tmp_path / f"{i}.sqlite3"),
+                str(i),
+                "40",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        results.append(tuple(map(int, out.split())))
+    assert all(wrong == 0 for _, wrong in results)
+    assert sum(hits for hits, _ in results) > 4 * 40  # more than their own entries
+    assert len(remote_keys(redis_server)) == 160
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_child_uses_its_own_connection_and_thread(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as cache:
+        before = os.urandom(32)
+        cache.write(before, fingerprint, b"parent before fork" * 5)
+        uploaded(cache, 1)
+        assert cache.get_entry(os.urandom(32)) is None  # the parent's socket is open
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                mine = b"c" * 32
+                sent = (cache.stats().remote or pytest.fail()).uploads  # the parent's, copied
+                cache.write(mine, fingerprint, b"child" * 9)
+                cache.flush()
+                wait_for(lambda: (cache.stats().remote or pytest.fail()).uploads > sent)
+                ok = redis_server.client().get(PREFIX + fingerprint.cache_key(mine).hex())
+                status = 0 if ok else 2
+            finally:
+                os._exit(status)
+        # The parent goes on on its own socket meanwhile.
+        for _ in range(20):
+            cache.write(os.urandom(32), fingerprint, b"parent after fork")
+            assert cache.get_entry(os.urandom(32)) is None
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        uploaded(cache, 21)
+        remote = cache.stats().remote
+        assert remote is not None and remote.errors == 0 and remote.rejected == 0
+    assert len(remote_keys(redis_server)) == 22
+
+
+# -- configuration, the missing extra, the command line -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("VYRE_SQLCACHE_REMOTE", "http://example.com", "redis://"),
+        ("VYRE_SQLCACHE_REMOTE_MODE", "sometimes", "VYRE_SQLCACHE_REMOTE_MODE"),
+        ("VYRE_SQLCACHE_REMOTE_KEY", "short", "VYRE_SQLCACHE_REMOTE_KEY"),
+        ("VYRE_SQLCACHE_REMOTE_TIMEOUT", "0", "VYRE_SQLCACHE_REMOTE_TIMEOUT"),
+        ("VYRE_SQLCACHE_REMOTE_TIMEOUT", "soon", "VYRE_SQLCACHE_REMOTE_TIMEOUT"),
+        ("VYRE_SQLCACHE_REMOTE_MAX_BLOB", "65M", "VYRE_SQLCACHE_REMOTE_MAX_BLOB"),
+        ("VYRE_SQLCACHE_REMOTE_MAX_BLOB", "lots", "VYRE_SQLCACHE_REMOTE_MAX_BLOB"),
+    ],
+)
+def test_malformed_remote_variables_are_named(variable: str, value: str, message: str) -> None:
+    env = {"VYRE_SQLCACHE_REMOTE": "redis://127.0.0.1:1/0", variable: value}
+    with pytest.raises(ValueError, match=message):
+        Settings.from_environment(env)
+
+
+def test_remote_variables_are_read() -> None:
+    env = {
+        "VYRE_SQLCACHE_REMOTE": "rediss://ci:p4ss@cache.example:6380/2",
+        "VYRE_SQLCACHE_REMOTE_MODE": "read-only",
+        "VYRE_SQLCACHE_REMOTE_KEY": TEAM_KEY.decode(),
+        "VYRE_SQLCACHE_REMOTE_TIMEOUT": "0.2",
+        "VYRE_SQLCACHE_REMOTE_MAX_BLOB": "1M",
+    }
+    remote = Settings.from_environment(env).remote
+    assert remote is not None
+    assert (remote.mode, remote.key, remote.timeout_s, remote.max_blob_bytes) == (
+        "read-only",
+        TEAM_KEY,
+        0.2,
+        1 << 20,
+    )
+    assert remote.where == "rediss://ci:***@cache.example:6380/2"
+    assert "p4ss" not in repr(remote) and TEAM_KEY.decode() not in repr(remote)
+    assert Settings.from_environment({}).remote is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mode": "both"}, "mode"),
+        ({"key": b"short"}, "key"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"max_blob_bytes": 0}, "max_blob_bytes"),
+        ({"queue_entries": 0}, "queue_entries"),
+    ],
+)
+def test_remote_settings_are_validated(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RemoteSettings("redis://127.0.0.1:6379/0", **fields)
+
+
+def test_without_redis_py_an_argument_raises_and_the_environment_warns_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis now raises ImportError
+    with pytest.raises(ImportError, match=r"vyre-sqlcache\[remote\]"):
+        PipelineCache.open(tmp_path / "a.sqlite3", remote="redis://127.0.0.1:1/0")
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", "redis://127.0.0.1:1/0")
+    forget_missing_redis_warning(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
+    for name in ("b", "c"):
+        with PipelineCache.open(tmp_path / f"{name}.sqlite3") as cache:
+            assert cache.stats().remote is None
+    assert sum("vyre-sqlcache[remote]" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_environment_configures_and_none_disables(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", redis_server.url)
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE_MODE", "read-only")
+    with PipelineCache.open(tmp_path / "a.sqlite3") as cache:
+        remote = cache.stats().remote
+        assert remote is not None and remote.mode == "read-only"
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=None) as cache:
+        assert cache.stats().remote is None
+
+
+def test_cli_remote_ping_ls_rm_and_info(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "a.sqlite3"
+    digests = [os.urandom(32) for _ in range(3)]
+    with PipelineCache.open(path, remote=redis_server.url) as cache:
+        for digest in digests:
+            cache.write(digest, fingerprint, b"cli" * 100)
+        uploaded(cache, 3)
+    keys = sorted(fingerprint.cache_key(d).hex() for d in digests)
+    assert main(["remote", "ping", "--url", redis_server.url]) == 0
+    assert "PONG" in capsys.readouterr().out
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", redis_server.url)
+    assert main(["remote", "ls"]) == 0
+    listed = capsys.readouterr().out
+    assert all(k in listed for k in keys)
+    assert main(["remote", "rm", keys[0]]) == 0
+    assert "1 " in capsys.readouterr().out
+    assert main(["remote", "rm", "--all"]) == 2  # needs --yes
+    assert "--yes" in capsys.readouterr().err
+    assert len(remote_keys(redis_server)) == 2
+    assert main(["remote", "rm", "--all", "--yes"]) == 0
+    assert remote_keys(redis_server) == []
+    assert main(["info", "--path", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "remote" in out and redis_server.url in out and "breaker" in out
+    monkeypatch.delenv("VYRE_SQLCACHE_REMOTE")
+    assert main(["remote", "ping"]) == 1
+    assert "VYRE_SQLCACHE_REMOTE" in capsys.readouterr().err
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    assert main(["remote", "ping", "--url", dead]) == 1
+
+
+def test_remote_tier_is_a_public_client(redis_server: RedisServer) -> None:
+    tier = RemoteTier(RemoteSettings(redis_server.url))
+    assert tier.ping() > 0
+    assert list(tier.scan()) == []
+    tier.close()
+
+
+def test_threads_share_one_tier(
+    pair: tuple[PipelineCache, PipelineCache],
+    fingerprint: DeviceFingerprint,
+) -> None:
+    a, b = pair
+    digests = {os.urandom(32): os.urandom(3000) for _ in range(60)}
+    for digest, blob in digests.items():
+        a.write(digest, fingerprint, blob)
+    uploaded(a, 60)
+    wrong: list[bytes] = []
+
+    def reader() -> None:
+        for digest, blob in digests.items():
+            got = b.read(digest, fingerprint)
+            if got != blob:
+                wrong.append(digest)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+
+
+@given(
+    blob=st.binary(min_size=0, max_size=3000),
+    signed=st.booleans(),
+    damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=3),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+    junk=st.binary(max_size=40),
+)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_a_damaged_value_is_refused_or_exact(
+    blob: bytes, signed: bool, damage: list[tuple[int, int]], cut: int | None, junk: bytes
+) -> None:
+    entry_key = bytes(range(32))
+    team = TEAM_KEY if signed else None
+    value = bytearray(remote_value(entry_key, blob * 3, team))
+    for at, xor in damage:
+        value[at % len(value)] ^= xor
+    changed = bytes(value[:cut] if cut is not None else value) + junk
+    try:
+        got = remote_decode(changed, entry_key, team, 64 << 20)
+    except ValueError:
+        return
+    assert got == blob * 3  # never wrong bytes: refused, or exactly what was written
+
+
+def test_tls_with_rediss_and_a_password(
+    tmp_path: Path, fingerprint: DeviceFingerprint, corpus_blobs: list[bytes]
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: it makes the test's certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    tls = (
+        "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+        "--requirepass", "tls-pass-123",
+    )  # fmt: skip
+    server = RedisServer(tmp_path / "tls", *tls)
+    server.start()
+    try:
+        url = f"rediss://:tls-pass-123@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        digest = os.urandom(32)
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=url) as a:
+            a.write(digest, fingerprint, corpus_blobs[7])
+            uploaded(a, 1)
+        with PipelineCache.open(tmp_path / "b.sqlite3", remote=url) as b:
+            assert b.read(digest, fingerprint) == corpus_blobs[7]
+            remote = b.stats().remote
+            assert remote is not None and remote.hits == 1 and "tls-pass" not in repr(remote)
+        # Plain text to the TLS port: a miss, never an exception.
+        plain = f"redis://:tls-pass-123@127.0.0.1:{port}/0"
+        with PipelineCache.open(tmp_path / "c.sqlite3", remote=plain) as c:
+            assert c.read(digest, fingerprint) is None
+            assert (c.stats().remote or pytest.fail()).errors + (
+                c.stats().remote or pytest.fail()
+            ).timeouts >= 1
+    finally:
+        server.kill()
+
+
+def test_the_readme_sharing_example_runs(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    section = text[text.index("## Sharing a cache") :]
+    block = section[
+        section.index("```sh\n") + 6 : section.index("```", section.index("```sh\n") + 6)
+    ]
+    port = str(free_port())
+    pidfile = tmp_path / "redis.pid"
+    script = block.replace("6390", port).replace(
+        "--daemonize yes", f"--daemonize yes --dir {tmp_path} --pidfile {pidfile}"
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VYRE_SQLCACHE_PATH": str(tmp_path / "cache.sqlite3"),
+    }
+    try:
+        done = subprocess.run(
+            ["bash", "-e", "-c", script],
+            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        for _ in range(100):
+            if pidfile.exists() and pidfile.read_text().strip():
+                os.kill(int(pidfile.read_text()), 15)
+                break
+            time.sleep(0.05)
+    assert done.returncode == 0, done.stderr
+    listed = [
+        line.split()
+        for line in done.stdout.splitlines()
+        if re.fullmatch(r"[0-9a-f]{64}  \d+", line)
+    ]
+    assert len(listed) == 3 and all(len(key) == 64 and int(size) > 0 for key, size in listed)
+
+
+def test_layers_are_read_before_the_remote(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    in_layer, only_remote = os.urandom(32), os.urandom(32)
+    layer = tmp_path / "layer.sqlite3"
+    with PipelineCache.open(tmp_path / "src.sqlite3", remote=redis_server.url) as source:
+        source.write(in_layer, fingerprint, b"in the layer" * 20)
+        source.flush()
+        source.bundle(layer)
+        source.write(only_remote, fingerprint, b"only in Redis" * 20)
+        uploaded(source, 2)
+    with PipelineCache.open(
+        tmp_path / "user.sqlite3", layers=[layer], remote=redis_server.url
+    ) as user:
+        redis_server.client().config_resetstat()
+        assert user.read(in_layer, fingerprint) == b"in the layer" * 20
+        assert "cmdstat_get" not in redis_server.client().info("commandstats")
+        assert user.read(only_remote, fingerprint) == b"only in Redis" * 20
+        stats = user.stats()
+        assert stats.layer_hits == 1 and stats.remote is not None and stats.remote.hits == 1
+
+
+def test_named_entries_and_groups_are_shared(
+    pair: tuple[PipelineCache, PipelineCache], corpus_blobs: list[bytes]
+) -> None:
+    a, b = pair
+    files = {"kernel.cubin": corpus_blobs[0], "kernel.json": b'{"num_warps": 4}'}
+    a.put_named("triton", "abc123/kernel.ptx", corpus_blobs[1])
+    a.put_group("triton", "abc123", files)
+    uploaded(a, 2)
+    assert b.get_named("triton", "abc123/kernel.ptx") == corpus_blobs[1]
+    assert b.get_group("triton", "abc123") == files
+    assert b.get_named("triton", "missing") is None
+    b.flush()
+    assert b.get_named("triton", "abc123/kernel.ptx") == corpus_blobs[1]  # now local
+    stats = b.stats()
+    assert stats.remote is not None and stats.remote.hits == 2 and stats.entries == 2
+    assert {row["kind"] for row in b.entries()} == {row["kind"] for row in a.entries()}

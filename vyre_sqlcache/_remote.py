@@ -1,0 +1,643 @@
+"""The shared tier: a Redis server behind the local file, never fatal, every value verified.
+
+`RemoteTier` is what a cache object holds when a remote is configured. Reads ask it
+only for what the local file missed (`fetch`, one MGET for a whole `get_many`);
+commits hand it their entries (`upload`), which a bounded queue takes without ever
+blocking and a background thread sends in pipelined SETs. Every remote call goes
+through `_guarded`: an error is counted and logged (the kinds that do not fix
+themselves, authentication and permissions, once), never raised, and a circuit
+breaker stops asking a server that failed `breaker_failures` times in a row (or timed
+out once) until `breaker_cooldown_s` has passed; then one call probes it.
+
+redis-py is imported only when a tier is made (the `remote` extra). Its client is
+built with short connect and socket timeouts, no retries and no handshake beyond the
+connection itself, so a dead server costs one timeout, not redis-py's 4 s of retries.
+
+Fork: the child must not share the parent's socket or thread. A hook registered with
+`os.register_at_fork` gives every tier in the child a new lock, an empty queue, no
+thread and no client (made again on first use); the parent keeps and sends its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from . import _remote_format
+from ._remote_settings import (
+    ENV_REMOTE,
+    ENV_REMOTE_KEY,
+    ENV_REMOTE_MAX_BLOB,
+    ENV_REMOTE_MODE,
+    ENV_REMOTE_PREFIX,
+    ENV_REMOTE_TIMEOUT,
+    RemoteSettings,
+    remote_from_environment,
+)
+from ._rows import NewEntry
+from .errors import CacheError
+
+__all__ = [
+    "ENV_REMOTE",
+    "ENV_REMOTE_KEY",
+    "ENV_REMOTE_MAX_BLOB",
+    "ENV_REMOTE_MODE",
+    "ENV_REMOTE_PREFIX",
+    "ENV_REMOTE_TIMEOUT",
+    "FetchedEntry",
+    "RemoteSettings",
+    "RemoteStats",
+    "RemoteTier",
+    "remote_from_environment",
+]
+
+log = logging.getLogger("vyre_sqlcache")
+
+#: The upload thread's socket timeout (at least): a large SET is one `sendall`.
+UPLOAD_TIMEOUT_S: Final = 2.0
+#: How many locally invalidated entry keys an object remembers not to fetch again.
+MAX_FENCED: Final = 100_000
+EXTRA_HINT: Final = "pip install 'vyre-sqlcache[remote]'"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedEntry(NewEntry):
+    """An entry admitted from the remote: stored locally, never uploaded back."""
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    """The shared tier's counters for this cache object."""
+
+    where: str
+    mode: str
+    #: 'closed' (asking), 'open' (not asking until a probe) or 'half-open' (probing)
+    breaker: str
+    hits: int
+    misses: int
+    errors: int
+    timeouts: int
+    #: values refused by a check (size, key, checksum, signature): misses, never admitted
+    rejected: int
+    bytes_down: int
+    bytes_up: int
+    uploads: int
+    #: writes not shared because the upload queue was full
+    queue_drops: int
+    #: writes not shared because the blob is over max_blob_bytes
+    too_large: int
+    #: writes whose upload failed (an error, or still queued when close() gave up)
+    unsent: int
+    queued: int
+
+
+class _Breaker:
+    """Closed, open for a cooldown after repeated failures, then one probe (half-open)."""
+
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self._limit = failures
+        self._base = cooldown_s
+        self._cooldown = cooldown_s
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        if self._probing:
+            return "half-open"
+        return "open" if self._failures >= self._limit else "closed"
+
+    def allow(self) -> bool:
+        """Whether a call may go to the server now (one probe at a time once open)."""
+        if self._failures < self._limit:
+            return True
+        with self._lock:
+            if self._probing or time.monotonic() < self._open_until:
+                return False
+            self._probing = True
+            return True
+
+    def succeeded(self) -> None:
+        if self._failures or self._probing:
+            with self._lock:
+                self._failures = 0
+                self._probing = False
+                self._cooldown = self._base
+
+    def failed(self, *, at_once: bool) -> None:
+        with self._lock:
+            if self._probing:
+                self._cooldown = min(self._cooldown * 2, self._base * 16)
+            self._probing = False
+            self._failures = self._limit if at_once else self._failures + 1
+            if self._failures >= self._limit:
+                self._open_until = time.monotonic() + self._cooldown
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._probing = False
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError as error:
+        raise ImportError(f"a remote cache tier needs the redis package: {EXTRA_HINT}") from error
+    return redis
+
+
+def make_client(settings: RemoteSettings, socket_timeout: float) -> Any:
+    """A redis-py client: short timeouts, no retries, no handshake beyond connecting."""
+    redis = _redis()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=settings.timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+        client_name=None,
+        **_no_setinfo(redis),
+    )
+
+
+def _no_setinfo(redis: Any) -> dict[str, Any]:
+    """The arguments that turn off CLIENT SETINFO (a round trip on every connect):
+    `driver_info=None` from redis-py 7, `lib_name`/`lib_version` before."""
+    import inspect
+
+    if "driver_info" in inspect.signature(redis.Redis.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
+
+
+class RemoteTier:
+    """One cache object's shared tier: reads, the upload queue and thread, counters."""
+
+    def __init__(self, settings: RemoteSettings) -> None:
+        """Check that redis-py is importable (ImportError naming the extra if not)."""
+        _redis()
+        self.settings = settings
+        self._key = settings.key
+        self._breaker = _Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
+        self._warned: set[str] = set()
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("hits", "misses", "errors", "timeouts", "rejected", "bytes_down", "bytes_up",
+             "uploads", "queue_drops", "too_large", "unsent"),
+            0,
+        )  # fmt: skip
+        self._compress = settings.compress
+        #: entry keys this object invalidated locally and has not written since: not
+        #: fetched again (the shared tier still holds the bytes the invalidation dropped)
+        self._fenced: dict[bytes, None] = {}
+        self._reset()
+        _tiers.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[NewEntry] = deque()
+        self._queued_bytes = 0
+        self._sending = 0  # entries taken by the thread and not yet sent
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._clients: dict[str, Any] = {}
+        self._client_lock = threading.Lock()
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def reads(self) -> bool:
+        return self.settings.mode != "write-only"
+
+    def name(self, entry_key: bytes) -> str:
+        """The Redis key of an entry."""
+        return self.settings.prefix + entry_key.hex()
+
+    def fetch(self, entry_keys: Sequence[bytes]) -> list[bytes | None]:
+        """The verified blobs of these entries (None for a miss, a refused value or any
+        error), in one round trip; never raises."""
+        misses: list[bytes | None] = [None] * len(entry_keys)
+        if not self.reads or not entry_keys:
+            return misses
+        if self._fenced:
+            asked = [i for i, key in enumerate(entry_keys) if key not in self._fenced]
+            if len(asked) < len(entry_keys):
+                fetched = self.fetch([entry_keys[i] for i in asked]) if asked else []
+                for i, blob in zip(asked, fetched, strict=True):
+                    misses[i] = blob
+                return misses
+        names = [self.name(key) for key in entry_keys]
+        values = self._guarded(
+            "reading", lambda c: c.mget(names) if len(names) > 1 else [c.get(names[0])]
+        )
+        if values is None:
+            return misses
+        found: list[bytes | None] = []
+        limit = self.settings.max_blob_bytes
+        largest = limit + _remote_format.HEADER.size + _remote_format.MAC_BYTES
+        hits = rejected = down = 0
+        for entry_key, value in zip(entry_keys, values, strict=True):
+            if value is None:
+                found.append(None)
+                continue
+            down += len(value)
+            try:
+                if len(value) > largest:
+                    raise _remote_format.Rejected(f"{len(value)} bytes, over the size limit")
+                found.append(_remote_format.decode(value, entry_key, self._key, limit))
+                hits += 1
+            except _remote_format.Rejected as why:
+                rejected += 1
+                self._warn_once(
+                    "rejected",
+                    f"refused a remote entry {entry_key.hex()} from {self.settings.where}: {why} "
+                    "(it is a miss; later refusals are logged at debug level)",
+                )
+                log.debug("vyre-sqlcache: refused remote entry %s: %s", entry_key.hex(), why)
+                found.append(None)
+        with self._lock:  # once a call, not once a key
+            self._counts["hits"] += hits
+            self._counts["rejected"] += rejected
+            self._counts["misses"] += len(values) - hits - rejected
+            self._counts["bytes_down"] += down
+        return found
+
+    # -- writing ---------------------------------------------------------------------
+
+    def fence(self, entry_keys: Sequence[bytes]) -> None:
+        """Fetch these entries no more until this object writes them again (bounded)."""
+        with self._lock:
+            for key in entry_keys:
+                self._fenced[key] = None
+            while len(self._fenced) > MAX_FENCED:
+                del self._fenced[next(iter(self._fenced))]
+
+    def upload(self, entries: Sequence[NewEntry]) -> None:
+        """Queue committed entries for the thread to send; never blocks, never raises.
+        Entries admitted from the remote, over the size limit or finding the queue full
+        are not sent (the last two counted)."""
+        if self.settings.mode == "read-only":
+            if self._fenced:
+                with self._lock:
+                    for entry in entries:
+                        self._fenced.pop(entry.entry_key, None)
+            return
+        limit = self.settings.max_blob_bytes
+        start = False
+        with self._lock:
+            if self._stopped:
+                return
+            for entry in entries:
+                if isinstance(entry, FetchedEntry):
+                    continue
+                self._fenced.pop(entry.entry_key, None)
+                size = len(entry.blob)
+                if size > limit:
+                    self._counts["too_large"] += 1
+                elif (
+                    len(self._queue) >= self.settings.queue_entries
+                    or self._queued_bytes + size > self.settings.queue_bytes
+                ):
+                    self._counts["queue_drops"] += 1
+                else:
+                    self._queue.append(entry)
+                    self._queued_bytes += size
+                    start = True
+            if start:
+                self._wake.notify()
+                start = self._thread is None
+        if start:
+            self._start()
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._run, name="vyre-sqlcache remote", daemon=True)
+        with self._lock:
+            if self._thread is not None or self._stopped:
+                return
+            self._thread = thread
+        thread.start()
+
+    def _take(self, limit_entries: int = 128, limit_bytes: int = 8 << 20) -> list[NewEntry]:
+        """Up to a batch of queued entries (called with the lock held)."""
+        batch: list[NewEntry] = []
+        size = 0
+        while self._queue and len(batch) < limit_entries and size < limit_bytes:
+            entry = self._queue.popleft()
+            batch.append(entry)
+            size += len(entry.blob)
+            self._queued_bytes -= len(entry.blob)
+        self._sending = len(batch)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopped:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = self._take()
+            try:
+                self._send(batch)
+            except BaseException as error:  # never let the thread die silently
+                log.warning("vyre-sqlcache: the remote upload thread stopped: %r", error)
+                return
+            finally:
+                with self._lock:
+                    self._sending = 0
+                    self._wake.notify_all()
+
+    def _send(self, batch: list[NewEntry]) -> None:
+        """Encode and SET a batch in one pipeline; while the breaker is open, wait for a
+        probe (the queue fills and drops meanwhile), dropping the batch if stopped."""
+        values = [
+            (
+                self.name(e.entry_key),
+                _remote_format.encode(e.entry_key, e.blob, self._key, compress=self._compress),
+            )
+            for e in batch
+        ]
+
+        def send(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)
+            for name, value in values:
+                pipe.set(name, value)
+            pipe.execute()
+            return sum(len(v) for _, v in values)
+
+        while True:
+            if not self._breaker.allow():
+                if self._stopped:
+                    self._count("unsent", len(values))
+                    return
+                time.sleep(min(0.05, self.settings.breaker_cooldown_s))
+                continue
+            sent = self._guarded("uploading", send, checked=False, kind="upload")
+            with self._lock:
+                if sent is None:
+                    self._counts["unsent"] += len(values)
+                else:
+                    self._counts["uploads"] += len(values)
+                    self._counts["bytes_up"] += sent
+            return
+
+    def close(self) -> None:
+        """Send what is queued for up to `drain_s`, then stop the thread; never raises."""
+        deadline = time.monotonic() + self.settings.drain_s
+        with self._lock:
+            self._stopped = True
+            self._wake.notify_all()
+            while (
+                (self._queue or self._sending)
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            lost = len(self._queue)
+            self._counts["unsent"] += lost
+            self._queue.clear()
+            thread, clients = self._thread, list(self._clients.values())
+            self._clients = {}
+        if lost:
+            log.warning(
+                "vyre-sqlcache: %d entries were not shared with %s before close",
+                lost,
+                self.settings.where,
+            )
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        for client in clients:
+            try:
+                client.close()
+            except Exception as error:
+                log.debug("vyre-sqlcache: closing the remote client: %r", error)
+
+    # -- calls ------------------------------------------------------------------------
+
+    def _client_now(self, kind: str = "read") -> Any:
+        """The client of reads (the short timeout) or of uploads, made on first use.
+
+        Uploads have a client of their own with a longer socket timeout: Python bounds a
+        whole `sendall` by it, and an 8 MiB SET takes 67 ms at 1 Gbit/s. The upload
+        thread can wait; a reader cannot."""
+        client = self._clients.get(kind)
+        if client is None:
+            with self._client_lock:
+                client = self._clients.get(kind)
+                if client is None:
+                    timeout = self.settings.timeout_s
+                    if kind == "upload":
+                        timeout = max(timeout, UPLOAD_TIMEOUT_S)
+                    client = self._clients[kind] = make_client(self.settings, timeout)
+        return client
+
+    def _guarded(
+        self, what: str, call: Callable[[Any], Any], *, checked: bool = True, kind: str = "read"
+    ) -> Any:
+        """`call(client)`'s result, or None after any error (counted, logged, fed to the
+        breaker) or while the breaker is open; never raises."""
+        if checked and not self._breaker.allow():
+            return None
+        redis = _redis()
+        try:
+            result = call(self._client_now(kind))
+        except redis.exceptions.TimeoutError as error:
+            self._failed(what, "timeouts", error, at_once=True)
+            return None
+        except (redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError) as error:
+            # The server answered: the connection is fine, this user may not do it.
+            self._breaker.succeeded()
+            self._count("errors")
+            self._warn_once(
+                type(error).__name__,
+                f"{what} {self.settings.where} refused ({type(error).__name__}): {error}; "
+                "further refusals are counted, not logged",
+            )
+            return None
+        except redis.exceptions.AuthenticationError as error:
+            self._failed(what, "errors", error, at_once=True, once=True)
+            return None
+        except redis.exceptions.ResponseError as error:
+            once = str(error).startswith(("NOAUTH", "WRONGPASS", "NOPERM", "READONLY"))
+            self._failed(what, "errors", error, at_once=once, once=once)
+            return None
+        except Exception as error:  # never fatal: a cache may only miss
+            self._failed(what, "errors", error, at_once=False)
+            return None
+        self._breaker.succeeded()
+        return result
+
+    def _failed(
+        self, what: str, counter: str, error: BaseException, *, at_once: bool, once: bool = False
+    ) -> None:
+        self._count(counter)
+        before = self._breaker.state
+        self._breaker.failed(at_once=at_once)
+        message = f"{what} {self.settings.where} failed: {error!r}"
+        if once:
+            self._warn_once(type(error).__name__, message)
+        elif before != "open" and self._breaker.state == "open":
+            log.warning(
+                "vyre-sqlcache: %s; not asking the remote for %.1f s (local cache only)",
+                message,
+                self._breaker._cooldown,
+            )
+        else:
+            log.debug("vyre-sqlcache: %s", message)
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("vyre-sqlcache: %s", message)
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def stats(self) -> RemoteStats:
+        """This object's counters and the breaker's state."""
+        with self._lock:
+            counts = dict(self._counts)
+            queued = len(self._queue) + self._sending
+        return RemoteStats(
+            where=self.settings.where,
+            mode=self.settings.mode,
+            breaker=self._breaker.state,
+            queued=queued,
+            **counts,
+        )
+
+    # -- looking at and cleaning the remote (the command line) -------------------------
+
+    def _direct(self, call: Callable[[Any], Any]) -> Any:
+        """`call(client)`, raising CacheError with the server's error (for commands)."""
+        redis = _redis()
+        try:
+            return call(self._client_now())
+        except redis.exceptions.RedisError as error:
+            raise CacheError(f"the remote {self.settings.where}: {error}") from error
+
+    def ping(self) -> float:
+        """Seconds one PING took; raises CacheError if the server does not answer."""
+        start = time.perf_counter()
+        self._direct(lambda c: c.ping())
+        return time.perf_counter() - start
+
+    def scan(self) -> Iterator[tuple[bytes, int]]:
+        """(entry key, value bytes) of every entry under this prefix; raises CacheError."""
+        pattern = self.settings.prefix.replace("\\", "\\\\").replace("*", "\\*") + "*"
+        names: list[bytes] = self._direct(lambda c: list(c.scan_iter(match=pattern, count=1000)))
+        skip = len(self.settings.prefix.encode())
+        for start in range(0, len(names), 1000):
+            chunk = names[start : start + 1000]
+
+            def sizes(client: Any, chunk: list[bytes] = chunk) -> list[int]:
+                pipe = client.pipeline(transaction=False)
+                for name in chunk:
+                    pipe.strlen(name)
+                return [int(size) for size in pipe.execute()]
+
+            for name, size in zip(chunk, self._direct(sizes), strict=True):
+                try:
+                    entry_key = bytes.fromhex(name[skip:].decode("ascii"))
+                except ValueError:
+                    continue  # not one of ours
+                if len(entry_key) == 32:
+                    yield entry_key, size
+
+    def delete(self, entry_keys: Sequence[bytes]) -> int:
+        """Delete these entries from the remote; how many were there. Raises CacheError."""
+        if not entry_keys:
+            return 0
+        return int(self._direct(lambda c: c.delete(*(self.name(k) for k in entry_keys))))
+
+    # -- fork --------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        # The parent sends its own queue on its own socket; the child starts afresh.
+        self._reset()
+        self._breaker.reset_after_fork()
+
+
+_tiers: weakref.WeakSet[RemoteTier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tier in list(_tiers):
+        tier._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open_tier(
+    argument: str | RemoteSettings | None, from_environment: RemoteSettings | None, *, given: bool
+) -> RemoteTier | None:
+    """The tier a cache object uses: the argument's (`given`; a URL takes the mode, key and
+    timeout of the environment), else the environment's, else None. Without redis-py: an
+    ImportError naming the extra for an argument, one warning for the environment."""
+    if not given:
+        if from_environment is None:
+            return None
+        try:
+            return RemoteTier(from_environment)
+        except ImportError as error:
+            global _warned_missing
+            if not _warned_missing:
+                _warned_missing = True
+                log.warning(
+                    "vyre-sqlcache: %s is set, but %s; the cache stays local", ENV_REMOTE, error
+                )
+            return None
+    if argument is None:
+        return None
+    if isinstance(argument, str):
+        base = from_environment
+        if base is None:
+            argument = RemoteSettings(argument)
+        else:
+            argument = dataclasses.replace(base, url=argument)
+    elif not isinstance(argument, RemoteSettings):
+        raise TypeError(
+            "remote must be a redis:// URL, a RemoteSettings or None, "
+            f"got {type(argument).__name__}"
+        )
+    return RemoteTier(argument)
+
+
+_warned_missing = False
+
+
+#: What the reading call knows of an entry beside its key: (key, fingerprint, program
+#: digest as given, a named entry's (namespace, name)), so that an admitted entry gets
+#: the same columns as a written one.
+Origin = tuple[Any, Any, Any, Any]
+NO_ORIGIN: Final[Origin] = (None, None, None, None)
+
+
+def admitted(entry_key: bytes, origin: Origin, blob: bytes) -> FetchedEntry:
+    """The local entry of a verified remote hit."""
+    key, fingerprint, digest, named = origin
+    if digest is not None:
+        from .keys import coerce_digest
+
+        digest = coerce_digest("program_digest", digest)  # checked by the call already
+    return FetchedEntry(entry_key, key, fingerprint, digest, blob, named=named)
