@@ -216,6 +216,7 @@ def test_writes_committed_together_keep_the_cap(
             assert kept == list(range(count - len(kept), count))
         assert len(kept) * size > cap * 0.8
         assert stats.total_evictions == count + 1 - len(kept)
+        assert stats.evictions == count + 1 - len(kept)  # this object's count too
 
 
 def test_a_key_written_twice_in_one_group_over_the_cap_keeps_its_last_bytes(

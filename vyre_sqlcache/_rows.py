@@ -411,7 +411,7 @@ def insert(
     # again, and the upsert's resize trigger then counts the new sizes.
     connection.execute("DELETE FROM tombstones WHERE id IN carray(?)", (apsw.carray(ids),))
     if cap is not None:
-        evicted = make_room(connection, ids, sum(len(e.data) for e in encoded), cap)
+        evicted += make_room(connection, ids, sum(len(e.data) for e in encoded), cap)
     params = [entry.params(now_ms, e) for entry, e in zip(entries, encoded, strict=True)]
     connection.executemany(_INSERT_ENTRY, [p[0] for p in params])
     connection.executemany(_INSERT_BLOB, [p[1] for p in params])
