@@ -153,17 +153,18 @@ def shrink(connection: apsw.Connection) -> None:
 # -- the lookups of explain ------------------------------------------------------------
 
 
-def _dict(cursor: apsw.Cursor) -> dict[str, Any] | None:
-    rows = _dicts(cursor)
-    return rows[0] if rows else None
-
-
-def _dicts(cursor: apsw.Cursor) -> list[dict[str, Any]]:
+def dicts(cursor: apsw.Cursor) -> list[dict[str, Any]]:
+    """The rows of an executed statement as dicts by column name ([] for none)."""
     try:
         columns = [name for name, _ in cursor.get_description()]
     except apsw.ExecutionCompleteError:
         return []
     return [dict(zip(columns, row, strict=True)) for row in cursor]
+
+
+def _dict(cursor: apsw.Cursor) -> dict[str, Any] | None:
+    rows = dicts(cursor)
+    return rows[0] if rows else None
 
 
 def entry_state(connection: apsw.Connection, entry_key: bytes) -> dict[str, Any] | None:
@@ -215,7 +216,7 @@ def nearest_by_shader(
         "before": 2**63 - 1 if before_ms is None else before_ms,
         "limit": limit,
     }
-    return _dicts(
+    return dicts(
         connection.execute(
             f"{_candidates('shader_hash = :shader_hash')} SELECT * FROM candidates "
             "WHERE key_version IS NOT NULL AND entry_key != :entry_key "
@@ -241,7 +242,7 @@ def nearest_by_program(
 ) -> list[dict[str, Any]]:
     """Live entries stored by the asked program digest (`write`) on other devices or
     drivers, as `nearest_by_shader` orders them."""
-    return _dicts(
+    return dicts(
         connection.execute(
             f"{_candidates('program_digest = :program_digest')} SELECT * FROM candidates "
             "WHERE key_version IS NULL AND entry_key != :entry_key AND created_ms < :before "
@@ -290,7 +291,7 @@ _MISS_COLUMNS = (
 
 def recent_misses(connection: apsw.Connection, limit: int) -> list[dict[str, Any]]:
     """The newest `limit` rows of the miss log, newest first."""
-    return _dicts(
+    return dicts(
         connection.execute(
             f"SELECT {_MISS_COLUMNS} FROM misses ORDER BY seq DESC LIMIT ?", (limit,)
         )

@@ -1007,14 +1007,6 @@ class EntryFilter:
         return (f"WHERE {' AND '.join(terms)}" if terms else ""), params
 
 
-def _dicts(cursor: apsw.Cursor) -> list[dict[str, Any]]:
-    try:
-        columns = [name for name, _ in cursor.get_description()]
-    except apsw.ExecutionCompleteError:
-        return []
-    return [dict(zip(columns, row, strict=True)) for row in cursor]
-
-
 def list_entries(
     connection: apsw.Connection,
     entry_filter: EntryFilter,
@@ -1046,12 +1038,14 @@ def list_entries(
     if limit is not None:
         sql += " LIMIT :limit"
         params["limit"] = limit
-    return _dicts(connection.execute(sql, params))
+    return _explain_sql.dicts(connection.execute(sql, params))
 
 
 def device_totals(connection: apsw.Connection) -> list[dict[str, Any]]:
     """Rows of `stats_v`, most bytes first."""
-    return _dicts(connection.execute("SELECT * FROM stats_v ORDER BY bytes DESC, backend, vendor"))
+    return _explain_sql.dicts(
+        connection.execute("SELECT * FROM stats_v ORDER BY bytes DESC, backend, vendor")
+    )
 
 
 class WriteRefused(Exception):
