@@ -3,7 +3,7 @@ shared corpus (PTX, Triton IR, metadata JSON), read once per process."""
 
 from __future__ import annotations
 
-import hashlib
+import random
 import tarfile
 from functools import cache
 from pathlib import Path
@@ -38,8 +38,20 @@ def blobs(count: int = 64, max_bytes: int = 24 * 1024) -> tuple[bytes, ...]:
                     found.append(data)
                 if len(found) == count:
                     return tuple(found)
-    seed = b"ptx"
+    ops = (
+        b"mov.u32",
+        b"add.s32",
+        b"ld.global.f32",
+        b"st.global.f32",
+        b"fma.rn.f32",
+        b"setp.lt.s32",
+    )
     while len(found) < count:
-        seed = hashlib.sha256(seed).digest()
-        found.append(b".visible .entry k_%s() {\n  ret;\n}\n" % seed.hex().encode() * 40)
+        # Small kernels of one vocabulary: a dictionary shrinks them further, as on the corpus.
+        rng = random.Random(len(found))
+        lines = [b".visible .entry k%d(.param .u64 p0)\n{\n" % len(found)]
+        for _ in range(60):
+            a, b, c = rng.randrange(256), rng.randrange(256), rng.randrange(1 << 16)
+            lines.append(b"\t%s \t%%r%d, %%r%d, %d;\n" % (rng.choice(ops), a, b, c))
+        found.append(b"".join(lines) + b"\tret;\n}\n")
     return tuple(found)

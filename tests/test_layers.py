@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -557,7 +558,8 @@ def test_a_layer_with_damaged_pages_reads_right_or_misses_and_warns_once(
     make_layer: Callable[..., Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    pairs = items(0, 64)
+    # Incompressible bytes: the layer has pages to damage whatever its entries compress to.
+    pairs = [(digest(n), random.Random(n).randbytes(8000)) for n in range(64)]
     layer = make_layer("layer", pairs)
     size = layer.stat().st_size
     with open(layer, "r+b") as file:  # garbage over pages in the second half of the file
