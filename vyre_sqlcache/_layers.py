@@ -271,11 +271,10 @@ class Layer:
         )
 
     def fetch_one(self, entry_key: bytes) -> Fetched | None:
-        """`fetch` of one key, in the thread's held snapshot of the layer (see `_snapshots`)."""
+        """`fetch` of one key."""
         slot = self.pool.enter()
         try:
-            cursor = self.pool.held_cursor(slot)
-            return _rows.fetch(cursor, lambda: self.pool.large(slot), entry_key)
+            return _rows.fetch(self.pool.cursor(slot), lambda: self.pool.large(slot), entry_key)
         except apsw.Error as error:
             self.failed(error)
             return None
@@ -332,7 +331,7 @@ class Layers:
         """The verified, unmasked entries of these keys from the first layer that has each
         (None: in no layer); `masked(key, checksum)` asks the user's file."""
         if len(entry_keys) == 1:
-            return [self._load_one(entry_keys[0], masked)]
+            return [self.load_one(entry_keys[0], masked)]
         results: list[Lookup | None] = [None] * len(entry_keys)
         wanted = list(range(len(entry_keys)))
         for number, layer in enumerate(self.layers):
@@ -353,7 +352,7 @@ class Layers:
                 self.hits += served
         return results
 
-    def _load_one(self, key: bytes, masked: Callable[[bytes, bytes], bool]) -> Lookup | None:
+    def load_one(self, key: bytes, masked: Callable[[bytes, bytes], bool]) -> Lookup | None:
         """`load` of one key: the read path's own, without the batch's lists."""
         for number, layer in enumerate(self.layers):
             got = layer.fetch_one(key)

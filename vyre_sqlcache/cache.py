@@ -1019,7 +1019,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
                 fetched = self._fetch(slot, entry_key, held=True)
             if fetched is None and self._layers:
-                return self._load_from_tiers(slot, [entry_key], held=True)[0]
+                # The snapshot the miss was read in is held: the masks are read in it too.
+                return self._from_layers(slot, entry_key, slot.cursor)
             return self._verified(slot, entry_key, fetched)
         finally:
             self._pool.leave(slot)
@@ -1112,28 +1113,33 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 ]
             return [self._verified(slot, k, f) for k, f in zip(entry_keys, fetched, strict=True)]
 
-    def _load_from_tiers(
-        self, slot: Slot, entry_keys: list[bytes], *, held: bool = False
-    ) -> list[bytes | None]:
+    def _load_from_tiers(self, slot: Slot, entry_keys: list[bytes]) -> list[bytes | None]:
         """Keys the user's file missed, looked up in the tiers after it, in order: the
-        read-only layers (skipping what the user's masks hide); counts hits and misses.
-        `held`: the masks are read in the thread's held snapshot, as the miss was."""
+        read-only layers (skipping what the user's masks hide); counts hits and misses."""
         try:
-            cursor = self._pool.held_cursor(slot) if held else self._pool.cursor(slot)
+            cursor: apsw.Cursor | None = self._pool.cursor(slot)
         except apsw.Error as error:
             log.warning("vyre-sqlcache: reading the layer masks failed: %s", error)
             cursor = None
         found = self._layers.load(entry_keys, self._masks(cursor))
-        results: list[bytes | None] = []
-        for entry_key, lookup in zip(entry_keys, found, strict=True):
-            if lookup is None:
-                self._books.miss()
-                results.append(None)
-                continue
-            if self._books.hit(entry_id(entry_key)) and not self._readonly:
-                self._write_bookkeeping(self._pool.main(slot), wait=False)
-            results.append(lookup.data)
-        return results
+        return [
+            self._counted(slot, key, lookup) for key, lookup in zip(entry_keys, found, strict=True)
+        ]
+
+    def _from_layers(
+        self, slot: Slot, entry_key: bytes, cursor: apsw.Cursor | None
+    ) -> bytes | None:
+        """`_load_from_tiers` of one key, the masks read through `cursor`: a read's own."""
+        return self._counted(slot, entry_key, self._layers.load_one(entry_key, self._masks(cursor)))
+
+    def _counted(self, slot: Slot, entry_key: bytes, lookup: _layers.Lookup | None) -> bytes | None:
+        """A layer lookup's bytes, counted as a hit, or None counted as a miss."""
+        if lookup is None:
+            self._books.miss()
+            return None
+        if self._books.hit(entry_id(entry_key)) and not self._readonly:
+            self._write_bookkeeping(self._pool.main(slot), wait=False)
+        return lookup.data
 
     def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> Path | None:
         """The layer a read of `entry_key` would be served from (its bytes verified, the
