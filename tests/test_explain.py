@@ -249,7 +249,12 @@ def test_a_hit_in_a_layer_names_the_layer(
         assert cache.stats().layer_hits == 0  # explaining counts no hit
         assert cache.invalidate_impacted([1], [digest], fingerprint) == 1
         assert cache.get(masked, fingerprint) is None
-        assert cache.explain(masked, fingerprint).outcome == "miss"
+        hidden = cache.explain(masked, fingerprint)
+        assert (hidden.outcome, hidden.reason) == ("miss", "invalidated")
+        assert str(layer) in hidden.summary
+        cache.put(masked, fingerprint, b"recompiled")  # a new entry is served first
+        cache.flush()
+        assert cache.explain(masked, fingerprint).where == "file"
 
 
 def test_never_seen(cache: PipelineCache, fingerprint: DeviceFingerprint, make_key: Key) -> None:

@@ -501,13 +501,14 @@ def explain_row(
     *,
     before_ms: int | None,
     verify: Callable[[], bool | None],
-    layer: Callable[[], Path | None],
+    layer: Callable[[], tuple[Path, bool] | None],
     known: bool = True,
 ) -> Explanation:
     """Explain a lookup of `asked` (a row of key columns with its `entry_key`), as the
     cache stands now, or as it stood at `before_ms` (entries created since then are left
     out). `verify()` says whether the entry's bytes hold their checksum (None: no row);
-    `layer()` which read-only layer serves it. `known`: whether the key fields were given."""
+    `layer()` which read-only layer holds it, and whether an invalidation in the user's
+    file hides it there. `known`: whether the key fields were given."""
     entry_key: bytes = asked["entry_key"]
     hexkey = entry_key.hex()
     state = _explain_sql.entry_state(connection, entry_key)
@@ -525,10 +526,13 @@ def explain_row(
                 "damaged: its bytes fail their checksum, so the next read drops it "
                 "(it will be recompiled)",
             )
+    hidden_in: Path | None = None
     if before_ms is None:
-        path = layer()
-        if path is not None:
+        found = layer()
+        if found is not None and not found[1]:
+            path = found[0]
             return Explanation(hexkey, "hit", "hit", f"{_IN_LAYER}{path}", f"layer {path}")
+        hidden_in = None if found is None else found[0]
     row = _explain_sql.departure(connection, entry_key, before_ms)
     departed = None if row is None else Departure(hexkey, str(row["reason"]), int(row["at_ms"]))
     if not known and row is not None:
@@ -546,6 +550,12 @@ def explain_row(
     if departed is not None:
         summary = _DEPARTED[departed.reason].format(at=departed.at)
         return Explanation(hexkey, "miss", departed.reason, summary, None, nearest, departed)
+    if hidden_in is not None:
+        summary = (
+            f"invalidated: the read-only layer {hidden_in} holds it, and an invalidation "
+            "or delete in this cache hides it there until a new entry is written"
+        )
+        return Explanation(hexkey, "miss", "invalidated", summary, None, nearest)
     if nearest and first is not None:
         reason = _field_reason(nearest[0])
         summary = _summary_of_difference(connection, reason, asked, nearest[0], first, before_ms)
@@ -663,9 +673,10 @@ class CacheExplain:
         if self._miss_log is not None and len(self._miss_log) and not self._readonly:
             self._write_bookkeeping(connection, wait=True)
 
-    def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> Path | None:
-        """The read-only layer a read of `entry_key` would be served from, or None
-        (`cursor`: on the user's file, for its masks). `PipelineCache` has layers."""
+    def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> tuple[Path, bool] | None:
+        """The first read-only layer holding `entry_key`, and whether the user's masks
+        hide it there, or None (`cursor`: on the user's file, for its masks).
+        `PipelineCache` has layers."""
         return None
 
     def _explain(self, asked: dict[str, Any], *, known: bool = True) -> Explanation:

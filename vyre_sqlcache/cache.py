@@ -1141,14 +1141,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._write_bookkeeping(self._pool.main(slot), wait=False)
         return lookup.data
 
-    def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> Path | None:
-        """The layer a read of `entry_key` would be served from (its bytes verified, the
-        user's masks asked; no hit counted), or None: for `explain`."""
+    def _explain_layers(self, entry_key: bytes, cursor: apsw.Cursor) -> tuple[Path, bool] | None:
+        """The first layer holding `entry_key` with sound bytes, and whether the user's
+        masks hide it there (no hit counted), or None: for `explain`."""
         masked = self._masks(cursor)
         for layer in self._layers.layers:
             got = layer.fetch_one(entry_key)
             if got is not None and _rows.verify(entry_key, got):
-                return None if masked(entry_key, got.checksum) else layer.path
+                return layer.path, masked(entry_key, got.checksum)
         return None
 
     def _masks(self, cursor: apsw.Cursor | None) -> Callable[[bytes, bytes], bool]:
