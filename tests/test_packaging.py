@@ -60,6 +60,7 @@ def test_wheel_contains_the_migrations_and_the_type_marker(wheel: Path) -> None:
     )
     assert sql == expected and sql
     assert "vyre_sqlcache/py.typed" in names
+    assert "vyre_sqlcache/migrations/schema.json" in names
 
 
 def test_wheel_holds_only_the_runtime_package_and_its_metadata(wheel: Path) -> None:
@@ -71,7 +72,9 @@ def test_wheel_holds_only_the_runtime_package_and_its_metadata(wheel: Path) -> N
     for name in package:
         path = PurePosixPath(name)
         module = len(path.parts) == 2 and (path.suffix == ".py" or path.name == "py.typed")
-        migration = path.parent.as_posix() == "vyre_sqlcache/migrations" and path.suffix == ".sql"
+        migration = path.parent.as_posix() == "vyre_sqlcache/migrations" and (
+            path.suffix == ".sql" or path.name == "schema.json"
+        )
         assert module or migration, f"not runtime code: {name}"
     assert sorted(n for n in package if n.endswith(".py")) == modules
     # Apart from the package, only the metadata.

@@ -9,7 +9,13 @@ from pathlib import Path
 import apsw
 import pytest
 
-from vyre_sqlcache import DeviceFingerprint, NotACacheError, PipelineCache, SchemaTooNewError
+from vyre_sqlcache import (
+    DeviceFingerprint,
+    NotACacheError,
+    PipelineCache,
+    SchemaTooNewError,
+    _schema,
+)
 from vyre_sqlcache._connections import PAGE_SIZE
 from vyre_sqlcache._schema import latest_version, migrations
 
@@ -160,3 +166,13 @@ def test_opening_a_big_cache_does_not_scan_it(cache_path: Path) -> None:
     finally:
         vfs.unregister()
     assert CountingFile.read < 256 * 1024, f"open read {CountingFile.read} of {size} bytes"
+
+
+def test_the_shipped_schema_snapshot_is_what_the_migrations_build() -> None:
+    snapshot = _schema.read_snapshot()
+    built = _schema.built_schema(_schema.latest_version())
+    assert snapshot == built, (
+        "vyre_sqlcache/migrations/schema.json is out of date: "
+        "run `python -c 'from vyre_sqlcache._schema import write_snapshot; write_snapshot()'` "
+        "and commit it"
+    )

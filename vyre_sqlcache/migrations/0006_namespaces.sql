@@ -1,4 +1,4 @@
--- vyre-sqlcache schema 5: named entries, for compilers whose keys are names.
+-- vyre-sqlcache schema 6: named entries, for compilers whose keys are names.
 --
 -- `PipelineCache.put_named` / `put_group` store a blob under a (namespace, name)
 -- pair, e.g. ('triton', '<kernel hash>/__grp__<kernel>.json'); the entry key is a
