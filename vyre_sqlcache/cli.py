@@ -1089,7 +1089,8 @@ def _parser() -> argparse.ArgumentParser:
     sql = command(
         "sql",
         _sql,
-        "run SQL that only reads (views: pipelines_v, stats_v, departures_v, misses_v, layer_masks_v, info_v); Ctrl-C stops it",
+        "run SQL that only reads (views: pipelines_v, stats_v, departures_v, misses_v, "
+        "layer_masks_v, info_v); Ctrl-C stops it",
     )
     sql.add_argument("query", metavar="QUERY")
     sql.add_argument(
