@@ -485,25 +485,12 @@ def _get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_bounded(fd: int) -> bytes:
-    """At most MAX_BLOB_BYTES + 1 bytes from `fd`: enough to tell that it is too large."""
-    chunks = []
-    left = MAX_BLOB_BYTES + 1
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _read_blob(name: str) -> bytes:
     """The bytes of a regular file, or of standard input for `-`; at most 64 MiB are
     accepted, and never more than that (and a byte) is read."""
     too_large = f"over the {MAX_BLOB_BYTES}-byte limit of an entry"
     if name == "-":
-        data = _read_bounded(sys.stdin.fileno())
+        data = vyredir.read_bounded(sys.stdin.fileno())
         if len(data) > MAX_BLOB_BYTES:
             raise Failure(f"standard input holds more than {MAX_BLOB_BYTES} bytes, {too_large}")
         return data
@@ -523,7 +510,7 @@ def _read_blob(name: str) -> bytes:
             )
         if info.st_size > MAX_BLOB_BYTES:
             raise Failure(f"{name} is {info.st_size} bytes, {too_large}")
-        data = _read_bounded(fd)
+        data = vyredir.read_bounded(fd)
     except OSError as error:
         raise Failure(f"cannot read {name}: {error.strerror or error}") from error
     finally:

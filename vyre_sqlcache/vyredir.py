@@ -40,6 +40,7 @@ __all__ = [
     "entry_path",
     "export_dir",
     "import_dir",
+    "read_bounded",
     "scan",
     "write_atomic",
 ]
@@ -181,19 +182,11 @@ class _Tree:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != item.identity:
                 return "was replaced by another file since it was scanned"
-            chunks = []
-            left = MAX_BLOB_BYTES + 1
-            while left > 0:
-                chunk = os.read(fd, min(left, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
+            data = read_bounded(fd)
         except OSError as error:
             return f"cannot be read: {_why(error)}"
         finally:
             os.close(fd)
-        data = b"".join(chunks)
         if len(data) > MAX_BLOB_BYTES:
             return f"over the {MAX_BLOB_BYTES}-byte limit"
         return data, info.st_mtime_ns // 1_000_000
@@ -551,3 +544,19 @@ def export_dir(
                 _sync(fd)
         _sync(top)
     return report
+
+
+def read_bounded(fd: int) -> bytes:
+    """At most MAX_BLOB_BYTES + 1 bytes from `fd`: enough to tell that it is too large.
+
+    Raises OSError as os.read does.
+    """
+    chunks = []
+    left = MAX_BLOB_BYTES + 1
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
