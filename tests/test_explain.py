@@ -77,14 +77,23 @@ def test_a_queued_entry_is_a_hit(
     assert why.outcome == "hit" and why.where in ("queue", "file")
 
 
+def fill_past_the_cap(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, make_key: Key
+) -> list[PipelineCacheKey]:
+    """Forty 4 KiB entries, each committed alone, into a cache capped at 64 KiB: the
+    oldest are evicted one by one. Returns their keys, oldest first."""
+    keys = [make_key() for _ in range(40)]
+    for key in keys:
+        cache.put(key, fingerprint, os.urandom(4096))
+        cache.flush()
+    return keys
+
+
 def test_evicted_under_a_small_cap(
     cache_path: Path, fingerprint: DeviceFingerprint, make_key: Key
 ) -> None:
     with PipelineCache.open(cache_path, max_bytes=64 << 10, compression="off") as cache:
-        keys = [make_key() for _ in range(40)]
-        for key in keys:
-            cache.put(key, fingerprint, os.urandom(4096))
-            cache.flush()
+        keys = fill_past_the_cap(cache, fingerprint, make_key)
         assert cache.stats().evictions > 0
         first = cache.explain(keys[0], fingerprint)
         assert (first.outcome, first.reason) == ("miss", "evicted")
@@ -557,10 +566,7 @@ def test_a_logged_miss_of_an_evicted_entry_says_evicted(
     cache_path: Path, fingerprint: DeviceFingerprint, make_key: Key
 ) -> None:
     with PipelineCache.open(cache_path, max_bytes=64 << 10, compression="off") as cache:
-        keys = [make_key() for _ in range(40)]
-        for key in keys:
-            cache.put(key, fingerprint, os.urandom(4096))
-            cache.flush()
+        keys = fill_past_the_cap(cache, fingerprint, make_key)
     with PipelineCache.open(cache_path, log_misses=True) as cache:
         assert cache.get(keys[0], fingerprint) is None
         cache.put(keys[0], fingerprint, os.urandom(4096))  # recompiled
