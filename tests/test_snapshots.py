@@ -4,6 +4,7 @@ changes, stale for another process's by at most `HOLD_S`, and never left held.""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -123,10 +124,18 @@ def checkpoint_is_blocked(path: Path) -> bool:
         connection.close()
 
 
-def test_a_thread_that_stops_reading_does_not_keep_its_snapshot(cache_path: Path) -> None:
+# Compressed entries are read with a statement, raw ones through blob handles, which keep
+# a read transaction open until they are closed.
+BLOBS = {"compressed": b"x" * 5000, "raw": os.urandom(5000)}
+
+
+@pytest.mark.parametrize("stored", sorted(BLOBS))
+def test_a_thread_that_stops_reading_does_not_keep_its_snapshot(
+    cache_path: Path, stored: str
+) -> None:
     fp = DeviceFingerprint.from_parts(1, 2, "snap")
     with PipelineCache.open(cache_path) as cache:
-        cache.write(digest(1), fp, b"x" * 5000)
+        cache.write(digest(1), fp, BLOBS[stored])
         cache.flush()
         read, finish = threading.Event(), threading.Event()
 
@@ -171,3 +180,82 @@ def test_reads_in_a_held_snapshot_after_a_fork(cache_path: Path) -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         time.sleep(2 * HOLD_S)
         assert cache.read(digest(2), fp) == b"child"
+
+
+INVALIDATE_CHILD = textwrap.dedent(
+    """
+    import sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(sys.argv[1]) as cache:
+        digest = int(sys.argv[2]).to_bytes(32, "big")
+        assert cache.invalidate_impacted([1], [digest], fp) == 1
+    """
+)
+
+
+@pytest.mark.parametrize("stored", sorted(BLOBS))
+def test_another_process_s_invalidation_is_seen_within_the_hold_time(
+    cache_path: Path, stored: str
+) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(digest(i), BLOBS[stored]) for i in (1, 2)], fp)
+        cache.flush()
+        assert cache.read(digest(1), fp) == BLOBS[stored]  # a snapshot is held now
+        subprocess.run(
+            [sys.executable, "-c", INVALIDATE_CHILD, str(cache_path), "2"],
+            check=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        time.sleep(2 * HOLD_S)
+        # Tombstoned (or already purged) in the newer snapshot: never served again.
+        for _ in range(3):
+            assert cache.read(digest(2), fp) is None
+            assert cache.read(digest(1), fp) == BLOBS[stored]
+
+
+@pytest.mark.parametrize("stored", sorted(BLOBS))
+def test_a_tombstone_left_by_another_process_hides_its_entry(
+    cache_path: Path, stored: str
+) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "snap")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(digest(i), BLOBS[stored]) for i in (1, 2)], fp)
+        cache.flush()
+        assert cache.read(digest(2), fp) == BLOBS[stored]  # a snapshot is held now
+        # What an invalidating process leaves when it dies before its purge: a tombstone.
+        other = apsw.Connection(str(cache_path))
+        other.execute(
+            "INSERT INTO tombstones (id) SELECT id FROM entries WHERE entry_key = ?",
+            (fp.cache_key(digest(2)),),
+        )
+        other.close()
+        time.sleep(2 * HOLD_S)
+        for _ in range(3):
+            assert cache.read(digest(2), fp) is None
+            assert cache.read(digest(1), fp) == BLOBS[stored]
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def test_hits_and_misses_of_every_kind_in_one_snapshot(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    rng = random.Random(7)
+    blobs = {
+        1: b"",
+        2: rng.randbytes(3000),
+        3: ZSTD_MAGIC + rng.randbytes(3000),  # raw bytes that start like a zstd frame
+        4: b"kernel void f() {}\n" * 500,  # compressed
+        5: rng.randbytes(300 * 1024),  # over the size read through the mapping
+        6: ZSTD_MAGIC,
+    }
+    cache.write_many([(digest(i), blob) for i, blob in blobs.items()], fingerprint)
+    cache.flush()
+    wanted = [*blobs, 100, 101, 102] * 20
+    rng.shuffle(wanted)
+    for index in wanted:
+        assert cache.read(digest(index), fingerprint) == blobs.get(index)

@@ -16,6 +16,7 @@ sides reopen lazily on their next call.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from typing import TypeVar
 import apsw
 import apsw.bestpractice
 
-from . import _snapshots
+from . import _rows, _snapshots
 from .errors import (
     CacheBusyError,
     CacheError,
@@ -250,6 +251,9 @@ def translate(error: apsw.Error, what: str, path: Path) -> CacheError:
     return CacheError(f"{what} failed on {path}: {error}")
 
 
+_slot_keys = itertools.count(1)
+
+
 class Slot:
     """One thread's connections to a cache file: the main one, its reusable cursor, and
     one without memory mapping for large blobs. `busy` is set and `lock` held while a
@@ -263,13 +267,18 @@ class Slot:
         "held_generation",
         "held_reads",
         "held_since",
+        "key",
         "large",
         "lock",
         "main",
+        "reader",
         "watched",
     )
 
     def __init__(self) -> None:
+        # Not id(self): a slot of an ended thread is freed, and a new one can get its
+        # address before the pool has closed the dead one's connections.
+        self.key = next(_slot_keys)
         self.main: apsw.Connection | None = None
         self.cursor: apsw.Cursor | None = None
         self.large: apsw.Connection | None = None
@@ -278,6 +287,7 @@ class Slot:
         self.held_since = 0.0
         self.held_reads = 0
         self.held_generation = 0
+        self.reader: _rows.HeldReader | None = None  # of the held snapshot, if made yet
         self.watched = False  # known to the snapshot reaper
 
     def connections(self) -> list[apsw.Connection]:
@@ -300,7 +310,7 @@ class ConnectionPool:
         self._path = path
         self._local = threading.local()
         self._slots: list[weakref.ref[Slot]] = []
-        self._held: dict[int, list[apsw.Connection]] = {}  # id(slot) -> its connections
+        self._held: dict[int, list[apsw.Connection]] = {}  # slot.key -> its connections
         self._lock = threading.Lock()
         self._resume = threading.Condition(self._lock)
         self._paused = False
@@ -338,11 +348,11 @@ class ConnectionPool:
         """Close a slot's connections (ending any transaction left open); the slot opens
         new ones on next use."""
         connections = slot.connections()
-        slot.main = slot.cursor = slot.large = None
+        slot.main = slot.cursor = slot.large = slot.reader = None
         slot.held_since = 0.0
         with self._lock:
-            held = self._held.get(id(slot), [])
-            self._held[id(slot)] = [c for c in held if c not in connections]
+            held = self._held.get(slot.key, [])
+            self._held[slot.key] = [c for c in held if c not in connections]
         for connection in connections:
             end_transaction(connection)
             with suppress(apsw.Error):
@@ -396,7 +406,7 @@ class ConnectionPool:
             assert slot.cursor is not None
             return slot.cursor
         main = self.main(slot)  # ends the stale snapshot
-        if not main.get_autocommit() and not _snapshots.end(main):
+        if not main.get_autocommit() and not _snapshots.end(main, slot.reader):
             self.reopen(slot)
             main = self.main(slot)
         slot.held_generation = _snapshots.current_generation()
@@ -407,11 +417,20 @@ class ConnectionPool:
         _snapshots.watch(slot)
         return slot.cursor
 
+    def held_reader(self, slot: Slot) -> _rows.HeldReader:
+        """The blob-handle reader of the slot's held snapshot (call right after
+        `held_cursor`); raises apsw errors."""
+        reader = slot.reader
+        if reader is None or reader.since != slot.held_since:
+            assert slot.main is not None
+            reader = slot.reader = _rows.HeldReader(slot.main, slot.held_since)
+        return reader
+
     def release(self, slot: Slot) -> None:
         """End the slot's held read snapshot, if any."""
         slot.held_since = 0.0
         main = slot.main
-        if main is not None and not _snapshots.end(main):
+        if main is not None and not _snapshots.end(main, slot.reader):
             self.reopen(slot)
 
     def large(self, slot: Slot) -> apsw.Connection:
@@ -434,7 +453,7 @@ class ConnectionPool:
     def _keep(self, slot: Slot, connection: apsw.Connection) -> None:
         with self._lock:
             self._reclaim_locked()
-            self._held.setdefault(id(slot), []).append(connection)
+            self._held.setdefault(slot.key, []).append(connection)
 
     def _reclaim_locked(self) -> None:
         """Close the connections of threads that have ended (their thread-local slot is
@@ -445,7 +464,7 @@ class ConnectionPool:
             slot = ref()
             if slot is not None:
                 alive.append(ref)
-                live_ids.add(id(slot))
+                live_ids.add(slot.key)
         self._slots = alive
         for key in [k for k in self._held if k not in live_ids]:
             for connection in self._held.pop(key):
@@ -481,7 +500,8 @@ class ConnectionPool:
             pause = min(pause * 2, 0.02)
         with self._lock:
             for slot in slots:
-                slot.main = slot.cursor = slot.large = None
+                # Closing a connection closes its blob handles (the slot's reader's).
+                slot.main = slot.cursor = slot.large = slot.reader = None
                 slot.held_since = 0.0
             held, self._held = self._held, {}
         with _snapshots.paused():  # the reaper may be ending a snapshot on one of them

@@ -13,6 +13,7 @@ import logging
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "EVICTION_SLACK",
     "LARGE_BLOB_BYTES",
     "Fetched",
+    "HeldReader",
     "NewEntry",
     "Recompressed",
     "blob_bytes",
@@ -262,6 +264,77 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
         return Fetched(algo, checksum, b"", damaged=True)  # type: ignore[arg-type]
     used = None if dict_id is None else (connection.filename, int(dict_id))
     return Fetched(algo, checksum, decoded, dictionary=used)  # type: ignore[arg-type]
+
+
+#: How every zstd frame the cache stores begins (compressed entries are never magicless).
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class HeldReader:
+    """Single reads inside one held read snapshot through two reused blob handles (the
+    checksum and the data), moved from row to row without running a statement: about
+    1.5 µs less than `fetch` a read.
+
+    It serves what it can prove from those two columns, and answers None for everything
+    else, which `fetch` then reads: a missing row, a blob over `LARGE_BLOB_BYTES`, one
+    that starts like a zstd frame (compressed entries need their row's codec, and a raw
+    blob can start that way too), and every read of a snapshot that has tombstones (the
+    handles cannot skip tombstoned rows; the purge empties the table soon after an
+    invalidation). The checksum's length names its algorithm; the checksum is checked
+    by the caller as for `fetch`, so a damaged row is still a miss.
+
+    The handles keep a read transaction open even after COMMIT, so whoever ends the
+    snapshot must `close()` this first (`_snapshots.end` does).
+    """
+
+    __slots__ = ("_checksum", "_connection", "_data", "since", "usable")
+
+    def __init__(self, connection: apsw.Connection, since: float) -> None:
+        """Raises apsw errors (from the look at the tombstones, made in the snapshot)."""
+        self._connection = connection
+        self._checksum: apsw.Blob | None = None
+        self._data: apsw.Blob | None = None
+        #: The held snapshot this reader belongs to (`Slot.held_since`).
+        self.since = since
+        self.usable = connection.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is None
+
+    def fetch(self, rowid: int) -> Fetched | None:
+        """The raw blob of row `rowid` and its checksum, unverified; None if `fetch` must
+        read the row instead."""
+        if not self.usable:
+            return None
+        checksum, data = self._checksum, self._data
+        try:
+            if checksum is None or data is None:
+                connection = self._connection
+                checksum = self._checksum = connection.blob_open(
+                    "main", "blobs", "checksum", rowid, False
+                )
+                data = self._data = connection.blob_open("main", "blobs", "data", rowid, False)
+            else:
+                checksum.reopen(rowid)
+                data.reopen(rowid)
+        except apsw.Error:
+            # No such row (a miss), or damage: `fetch` tells which. A handle that failed
+            # to move is aborted for good: the next read opens new ones.
+            self.close()
+            return None
+        if data.length() > LARGE_BLOB_BYTES:
+            return None
+        digest = checksum.read()
+        algo = _checksums.BY_LENGTH.get(len(digest))
+        blob = data.read()
+        if algo is None or blob[:4] == _ZSTD_MAGIC:
+            return None
+        return Fetched(algo, digest, blob)
+
+    def close(self) -> None:
+        """Close the handles (ending the read transaction they hold open)."""
+        for handle in (self._checksum, self._data):
+            if handle is not None:
+                with suppress(apsw.Error):
+                    handle.close()
+        self._checksum = self._data = None
 
 
 def verify(entry_key: bytes, fetched: Fetched) -> bool:

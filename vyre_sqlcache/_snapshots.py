@@ -15,6 +15,10 @@ Beginning and ending a read transaction is most of what a small read costs in SQ
   waits on one for much longer than `HOLD_S`;
 - any other use of the connection (a transaction, a query) ends the snapshot first.
 
+Reads in a snapshot go through blob handles where they can (`_rows.HeldReader`, kept
+on the slot). An open handle keeps its read transaction even after COMMIT, so every
+path that ends a snapshot hands `end()` the slot's reader to close first.
+
 The snapshot lives on the slot's main connection; `ConnectionPool` (in
 `_connections.py`) decides when it is valid and the reaper here ends stale ones.
 """
@@ -29,14 +33,22 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import apsw
 
 if TYPE_CHECKING:
     from ._connections import Slot
 
-__all__ = ["HOLD_READS", "HOLD_S", "changed", "current_generation", "end", "paused", "watch"]
+__all__ = [
+    "HOLD_READS",
+    "HOLD_S",
+    "changed",
+    "current_generation",
+    "end",
+    "paused",
+    "watch",
+]
 
 log = logging.getLogger("vyre_sqlcache")
 
@@ -61,11 +73,18 @@ def current_generation() -> int:
     return _generation
 
 
-def end(connection: apsw.Connection) -> bool:
-    """End a read transaction left open on `connection`; whether none is open now.
+class _Reader(Protocol):
+    def close(self) -> None: ...
+
+
+def end(connection: apsw.Connection, reader: _Reader | None = None) -> bool:
+    """End a read transaction left open on `connection`, closing the snapshot's `reader`
+    (its blob handles) first; whether none is open now.
 
     A write transaction is never ended here (False): committing it is not ours to do.
     """
+    if reader is not None:
+        reader.close()
     if connection.get_autocommit():
         return True
     if connection.txn_state() == apsw.SQLITE_TXN_WRITE:
@@ -149,7 +168,7 @@ class _Reaper:
                     if slot.held_since == since:
                         slot.held_since = 0.0
                         if main is not None:
-                            end(main)
+                            end(main, slot.reader)
                 finally:
                     slot.lock.release()
         return None if next_due is None else max(0.0, next_due - time.monotonic()) + 0.0005

@@ -1173,7 +1173,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         `held`: read in the thread's held snapshot (see `_snapshots`)."""
         try:
             if cursor is None:
-                cursor = self._pool.held_cursor(slot) if held else self._pool.cursor(slot)
+                if held:
+                    cursor = self._pool.held_cursor(slot)
+                    fetched = self._pool.held_reader(slot).fetch(entry_id(entry_key))
+                    if fetched is not None:
+                        return fetched
+                else:
+                    cursor = self._pool.cursor(slot)
             return _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
         except apsw.Error as error:
             # A read never takes the application down: damage or I/O trouble is a miss.
