@@ -217,9 +217,7 @@ def test_another_process_s_invalidation_is_seen_within_the_hold_time(
 
 
 @pytest.mark.parametrize("stored", sorted(BLOBS))
-def test_a_tombstone_left_by_another_process_hides_its_entry(
-    cache_path: Path, stored: str
-) -> None:
+def test_a_tombstone_left_by_another_process_hides_its_entry(cache_path: Path, stored: str) -> None:
     fp = DeviceFingerprint.from_parts(1, 2, "snap")
     with PipelineCache.open(cache_path) as cache:
         cache.write_many([(digest(i), BLOBS[stored]) for i in (1, 2)], fp)
