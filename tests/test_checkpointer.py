@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import apsw
@@ -12,6 +15,7 @@ import pytest
 
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
 from vyre_sqlcache import _checkpointer as checkpointer
+from vyre_sqlcache._checkpointer import FULL_DISK_STEP_ENTRIES, FullDiskEviction
 
 from .helpers import connection_of, count_checkpoints
 
@@ -111,3 +115,103 @@ def test_a_checkpoint_does_not_block_a_writer_or_reader(
         finally:
             reader.execute("COMMIT")
             reader.close()
+
+
+_OPS = (b"mov.u32", b"add.s32", b"ld.global.f32", b"st.global.f32", b"fma.rn.f32", b"setp.lt.s32")
+
+
+def kernel_text(i: int, size: int = 16_000) -> bytes:
+    """PTX-like text of `size` bytes, distinct for each `i`: it compresses about 7x, as
+    compiler output does (the corpus is not needed)."""
+    rng = random.Random(i)
+    lines = [b".visible .entry k%d(.param .u64 p0)\n{\n" % i]
+    length = len(lines[0])
+    while length < size:
+        line = b"\t%s \t%%r%d, %%r%d;\n" % (rng.choice(_OPS), rng.randrange(8), rng.randrange(8))
+        lines.append(line)
+        length += len(line)
+    return b"".join(lines)[:size]
+
+
+@contextmanager
+def full_disk(path: Path, pages: int) -> Iterator[list[int]]:
+    """Every SQLite connection opened to `path` meanwhile may grow it to `pages` pages only,
+    as if the disk held no more; yields the number of entries each committed transaction
+    deleted (those that deleted any)."""
+    deletes: list[int] = []
+
+    def watch(connection: apsw.Connection) -> None:
+        if connection.filename != str(path):
+            return
+        connection.pragma("max_page_count", pages)
+        pending = [0]
+
+        def update(operation: int, database: str, table: str, rowid: int) -> None:
+            if table == "entries" and operation == apsw.SQLITE_DELETE:
+                pending[0] += 1
+
+        def commit() -> bool:
+            if pending[0]:
+                deletes.append(pending[0])
+            pending[0] = 0
+            return False
+
+        def rollback() -> None:
+            pending[0] = 0
+
+        connection.set_update_hook(update)
+        connection.set_commit_hook(commit)
+        connection.set_rollback_hook(rollback)
+
+    apsw.connection_hooks.append(watch)
+    try:
+        yield deletes
+    finally:
+        apsw.connection_hooks.remove(watch)
+
+
+def test_a_full_disk_evicts_compressed_entries_a_few_at_a_time(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # A step is counted in bytes as stored: counted in the callers' bytes, each of its
+    # transactions deleted about as many entries again as the blobs compress, and needed
+    # that much more log on a disk with no room for one.
+    with (
+        full_disk(cache_path, 120) as deletes,
+        PipelineCache.open(cache_path, max_bytes=None) as cache,
+    ):
+        for i in range(900):
+            cache.write(i.to_bytes(32, "big"), fingerprint, kernel_text(i))  # never raises
+            cache.flush()
+        stats = cache.stats()
+        assert cache.read((899).to_bytes(32, "big"), fingerprint) == kernel_text(899)
+    assert stats.compression_ratio > 4
+    assert stats.total_evictions > 0
+    assert sum(deletes) == stats.total_evictions
+    assert max(deletes) <= 2 * FULL_DISK_STEP_ENTRIES, deletes
+
+
+def test_a_full_disk_eviction_frees_a_quarter_of_the_bytes_as_stored(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer, "FULL_DISK_EVICTION_S", 3600.0)  # not the clock's test
+    for i in range(200):
+        cache.write(i.to_bytes(32, "big"), fingerprint, kernel_text(i))
+    cache.flush()
+    before = cache.stats()
+    assert before.compression_ratio > 4
+    connection = connection_of(cache)
+    plan = FullDiskEviction.of(connection, incoming=16_000)
+    steps = []
+    while (step := plan.next_step()) > 0:
+        with connection:
+            steps.append(plan.evict(connection, step))
+    after = cache.stats()
+    # About `FULL_DISK_STEP_ENTRIES` entries a transaction, and a quarter of the blobs as
+    # stored (the incoming bytes are less): a step more at most.
+    assert all(1 <= count <= FULL_DISK_STEP_ENTRIES + 1 for count in steps), steps
+    assert plan.freed == before.stored_bytes - after.stored_bytes
+    step_bytes = before.stored_bytes // before.entries * FULL_DISK_STEP_ENTRIES
+    assert before.stored_bytes // 4 <= plan.freed <= before.stored_bytes // 4 + step_bytes
+    assert 50 <= sum(steps) <= 50 + FULL_DISK_STEP_ENTRIES + 1
+    assert after.entries == before.entries - sum(steps)

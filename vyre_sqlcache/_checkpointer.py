@@ -26,6 +26,11 @@ connection
   need. A disk that other programs fill is met the same way: the cache stops
   growing and reuses its own free pages.
 
+The eviction after SQLITE_FULL (`FullDiskEviction`) counts bytes as stored, what the
+disk holds (blobs are often compressed 8x), never the sizes the callers wrote: in
+transactions of about `FULL_DISK_STEP_ENTRIES` entries, as many as it takes to free the
+incoming bytes and a quarter of the stored blobs.
+
 The purge. The same thread deletes tombstoned entries (see migration 0004) after an
 invalidation or delete wakes it, in transactions of `_rows.PURGE_BATCH` entries, so the
 write lock is never held for long; a purge that fails is retried after `PURGE_RETRY_S`.
@@ -43,6 +48,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import apsw
+
+from . import _rows
 
 __all__ = [
     "FULL_DISK_EVICTION_S",
@@ -92,24 +99,42 @@ def reserve(total_bytes: int) -> int:
 
 
 class FullDiskEviction:
-    """What the cache evicts after SQLITE_FULL, step by step: the `incoming` bytes, and a
-    quarter of the blobs (so that the next writes fit in the pages freed) as long as
+    """What the cache evicts after SQLITE_FULL, step by step, in bytes as stored (what the
+    disk holds; `entries.stored_size`, not the callers' sizes): the `incoming` bytes, and a
+    quarter of the stored blobs (so that the next writes fit in the pages freed) as long as
     `FULL_DISK_EVICTION_S` allows; each step about `FULL_DISK_STEP_ENTRIES` entries."""
 
-    def __init__(self, blob_bytes: int, entries: int, incoming: int) -> None:
+    def __init__(self, stored_bytes: int, entries: int, incoming: int) -> None:
         self.needed = incoming
-        self.wanted = max(incoming, blob_bytes // 4)
+        self.wanted = max(incoming, stored_bytes // 4)
         self.freed = 0
-        self._step = max(1, blob_bytes // max(1, entries) * FULL_DISK_STEP_ENTRIES)
+        self._step = max(1, stored_bytes // max(1, entries) * FULL_DISK_STEP_ENTRIES)
         self._deadline = time.monotonic() + FULL_DISK_EVICTION_S
 
+    @classmethod
+    def of(cls, connection: apsw.Connection, incoming: int) -> FullDiskEviction:
+        """The plan for the cache file open on `connection`; raises apsw errors."""
+        totals = _rows.totals(connection)
+        # The live entries' stored bytes: the dictionaries the size cap also counts are
+        # not evicted, and would make each step's share of an entry too large.
+        return cls(totals.get("stored_bytes", 0), totals.get("entries", 0), incoming)
+
     def next_step(self) -> int:
-        """The blob bytes to evict in the next transaction; 0 when done."""
+        """The stored bytes to evict in the next transaction; 0 when done."""
         if self.freed >= self.wanted:
             return 0
         if self.freed >= self.needed and time.monotonic() > self._deadline:
             return 0
         return min(self._step, self.wanted - self.freed)
+
+    def evict(self, connection: apsw.Connection, step: int) -> int:
+        """Evict the least recently used entries holding `step` stored bytes, inside the
+        caller's write transaction, and count what they freed; return how many were
+        evicted. Raises apsw errors."""
+        before = _rows.totals_value(connection, "stored_bytes")
+        count = _rows.evict(connection, step, set())
+        self.freed += before - _rows.totals_value(connection, "stored_bytes")
+        return count
 
 
 def compact_shortfall(connection: apsw.Connection) -> str | None:

@@ -952,9 +952,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
     def _make_room_on_disk(self, slot: Slot, incoming: int) -> bool:
         """After SQLITE_FULL: fold the log back and truncate it, then evict at least
-        `incoming` bytes, and up to a quarter of the blobs, in small steps, truncating the
-        log after each (one large eviction can need more log than the disk has left; see
-        `FullDiskEviction`). Whether room was made."""
+        `incoming` bytes, and up to a quarter of the blobs, as stored, in small steps,
+        truncating the log after each (one large eviction can need more log than the disk
+        has left; see `FullDiskEviction`). Whether room was made.
+
+        `incoming` is the callers' size of the blobs being written, not compressed again
+        to learn their stored size: never less than that, so freeing it is enough.
+        """
         connection = self._pool.main(slot)
         evicted = 0
         with self._checkpointer.evicting(connection):
@@ -976,14 +980,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 if purged == 0:
                     break
                 evicted += purged
-            totals = _rows.totals(connection)
-            plan = FullDiskEviction(totals.get("blob_bytes", 0), totals.get("entries", 0), incoming)
+            plan = FullDiskEviction.of(connection, incoming)
             while (step := plan.next_step()) > 0:
                 try:
                     with self._write_transaction(slot, "evicting for a full disk"):
-                        before = _rows.blob_bytes(connection)
-                        count = _rows.evict(connection, step, set())
-                        plan.freed += before - _rows.blob_bytes(connection)
+                        count = plan.evict(connection, step)
                 except CacheError:
                     break
                 self._books.evicted(count)
