@@ -27,7 +27,7 @@ import apsw
 from . import _codec, _rows
 from ._cachefile import CacheFile, has_side_files, header_damage, is_not_sqlite
 from ._codec import Codec
-from ._connections import PAGE_SIZE, connect, transaction
+from ._connections import PAGE_SIZE, connect, transaction, vacuum
 from ._layers import LAYER_SETTING
 from ._rows import NewEntry, RawEntry
 from ._schema import _checked_version, latest_version, migrations
@@ -168,7 +168,7 @@ def bundle_into(source: apsw.Connection, target_path: Path, wanted: BundleFilter
                 blob_bytes += raw.blob_size
         _rows.store_setting(target, LAYER_SETTING, 1)
         target.execute("COMMIT")
-        target.execute("VACUUM")
+        vacuum(target)
         # Rollback-journal mode: a reader of the layer needs no -wal or -shm beside it.
         target.pragma("journal_mode", "delete")
     finally:

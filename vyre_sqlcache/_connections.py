@@ -53,6 +53,7 @@ __all__ = [
     "retry_busy",
     "transaction",
     "translate",
+    "vacuum",
 ]
 
 log = logging.getLogger("vyre_sqlcache")
@@ -119,10 +120,24 @@ def connect(
             connection.pragma("synchronous", "NORMAL")
             # Checkpoints run in a background thread (_checkpointer.py), not inside commits.
             connection.pragma("wal_autocheckpoint", 0)
+            # Statement journals (every insert through the triggers needs one) in memory,
+            # not in a temporary file: a fifth off a batch insert. VACUUM's copy of the
+            # whole file must not follow them there (`vacuum`).
+            connection.pragma("temp_store", "MEMORY")
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def vacuum(connection: apsw.Connection) -> None:
+    """VACUUM, its transient copy of the file on disk and not in memory (cache connections
+    keep temporary data in memory); raises apsw errors."""
+    connection.pragma("temp_store", "FILE")
+    try:
+        connection.execute("VACUUM")
+    finally:
+        connection.pragma("temp_store", "MEMORY")
 
 
 def retry_busy(operation: Callable[[], T], timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> T:

@@ -23,7 +23,7 @@ import apsw
 from . import _codec, _combine, _layers, _rows
 from ._cachefile import move_aside, needs_check_marker
 from ._checkpointer import compact_shortfall
-from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate
+from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate, vacuum
 from ._writer import WriteBehind
 from .config import DEFAULT_MAX_BYTES
 from .errors import CacheError, CacheFullError, CorruptCacheError, ReadOnlyCacheError
@@ -510,7 +510,7 @@ class CacheMaintenance:
                 shortfall = compact_shortfall(connection)
                 if shortfall is not None:
                     raise CacheFullError(f"compacting {self._path}: {shortfall}")
-                retry_busy(lambda: connection.execute("VACUUM"))
+                retry_busy(lambda: vacuum(connection))
                 connection.pragma("wal_checkpoint", "TRUNCATE")
             except apsw.Error as error:
                 self._truncate_log(connection)  # a failed VACUUM's log would keep the disk
