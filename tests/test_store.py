@@ -174,6 +174,30 @@ BAD_CALLS: list[tuple[str, Callable[[PipelineCache, DeviceFingerprint], object],
         ValueError,
         r"program_digests\[1\]",
     ),
+    (
+        "mask bool",
+        lambda c, f: c.invalidate_impacted([0, 0, True], [os.urandom(32)] * 3, f),
+        TypeError,
+        r"impact_mask\[2\] must be an int",
+    ),
+    (
+        "mask too large",
+        lambda c, f: c.invalidate_impacted([0, 2**32], [os.urandom(32)] * 2, f),
+        ValueError,
+        r"impact_mask\[1\] must be in 0..4294967295",
+    ),
+    (
+        "mask float",
+        lambda c, f: c.invalidate_impacted([1.0], [os.urandom(32)], f),
+        TypeError,
+        r"impact_mask\[0\] must be an int",
+    ),
+    (
+        "masked-out digest",
+        lambda c, f: c.invalidate_impacted([1, 0], [os.urandom(32), 7], f),
+        TypeError,
+        r"program_digests\[1\]",
+    ),
 ]
 
 
@@ -222,6 +246,18 @@ def test_invalidate_impacted_deletes_only_masked_digests_on_that_device(
         assert cache.read(digest, other_fingerprint) == b"b" + digest
     assert not cache.contains(keyed, fingerprint)
     assert cache.get(unlinked, fingerprint) == b"unlinked"
+
+
+@pytest.mark.parametrize("form", ["hex", "bytearray", "memoryview"])
+def test_invalidate_takes_digests_in_every_accepted_form(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, form: str
+) -> None:
+    digests = [os.urandom(32) for _ in range(3)]
+    cache.write_many([(digest, digest) for digest in digests], fingerprint)
+    convert = {"hex": bytes.hex, "bytearray": bytearray, "memoryview": memoryview}[form]
+    given = [convert(digest) for digest in digests]
+    assert cache.invalidate_impacted([0, 1, 1], given, fingerprint) == 2
+    assert [cache.read(d, fingerprint) for d in digests] == [digests[0], None, None]
 
 
 def test_invalidate_with_nothing_impacted_is_a_no_op(

@@ -74,7 +74,15 @@ from .errors import (
     NotACacheError,
     ReadOnlyCacheError,
 )
-from .keys import DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest, entry_id
+from .keys import (
+    HASH_BYTES,
+    U32_MAX,
+    DeviceFingerprint,
+    PipelineCacheKey,
+    check_u32,
+    coerce_digest,
+    entry_id,
+)
 
 __all__ = ["MAX_BLOB_BYTES", "CacheStats", "PipelineCache"]
 
@@ -532,8 +540,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             )
         impacted: list[bytes] = []
         for index, (mask, raw) in enumerate(zip(impact_mask, program_digests, strict=True)):
-            digest = coerce_digest(f"program_digests[{index}]", raw)
-            if check_u32(f"impact_mask[{index}]", mask):
+            # The usual arguments, checked without building the names an error would give.
+            if type(raw) is bytes and len(raw) == HASH_BYTES:
+                digest = raw
+            else:
+                digest = coerce_digest(f"program_digests[{index}]", raw)
+            if type(mask) is not int or not 0 <= mask <= U32_MAX:
+                mask = check_u32(f"impact_mask[{index}]", mask)
+            if mask:
                 impacted.append(digest)
         if not impacted:
             return 0
