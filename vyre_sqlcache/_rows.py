@@ -287,13 +287,16 @@ class HeldReader:
     snapshot must `close()` this first (`_snapshots.end` does).
     """
 
-    __slots__ = ("_checksum", "_connection", "_data", "since", "usable")
+    __slots__ = ("_armed", "_checksum", "_connection", "_data", "since", "usable")
 
     def __init__(self, connection: apsw.Connection, since: float) -> None:
         """Raises apsw errors (from the look at the tombstones, made in the snapshot)."""
         self._connection = connection
         self._checksum: apsw.Blob | None = None
         self._data: apsw.Blob | None = None
+        # After a miss, the handles stay closed until `fetch` finds a row: a run of misses
+        # would otherwise pay a failed move (an exception) on top of the statement each.
+        self._armed = True
         #: The held snapshot this reader belongs to (`Slot.held_since`).
         self.since = since
         self.usable = connection.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is None
@@ -301,7 +304,7 @@ class HeldReader:
     def fetch(self, rowid: int) -> Fetched | None:
         """The raw blob of row `rowid` and its checksum, unverified; None if `fetch` must
         read the row instead."""
-        if not self.usable:
+        if not self.usable or not self._armed:
             return None
         checksum, data = self._checksum, self._data
         try:
@@ -316,8 +319,9 @@ class HeldReader:
                 data.reopen(rowid)
         except apsw.Error:
             # No such row (a miss), or damage: `fetch` tells which. A handle that failed
-            # to move is aborted for good: the next read opens new ones.
+            # to move is aborted for good: new ones are opened once `rearm` is called.
             self.close()
+            self._armed = False
             return None
         if data.length() > LARGE_BLOB_BYTES:
             return None
@@ -327,6 +331,10 @@ class HeldReader:
         if algo is None or blob[:4] == _ZSTD_MAGIC:
             return None
         return Fetched(algo, digest, blob)
+
+    def rearm(self) -> None:
+        """Use the handles again: the statement has just found a row."""
+        self._armed = True
 
     def close(self) -> None:
         """Close the handles (ending the read transaction they hold open)."""

@@ -1190,11 +1190,15 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if cursor is None:
                 if held:
                     cursor = self._pool.held_cursor(slot)
-                    fetched = self._pool.held_reader(slot).fetch(entry_id(entry_key))
+                    reader = self._pool.held_reader(slot)
+                    fetched = reader.fetch(entry_id(entry_key))
                     if fetched is not None:
                         return fetched
-                else:
-                    cursor = self._pool.cursor(slot)
+                    fetched = _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
+                    if fetched is not None:
+                        reader.rearm()
+                    return fetched
+                cursor = self._pool.cursor(slot)
             return _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
         except apsw.Error as error:
             # A read never takes the application down: damage or I/O trouble is a miss.
