@@ -284,7 +284,7 @@ class HeldReader:
     by the caller as for `fetch`, so a damaged row is still a miss.
 
     The handles keep a read transaction open even after COMMIT, so whoever ends the
-    snapshot must `close()` this first (`_snapshots.end` does).
+    snapshot must `close()` this first (`_snapshots.end` does, handed the slot's reader).
     """
 
     __slots__ = ("_armed", "_checksum", "_connection", "_data", "since", "usable")
