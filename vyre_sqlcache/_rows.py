@@ -294,12 +294,23 @@ class HeldReader:
         self._connection = connection
         self._checksum: apsw.Blob | None = None
         self._data: apsw.Blob | None = None
-        # After a miss, the handles stay closed until `fetch` finds a row: a run of misses
+        # After a miss, the handles stay closed until `read` finds a row: a run of misses
         # would otherwise pay a failed move (an exception) on top of the statement each.
         self._armed = True
         #: The held snapshot this reader belongs to (`Slot.held_since`).
         self.since = since
         self.usable = connection.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is None
+
+    def read(self, cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
+        """`fetch` of `entry_key` in this snapshot (`cursor` its statement's), through the
+        handles where they can serve it."""
+        fetched = self.fetch(entry_id(entry_key))
+        if fetched is not None:
+            return fetched
+        fetched = fetch(cursor, large, entry_key)
+        if fetched is not None:
+            self._armed = True  # the row exists: the handles are worth moving again
+        return fetched
 
     def fetch(self, rowid: int) -> Fetched | None:
         """The raw blob of row `rowid` and its checksum, unverified; None if `fetch` must
@@ -319,7 +330,7 @@ class HeldReader:
                 data.reopen(rowid)
         except apsw.Error:
             # No such row (a miss), or damage: `fetch` tells which. A handle that failed
-            # to move is aborted for good: new ones are opened once `rearm` is called.
+            # to move is aborted for good: new ones are opened once `read` finds a row.
             self.close()
             self._armed = False
             return None
@@ -331,10 +342,6 @@ class HeldReader:
         if algo is None or blob[:4] == _ZSTD_MAGIC:
             return None
         return Fetched(algo, digest, blob)
-
-    def rearm(self) -> None:
-        """Use the handles again: the statement has just found a row."""
-        self._armed = True
 
     def close(self) -> None:
         """Close the handles (ending the read transaction they hold open)."""

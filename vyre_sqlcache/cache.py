@@ -1187,17 +1187,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """The entry's stored bytes, unverified, or None; damage or I/O trouble is a miss.
         `held`: read in the thread's held snapshot (see `_snapshots`)."""
         try:
+            if cursor is None and held:
+                cursor = self._pool.held_cursor(slot)
+                reader = self._pool.held_reader(slot)
+                return reader.read(cursor, lambda: self._pool.large(slot), entry_key)
             if cursor is None:
-                if held:
-                    cursor = self._pool.held_cursor(slot)
-                    reader = self._pool.held_reader(slot)
-                    fetched = reader.fetch(entry_id(entry_key))
-                    if fetched is not None:
-                        return fetched
-                    fetched = _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
-                    if fetched is not None:
-                        reader.rearm()
-                    return fetched
                 cursor = self._pool.cursor(slot)
             return _rows.fetch(cursor, lambda: self._pool.large(slot), entry_key)
         except apsw.Error as error:
