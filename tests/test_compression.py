@@ -297,6 +297,23 @@ def test_a_scope_of_random_blobs_trains_no_dictionary(path: Path) -> None:
         assert cache.stats().dictionary_bytes == 0
 
 
+def test_a_scope_of_random_blobs_tries_training_ever_more_rarely(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+    train = _codec.train
+    monkeypatch.setattr(_codec, "train", lambda samples: attempts.append(1) or train(samples))
+    with open_cache(path) as cache:
+        # 32 writes, then 256 more, then 2,048 more: 2 attempts in 2,048 writes (64 without
+        # the back-off), and none while the next is not due, whatever the batch sizes
+        for start in range(0, 2048, 64):
+            cache.write_many([(digest(i), os.urandom(600)) for i in range(start, start + 64)], FP)
+        assert len(attempts) == 2
+    with open_cache(path) as cache:  # the count of failures is kept in the file
+        cache.write_many([(digest(i), os.urandom(600)) for i in range(2048, 2048 + 256)], FP)
+        assert len(attempts) == 2
+
+
 def test_scope_names() -> None:
     assert _codec.Scope("vulkan", 0x10DE, 0x2684).name == "vulkan:0x10de:0x2684"
     assert _codec.Scope(None, None, None).name == "-:-:-"

@@ -725,9 +725,12 @@ def rowids(entry_keys: Iterable[bytes]) -> array[int]:
 #
 # Dictionaries are rows of `dictionaries`, one scope (backend and device) each; a
 # scope's current dictionary is its newest. Per scope, `meta` counts the writes since
-# its last dictionary under `_WRITES` + the scope's name.
+# its last dictionary under `_WRITES` + the scope's name, and the trainings that gave
+# none since (its blobs did not compress, or a dictionary did not help) under
+# `_FAILURES` + the name: each failure multiplies the writes until the next attempt.
 
 _WRITES = "dictionary_writes:"
+_FAILURES = "dictionary_failures:"
 #: The "entry key" a dictionary's checksum covers with its bytes.
 _DICTIONARY_KEY = b"vyre-sqlcache dictionary"
 _SCOPE = "backend IS ?1 AND vendor IS ?2 AND device IS ?3"
@@ -825,9 +828,27 @@ def _count_writes(
         return False
     if writes < due:
         return False
+    # A scope of blobs that do not compress would otherwise pay a training (a read of
+    # every sample, about 4 ms) every TRAIN_AFTER writes, for ever.
+    failures_name = _FAILURES + scope.name
+    failures = min(totals_value(connection, failures_name), _MAX_BACKOFF)
+    if writes < due * _codec.RETRAIN_FACTOR**failures:
+        return False
     added = train_dictionary(connection, scope, now_ms) is not None
     connection.execute("UPDATE meta SET value = 0 WHERE name = ?", (name,))
+    if added:
+        connection.execute("DELETE FROM meta WHERE name = ?", (failures_name,))
+    else:
+        connection.execute(
+            "INSERT INTO meta (name, value) VALUES (?1, 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = min(value + 1, ?2)",
+            (failures_name, _MAX_BACKOFF),
+        )
     return added
+
+
+#: Failed trainings beyond this do not lengthen the wait any more (8**6 x 32 writes).
+_MAX_BACKOFF = 6
 
 
 def train_dictionary(connection: apsw.Connection, scope: Scope, now_ms: int) -> int | None:
@@ -982,6 +1003,7 @@ def drop_unused_dictionaries(connection: apsw.Connection, *, keep_newest: bool) 
 def reset_dictionary_writes(connection: apsw.Connection) -> None:
     """Start every scope's count of writes towards its next dictionary again."""
     connection.execute("UPDATE meta SET value = 0 WHERE name LIKE ?", (_WRITES + "%",))
+    connection.execute("DELETE FROM meta WHERE name LIKE ?", (_FAILURES + "%",))
 
 
 # -- compressed blob rows for `check` and its rebuild --------------------------------------
