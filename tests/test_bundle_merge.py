@@ -226,6 +226,27 @@ def test_merge_overlapping_sources_newest_created_wins(tmp_path: Path, cache_pat
     }
 
 
+def test_merge_keeps_named_entries_named(tmp_path: Path, cache_path: Path) -> None:
+    source = tmp_path / "src.sqlite3"
+    with PipelineCache.open(source) as cache:
+        cache.put_named("triton", "matmul-a", b"kernel a")
+        cache.put_group("triton", "matmul-b", {"a.cubin": b"cubin", "a.json": b"{}"})
+    with PipelineCache.open(cache_path) as dest:
+        assert dest.merge([source]).added == 2
+        listed = {(e["namespace"], e["name"]) for e in dest.entries(namespace="triton")}
+        assert listed == {("triton", "matmul-a"), ("triton", "matmul-b")}
+        assert dest.get_named("triton", "matmul-a") == b"kernel a"
+        assert dest.get_group("triton", "matmul-b") == {"a.cubin": b"cubin", "a.json": b"{}"}
+    # A name that is not the one its key was made from is not admitted under that name.
+    connection = apsw.Connection(str(source))
+    connection.execute("UPDATE entries SET name = 'matmul-z' WHERE name = 'matmul-a'")
+    connection.close()
+    with PipelineCache.open(tmp_path / "other.sqlite3") as dest:
+        report = dest.merge([source])
+        assert (report.added, report.skipped_bad) == (1, 1)
+        assert dest.get_named("triton", "matmul-z") is None
+
+
 def test_merge_skips_and_counts_damaged_entries(tmp_path: Path, cache_path: Path) -> None:
     corpus = blobs()
     source = make_source(tmp_path / "src.sqlite3", [(n, corpus[n], 1000) for n in range(10)])

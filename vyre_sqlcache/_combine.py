@@ -32,7 +32,7 @@ from ._layers import LAYER_SETTING
 from ._rows import NewEntry, RawEntry
 from ._schema import _checked_version, latest_version, migrations
 from .errors import CacheError
-from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey
+from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey, named_entry_key
 
 __all__ = ["BundleFilter", "BundleReport", "MergeReport", "bundle_into", "merge_from", "source"]
 
@@ -266,9 +266,22 @@ def _new_entry(raw: RawEntry) -> NewEntry | None:
         program,
         _size,
         created,
-        *_rest,
+        _accessed,
+        _hits,
+        _stored,
+        namespace,
+        name,
     ) = raw.entry
     assert raw.decoded is not None
+    named = None
+    if namespace is not None or name is not None:
+        # A named entry's key is the hash of its name: one that is not is not admitted.
+        try:
+            if named_entry_key(namespace, name) != entry_key:
+                return None
+        except (TypeError, ValueError):
+            return None
+        named = (namespace, name)
     try:
         key = (
             None
@@ -281,7 +294,9 @@ def _new_entry(raw: RawEntry) -> NewEntry | None:
     except (TypeError, ValueError):
         return None
     digest = None if program is None else bytes(program)
-    return NewEntry(bytes(entry_key), key, fingerprint, digest, raw.decoded, int(created))
+    return NewEntry(
+        bytes(entry_key), key, fingerprint, digest, raw.decoded, int(created), named=named
+    )
 
 
 def merge_from(
