@@ -241,3 +241,100 @@ def test_a_fifo_socket_or_device_is_refused_at_once(tmp_path: Path, kind: str) -
         mode = os.lstat(path).st_mode
         assert stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)
         assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# -- a cache file deleted or replaced while open --------------------------------------------
+
+# argv: path, then digests in hex. Prints, as JSON, which of them the cache at the path has.
+READER = textwrap.dedent(
+    """
+    import json, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "paths")
+    with PipelineCache.open(sys.argv[1]) as cache:
+        print(json.dumps([cache.read(bytes.fromhex(d), fp) is not None for d in sys.argv[2:]]))
+    """
+)
+
+
+def found_by_another_process(path: Path, digests: list[bytes]) -> list[bool]:
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(path), *(d.hex() for d in digests)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    found: list[bool] = json.loads(out.stdout)
+    return found
+
+
+def remove_cache(path: Path, how: str) -> None:
+    if how == "files":
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            (path.parent / name).unlink(missing_ok=True)
+    elif how == "main file only":
+        path.unlink()  # its -wal and -shm stay behind
+    else:
+        for child in path.parent.iterdir():
+            child.unlink()
+        path.parent.rmdir()
+
+
+@pytest.mark.parametrize("how", ["files", "main file only", "folder"])
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_a_cache_deleted_while_open_is_made_again_and_keeps_what_flush_acknowledged(
+    tmp_path: Path, how: str, write_behind: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cache" / "pipelines.sqlite3"
+    before, since, after = (digest_of(tag, 0) for tag in ("before", "since", "after"))
+    with PipelineCache.open(path, write_behind=write_behind) as cache:
+        cache.write(before, FP, b"flushed before the deletion")
+        cache.flush()
+        cache.write(since, FP, b"written, not flushed, before the deletion")
+        cache.delete_entries([digest_of("absent", 0)])  # commits what is queued
+        remove_cache(path, how)
+        cache.write(after, FP, b"written after the deletion")
+        cache.flush()
+        assert "was deleted or replaced while open" in caplog.text
+        # The deletion was meant: what was flushed before it is gone; nothing since is.
+        assert found_by_another_process(path, [before, since, after]) == [False, True, True]
+        assert cache.read(since, FP) == b"written, not flushed, before the deletion"
+        assert cache.read(before, FP) is None
+        cache.write(before, FP, b"again")
+    assert found_by_another_process(path, [before, since, after]) == [True, True, True]
+    with PipelineCache.open(path) as cache:
+        assert cache.check().ok and len(cache) == 3
+
+
+def test_a_cache_deleted_while_open_is_made_again_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    digest = digest_of("at close", 0)
+    cache = PipelineCache.open(path)
+    cache.write(digest_of("first", 0), FP, b"first")
+    cache.flush()
+    remove_cache(path, "files")
+    cache.write(digest, FP, b"written after the deletion, never flushed")
+    cache.close()
+    assert found_by_another_process(path, [digest]) == [True]
+
+
+def test_flush_after_the_path_became_a_folder_raises_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    digest = digest_of("kept", 0)
+    with PipelineCache.open(path) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        remove_cache(path, "files")
+        path.mkdir()
+        cache.write(digest, FP, b"kept while the path is a folder")
+        with pytest.raises(CacheError, match="is a folder"):
+            cache.flush()
+        path.rmdir()
+        try:
+            cache.flush()
+        except CacheError as error:
+            # The writer thread's own try in between is reported once, then flush goes on.
+            assert "queued earlier" in str(error)
+            cache.flush()
+    assert found_by_another_process(path, [digest]) == [True]

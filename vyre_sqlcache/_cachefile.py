@@ -350,6 +350,17 @@ class CacheFile:
         return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
+def inode(path: Path) -> tuple[int, int] | None:
+    """The (device, inode) of the file at `path` now; None if there is none (or it
+    cannot be looked at). A writer compares it with the file it has open: the path
+    names another file once the cache was deleted or replaced by a rename."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
 def _state(file: CacheFile) -> tuple[object, ...]:
     """What a watched reader compares: which side files exist and, for an immutable
     open, the file's identity."""

@@ -34,7 +34,15 @@ from ._schema import _checked_version, latest_version, migrations
 from .errors import CacheError
 from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey, named_entry_key
 
-__all__ = ["BundleFilter", "BundleReport", "MergeReport", "bundle_into", "merge_from", "source"]
+__all__ = [
+    "BundleFilter",
+    "BundleReport",
+    "MergeReport",
+    "bundle_into",
+    "merge_from",
+    "sound_entry",
+    "source",
+]
 
 log = logging.getLogger("vyre_sqlcache")
 
@@ -297,6 +305,13 @@ def _new_entry(raw: RawEntry) -> NewEntry | None:
     return NewEntry(
         bytes(entry_key), key, fingerprint, digest, raw.decoded, int(created), named=named
     )
+
+
+def sound_entry(connection: apsw.Connection, rowid: int) -> NewEntry | None:
+    """The entry of row `rowid` as a write would make it, its bytes verified; None if
+    it is missing, damaged or unreadable."""
+    raw = _raw(connection, rowid)
+    return None if raw is None else _new_entry(raw)
 
 
 def merge_from(

@@ -16,6 +16,7 @@ sides reopen lazily on their next call.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
@@ -49,6 +50,7 @@ __all__ = [
     "ConnectionPool",
     "Slot",
     "connect",
+    "has_moved",
     "interrupts_held",
     "retry_busy",
     "transaction",
@@ -157,6 +159,19 @@ def retry_busy(operation: Callable[[], T], timeout_s: float = BUSY_TIMEOUT_MS / 
                 raise
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 2, 0.1)
+
+
+def has_moved(connection: apsw.Connection) -> bool:
+    """Whether the file `connection` has open was deleted or renamed away since (its path
+    now names another file, or none); False where the VFS cannot tell."""
+    moved = ctypes.c_int(0)
+    try:
+        known = connection.file_control(
+            "main", apsw.SQLITE_FCNTL_HAS_MOVED, ctypes.addressof(moved)
+        )
+    except apsw.Error:
+        return False
+    return bool(known and moved.value)
 
 
 def end_transaction(connection: apsw.Connection) -> None:
@@ -494,9 +509,14 @@ class ConnectionPool:
 
     # -- quiescing: fork and close ---------------------------------------------------
 
-    def quiesce(self, timeout: float = QUIESCE_TIMEOUT_S) -> bool:
+    def quiesce(
+        self,
+        timeout: float = QUIESCE_TIMEOUT_S,
+        last_look: Callable[[list[apsw.Connection]], None] | None = None,
+    ) -> bool:
         """Pause new calls, wait for other threads' calls to end, close every connection.
 
+        `last_look` is first handed the main connections, idle and out of any snapshot.
         Returns False (closing nothing) if another thread's call did not end in time.
         """
         with self._lock:
@@ -513,6 +533,20 @@ class ConnectionPool:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+        try:
+            if last_look is not None:
+                with _snapshots.paused():
+                    idle = [
+                        slot.main
+                        for slot in slots
+                        if slot.main is not None and _snapshots.end(slot.main, slot.reader)
+                    ]
+                last_look(idle)
+        finally:
+            self._close_all(slots)
+        return True
+
+    def _close_all(self, slots: list[Slot]) -> None:
         with self._lock:
             for slot in slots:
                 # Closing a connection closes its blob handles (the slot's reader's).
@@ -524,7 +558,6 @@ class ConnectionPool:
                 for connection in connections:
                     with suppress(apsw.Error):
                         connection.close()
-        return True
 
     def resume(self) -> None:
         """Let calls run again after `quiesce()`."""

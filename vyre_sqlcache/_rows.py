@@ -1247,6 +1247,24 @@ def integrity_check(connection: apsw.Connection) -> list[str]:
         return [f"integrity_check stopped: {error}"]
 
 
+def live_ids(connection: apsw.Connection, ids: Iterable[int] | None, since_ms: int) -> list[int]:
+    """The row ids of live entries among `ids`, or (`ids` None) of those created from
+    `since_ms` on."""
+    if ids is None:
+        rows = connection.execute(
+            f"SELECT id FROM entries WHERE created_ms >= ? AND {_LIVE_ENTRY}", (since_ms,)
+        )
+    else:
+        wanted = array("q", ids)
+        if not wanted:
+            return []
+        rows = connection.execute(
+            f"SELECT id FROM entries WHERE id IN carray(?) AND {_LIVE_ENTRY}",
+            (apsw.carray(wanted),),
+        )
+    return [int(rowid) for (rowid,) in rows]
+
+
 def readable_ids(connection: apsw.Connection) -> tuple[list[int], bool]:
     """The row ids of live entries that can be found, and whether every scan ran to its
     end.

@@ -25,10 +25,12 @@ import platformdirs
 from . import _codec, _explain_sql, _layers, _remote, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
+    SIDE_FILES,
     CacheFile,
     FileWatch,
     has_side_files,
     header_damage,
+    inode,
     is_not_sqlite,
     looks_like_damaged_pages,
     move_aside,
@@ -43,10 +45,12 @@ from ._checks import (
     check_key,
     check_max_bytes,
 )
+from ._combine import sound_entry
 from ._connections import (
     ConnectionPool,
     Slot,
     connect,
+    has_moved,
     interrupts_held,
     retry_busy,
     transaction,
@@ -96,6 +100,12 @@ DIRECT_WRITE_BYTES = 256 * 1024
 #: How long `close()` goes on purging tombstoned entries the background purge left.
 PURGE_AT_CLOSE_S = 0.2
 T = TypeVar("T")
+
+
+#: Row ids of writes since the last flush kept beyond this: then entries created since
+#: the flush (less `CLOCK_SLACK_MS`) are what a reopen writes again.
+MAX_TRACKED_WRITES: Final = 1 << 16
+CLOCK_SLACK_MS: Final = 2000
 
 
 def _now_ms() -> int:
@@ -177,6 +187,16 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._layers = _layers.Layers((), self._books.checksum_failed)
         self._remote: _remote.RemoteTier | None = None
         self._miss_log: MissLog | None = None  # see `open(log_misses=...)`
+        # The file this object has open, and what it writes again should the path come to
+        # name another file (see `_follow_the_path`): the row ids committed since the last
+        # flush (None: too many to track, then those created since `_flushed_ms`).
+        self._inode: tuple[int, int] | None = None
+        self._since_flush: set[int] | None = set()
+        self._flushed_ms = _now_ms()
+        self._moving = False  # the path names another file; `_rescued` not written yet
+        self._reopen_due = False  # the old file is closed, the one at the path not opened
+        self._rescued: list[NewEntry] = []
+        self._closing = False
 
     # -- opening and closing -------------------------------------------------------
 
@@ -358,6 +378,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 with transaction(connection):
                     _rows.store_setting(connection, _rows.CAP_SETTING, self._cap or 0)
             self._settle_cap(connection)
+            if not self._readonly:
+                self._inode = inode(self._path)
         except apsw.Error as error:
             connection.close()
             raise translate(error, "opening the cache", self._path) from error
@@ -400,6 +422,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         try:
             if not self._readonly:
                 self._writer.stop()
+                self._closing = True  # the last commit follows the path, as a flush does
                 try:
                     self._writer.commit()
                 except CacheError as error:
@@ -893,6 +916,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     ) -> T | None:
         """Insert `entries` and run `extra` in one transaction (synced when `durable`),
         evicting for the cap, and once for a full disk; return what `extra` returned."""
+        if durable or self._closing:
+            entries = self._follow_the_path(entries)
         incoming = sum(len(entry.blob) for entry in entries)
         result: T | None = None
         with self._call() as slot, interrupts_held():
@@ -936,7 +961,104 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         changes = len(entries) + (result if isinstance(result, int) else 0)
         with self._lock:
             self._unflushed = 0 if durable else self._unflushed + changes
+            if durable:
+                self._since_flush = set()
+                self._flushed_ms = _now_ms()
+                self._moving = False
+                self._rescued = []
+            elif self._since_flush is not None:
+                self._since_flush.update(entry.rowid for entry in entries)
+                if len(self._since_flush) > MAX_TRACKED_WRITES:
+                    self._since_flush = None
         return result
+
+    def _follow_the_path(self, entries: list[NewEntry]) -> list[NewEntry]:
+        """`entries`, after those this object committed since its last flush if the path
+        no longer names the file open (deleted, or replaced by a rename, while open):
+        those are read from the old file, and every connection reopens on the file now at
+        the path, made anew if missing. Raises CacheError if that cannot be opened; the
+        next flush tries again."""
+        if self._inode is None or (not self._moving and inode(self._path) == self._inode):
+            return entries
+        if self._moving and not self._reopen_due:
+            return [*self._rescued, *entries]  # reopened, but the commit failed
+        first = not self._moving
+        rescued: list[NewEntry] = []
+
+        def last_look(connections: list[apsw.Connection]) -> None:
+            if first:
+                rescued.extend(self._written_since_flush(connections))
+
+        if not self._pool.quiesce(last_look=last_look):
+            raise CacheError(
+                f"{self._path} was deleted or replaced while open, and another thread's "
+                "call did not end in time to reopen it; flush() again"
+            )
+        # The old file is closed: its inode number may now be given to a new file.
+        self._reopen_due = True
+        try:
+            if first:
+                self._moving = True
+                self._rescued = rescued
+                log.warning(
+                    "vyre-sqlcache: %s was deleted or replaced while open; writing to the "
+                    "file now at that path, with the %d entries written since the last flush",
+                    self._path,
+                    len(rescued),
+                )
+            self._open_the_path()
+        finally:
+            self._pool.resume()
+        return [*self._rescued, *entries]
+
+    def _written_since_flush(self, connections: list[apsw.Connection]) -> list[NewEntry]:
+        """The sound entries this object committed since its last flush, read through one
+        of `connections` still open on the old file (none if none is)."""
+        for connection in connections:
+            if not has_moved(connection):
+                continue
+            try:
+                with transaction(connection, "DEFERRED"):
+                    since = self._flushed_ms - CLOCK_SLACK_MS
+                    ids = _rows.live_ids(connection, self._since_flush, since)
+                    found = [sound_entry(connection, rowid) for rowid in ids]
+                    return [entry for entry in found if entry is not None]
+            except apsw.Error as error:
+                log.warning("vyre-sqlcache: reading %s before reopening: %s", self._path, error)
+        return []
+
+    def _open_the_path(self) -> None:
+        """Locate, create if missing and migrate the file at the path, all connections
+        closed; this object's connections open it from now on. Raises CacheError types."""
+        if inode(self._path) is None:
+            # A log and index left without their database are the deleted file's: SQLite
+            # would pair them with the new file and read the old one's pages through them.
+            for side in SIDE_FILES:
+                try:
+                    Path(f"{self._path}{side}").unlink(missing_ok=True)
+                except OSError as error:
+                    raise CacheError(
+                        f"{self._path} was deleted while open, and its {side} file cannot "
+                        f"be removed: {error}; remove it to go on"
+                    ) from error
+        file = CacheFile.locate(self._path, create=True)
+        if not file.writable:
+            raise ReadOnlyCacheError(
+                f"{self._path} was replaced while open by a file this process cannot write; "
+                "make it writable or remove it"
+            )
+        self._file = self._watch.file = file
+        self._check_file_bytes(own=False)
+        connection = self._connect(True)
+        try:
+            retry_busy(lambda: prepare(connection, str(self._path), readonly=False))
+            self._settle_cap(connection)
+        except apsw.Error as error:
+            raise translate(error, "opening the cache again", self._path) from error
+        finally:
+            connection.close()
+        self._inode = inode(self._path)
+        self._reopen_due = False
 
     def _refuse_write(self) -> None:
         raise ReadOnlyCacheError(
