@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from vyre_sqlcache import CacheError, DeviceFingerprint, NotACacheError, PipelineCache
+from vyre_sqlcache import cache as cache_module
 
 FP = DeviceFingerprint.from_parts(1, 2, "paths")
 
@@ -338,3 +339,44 @@ def test_flush_after_the_path_became_a_folder_raises_and_loses_nothing(tmp_path:
             assert "queued earlier" in str(error)
             cache.flush()
     assert found_by_another_process(path, [digest]) == [True]
+
+
+def test_entries_past_the_tracked_count_are_found_by_their_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache_module, "MAX_TRACKED_WRITES", 2)
+    path = tmp_path / "pipelines.sqlite3"
+    digests = [digest_of("many", i) for i in range(6)]
+    with PipelineCache.open(path, write_behind=False) as cache:
+        old_key = bytes(range(32))
+        cache.put_entry(old_key, b"flushed long ago", created_ms=1)
+        cache.flush()
+        for digest in digests:
+            cache.write(digest, FP, digest)
+        remove_cache(path, "files")
+        cache.flush()
+        assert found_by_another_process(path, digests) == [True] * 6
+    with PipelineCache.open(path) as cache:
+        assert cache.get_entry(old_key) is None  # created before the flush: not written again
+
+
+def test_two_cache_objects_on_a_deleted_file_meet_in_the_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path) as first, PipelineCache.open(path) as second:
+        first.write(digest_of("first", 0), FP, b"first")
+        second.write(digest_of("second", 0), FP, b"second")
+        first.flush()
+        second.flush()
+        remove_cache(path, "files")
+        second.write(digest_of("second", 1), FP, b"second, after")
+        second.flush()  # makes the new file
+        first.write(digest_of("first", 1), FP, b"first, after")
+        first.flush()  # joins it, its log included
+        assert first.read(digest_of("second", 1), FP) == b"second, after"
+        assert second.read(digest_of("first", 1), FP) == b"first, after"
+    found = found_by_another_process(
+        path, [digest_of("first", 1), digest_of("second", 1), digest_of("first", 0)]
+    )
+    assert found == [True, True, False]
+    with PipelineCache.open(path) as cache:
+        assert cache.check().ok
