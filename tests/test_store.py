@@ -47,7 +47,9 @@ def snapshot(path: Path) -> list[tuple[Any, ...]]:
 # -- the vyre API -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [0, 1, 4096, 65536, 256 * 1024, 256 * 1024 + 1, 1 << 20])
+@pytest.mark.parametrize(
+    "size", [0, 1, 4096, 65536, 256 * 1024, 256 * 1024 + 1, 1 << 20, 8 << 20, (8 << 20) + 1]
+)
 def test_write_then_read_returns_the_same_bytes(
     cache: PipelineCache, fingerprint: DeviceFingerprint, size: int
 ) -> None:

@@ -26,6 +26,7 @@ from .keys import DeviceFingerprint, PipelineCacheKey, entry_id
 __all__ = [
     "EVICTION_SLACK",
     "LARGE_BLOB_BYTES",
+    "MAPPED_BLOB_BYTES",
     "Fetched",
     "HeldReader",
     "NewEntry",
@@ -53,12 +54,16 @@ __all__ = [
 ]
 
 #: Blobs above this size are left out of the lookup's row and read with incremental
-#: blob I/O, straight into the returned bytes (one copy instead of two), by a
-#: connection without memory mapping: SQLite then reads each overflow page with one
-#: pread instead of faulting the mapping in 4 KiB at a time (a first read of 1 MiB
-#: took 72 µs instead of 110 µs), and no mapped file pages join the process's
-#: resident memory beside the result.
+#: blob I/O, straight into the returned bytes (one copy instead of two).
 LARGE_BLOB_BYTES = 256 * 1024
+#: Blobs above this size are read by a connection without memory mapping, so that no
+#: mapped file pages join the process's resident memory beside the result (a 64 MiB
+#: read costs 1x its size, not 2x). Up to it, the mapped connection reads them: SQLite
+#: then copies each overflow page from the map instead of one `pread` each, and a warm
+#: first read of 1 MiB took 109-134 µs against 152-194 µs (files: 68-96 µs; the cost:
+#: a cold read of a tenth of 300 x 1 MiB took 214-238 against 141-145 ms, as each
+#: fault reads ahead; see README "Design").
+MAPPED_BLOB_BYTES = 8 << 20
 
 #: Eviction frees this share of the cap beyond what is needed, so that a full
 #: cache does not evict on every write.
@@ -232,7 +237,7 @@ def _text(value: object) -> str:
 def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
     """The stored blob of `entry_key`'s row, unverified, or None if the row is empty.
 
-    `large()` gives the connection that reads blobs over `LARGE_BLOB_BYTES`.
+    `large()` gives the connection that reads blobs over `MAPPED_BLOB_BYTES`.
     """
     rowid = entry_id(entry_key)
     # fetchall, not fetchone: running the statement to its end resets it, so no read
@@ -246,7 +251,10 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
     if data is None:
         # The blob may be replaced between the select and this read: a checksum that
         # then fails is looked at again before anything is dropped.
-        blob = large().blob_open("main", "blobs", "data", rowid, False)
+        blob = cursor.connection.blob_open("main", "blobs", "data", rowid, False)
+        if blob.length() > MAPPED_BLOB_BYTES:
+            blob.close()
+            blob = large().blob_open("main", "blobs", "data", rowid, False)
         try:
             data = blob.read()
         finally:
@@ -276,7 +284,7 @@ class HeldReader:
     1.5 µs less than `fetch` a read.
 
     It serves what it can prove from those two columns, and answers None for everything
-    else, which `fetch` then reads: a missing row, a blob over `LARGE_BLOB_BYTES`, one
+    else, which `fetch` then reads: a missing row, a blob over `MAPPED_BLOB_BYTES`, one
     that starts like a zstd frame (compressed entries need their row's codec, and a raw
     blob can start that way too), and every read of a snapshot that has tombstones (the
     handles cannot skip tombstoned rows; the purge empties the table soon after an
@@ -334,7 +342,7 @@ class HeldReader:
             self.close()
             self._armed = False
             return None
-        if data.length() > LARGE_BLOB_BYTES:
+        if data.length() > MAPPED_BLOB_BYTES:
             return None
         digest = checksum.read()
         algo = _checksums.BY_LENGTH.get(len(digest))
