@@ -380,3 +380,27 @@ def test_two_cache_objects_on_a_deleted_file_meet_in_the_new_one(tmp_path: Path)
     assert found == [True, True, False]
     with PipelineCache.open(path) as cache:
         assert cache.check().ok
+
+
+def test_a_thread_first_calling_after_the_deletion_finds_a_usable_file(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    digest = digest_of("new thread", 0)
+    with PipelineCache.open(path, write_behind=False) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        remove_cache(path, "files")
+        outcome: list[object] = []
+
+        def first_call() -> None:  # its first connection opens the path: a new, empty file
+            try:
+                cache.write(digest, FP, b"from a thread new to the cache")
+                outcome.append(cache.read(digest, FP))
+            except CacheError as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=first_call)
+        thread.start()
+        thread.join()
+        assert outcome == [b"from a thread new to the cache"]
+        cache.flush()
+    assert found_by_another_process(path, [digest]) == [True]

@@ -349,11 +349,28 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             raise translate(error, "opening a connection", self._path) from error
         if not self._readonly:
             self._checkpointer.attach(connection)
+            if self._inode is not None:
+                self._prepare_if_new(connection)
         elif self._leftover_log:
             # A reader that closes last would fold a killed writer's log into the file:
             # a read-only cache leaves the file as it found it.
             connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         return connection
+
+    def _prepare_if_new(self, connection: apsw.Connection) -> None:
+        """Give a file made since this object opened its own (the first deleted while
+        open; see `_follow_the_path`) the cache's schema, so that a thread's first
+        connection to it finds its tables. Closes `connection` and raises CacheError
+        types when it cannot."""
+        try:
+            if connection.pragma("user_version") == 0:
+                retry_busy(lambda: prepare(connection, str(self._path), readonly=False))
+        except apsw.Error as error:
+            connection.close()
+            raise translate(error, "opening the cache again", self._path) from error
+        except BaseException:
+            connection.close()
+            raise
 
     def _first_connection(self, *, verify: bool, store_cap: bool) -> None:
         """Open this thread's connection, check and migrate the file, settle the cap."""
