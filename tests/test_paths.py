@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from torture.deletions import run_deletions
 from vyre_sqlcache import CacheError, DeviceFingerprint, NotACacheError, PipelineCache
 from vyre_sqlcache import cache as cache_module
 
@@ -404,3 +405,14 @@ def test_a_thread_first_calling_after_the_deletion_finds_a_usable_file(tmp_path:
         assert outcome == [b"from a thread new to the cache"]
         cache.flush()
     assert found_by_another_process(path, [digest]) == [True]
+
+
+def test_deleting_the_file_under_threads_at_work_loses_nothing_flushed_since(
+    tmp_path: Path,
+) -> None:
+    # Three threads write and read while the file, its main file alone or its folder is
+    # deleted every 0-50 ms, with flushes between (the torture's deletion trial).
+    report = run_deletions(tmp_path, trials=2, seconds=2, seed=11)
+    assert report.errors == [] and report.hangs == 0
+    assert report.deletions > 10 and report.checked > 10
+    assert (report.lost, report.wrong, report.not_ok) == (0, 0, 0)

@@ -20,12 +20,14 @@ def test_the_command_prints_a_table_of_every_trial(
     # (`python -m torture child-...`) still find the harness and the files.
     monkeypatch.chdir(tmp_path)
     argv = ["--kills", "2", "--corruptions", "6", "--seconds", "1", "--faults", "2", "--forks", "2"]
-    argv += ["--interrupts", "1", "--interrupt-seconds", "1"]
+    argv += ["--interrupts", "1", "--interrupt-seconds", "1", "--deletions", "1"]
+    argv += ["--deletion-seconds", "1"]
     code = main([*argv, "--seed", "5", "--workdir", "work", "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("vyre-sqlcache torture, seed 5 (kills ")
     assert "| trial | figure | value |" in out
-    for trial in ("kills", "contention", "faults", "corruption", "fork", "interrupts"):
+    trials = ("kills", "contention", "faults", "corruption", "fork", "interrupts", "deletions")
+    for trial in trials:
         assert f"| {trial} |" in out
     assert "| kills | kills survived (of which with a power cut) | 2 (" in out
     assert "| corruption | corrupt files tried (by damage) | 6 (" in out
@@ -43,7 +45,8 @@ def test_the_command_runs_as_a_module() -> None:
     )
     assert done.returncode == 0
     assert done.stdout.startswith("usage: python -m torture ")
-    for option in ("--kills", "--corruptions", "--seconds", "--forks", "--interrupts", "--seed"):
+    options = ("--kills", "--corruptions", "--seconds", "--forks", "--interrupts", "--deletions")
+    for option in (*options, "--seed"):
         assert option in done.stdout
 
 

@@ -31,6 +31,10 @@ Four kinds of trials, each also run with small counts by the test suite:
   with a write-ahead log left as by a crash) get random bytes, whole pages of chosen
   b-trees, the header, WAL frames or the length damaged; a worker process opens and reads
   each one. It must never crash, never return wrong bytes, and heal or raise as documented.
+
+The lifecycle trials (`lifecycle.py`: fork, Ctrl-C) and the deletion trials
+(`deletions.py`: the file, its main file alone or its folder deleted while threads
+write, read and flush) run in child processes too.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .corruption import (
     run_corruptions,
     trial_in_subprocess,
 )
+from .deletions import DeletionReport, run_deletions
 from .faults import FaultReport, run_faults
 from .kills import KillReport, run_kills
 from .shims import FaultPlan, FaultyVFS, SyncTrackingVFS, mark_synced, power_cut
@@ -56,6 +61,7 @@ __all__ = [
     "FINGERPRINT",
     "ContentionReport",
     "CorruptionReport",
+    "DeletionReport",
     "FaultPlan",
     "FaultReport",
     "FaultyVFS",
@@ -75,6 +81,7 @@ __all__ = [
     "read_slot",
     "run_contention",
     "run_corruptions",
+    "run_deletions",
     "run_faults",
     "run_kills",
     "trial_in_subprocess",

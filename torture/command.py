@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from .contention import ContentionReport, contention_child, run_contention
 from .corruption import CorruptionReport, corruption_child, run_corruptions
+from .deletions import DeletionReport, run_deletions
 from .faults import FaultReport, faults_child, run_faults
 from .kills import KillReport, kill_child, run_kills
 from .lifecycle import ForkReport, InterruptReport, run_fork_trials, run_interrupt_trials
@@ -49,7 +50,8 @@ R = TypeVar("R")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m torture",
-        description="Kill, power-cut, contention, fault, corruption, fork and interrupt trials "
+        description="Kill, power-cut, contention, fault, corruption, fork, interrupt and "
+        "deletion trials "
         "of vyre-sqlcache. "
         "Prints a table of figures; exits 1 if anything acknowledged was lost, any wrong "
         "bytes were returned, or any call failed in an undocumented way.",
@@ -68,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--interrupts", type=int, default=6, help="trials of random Ctrl-C (6)")
     parser.add_argument("--interrupt-seconds", type=float, default=5.0, help="length of each (5)")
+    parser.add_argument(
+        "--deletions", type=int, default=6, help="trials deleting the file in use (6)"
+    )
+    parser.add_argument("--deletion-seconds", type=float, default=5.0, help="length of each (5)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -169,6 +175,20 @@ def _interrupt_rows(r: InterruptReport) -> list[Row]:
     ]  # fmt: skip
 
 
+def _deletion_rows(r: DeletionReport) -> list[Row]:
+    return [
+        ("deletions", "trials x seconds, files deleted in use",
+         f"{r.trials} x {r.seconds:g} s, {r.deletions}"),
+        ("deletions", "writes; flushes (that raised CacheError)",
+         f"{r.writes}; {r.flushes} ({r.failed_flushes})"),
+        ("deletions", "writes owed after the last deletion, checked", r.checked),
+        ("deletions", "calls that raised CacheError", r.cache_errors),
+        ("deletions", "**hangs / undocumented exceptions**", f"{r.hangs} / {len(r.errors)}"),
+        ("deletions", "**acknowledged writes lost / wrong bytes**", f"{r.lost} / {r.wrong}"),
+        ("deletions", "**files failing integrity_check**", r.not_ok),
+    ]  # fmt: skip
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table of (trial, figure, value) rows."""
     lines = ["| trial | figure | value |", "| --- | --- | ---: |"]
@@ -222,14 +242,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work / "interrupts", args.interrupts, args.interrupt_seconds, seed=seed
             ),
         )
-    reports: list[Any] = [kills, contention, faults, corrupt, forks, interrupts]
+        deletions = timed(
+            "deletions",
+            lambda: run_deletions(
+                work / "deletions", args.deletions, args.deletion_seconds, seed=seed
+            ),
+        )
+    reports: list[Any] = [kills, contention, faults, corrupt, forks, interrupts, deletions]
     failures = sum(report.failures for report in reports)
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     print(f"vyre-sqlcache torture, seed {seed} ({spent})")
     print()
     rows = _kill_rows(kills) + _contention_rows(contention)
     rows += _fault_rows(faults) + _corruption_rows(corrupt)
-    print(format_table(rows + _fork_rows(forks) + _interrupt_rows(interrupts)))
+    rows += _fork_rows(forks) + _interrupt_rows(interrupts) + _deletion_rows(deletions)
+    print(format_table(rows))
     print()
     for report in reports:
         for detail in report.details:
