@@ -309,13 +309,17 @@ def test_a_cache_deleted_while_open_is_made_again_and_keeps_what_flush_acknowled
         assert cache.check().ok and len(cache) == 3
 
 
-def test_a_cache_deleted_while_open_is_made_again_at_close(tmp_path: Path) -> None:
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_a_cache_deleted_while_open_is_made_again_at_close(
+    tmp_path: Path, write_behind: bool
+) -> None:
     path = tmp_path / "pipelines.sqlite3"
     digest = digest_of("at close", 0)
-    cache = PipelineCache.open(path)
+    cache = PipelineCache.open(path, write_behind=write_behind)
     cache.write(digest_of("first", 0), FP, b"first")
     cache.flush()
     remove_cache(path, "files")
+    # queued at close (write-behind), or committed already into the deleted file
     cache.write(digest, FP, b"written after the deletion, never flushed")
     cache.close()
     assert found_by_another_process(path, [digest]) == [True]

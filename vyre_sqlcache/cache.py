@@ -440,8 +440,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if not self._readonly:
                 self._writer.stop()
                 self._closing = True  # the last commit follows the path, as a flush does
+                # With writes committed since the last flush into a file that is no longer
+                # at the path, the last commit runs even with nothing queued.
+                owed = self._since_flush is None or bool(self._since_flush)
+                moved = owed and self._inode is not None and inode(self._path) != self._inode
                 try:
-                    self._writer.commit()
+                    self._writer.commit(extra=(lambda _connection: 0) if moved else None)
                 except CacheError as error:
                     log.warning(
                         "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
