@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -420,3 +421,27 @@ def test_deleting_the_file_under_threads_at_work_loses_nothing_flushed_since(
     assert report.errors == [] and report.hangs == 0
     assert report.deletions > 10 and report.checked > 10
     assert (report.lost, report.wrong, report.not_ok) == (0, 0, 0)
+
+
+def test_ctrl_c_while_the_deleted_file_is_left_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    digest = digest_of("interrupted", 0)
+    read_back = cache_module.sound_entry
+
+    def interrupted(*args: Any) -> Any:  # Ctrl-C while entries are read from the old file
+        os.kill(os.getpid(), signal.SIGINT)
+        return read_back(*args)
+
+    monkeypatch.setattr(cache_module, "sound_entry", interrupted)
+    with PipelineCache.open(path, write_behind=False) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        cache.write(digest, FP, b"committed into the file about to be deleted")
+        remove_cache(path, "files")
+        with pytest.raises(KeyboardInterrupt):
+            cache.flush()
+        monkeypatch.setattr(cache_module, "sound_entry", read_back)
+        cache.flush()
+    assert found_by_another_process(path, [digest]) == [True]

@@ -1010,26 +1010,30 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if first:
                 rescued.extend(self._written_since_flush(connections))
 
-        if not self._pool.quiesce(last_look=last_look):
-            raise CacheError(
-                f"{self._path} was deleted or replaced while open, and another thread's "
-                "call did not end in time to reopen it; flush() again"
-            )
-        # The old file is closed: its inode number may now be given to a new file.
-        self._reopen_due = True
-        try:
-            if first:
-                self._moving = True
-                self._rescued = rescued
-                log.warning(
-                    "vyre-sqlcache: %s was deleted or replaced while open; writing to the "
-                    "file now at that path, with the %d entries written since the last flush",
-                    self._path,
-                    len(rescued),
+        # Ctrl-C between closing the old file and noting what was read from it would lose
+        # those entries: the old file cannot be read again.
+        with interrupts_held():
+            if not self._pool.quiesce(last_look=last_look):
+                raise CacheError(
+                    f"{self._path} was deleted or replaced while open, and another thread's "
+                    "call did not end in time to reopen it; flush() again"
                 )
-            self._open_the_path()
-        finally:
-            self._pool.resume()
+            # The old file is closed: its inode number may now be given to a new file.
+            self._reopen_due = True
+            try:
+                if first:
+                    self._moving = True
+                    self._rescued = rescued
+                    log.warning(
+                        "vyre-sqlcache: %s was deleted or replaced while open; writing to "
+                        "the file now at that path, with the %d entries written since the "
+                        "last flush",
+                        self._path,
+                        len(rescued),
+                    )
+                self._open_the_path()
+            finally:
+                self._pool.resume()
         return [*self._rescued, *entries]
 
     def _written_since_flush(self, connections: list[apsw.Connection]) -> list[NewEntry]:
