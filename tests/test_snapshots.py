@@ -248,8 +248,11 @@ def test_hits_and_misses_of_every_kind_in_one_snapshot(
         2: rng.randbytes(3000),
         3: ZSTD_MAGIC + rng.randbytes(3000),  # raw bytes that start like a zstd frame
         4: b"kernel void f() {}\n" * 500,  # compressed
-        5: rng.randbytes(300 * 1024),  # over the size read through the mapping
+        5: rng.randbytes(300 * 1024),  # over the size a statement's row carries
         6: ZSTD_MAGIC,
+        7: ZSTD_MAGIC + rng.randbytes(300 * 1024),  # the same, starting like a zstd frame
+        8: b"".join(b"kernel %d\n" % n + rng.randbytes(8) for n in range(200_000)),  # compressed
+        9: rng.randbytes((8 << 20) + 1),  # over the size read through the mapping
     }
     cache.write_many([(digest(i), blob) for i, blob in blobs.items()], fingerprint)
     cache.flush()

@@ -342,8 +342,14 @@ class HeldReader:
             self.close()
             self._armed = False
             return None
-        if data.length() > MAPPED_BLOB_BYTES:
+        length = data.length()
+        if length > MAPPED_BLOB_BYTES:
             return None
+        if length > LARGE_BLOB_BYTES:
+            # A compressed one is read by `fetch`: look before reading it all twice.
+            if data.read(4) == _ZSTD_MAGIC:
+                return None
+            data.seek(0)
         digest = checksum.read()
         algo = _checksums.BY_LENGTH.get(len(digest))
         blob = data.read()
