@@ -445,3 +445,31 @@ def test_ctrl_c_while_the_deleted_file_is_left_loses_nothing(
         monkeypatch.setattr(cache_module, "sound_entry", read_back)
         cache.flush()
     assert found_by_another_process(path, [digest]) == [True]
+
+
+def test_a_new_connection_is_never_paired_with_the_deleted_files_log(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    before, since, threads = digest_of("before", 0), digest_of("since", 0), digest_of("t", 0)
+    with PipelineCache.open(path, write_behind=False) as cache:
+        cache.write(before, FP, b"flushed before the deletion")
+        cache.flush()
+        cache.write(since, FP, b"committed since the flush")
+        remove_cache(path, "main file only")  # its -wal and -shm stay, in use
+        outcome: list[object] = []
+
+        def first_call() -> None:  # a thread's first connection, before the next flush
+            try:
+                cache.write(threads, FP, b"from a thread new to the cache")
+                outcome.append("written")
+            except CacheError as error:
+                outcome.append(str(error))
+
+        thread = threading.Thread(target=first_call)
+        thread.start()
+        thread.join()
+        assert outcome == [f"{path} was deleted while open; it is made again at the next flush()"]
+        cache.flush()
+        cache.write(threads, FP, b"from a thread new to the cache")
+    assert found_by_another_process(path, [before, since, threads]) == [False, True, True]
+    with PipelineCache.open(path) as cache:
+        assert cache.check().ok and len(cache) == 2

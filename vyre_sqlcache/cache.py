@@ -335,6 +335,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def _connect(self, mmap: bool) -> apsw.Connection:
         """A new connection with this cache's settings; raises CacheError types."""
         file = self._watch.file  # as last located (see `FileWatch`)
+        if self._inode is not None and self._log_without_file():
+            # The file was deleted, and not its -wal and -shm, which this object's open
+            # connections still use: SQLite would pair a new file with them and read the
+            # old one's pages. The next flush removes them and makes the file again.
+            raise CacheError(
+                f"{self._path} was deleted while open; it is made again at the next flush()"
+            )
         try:
             connection = connect(
                 self._path,
@@ -356,6 +363,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             # a read-only cache leaves the file as it found it.
             connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         return connection
+
+    def _log_without_file(self) -> bool:
+        """Whether the path has a -wal or -shm but no database file."""
+        if inode(self._path) is not None:
+            return False
+        return any(Path(f"{self._path}{side}").exists() for side in SIDE_FILES)
 
     def _prepare_if_new(self, connection: apsw.Connection) -> None:
         """Give a file made since this object opened its own (the first deleted while
