@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from .contention import ContentionReport, contention_child, run_contention
 from .corruption import CorruptionReport, corruption_child, run_corruptions
-from .deletions import DeletionReport, run_deletions
+from .deletions import DeletionReport, deletion_child, run_deletions
 from .faults import FaultReport, faults_child, run_faults
 from .kills import KillReport, kill_child, run_kills
 from .lifecycle import ForkReport, InterruptReport, run_fork_trials, run_interrupt_trials
@@ -41,6 +41,9 @@ def _child_main(argv: list[str]) -> int:
         return faults_child(Path(workdir), int(rounds), int(seed))
     if command == "child-corrupt":
         return corruption_child()
+    if command == "child-delete":
+        path, seconds, seed = args
+        return deletion_child(Path(path), float(seconds), int(seed))
     raise SystemExit(f"unknown child command {command}")
 
 

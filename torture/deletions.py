@@ -10,7 +10,7 @@ after the last deletion must be in the file at the path, with its bytes; no read
 returns bytes that were never written under its key; calls raise nothing but
 `CacheError`. Afterwards the file must pass `integrity_check`.
 
-Run one trial by hand: `python -m torture.deletions PATH SECONDS SEED`.
+Run one trial by hand: `python -m torture child-delete PATH SECONDS SEED`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +186,15 @@ def run_deletions(root: Path, trials: int, seconds: float, seed: int) -> Deletio
         report.trials += 1
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "torture.deletions", str(path), str(seconds), str(seed + i)],
+                [
+                    sys.executable,
+                    "-m",
+                    "torture",
+                    "child-delete",
+                    str(path),
+                    str(seconds),
+                    str(seed + i),
+                ],
                 env=_child_env(),
                 cwd=ROOT,
                 capture_output=True,
@@ -198,7 +205,7 @@ def run_deletions(root: Path, trials: int, seconds: float, seed: int) -> Deletio
             report.hangs += 1
             continue
         if done.returncode != 0:
-            report.errors.append(done.stderr.strip()[-300:])
+            report.errors.append(f"exit status {done.returncode}: {done.stderr.strip()[-300:]}")
             continue
         figures = json.loads(done.stdout)
         for name in ("deletions", "flushes", "failed_flushes", "writes", "checked"):
@@ -211,12 +218,7 @@ def run_deletions(root: Path, trials: int, seconds: float, seed: int) -> Deletio
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """One trial: PATH SECONDS SEED; prints its figures as JSON."""
-    path, seconds, seed = list(sys.argv[1:] if argv is None else argv)
-    print(json.dumps(deletion_trial(Path(path), float(seconds), int(seed))))
+def deletion_child(path: Path, seconds: float, seed: int) -> int:
+    """`python -m torture child-delete`: one trial; prints its figures as JSON."""
+    print(json.dumps(deletion_trial(path, seconds, seed)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
