@@ -26,10 +26,13 @@ __all__ = [
     "FileWatch",
     "has_side_files",
     "header_damage",
+    "inode",
     "is_not_sqlite",
     "looks_like_damaged_pages",
     "move_aside",
     "needs_check_marker",
+    "orphaned_log",
+    "remove_orphaned_log",
     "resolve",
 ]
 
@@ -359,6 +362,30 @@ def inode(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino)
+
+
+def orphaned_log(path: Path) -> bool:
+    """Whether `path` has a -wal or -shm but no database file: the log of a file deleted
+    while in use, which SQLite would pair with a new file at the path (and read the old
+    file's pages through it)."""
+    if inode(path) is not None:
+        return False
+    return any(Path(f"{path}{side}").exists() for side in SIDE_FILES)
+
+
+def remove_orphaned_log(path: Path) -> None:
+    """Remove the -wal and -shm of `path` if its database file is gone; raises CacheError
+    if one cannot be removed."""
+    if inode(path) is not None:
+        return
+    for side in SIDE_FILES:
+        try:
+            Path(f"{path}{side}").unlink(missing_ok=True)
+        except OSError as error:
+            raise CacheError(
+                f"{path} was deleted while open, and its {side} file cannot be removed: "
+                f"{error}; remove it to go on"
+            ) from error
 
 
 def _state(file: CacheFile) -> tuple[object, ...]:

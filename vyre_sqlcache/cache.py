@@ -25,7 +25,6 @@ import platformdirs
 from . import _codec, _explain_sql, _layers, _remote, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
-    SIDE_FILES,
     CacheFile,
     FileWatch,
     has_side_files,
@@ -35,6 +34,8 @@ from ._cachefile import (
     looks_like_damaged_pages,
     move_aside,
     needs_check_marker,
+    orphaned_log,
+    remove_orphaned_log,
 )
 from ._checkpointer import FULL_DISK_STEP_ENTRIES, Checkpointer, FullDiskEviction
 from ._checks import (
@@ -335,7 +336,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def _connect(self, mmap: bool) -> apsw.Connection:
         """A new connection with this cache's settings; raises CacheError types."""
         file = self._watch.file  # as last located (see `FileWatch`)
-        if self._inode is not None and self._log_without_file():
+        if self._inode is not None and orphaned_log(self._path):
             # The file was deleted, and not its -wal and -shm, which this object's open
             # connections still use: SQLite would pair a new file with them and read the
             # old one's pages. The next flush removes them and makes the file again.
@@ -363,12 +364,6 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             # a read-only cache leaves the file as it found it.
             connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         return connection
-
-    def _log_without_file(self) -> bool:
-        """Whether the path has a -wal or -shm but no database file."""
-        if inode(self._path) is not None:
-            return False
-        return any(Path(f"{self._path}{side}").exists() for side in SIDE_FILES)
 
     def _prepare_if_new(self, connection: apsw.Connection) -> None:
         """Give a file made since this object opened its own (the first deleted while
@@ -1068,17 +1063,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def _open_the_path(self) -> None:
         """Locate, create if missing and migrate the file at the path, all connections
         closed; this object's connections open it from now on. Raises CacheError types."""
-        if inode(self._path) is None:
-            # A log and index left without their database are the deleted file's: SQLite
-            # would pair them with the new file and read the old one's pages through them.
-            for side in SIDE_FILES:
-                try:
-                    Path(f"{self._path}{side}").unlink(missing_ok=True)
-                except OSError as error:
-                    raise CacheError(
-                        f"{self._path} was deleted while open, and its {side} file cannot "
-                        f"be removed: {error}; remove it to go on"
-                    ) from error
+        remove_orphaned_log(self._path)  # the deleted file's, now closed
         file = CacheFile.locate(self._path, create=True)
         if not file.writable:
             raise ReadOnlyCacheError(
