@@ -457,19 +457,36 @@ def test_a_new_connection_is_never_paired_with_the_deleted_files_log(tmp_path: P
         remove_cache(path, "main file only")  # its -wal and -shm stay, in use
         outcome: list[object] = []
 
-        def first_call() -> None:  # a thread's first connection, before the next flush
+        def first_call() -> None:  # a thread's first connection, before the next commit
             try:
-                cache.write(threads, FP, b"from a thread new to the cache")
-                outcome.append("written")
+                outcome.append(cache.read(since, FP))
             except CacheError as error:
                 outcome.append(str(error))
+            # a write commits, which makes the file again first
+            cache.write(threads, FP, b"from a thread new to the cache")
+            outcome.append(cache.read(since, FP))
 
         thread = threading.Thread(target=first_call)
         thread.start()
         thread.join()
-        assert outcome == [f"{path} was deleted while open; it is made again at the next flush()"]
-        cache.flush()
-        cache.write(threads, FP, b"from a thread new to the cache")
+        assert outcome == [
+            f"{path} was deleted while open; the next write or flush() makes it again",
+            b"committed since the flush",
+        ]
     assert found_by_another_process(path, [before, since, threads]) == [False, True, True]
     with PipelineCache.open(path) as cache:
         assert cache.check().ok and len(cache) == 2
+
+
+def test_a_write_after_the_deletion_reaches_the_new_file_without_a_flush(tmp_path: Path) -> None:
+    # Other processes see a write a few milliseconds later: a deleted file must not
+    # hide it until the next flush.
+    path = tmp_path / "pipelines.sqlite3"
+    since, after = digest_of("since", 0), digest_of("after", 0)
+    with PipelineCache.open(path, write_behind=False) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        cache.write(since, FP, b"committed before the deletion, not flushed")
+        remove_cache(path, "files")
+        cache.write(after, FP, b"committed after the deletion")
+        assert found_by_another_process(path, [since, after]) == [True, True]

@@ -197,7 +197,6 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._moving = False  # the path names another file; `_rescued` not written yet
         self._reopen_due = False  # the old file is closed, the one at the path not opened
         self._rescued: list[NewEntry] = []
-        self._closing = False
 
     # -- opening and closing -------------------------------------------------------
 
@@ -341,7 +340,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             # connections still use: SQLite would pair a new file with them and read the
             # old one's pages. The next flush removes them and makes the file again.
             raise CacheError(
-                f"{self._path} was deleted while open; it is made again at the next flush()"
+                f"{self._path} was deleted while open; the next write or flush() makes it again"
             )
         try:
             connection = connect(
@@ -447,9 +446,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         try:
             if not self._readonly:
                 self._writer.stop()
-                self._closing = True  # the last commit follows the path, as a flush does
-                # With writes committed since the last flush into a file that is no longer
-                # at the path, the last commit runs even with nothing queued.
+                # Every commit follows the path (`_follow_the_path`); with writes committed
+                # since the last flush into a file no longer at the path, the last commit
+                # runs even with nothing queued.
                 owed = self._since_flush is None or bool(self._since_flush)
                 moved = owed and self._inode is not None and inode(self._path) != self._inode
                 try:
@@ -945,8 +944,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     ) -> T | None:
         """Insert `entries` and run `extra` in one transaction (synced when `durable`),
         evicting for the cap, and once for a full disk; return what `extra` returned."""
-        if durable or self._closing:
-            entries = self._follow_the_path(entries)
+        entries = self._follow_the_path(entries)
         incoming = sum(len(entry.blob) for entry in entries)
         result: T | None = None
         with self._call() as slot, interrupts_held():
@@ -990,11 +988,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         changes = len(entries) + (result if isinstance(result, int) else 0)
         with self._lock:
             self._unflushed = 0 if durable else self._unflushed + changes
+            self._moving = False  # what was rescued is in the file at the path now
+            self._rescued = []
             if durable:
                 self._since_flush = set()
                 self._flushed_ms = _now_ms()
-                self._moving = False
-                self._rescued = []
             elif self._since_flush is not None:
                 self._since_flush.update(entry.rowid for entry in entries)
                 if len(self._since_flush) > MAX_TRACKED_WRITES:
