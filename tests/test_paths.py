@@ -490,3 +490,27 @@ def test_a_write_after_the_deletion_reaches_the_new_file_without_a_flush(tmp_pat
         remove_cache(path, "files")
         cache.write(after, FP, b"committed after the deletion")
         assert found_by_another_process(path, [since, after]) == [True, True]
+
+
+def test_another_process_opens_the_path_while_the_deleted_files_log_is_in_use(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        remove_cache(path, "main file only")  # this object still uses its -wal and -shm
+        other = subprocess.run(
+            [sys.executable, "-c", WRITER, str(path), "other", "3"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert other.returncode == 0, other.stderr[-500:]  # it failed: disk I/O error
+        cache.write(digest_of("mine", 0), FP, b"mine")
+        cache.flush()
+        assert cache.read(digest_of("other", 2), FP) is not None
+    others = [digest_of("other", i) for i in range(3)]
+    assert found_by_another_process(path, [digest_of("mine", 0), *others]) == [True] * 4
+    with PipelineCache.open(path) as cache:
+        assert cache.check().ok and len(cache) == 4

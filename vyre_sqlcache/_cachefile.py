@@ -380,12 +380,15 @@ def remove_orphaned_log(path: Path) -> None:
         return
     for side in SIDE_FILES:
         try:
-            Path(f"{path}{side}").unlink(missing_ok=True)
+            Path(f"{path}{side}").unlink()
+        except FileNotFoundError:
+            continue
         except OSError as error:
             raise CacheError(
-                f"{path} was deleted while open, and its {side} file cannot be removed: "
+                f"{path} was deleted while in use, and its {side} file cannot be removed: "
                 f"{error}; remove it to go on"
             ) from error
+        log.info("vyre-sqlcache: removed %s%s, left by a deleted cache file", path, side)
 
 
 def _state(file: CacheFile) -> tuple[object, ...]:

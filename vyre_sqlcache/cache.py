@@ -284,6 +284,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
             return DisabledCache(CacheFile(resolved, writable=False, immutable=False), max_bytes)
         file = CacheFile.locate(resolved, create=not readonly)
+        if file.writable and not readonly:
+            # A process still using a deleted file keeps its log at the path: SQLite
+            # would pair the new file with it (and fail with a disk I/O error).
+            remove_orphaned_log(file.path)
         if not file.writable and not readonly:
             log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
         cache = cls(
