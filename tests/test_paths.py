@@ -514,3 +514,22 @@ def test_another_process_opens_the_path_while_the_deleted_files_log_is_in_use(
     assert found_by_another_process(path, [digest_of("mine", 0), *others]) == [True] * 4
     with PipelineCache.open(path) as cache:
         assert cache.check().ok and len(cache) == 4
+
+
+def test_a_backup_moved_in_while_open_gets_what_was_written_since_the_flush(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    backup = tmp_path / "backup.sqlite3"
+    with PipelineCache.open(backup) as other:
+        other.write(digest_of("backup", 0), FP, b"in the backup")
+    with PipelineCache.open(path, write_behind=False) as cache:
+        cache.write(digest_of("flushed", 0), FP, b"flushed")
+        cache.flush()
+        cache.write(digest_of("since", 0), FP, b"since the flush")
+        remove_cache(path, "files")
+        os.replace(backup, path)  # a restore: the old file and its log out, a copy in
+        cache.write(digest_of("after", 0), FP, b"after the restore")
+        assert cache.read(digest_of("backup", 0), FP) == b"in the backup"
+    digests = [digest_of(tag, 0) for tag in ("backup", "since", "after", "flushed")]
+    assert found_by_another_process(path, digests) == [True, True, True, False]
