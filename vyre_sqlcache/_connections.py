@@ -517,7 +517,8 @@ class ConnectionPool:
         """Pause new calls, wait for other threads' calls to end, close every connection.
 
         `last_look` is first handed the main connections, idle and out of any snapshot.
-        Returns False (closing nothing) if another thread's call did not end in time.
+        Returns False (closing nothing, pausing nothing) if another thread's call did not
+        end in time.
         """
         with self._lock:
             self._paused = True
@@ -530,6 +531,7 @@ class ConnectionPool:
             if not any(s.busy for s in slots if s is not me):
                 break
             if time.monotonic() > deadline:
+                self.resume()  # nothing was closed: calls may go on
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
