@@ -26,11 +26,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import apsw
-
 from vyre_sqlcache import CacheError, PipelineCache
 
-from .lifecycle import FINGERPRINT, ROOT, TRIAL_TIMEOUT_S, _child_env, blob_of, digest_of
+from .lifecycle import (
+    FINGERPRINT,
+    ROOT,
+    TRIAL_TIMEOUT_S,
+    _child_env,
+    blob_of,
+    check_digests,
+    digest_of,
+)
 
 HOW = ("files", "main file only", "folder")
 WORKERS = 3
@@ -124,17 +130,7 @@ def deletion_trial(path: Path, seconds: float, seed: int) -> dict[str, object]:
         overlapping = bisect.bisect_right(ends, called)
         if acknowledged and flushes[overlapping][1] > last_deletion:
             owed.append(digest)
-    lost = 0
-    with PipelineCache.open(path, max_bytes=None) as check:
-        for digest in owed:
-            got = check.read(digest, FINGERPRINT)
-            lost += got is None
-            wrong += got is not None and got != blob_of(digest)
-    connection = apsw.Connection(str(path))
-    try:
-        ok = connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        connection.close()
+    lost, wrong_at_the_end, ok = check_digests(path, owed)
     return {
         "deletions": len(deletions),
         "flushes": len(flushes),
@@ -142,7 +138,7 @@ def deletion_trial(path: Path, seconds: float, seed: int) -> dict[str, object]:
         "writes": sum(map(len, written)),
         "checked": len(owed),
         "lost": lost,
-        "wrong": wrong,
+        "wrong": wrong + wrong_at_the_end,
         "cache_errors": cache_errors,
         "other_errors": other_errors[:5],
         "ok": ok,

@@ -192,6 +192,11 @@ def check_acks(path: Path) -> tuple[int, int, int, bool]:
     """(checked, lost, wrong, integrity ok) for every acknowledged write of a trial."""
     acks = Path(str(path) + ".acks")
     digests = [bytes.fromhex(line) for line in acks.read_text().split()] if acks.exists() else []
+    return (len(digests), *check_digests(path, digests))
+
+
+def check_digests(path: Path, digests: Sequence[bytes]) -> tuple[int, int, bool]:
+    """(lost, wrong, integrity ok) for `digests`, each written with `blob_of` its bytes."""
     lost = wrong = 0
     with PipelineCache.open(path, max_bytes=None) as cache:
         for digest in digests:
@@ -203,7 +208,7 @@ def check_acks(path: Path) -> tuple[int, int, int, bool]:
         ok = connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         connection.close()
-    return len(digests), lost, wrong, ok
+    return lost, wrong, ok
 
 
 def _child_command(*args: str) -> list[str]:
