@@ -194,9 +194,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._inode: tuple[int, int] | None = None
         self._since_flush: set[int] | None = set()
         self._flushed_ms = _now_ms()
-        self._moving = False  # the path names another file; `_rescued` not written yet
         self._reopen_due = False  # the old file is closed, the one at the path not opened
-        self._rescued: list[NewEntry] = []
+        # Read from the old file once the path named another, until committed to the new.
+        self._rescued: list[NewEntry] | None = None
 
     # -- opening and closing -------------------------------------------------------
 
@@ -992,8 +992,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         changes = len(entries) + (result if isinstance(result, int) else 0)
         with self._lock:
             self._unflushed = 0 if durable else self._unflushed + changes
-            self._moving = False  # what was rescued is in the file at the path now
-            self._rescued = []
+            self._rescued = None  # in the file at the path now
             if durable:
                 self._since_flush = set()
                 self._flushed_ms = _now_ms()
@@ -1008,12 +1007,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         no longer names the file open (deleted, or replaced by a rename, while open):
         those are read from the old file, and every connection reopens on the file now at
         the path, made anew if missing. Raises CacheError if that cannot be opened; the
-        next flush tries again."""
-        if self._inode is None or (not self._moving and inode(self._path) == self._inode):
+        next commit tries again."""
+        rescued_before = self._rescued
+        if self._inode is None or (rescued_before is None and inode(self._path) == self._inode):
             return entries
-        if self._moving and not self._reopen_due:
-            return [*self._rescued, *entries]  # reopened, but the commit failed
-        first = not self._moving
+        if rescued_before is not None and not self._reopen_due:
+            return [*rescued_before, *entries]  # reopened, but the commit failed
+        first = rescued_before is None
         rescued: list[NewEntry] = []
 
         def last_look(connections: list[apsw.Connection]) -> None:
@@ -1032,7 +1032,6 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._reopen_due = True
             try:
                 if first:
-                    self._moving = True
                     self._rescued = rescued
                     log.warning(
                         "vyre-sqlcache: %s was deleted or replaced while open; writing to "
@@ -1044,7 +1043,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 self._open_the_path()
             finally:
                 self._pool.resume()
-        return [*self._rescued, *entries]
+        return [*(self._rescued or []), *entries]
 
     def _written_since_flush(self, connections: list[apsw.Connection]) -> list[NewEntry]:
         """The sound entries this object committed since its last flush, read through one
