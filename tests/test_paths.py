@@ -21,10 +21,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 
 from torture.deletions import run_deletions
 from vyre_sqlcache import CacheError, DeviceFingerprint, NotACacheError, PipelineCache
+from vyre_sqlcache import _connections as connections_module
 from vyre_sqlcache import cache as cache_module
 
 FP = DeviceFingerprint.from_parts(1, 2, "paths")
@@ -533,3 +535,66 @@ def test_a_backup_moved_in_while_open_gets_what_was_written_since_the_flush(
         assert cache.read(digest_of("backup", 0), FP) == b"in the backup"
     digests = [digest_of(tag, 0) for tag in ("backup", "since", "after", "flushed")]
     assert found_by_another_process(path, digests) == [True, True, True, False]
+
+
+class _HeldFile(apsw.VFSFile):
+    def __init__(self, vfs: _HoldingVFS, name: Any, flags: list[int]) -> None:
+        super().__init__("", name, flags)
+        self._vfs = vfs
+
+    def xRead(self, amount: int, offset: int) -> bytes:
+        if threading.current_thread() is self._vfs.held_thread:
+            self._vfs.holding.set()
+            self._vfs.release.wait(30)
+        data: bytes = super().xRead(amount, offset)
+        return data
+
+
+class _HoldingVFS(apsw.VFS):
+    """Passes I/O through, holding the reads of one thread until released."""
+
+    def __init__(self) -> None:
+        self.held_thread: threading.Thread | None = None
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.name = "test-holding"
+        super().__init__(self.name, "")
+
+    def xOpen(self, name: Any, flags: list[int]) -> _HeldFile:
+        return _HeldFile(self, name, flags)
+
+
+def test_a_reopen_that_cannot_wait_for_another_threads_call_leaves_the_cache_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections_module, "QUIESCE_TIMEOUT_S", 0.3)
+    vfs = _HoldingVFS()
+    path = tmp_path / "pipelines.sqlite3"
+    try:
+        with PipelineCache.open(path, write_behind=False, vfs=vfs.name) as cache:
+            cache.write(digest_of("first", 0), FP, b"first")
+            cache.flush()
+            reader = threading.Thread(target=lambda: cache.read(digest_of("first", 0), FP))
+            vfs.held_thread = reader
+            reader.start()  # its read is held inside SQLite: a call that does not end
+            assert vfs.holding.wait(10)
+            remove_cache(path, "files")
+            with pytest.raises(CacheError, match="did not end in time"):
+                cache.write(digest_of("after", 0), FP, b"after the deletion")
+            # A call after that must not wait for a resume that never comes.
+            outcome: list[object] = []
+            probe = threading.Thread(
+                target=lambda: outcome.append(cache.read(digest_of("other", 0), FP))
+            )
+            probe.start()
+            probe.join(10)
+            if not outcome:
+                cache._pool.resume()  # only so that the test ends (and fails) instead of hanging
+            assert outcome == [None], "a call after the failed reopen waited"
+            vfs.release.set()
+            reader.join(10)
+            cache.write(digest_of("after", 0), FP, b"after the deletion")
+            assert cache.read(digest_of("after", 0), FP) == b"after the deletion"
+    finally:
+        vfs.release.set()
+        vfs.unregister()

@@ -511,15 +511,17 @@ class ConnectionPool:
 
     def quiesce(
         self,
-        timeout: float = QUIESCE_TIMEOUT_S,
+        timeout: float | None = None,
         last_look: Callable[[list[apsw.Connection]], None] | None = None,
     ) -> bool:
         """Pause new calls, wait for other threads' calls to end, close every connection.
 
         `last_look` is first handed the main connections, idle and out of any snapshot.
         Returns False (closing nothing, pausing nothing) if another thread's call did not
-        end in time.
+        end within `timeout` (default `QUIESCE_TIMEOUT_S`).
         """
+        if timeout is None:
+            timeout = QUIESCE_TIMEOUT_S
         with self._lock:
             self._paused = True
         me = getattr(self._local, "slot", None)
