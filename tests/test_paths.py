@@ -598,3 +598,23 @@ def test_a_reopen_that_cannot_wait_for_another_threads_call_leaves_the_cache_usa
     finally:
         vfs.release.set()
         vfs.unregister()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_fork_right_after_the_deletion_loses_nothing_committed_since_the_flush(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    since = digest_of("since", 0)
+    with PipelineCache.open(path, write_behind=False) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        cache.write(since, FP, b"committed before the deletion, not flushed")
+        remove_cache(path, "files")
+        child = os.fork()  # closes every connection, on both sides, before the next commit
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        cache.flush()
+        assert cache.read(since, FP) == b"committed before the deletion, not flushed"
+    assert found_by_another_process(path, [since]) == [True]

@@ -47,8 +47,10 @@ Commit = Callable[[list[NewEntry], bool, Any], Any]
 class WriteBehind:
     """The queue of one cache object and the thread that commits it."""
 
-    def __init__(self, commit: Commit) -> None:
+    def __init__(self, commit: Commit, before_fork: Callable[[], None] | None = None) -> None:
         self._commit = commit
+        # Run before every fork under the commit lock, after the queue is committed.
+        self._before_fork_hook = before_fork
         self._queue: dict[bytes, NewEntry] = {}
         self._queued_bytes = 0
         self._error: CacheError | None = None
@@ -165,6 +167,9 @@ class WriteBehind:
         with suppress(CacheError):
             self.commit()
         self._committing.acquire()
+        if self._before_fork_hook is not None:
+            with suppress(CacheError):
+                self._before_fork_hook()
         self._lock.acquire()
 
     def _after_fork_in_parent(self) -> None:

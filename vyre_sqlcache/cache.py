@@ -184,7 +184,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._generation = threading.local()  # the watch's generation this thread reads
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
-        self._writer = WriteBehind(self._commit_entries)
+        self._writer = WriteBehind(self._commit_entries, self._follow_before_fork)
         self._layers = _layers.Layers((), self._books.checksum_failed)
         self._remote: _remote.RemoteTier | None = None
         self._miss_log: MissLog | None = None  # see `open(log_misses=...)`
@@ -1044,6 +1044,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             finally:
                 self._pool.resume()
         return [*(self._rescued or []), *entries]
+
+    def _follow_before_fork(self) -> None:
+        """Follow a deleted file before a fork closes every connection (the old file's
+        last readers): what is read from it is committed by the next commit, on either
+        side (both write the same entries). Raises CacheError as `_follow_the_path`."""
+        if not self._readonly and not self._pool.closed:
+            self._follow_the_path([])
 
     def _written_since_flush(self, connections: list[apsw.Connection]) -> list[NewEntry]:
         """The sound entries this object committed since its last flush, read through one
