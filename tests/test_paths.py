@@ -618,3 +618,54 @@ def test_a_fork_right_after_the_deletion_loses_nothing_committed_since_the_flush
         cache.flush()
         assert cache.read(since, FP) == b"committed before the deletion, not flushed"
     assert found_by_another_process(path, [since]) == [True]
+
+
+# argv: path. Prints whether a process other than this one holds a lock in SQLite's lock
+# range of the file (F_GETLK answers only for other processes' locks).
+LOCK_PROBE = textwrap.dedent(
+    """
+    import fcntl, os, struct, sys
+    layout = "hhqqi4x"  # struct flock on Linux
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    asked = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0x40000000, 512, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_GETLK, asked)
+    print(struct.unpack(layout, answer)[0] != fcntl.F_UNLCK)
+    """
+)
+
+
+def locked_for_others(path: Path) -> bool:
+    return finish(child(LOCK_PROBE, str(path))) == "True"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the probe reads Linux's struct flock")
+@pytest.mark.parametrize("how", ["open again", "open read-only", "open as a layer", "merge from"])
+def test_looking_at_the_file_again_keeps_this_processs_locks_on_it(
+    tmp_path: Path, how: str
+) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it,
+    # its SQLite connections' included (SQLite's "how to corrupt", 2.2): another
+    # process could then take the file's exclusive lock, and its last close would
+    # checkpoint and truncate the log under this process's readers.
+    path = tmp_path / "cache.sqlite3"
+    first = PipelineCache.open(path)
+    first.write(digest_of("lock", 0), FP, b"first")
+    first.flush()
+    assert locked_for_others(path)
+    other = tmp_path / "other.sqlite3"
+    if how == "open again":
+        second = PipelineCache.open(path)
+    elif how == "open read-only":
+        second = PipelineCache.open(path, readonly=True)
+    elif how == "open as a layer":
+        second = PipelineCache.open(other, layers=[path])
+    else:
+        second = PipelineCache.open(other)
+        second.merge([path])
+    try:
+        assert second.read(digest_of("lock", 0), FP) == b"first"
+        assert locked_for_others(path)
+        assert first.read(digest_of("lock", 0), FP) == b"first"
+    finally:
+        second.close()
+        first.close()

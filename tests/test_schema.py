@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -115,6 +117,73 @@ def _open_at(path: str, barrier: multiprocessing.synchronize.Barrier, index: int
     with PipelineCache.open(path) as cache:
         cache.write(bytes([index]) * 32, fingerprint, b"from %d" % index)
         cache.flush()
+
+
+class _PausedFirstPage(apsw.VFS):
+    """Writes a new file's first page as SQLite's unix VFS does with memory mapping on
+    (the size hint first extends the file with zeros, then the page is written), and
+    waits between the two until `go` is set."""
+
+    def __init__(self, name: str, reached: Any, go: Any) -> None:
+        self.reached, self.go = reached, go
+        super().__init__(name, "")
+
+    def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:
+        return _PausedFile(self, name, flags)
+
+
+class _PausedFile(apsw.VFSFile):
+    def __init__(self, vfs: _PausedFirstPage, name: Any, flags: list[int]) -> None:
+        self.vfs = vfs
+        super().__init__("", name, flags)
+
+    def xWrite(self, data: bytes, offset: int) -> None:
+        if offset == 0 and self.xFileSize() == 0 and data.startswith(b"SQLite format 3"):
+            self.xTruncate(len(data))
+            self.vfs.reached.set()
+            self.vfs.go.wait(30)
+        super().xWrite(data, offset)
+
+
+def _create_slowly(path: str, reached: Any, go: Any, done: Any) -> None:
+    vfs = _PausedFirstPage("paused-first-page", reached, go)
+    connection = apsw.Connection(path, vfs="paused-first-page")
+    connection.pragma("journal_mode", "wal")
+    connection.close()
+    vfs.unregister()
+    done.set()
+
+
+@pytest.mark.parametrize("creator", ["thread", "process"])
+def test_a_file_whose_first_page_is_being_written_is_not_taken_for_damage(
+    tmp_path: Path, creator: str
+) -> None:
+    # Caught by the race below on a CI machine: another process opening the file in
+    # that moment read zeros and moved the new cache aside as damaged.
+    path = str(tmp_path / "new.sqlite3")
+    if creator == "thread":
+        reached, go, done = threading.Event(), threading.Event(), threading.Event()
+        worker: Any = threading.Thread(target=_create_slowly, args=(path, reached, go, done))
+    else:
+        context = multiprocessing.get_context("spawn")
+        reached, go, done = context.Event(), context.Event(), context.Event()
+        worker = context.Process(target=_create_slowly, args=(path, reached, go, done))
+    worker.start()
+    try:
+        assert reached.wait(30)
+        first_page = Path(path).read_bytes()
+        assert first_page and not any(first_page)
+        threading.Timer(0.5, go.set).start()
+        fingerprint = DeviceFingerprint.from_parts(1, 2, "r")
+        with PipelineCache.open(path) as cache:
+            cache.write(b"\1" * 32, fingerprint, b"written")
+            assert done.wait(10)
+    finally:
+        go.set()
+        worker.join(30)
+    assert sorted(p.name for p in tmp_path.iterdir() if "corrupt" in p.name) == []
+    with PipelineCache.open(path) as cache:
+        assert cache.read(b"\1" * 32, fingerprint) == b"written"
 
 
 def test_processes_creating_one_file_at_once_all_succeed(tmp_path: Path) -> None:

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import apsw
+
 from .errors import CacheError, CorruptCacheError, NotACacheError
 
 __all__ = [
+    "HEAD_BYTES",
     "KEEP_CORRUPT_COPIES",
     "RECHECK_INTERVAL_S",
     "SIDE_FILES",
@@ -32,6 +35,7 @@ __all__ = [
     "move_aside",
     "needs_check_marker",
     "orphaned_log",
+    "read_head",
     "remove_orphaned_log",
     "resolve",
 ]
@@ -59,18 +63,71 @@ def resolve(path: str | Path) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def is_not_sqlite(path: Path) -> bool:
-    """Whether `path` holds bytes that cannot be a SQLite database (a 16-byte look).
+#: How many bytes of a file `read_head` reads: SQLite's header.
+HEAD_BYTES = 100
+#: How long `read_head` waits for a writer of the file's first page.
+_HEAD_WAIT_S = 10.0
+
+
+def read_head(path: Path) -> bytes | None:
+    """The first `HEAD_BYTES` of the file at `path` (fewer if it is shorter; b"" if it is
+    missing or unreadable), read under SQLite's shared lock; None if a writer held the
+    file for `_HEAD_WAIT_S` (its first page may be half written).
+
+    Read through SQLite's own file layer, not `open()`: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, its SQLite connections' included
+    ("How To Corrupt An SQLite Database File", 2.2); SQLite keeps the descriptor until
+    they are released. The lock: SQLite makes a new file by extending it with zeros,
+    then writing the first page, under its exclusive lock; read between the two, a new
+    cache looks like a damaged one.
+    """
+    flags = [apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_READONLY, 0]
+    try:
+        file = apsw.VFSFile("", str(path), flags)
+    except apsw.Error:
+        return b""
+    try:
+        locked = _lock_shared(file)
+        if locked is None:
+            return None
+        try:
+            return bytes(file.xRead(min(HEAD_BYTES, file.xFileSize()), 0))
+        finally:
+            if locked:
+                file.xUnlock(apsw.SQLITE_LOCK_NONE)
+    except apsw.Error:
+        return b""
+    finally:
+        file.xClose()
+
+
+def _lock_shared(file: apsw.VFSFile) -> bool | None:
+    """Take SQLite's shared lock on `file`: True once taken, False where the file system
+    has no locks, None if a writer held it for `_HEAD_WAIT_S`."""
+    deadline = time.monotonic() + _HEAD_WAIT_S
+    pause = 0.001
+    while True:
+        try:
+            file.xLock(apsw.SQLITE_LOCK_SHARED)
+            return True
+        except apsw.BusyError:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except apsw.Error:
+            return False
+
+
+def is_not_sqlite(head: bytes | None) -> bool:
+    """Whether a file's first bytes (`read_head`) cannot be a SQLite database.
 
     Looked at before SQLite opens the file, because SQLite removes the -wal file of a
     database it cannot read, and a file moved aside should keep it.
     """
-    try:
-        with open(path, "rb") as file:
-            head = file.read(len(_MAGIC))
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    if not head:
         return False
-    return bool(head) and head != _MAGIC[: len(head)]
+    return head[: len(_MAGIC)] != _MAGIC[: len(head)]
 
 
 #: The first bytes of common binary documents: such a file at a path the caller chose
@@ -119,9 +176,10 @@ _DOCUMENT_SUFFIXES = frozenset((
 # fmt: on
 
 
-def looks_like_damaged_pages(path: Path) -> bool:
+def looks_like_damaged_pages(path: Path, head: bytes | None) -> bool:
     """Whether a file that does not start as SQLite still looks like a damaged cache's
-    pages, so that it may be moved aside from a path the caller chose:
+    pages (`head`: its first bytes, `read_head`), so that it may be moved aside from a
+    path the caller chose:
 
     - never a file whose name ends like a document's (`.txt`, `.png`, `.zip`, `.img`...),
       nor one that starts with a known document's magic bytes (PNG, zip, gzip, ELF...);
@@ -132,15 +190,11 @@ def looks_like_damaged_pages(path: Path) -> bool:
     A binary file of another kind, unnamed and unknown, whose size is a multiple of 512
     is taken for damaged pages: it is moved aside (kept, renamed), never deleted.
     """
-    if path.suffix.lower() in _DOCUMENT_SUFFIXES:
+    if path.suffix.lower() in _DOCUMENT_SUFFIXES or head is None or len(head) < HEAD_BYTES:
         return False
     try:
         size = os.stat(path).st_size
-        with open(path, "rb") as file:
-            head = file.read(100)
     except OSError:
-        return False
-    if len(head) < 100:
         return False
     if not any(head):
         return True
@@ -168,19 +222,14 @@ def has_side_files(path: Path) -> bool:
     return any(Path(str(path) + side).exists() for side in SIDE_FILES)
 
 
-def header_damage(path: Path) -> str | None:
-    """What is wrong with the fields of a SQLite header that SQLite would not refuse at
-    open but that leave the file unwritable or unreadable later; None if nothing.
+def header_damage(header: bytes | None) -> str | None:
+    """What is wrong with the fields of a SQLite header (`read_head`) that SQLite would not
+    refuse at open but that leave the file unwritable or unreadable later; None if nothing.
 
     (A write version above 2 makes SQLite open the file read-only; a schema format
     above 4 fails every statement with 'unsupported file format'.)
     """
-    try:
-        with open(path, "rb") as file:
-            header = file.read(100)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None
-    if len(header) < 100 or not header.startswith(_MAGIC):
+    if header is None or len(header) < HEAD_BYTES or not header.startswith(_MAGIC):
         return None  # empty, or not SQLite at all: is_not_sqlite's business
     if header[18] not in (1, 2) or header[19] not in (1, 2):
         return f"file format versions {header[18]}/{header[19]} (1 or 2 expected)"

@@ -25,7 +25,7 @@ from typing import Any
 import apsw
 
 from . import _codec, _rows
-from ._cachefile import CacheFile, has_side_files, header_damage, is_not_sqlite
+from ._cachefile import CacheFile, has_side_files, header_damage, is_not_sqlite, read_head
 from ._codec import Codec
 from ._connections import PAGE_SIZE, connect, transaction, vacuum
 from ._layers import LAYER_SETTING
@@ -223,7 +223,8 @@ def source(path: Path) -> Iterator[apsw.Connection]:
     if not path.exists():
         raise CacheError(f"{path} does not exist; give the path of a cache file to merge from")
     file = CacheFile.locate(path, create=False)
-    if is_not_sqlite(file.path) or header_damage(file.path) is not None:
+    head = read_head(file.path)
+    if is_not_sqlite(head) or header_damage(head) is not None:
         raise CacheError(f"{file.path} is not a readable cache (not a SQLite database, or damaged)")
     # A source no process has open (no -wal or -shm beside it) is read immutable: no
     # -shm is created and no lock taken, so the folder is left exactly as it was. Bytes

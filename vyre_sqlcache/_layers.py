@@ -27,7 +27,7 @@ from typing import NamedTuple, TypeVar
 import apsw
 
 from . import _rows
-from ._cachefile import CacheFile, header_damage, is_not_sqlite
+from ._cachefile import CacheFile, header_damage, is_not_sqlite, read_head
 from ._connections import ConnectionPool, connect, transaction
 from ._rows import Fetched
 from ._schema import _checked_version, latest_version
@@ -417,12 +417,8 @@ def hold_shared_lock(connection: apsw.Connection, path: Path) -> None:
     written, and holding the lock keeps anyone from writing it through SQLite under
     us. A layer in WAL mode (a user's cache used as a layer) is left alone: there
     exclusive locking would take the write lock from its owner."""
-    try:
-        with open(path, "rb") as file:
-            rollback = file.read(20)[18:19] == b"\x01"
-    except OSError:
-        return
-    if rollback:
+    head = read_head(path)
+    if head is not None and head[18:19] == b"\x01":
         connection.pragma("locking_mode", "exclusive")
 
 
@@ -456,10 +452,11 @@ def _open_layer(path: Path, seen: set[Path], vfs: str | None) -> Layer | None:
     if file.path in seen:
         skip("it is the cache itself or an earlier layer")
         return None
-    if is_not_sqlite(file.path):
+    head = read_head(file.path)
+    if is_not_sqlite(head):
         skip("it is not a SQLite database (a damaged file, or not a cache)")
         return None
-    damage = header_damage(file.path)
+    damage = header_damage(head)
     if damage is not None:
         skip(f"its header is damaged: {damage}")
         return None

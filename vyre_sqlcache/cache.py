@@ -35,6 +35,7 @@ from ._cachefile import (
     move_aside,
     needs_check_marker,
     orphaned_log,
+    read_head,
     remove_orphaned_log,
 )
 from ._checkpointer import FULL_DISK_STEP_ENTRIES, Checkpointer, FullDiskEviction
@@ -324,15 +325,16 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         `looks_like_damaged_pages`); a document at a path the caller chose is never moved.
         """
         path = self._path
-        if is_not_sqlite(path):
-            if own or has_side_files(path) or looks_like_damaged_pages(path):
+        head = read_head(path)
+        if is_not_sqlite(head):
+            if own or has_side_files(path) or looks_like_damaged_pages(path, head):
                 raise CorruptCacheError(f"{path} is not a SQLite database")
             raise NotACacheError(
                 f"{path} is not a SQLite database, so not a vyre-sqlcache cache; choose "
                 "another path, or delete the file if it is a damaged cache (it was not "
                 "modified)"
             )
-        damage = header_damage(path)
+        damage = header_damage(head)
         if damage is not None:
             raise CorruptCacheError(f"{path} has a damaged header: {damage}")
 
