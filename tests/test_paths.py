@@ -669,3 +669,32 @@ def test_looking_at_the_file_again_keeps_this_processs_locks_on_it(
     finally:
         second.close()
         first.close()
+
+
+def path_of_length(folder: Path, length: int) -> Path:
+    """A path under `folder` exactly `length` bytes long, in folders of 100 bytes."""
+    path = str(folder.resolve())
+    while length - len(path) > 110:
+        path += "/" + "d" * 100
+    return Path(path + "/" + "c" * (length - len(path) - 1))
+
+
+@pytest.mark.parametrize("extra", [0, 1, 300])
+def test_a_path_longer_than_sqlite_takes_is_refused_up_front(tmp_path: Path, extra: int) -> None:
+    longest = apsw_longest_path()
+    path = path_of_length(tmp_path, longest + extra)
+    if extra == 0:
+        with PipelineCache.open(path) as cache:
+            cache.write(digest_of("long", 0), FP, b"fits")
+        with PipelineCache.open(path) as cache:
+            assert cache.read(digest_of("long", 0), FP) == b"fits"
+        return
+    with pytest.raises(CacheError, match=rf"{longest + extra} bytes long.*at most {longest}"):
+        PipelineCache.open(path)
+    assert list(tmp_path.iterdir()) == []  # no folder made for it
+
+
+def apsw_longest_path() -> int:
+    # pager.c refuses a database path whose length plus 8 exceeds the VFS's mxPathname.
+    default = apsw.vfs_details()[0]
+    return int(default["mxPathname"]) - 8

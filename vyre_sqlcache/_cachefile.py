@@ -7,6 +7,7 @@ only a file that is recognisably a damaged cache is moved (see `is_damaged_cache
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import stat
@@ -303,6 +304,14 @@ def _medium_is_readonly(path: Path) -> bool:
         return False
 
 
+@functools.cache
+def longest_path() -> int:
+    """The longest database path, in bytes, that SQLite's default VFS opens: its
+    `mxPathname` less the 8 bytes SQLite keeps for a side file's suffix (pager.c)."""
+    default = apsw.vfs_details()[0]  # the list starts with the default VFS
+    return int(default["mxPathname"]) - 8
+
+
 @dataclass(frozen=True, slots=True)
 class CacheFile:
     """A cache file's resolved path and how it can be opened.
@@ -335,6 +344,14 @@ class CacheFile:
         made.
         """
         resolved = resolve(path)
+        longest = longest_path()
+        length = len(os.fsencode(resolved))
+        if length > longest:
+            raise CacheError(
+                f"the path of cache file {resolved} is {length} bytes long, and SQLite opens "
+                f"paths of at most {longest} bytes; choose a file in a shallower folder (a "
+                "symbolic link does not help: the path is resolved)"
+            )
         try:
             info = os.stat(resolved)
         except FileNotFoundError:
