@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import multiprocessing
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -243,3 +247,76 @@ def test_a_reader_does_not_wait_for_another_processs_write_lock(
         assert cache.read(os.urandom(32), fingerprint) is None
         cache.stats()
     assert time.monotonic() - start < 1.0
+
+
+# -- exit without close() --------------------------------------------------------------
+
+WRITES = 300
+EXIT_FP = DeviceFingerprint.from_parts(1, 2, "exit")
+
+# argv: path, how the script ends. Writes and ends at once, without flush() or close().
+EXITER = textwrap.dedent(
+    """
+    import sys, threading
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    path, how = sys.argv[1], sys.argv[2]
+    fp = DeviceFingerprint.from_parts(1, 2, "exit")
+    cache = PipelineCache.open(path)
+    def write():
+        for i in range(300):
+            cache.write(i.to_bytes(32, "big"), fp, b"%d" % i * 50)
+    if how == "from a thread":
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join()
+    else:
+        write()
+    if how == "sys.exit":
+        sys.exit(3)
+    if how == "an uncaught exception":
+        raise RuntimeError("the application failed")
+    """
+)
+
+
+def written_by_exiter(path: Path) -> list[bool]:
+    with PipelineCache.open(path, readonly=True) as cache:
+        return [cache.read(i.to_bytes(32, "big"), EXIT_FP) == b"%d" % i * 50 for i in range(WRITES)]
+
+
+@pytest.mark.parametrize(
+    "how", ["the end of the script", "sys.exit", "an uncaught exception", "from a thread"]
+)
+def test_a_normal_exit_without_close_keeps_every_write(tmp_path: Path, how: str) -> None:
+    # write() returned, so the entry was promised to other processes within milliseconds;
+    # the writer thread is a daemon and dies with the interpreter.
+    path = tmp_path / "exit.sqlite3"
+    ended = subprocess.run(
+        [sys.executable, "-c", EXITER, str(path), how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert ended.returncode in (0, 1, 3), ended.stderr[-2000:]
+    assert written_by_exiter(path) == [True] * WRITES
+
+
+def _write_in_worker(path: Path) -> None:
+    cache = PipelineCache.open(path)
+    for i in range(WRITES):
+        cache.write(i.to_bytes(32, "big"), EXIT_FP, b"%d" % i * 50)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_multiprocessing_worker_that_returns_keeps_every_write(
+    tmp_path: Path, method: str
+) -> None:
+    # A forked worker ends with os._exit after multiprocessing's own finalizers: no atexit.
+    path = tmp_path / "worker.sqlite3"
+    PipelineCache.open(path).close()
+    worker = multiprocessing.get_context(method).Process(target=_write_in_worker, args=(path,))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0
+    assert written_by_exiter(path) == [True] * WRITES

@@ -10,13 +10,17 @@ caller that finds it full commits it itself, which also keeps a caller that loop
 is kept and raised by the next call; the entries stay queued and are retried.
 
 Before a fork the queue is committed and both locks are taken, so the child never
-inherits a lock held by a thread it does not have.
+inherits a lock held by a thread it does not have. At a normal exit the queues are
+committed too (the thread is a daemon and dies with the interpreter), also in a worker
+that multiprocessing forked and ends with `os._exit`.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -114,6 +118,17 @@ class WriteBehind:
                         self._queued_bytes -= len(entry.blob)
             return result
 
+    def commit_at_exit(self) -> None:
+        """Commit what is queued as the process ends; a failure is logged, never raised."""
+        if not self._queue:
+            return
+        try:
+            self.commit()
+        except CacheError as error:
+            log.warning(
+                "vyre-sqlcache: %d queued writes were lost at exit: %s", len(self._queue), error
+            )
+
     def raise_error(self) -> None:
         """Raise (once) the error a background commit met."""
         error, self._error = self._error, None
@@ -200,7 +215,45 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     for writer in list(_writers):
         writer._after_fork_in_child()
+    _arm_for_multiprocessing()
 
+
+def _commit_at_exit() -> None:
+    """Commit every writer's queue: `write()` returning promised other processes the entry
+    within milliseconds, and a normal exit is no crash."""
+    for writer in list(_writers):
+        writer.commit_at_exit()
+
+
+atexit.register(_commit_at_exit)
+
+_after_fork_armed = False
+
+
+def _arm_for_multiprocessing() -> None:
+    """Have a worker process of multiprocessing commit its queues when it ends.
+
+    A worker that multiprocessing forks (or that its fork server forks) ends with
+    `os._exit`, so no atexit, after the finalizers registered in it run. At its start it
+    drops the finalizers it inherited and then runs its after-fork callbacks: one of
+    those registers the finalizer. A worker that imports this module after its start
+    gets it directly. Only once multiprocessing is imported: it is, in its workers.
+    """
+    global _after_fork_armed
+    util = sys.modules.get("multiprocessing.util")
+    if util is None:
+        return
+    util.Finalize(None, _commit_at_exit, exitpriority=0)
+    if not _after_fork_armed:
+        _after_fork_armed = True
+        util.register_after_fork(_commit_at_exit, _finalize_worker)
+
+
+def _finalize_worker(_: object) -> None:
+    sys.modules["multiprocessing.util"].Finalize(None, _commit_at_exit, exitpriority=0)
+
+
+_arm_for_multiprocessing()
 
 # Registered after the connection pool's hooks (this module imports after it), so this
 # before-hook runs first: the queue is committed before the pool closes its connections.
