@@ -43,6 +43,7 @@ CHILD = textwrap.dedent(
                 free, free, real.f_files, real.f_ffree, real.f_favail, real.f_flag,
                 real.f_namemax))
         os.statvfs = statvfs
+    if disk in ("emulated", "file size limit"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (DISK, DISK))
 
@@ -196,3 +197,66 @@ def test_an_emulated_full_disk(tmp_path: Path, size: int) -> None:
     folder = tmp_path / "disk"
     folder.mkdir()
     assert_fills_and_recovers(folder, size, "emulated")
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX rlimits")
+def test_the_largest_file_the_process_may_write(tmp_path: Path) -> None:
+    # RLIMIT_FSIZE (`ulimit -f`, a batch system's limit) on a disk with room: SQLite gets
+    # EFBIG and says "disk I/O error"; the cache takes it for a full disk.
+    size = 20_000
+    total = 2 * DISK_BYTES
+    filled = run_child(tmp_path, size, total, "file size limit")
+    assert filled["errors"] == [], filled["errors"][:3]
+    assert filled["evictions"] > 0
+    assert all(filled["last_read"]), filled
+    count = total // size
+    checked = run_child(tmp_path, size, total // 4, "file size limit", CHECK="1", FIRST=str(count))
+    assert checked["errors"] == [], checked["errors"][:3]
+    assert (checked["wrong"], checked["integrity"]) == (0, "ok")
+    assert all(checked["last_read"]), checked
+    assert checked["right"] == checked["entries"]
+    assert checked["entries"] + checked["evictions"] == count + total // 4 // size, checked
+
+
+# argv: folder. Writes 2.4 MB, then lowers the file size limit to just above the files
+# and writes on at once (before the cache looks at its room again).
+LOWERED = textwrap.dedent(
+    """
+    import hashlib, json, os, random, resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "full")
+    path = os.path.join(sys.argv[1], "p.sqlite3")
+    size = lambda f: os.path.getsize(f) if os.path.exists(f) else 0
+    digest = lambda i: hashlib.sha256(b"%d" % i).digest()
+    blob = lambda i: random.Random(i).randbytes(20_000)
+    cache = PipelineCache.open(path)
+    for i in range(100):
+        cache.write(digest(i), fp, blob(i))
+    cache.flush()
+    limit = max(size(path), size(path + "-wal")) + 60_000
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    try:
+        for i in range(100, 120):
+            cache.write(digest(i), fp, blob(i))
+        cache.flush()
+        found = [cache.read(digest(i), fp) == blob(i) for i in range(100, 120)]
+        print(json.dumps(["flushed", found]))
+    except CacheError as error:
+        print(json.dumps([type(error).__name__, str(error)]))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX rlimits")
+def test_a_file_size_limit_met_before_the_cache_knows_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LOWERED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome, detail = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (outcome, detail) == ("flushed", [True] * 20)

@@ -320,3 +320,30 @@ def test_a_multiprocessing_worker_that_returns_keeps_every_write(
     worker.join(60)
     assert worker.exitcode == 0
     assert written_by_exiter(path) == [True] * WRITES
+
+
+# A commit that fails at close(): the loss is logged once, not again at exit.
+FAILING_CLOSE = textwrap.dedent(
+    """
+    import sys
+    from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
+    cache = PipelineCache.open(sys.argv[1])
+    def fail(*args, **kwargs):
+        raise CacheError("the disk went away")
+    cache._writer._commit = fail  # what a dead disk does to every commit
+    cache.write(b"\\1" * 32, DeviceFingerprint.from_parts(1, 2, "exit"), b"lost")
+    cache.close()
+    """
+)
+
+
+def test_writes_lost_at_close_are_reported_once(tmp_path: Path) -> None:
+    ended = subprocess.run(
+        [sys.executable, "-c", FAILING_CLOSE, str(tmp_path / "lost.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert ended.returncode == 0, ended.stderr[-2000:]
+    assert ended.stderr.count("were lost") == 1, ended.stderr

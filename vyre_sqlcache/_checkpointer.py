@@ -24,7 +24,8 @@ connection
   past that SQLite answers SQLITE_FULL, the cache evicts into the pages it frees,
   and the reserve is the room the eviction, the checkpoint and the truncation
   need. A disk that other programs fill is met the same way: the cache stops
-  growing and reuses its own free pages.
+  growing and reuses its own free pages. The largest file the process may write
+  (RLIMIT_FSIZE) counts as the disk's size, and the room below it as free space.
 
 The eviction after SQLITE_FULL (`FullDiskEviction`) counts bytes as stored, what the
 disk holds (blobs are often compressed 8x), never the sizes the callers wrote: in
@@ -50,6 +51,11 @@ from dataclasses import dataclass
 import apsw
 
 from . import _rows
+
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None  # type: ignore[assignment]
 
 __all__ = [
     "FULL_DISK_EVICTION_S",
@@ -219,16 +225,34 @@ class _SpaceWatch:
         except (OSError, ValueError):
             looked = None
         else:
+            free, total = info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
+            largest = _largest_file()
+            if largest is not None:
+                # No file may grow past it: to the database, the room left below it is
+                # free space as a disk's is (the log is kept within a part of it).
+                try:
+                    free = min(free, max(0, largest - os.path.getsize(filename)))
+                except OSError:
+                    free = min(free, largest)
+                total = min(total, largest)
             with self._lock:
                 self._looks += 1
-                looked = DiskSpace(
-                    free=info.f_bavail * info.f_frsize,
-                    total=info.f_blocks * info.f_frsize,
-                    look=self._looks,
-                )
+                looked = DiskSpace(free=free, total=total, look=self._looks)
         with self._lock:
             self._space = looked
         return looked
+
+
+def _largest_file() -> int | None:
+    """The largest file this process may write (RLIMIT_FSIZE, `ulimit -f`); None: no limit.
+
+    Past it a write fails with EFBIG, which SQLite reports as an I/O error, not as a
+    full disk: the cache treats the limit as the size of its disk.
+    """
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 class Checkpointer:

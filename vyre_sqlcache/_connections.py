@@ -17,6 +17,7 @@ sides reopen lazily on their next call.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -273,8 +274,23 @@ _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
 )
 
 
-def translate(error: apsw.Error, what: str, path: Path) -> CacheError:
-    """The `CacheError` subclass, with advice, that stands for an apsw error."""
+def translate(
+    error: apsw.Error, what: str, path: Path, connection: apsw.Connection | None = None
+) -> CacheError:
+    """The `CacheError` subclass, with advice, that stands for an apsw error (met on
+    `connection`, if given: its errno tells an I/O error that is a full file)."""
+    if (
+        connection is not None
+        and isinstance(error, apsw.IOError)
+        and connection.system_errno == errno.EFBIG
+    ):
+        # SQLite reports only ENOSPC as a full disk; the largest file the process may
+        # write (RLIMIT_FSIZE, `ulimit -f`) or the file system allows is one too.
+        return CacheFullError(
+            f"{what} failed on {path}: the file reached the largest size this process "
+            "may write (the file size limit, `ulimit -f`, or the file system's); lower "
+            "the cache's size cap or raise the limit"
+        )
     for apsw_type, cache_type, advice in _TRANSLATIONS:
         if isinstance(error, apsw_type):
             return cache_type(f"{what} failed on {path}: {error}; {advice}")

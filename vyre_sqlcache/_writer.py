@@ -119,8 +119,9 @@ class WriteBehind:
             return result
 
     def commit_at_exit(self) -> None:
-        """Commit what is queued as the process ends; a failure is logged, never raised."""
-        if not self._queue:
+        """Commit what is queued as the process ends; a failure is logged, never raised.
+        Nothing after close() (`stop`): it committed the queue or logged its loss."""
+        if not self._queue or self._stopped:
             return
         try:
             self.commit()

@@ -895,7 +895,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._note_damage(error)
             if self._pool.closed:
                 raise CacheError(f"the cache {self._path} was closed during the call") from error
-            raise translate(error, what, self._path) from error
+            raise translate(error, what, self._path, connection) from error
 
     def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int:
         """Run a deleting statement in a write transaction, after the queued writes (so it
