@@ -187,3 +187,67 @@ def test_reads_do_not_wait_for_a_writer_holding_the_lock(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+# argv: path. Leaves the process 6 spare file descriptors, then 12 threads read and
+# write; prints the errors they met and whether the cache worked on, as JSON.
+FEW_DESCRIPTORS = """
+import json, os, resource, sys, threading
+from vyre_sqlcache import DeviceFingerprint, PipelineCache
+fp = DeviceFingerprint.from_parts(1, 2, "fds")
+cache = PipelineCache.open(sys.argv[1])
+for i in range(50):
+    cache.write(i.to_bytes(32, "big"), fp, b"x" * 1000)
+cache.flush()
+spare = len(os.listdir("/proc/self/fd")) + 6
+resource.setrlimit(resource.RLIMIT_NOFILE, (spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+errors, wrote = [], []
+# No thread ends (and gives its descriptors back) before every thread has tried.
+tried = threading.Barrier(12)
+def work(k):
+    try:
+        for i in range(50):
+            assert cache.read(i.to_bytes(32, "big"), fp) == b"x" * 1000
+        cache.write((1000 + k).to_bytes(32, "big"), fp, b"t")
+        wrote.append(k)
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+    tried.wait(60)
+threads = [threading.Thread(target=work, args=(k,)) for k in range(12)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+# A write the writer thread could not commit is raised once by the next flush(), and
+# stays queued: the flush after it commits it, with the ended threads' descriptors back.
+for attempt in range(3):
+    try:
+        cache.flush()
+        break
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+found = [k for k in range(12) if cache.read((1000 + k).to_bytes(32, "big"), fp) == b"t"]
+print(json.dumps({"errors": errors, "attempts": attempt, "wrote": sorted(wrote), "found": found}))
+cache.close()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_running_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", FEW_DESCRIPTORS, str(tmp_path / "fds.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["errors"], "12 threads with 6 spare descriptors all got connections"
+    for error in out["errors"]:
+        assert "no file descriptor left" in error and "ulimit -n" in error, error
+    assert out["attempts"] <= 1
+    assert out["found"] == out["wrote"]  # every write that returned was kept

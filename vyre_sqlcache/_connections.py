@@ -291,10 +291,37 @@ def translate(
             "may write (the file size limit, `ulimit -f`, or the file system's); lower "
             "the cache's size cap or raise the limit"
         )
+    if isinstance(error, apsw.CantOpenError) and _out_of_descriptors():
+        soft, _ = _descriptor_limit()
+        return CacheError(
+            f"{what} failed on {path}: this process has no file descriptor left (it may "
+            f"open {soft}); raise the limit (`ulimit -n`), or use the cache from fewer "
+            "threads (each one's connections hold up to 4)"
+        )
     for apsw_type, cache_type, advice in _TRANSLATIONS:
         if isinstance(error, apsw_type):
             return cache_type(f"{what} failed on {path}: {error}; {advice}")
     return CacheError(f"{what} failed on {path}: {error}")
+
+
+def _out_of_descriptors() -> bool:
+    """Whether this process cannot open one more file (EMFILE, or ENFILE system-wide):
+    SQLite says only "unable to open database file"."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+    except OSError as error:
+        return error.errno in (errno.EMFILE, errno.ENFILE)
+    return False
+
+
+def _descriptor_limit() -> tuple[int | str, int | str]:
+    """The process's file descriptor limit (soft, hard), or "?" where it cannot be read."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError):
+        return "?", "?"
 
 
 _slot_keys = itertools.count(1)
