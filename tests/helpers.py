@@ -7,6 +7,9 @@ crash without a close); keep them few.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import apsw
@@ -24,8 +27,20 @@ __all__ = [
     "remote_decode",
     "remote_header",
     "remote_value",
+    "run_script",
     "without_mask_copies",
 ]
+
+
+def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `script` in a fresh interpreter that imports what this one does; its result."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
 
 
 def connection_of(cache: PipelineCache) -> apsw.Connection:

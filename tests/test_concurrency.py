@@ -13,7 +13,7 @@ import pytest
 
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
 
-from .helpers import connection_of, open_connections
+from .helpers import connection_of, open_connections, run_script
 
 
 def digest_of(*parts: object) -> bytes:
@@ -235,15 +235,8 @@ cache.close()
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
 def test_running_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
     import json
-    import subprocess
 
-    result = subprocess.run(
-        [sys.executable, "-c", FEW_DESCRIPTORS, str(tmp_path / "fds.sqlite3")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    result = run_script(FEW_DESCRIPTORS, str(tmp_path / "fds.sqlite3"))
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["errors"], "12 threads with 6 spare descriptors all got connections"

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from .helpers import run_script
+
 DISK_BYTES = 8 << 20
 CAP_BYTES = 64 << 20  # the cap is larger than the disk
 
@@ -250,13 +252,7 @@ LOWERED = textwrap.dedent(
 
 @pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX rlimits")
 def test_a_file_size_limit_met_before_the_cache_knows_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", LOWERED, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    result = run_script(LOWERED, str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     outcome, detail = json.loads(result.stdout.strip().splitlines()[-1])
     assert (outcome, detail) == ("flushed", [True] * 20)

@@ -7,8 +7,6 @@ import _thread
 import ctypes
 import multiprocessing
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -20,7 +18,7 @@ import pytest
 from torture.lifecycle import FORK_VARIANTS, run_fork_trials, run_interrupt_trials
 from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
 
-from .helpers import open_connections
+from .helpers import open_connections, run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork and signals are POSIX")
 
@@ -291,13 +289,7 @@ def test_a_normal_exit_without_close_keeps_every_write(tmp_path: Path, how: str)
     # write() returned, so the entry was promised to other processes within milliseconds;
     # the writer thread is a daemon and dies with the interpreter.
     path = tmp_path / "exit.sqlite3"
-    ended = subprocess.run(
-        [sys.executable, "-c", EXITER, str(path), how],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    ended = run_script(EXITER, str(path), how)
     assert ended.returncode in (0, 1, 3), ended.stderr[-2000:]
     assert written_by_exiter(path) == [True] * WRITES
 
@@ -338,12 +330,6 @@ FAILING_CLOSE = textwrap.dedent(
 
 
 def test_writes_lost_at_close_are_reported_once(tmp_path: Path) -> None:
-    ended = subprocess.run(
-        [sys.executable, "-c", FAILING_CLOSE, str(tmp_path / "lost.sqlite3")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    ended = run_script(FAILING_CLOSE, str(tmp_path / "lost.sqlite3"))
     assert ended.returncode == 0, ended.stderr[-2000:]
     assert ended.stderr.count("were lost") == 1, ended.stderr
