@@ -698,3 +698,22 @@ def apsw_longest_path() -> int:
     # pager.c refuses a database path whose length plus 8 exceeds the VFS's mxPathname.
     default = apsw.vfs_details()[0]
     return int(default["mxPathname"]) - 8
+
+
+def test_a_relative_path_after_the_current_folder_was_deleted(tmp_path: Path) -> None:
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from vyre_sqlcache import CacheError, PipelineCache
+        os.chdir(sys.argv[1])
+        os.rmdir(sys.argv[1])
+        try:
+            PipelineCache.open("pipelines.sqlite3")
+        except CacheError as error:
+            print(error)
+        """
+    )
+    said = finish(child(script, str(folder)))
+    assert "pipelines.sqlite3" in said and "current folder" in said and "absolute" in said

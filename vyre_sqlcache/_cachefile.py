@@ -59,9 +59,16 @@ def resolve(path: str | Path) -> Path:
 
     Resolving links (in the folders and the file itself) gives every name of the file
     the same -wal and -shm, which SQLite names after the path it is given; an absolute
-    path keeps threads opened after an `os.chdir` on the same file.
+    path keeps threads opened after an `os.chdir` on the same file. Raises CacheError
+    for a relative path once the current folder is deleted.
     """
-    return Path(os.path.realpath(Path(path).expanduser()))
+    try:
+        return Path(os.path.realpath(Path(path).expanduser()))
+    except FileNotFoundError as error:  # os.getcwd() of a deleted folder
+        raise CacheError(
+            f"cannot resolve the relative path {path}: the current folder no longer exists; "
+            "give an absolute path, or change to an existing folder first"
+        ) from error
 
 
 #: How many bytes of a file `read_head` reads: SQLite's header.
