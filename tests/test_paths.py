@@ -10,6 +10,7 @@ and commits made through one would be lost to the other.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -717,3 +718,39 @@ def test_a_relative_path_after_the_current_folder_was_deleted(tmp_path: Path) ->
     )
     said = finish(child(script, str(folder)))
     assert "pipelines.sqlite3" in said and "current folder" in said and "absolute" in said
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="statfs is asked on Linux")
+def test_the_file_system_type_is_the_one_stat_reports(tmp_path: Path) -> None:
+    from vyre_sqlcache._cachefile import _file_system_magic, network_file_system
+
+    told = subprocess.run(
+        ["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert _file_system_magic(tmp_path) == int(told.stdout.strip(), 16)
+    assert network_file_system(tmp_path) is None  # the tests run on a local disk
+
+
+@pytest.mark.parametrize(
+    ("magic", "name"), [(0x6969, "NFS"), (0xFF534D42, "CIFS"), (0x0BD00BD0, "Lustre")]
+)
+def test_a_cache_on_a_network_file_system_warns_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    magic: int,
+    name: str,
+) -> None:
+    from vyre_sqlcache import _cachefile
+
+    monkeypatch.setattr(_cachefile, "_file_system_magic", lambda folder: magic)
+    path = tmp_path / "shared.sqlite3"
+    with caplog.at_level(logging.WARNING, logger="vyre_sqlcache"):
+        for i in range(2):
+            with PipelineCache.open(path) as cache:
+                cache.write(digest_of("shared", i), FP, b"works")
+    said = [r.getMessage() for r in caplog.records if "network file system" in r.getMessage()]
+    assert len(said) == 1, said
+    assert name in said[0] and str(path) in said[0] and "several hosts" in said[0]
+    with PipelineCache.open(path) as cache:
+        assert [cache.read(digest_of("shared", i), FP) for i in range(2)] == [b"works"] * 2

@@ -7,10 +7,14 @@ only a file that is recognisably a damaged cache is moved (see `is_damaged_cache
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
 import stat
+import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ __all__ = [
     "looks_like_damaged_pages",
     "move_aside",
     "needs_check_marker",
+    "network_file_system",
     "orphaned_log",
     "read_head",
     "remove_orphaned_log",
@@ -223,6 +228,52 @@ def _is_text(head: bytes) -> bool:
         except UnicodeDecodeError:
             return False
     return all(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
+
+
+#: Network file systems by their statfs magic number (linux/magic.h). FUSE is left out:
+#: rootless containers run their local files through it.
+_NETWORK_FILE_SYSTEMS = {
+    0x6969: "NFS",
+    0x517B: "SMB",
+    0xFF534D42: "CIFS",
+    0xFE534D42: "SMB2",
+    0x5346414F: "AFS",
+    0x6B414653: "AFS",
+    0x00C36400: "Ceph",
+    0x0BD00BD0: "Lustre",
+    0x47504653: "GPFS",
+    0x19830326: "BeeGFS",
+    0x01021997: "9P",
+    0x73757245: "Coda",
+}
+
+
+def network_file_system(folder: Path) -> str | None:
+    """The name of the network file system `folder` is on; None for a local one, or where
+    it cannot be told (only Linux's statfs is asked)."""
+    magic = _file_system_magic(folder)
+    return None if magic is None else _NETWORK_FILE_SYSTEMS.get(magic)
+
+
+def _file_system_magic(folder: Path) -> int | None:
+    """statfs's f_type for `folder` (Linux), or None."""
+    libc = _libc()
+    if libc is None:
+        return None
+    answer = ctypes.create_string_buffer(256)  # struct statfs, f_type its first field
+    if libc.statfs(os.fsencode(folder), answer) != 0:
+        return None
+    return int(struct.unpack_from("l", answer)[0]) & 0xFFFFFFFF
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
 
 
 def has_side_files(path: Path) -> bool:

@@ -34,6 +34,7 @@ from ._cachefile import (
     looks_like_damaged_pages,
     move_aside,
     needs_check_marker,
+    network_file_system,
     orphaned_log,
     read_head,
     remove_orphaned_log,
@@ -145,6 +146,31 @@ class CacheStats:
     layer_hits: int = 0
     #: the shared tier's counters, None without a remote (see README "Sharing a cache")
     remote: _remote.RemoteStats | None = None
+
+
+#: Cache files this process has warned about being on a network file system.
+_warned_network: set[Path] = set()
+
+
+def _warn_if_shared_between_hosts(path: Path) -> None:
+    """Warn, once per file and process, that a file on a network file system must not be
+    used from several hosts: SQLite's write-ahead log keeps its index in shared memory
+    (the -shm), which one host's processes share and other hosts never see."""
+    if path in _warned_network:
+        return
+    name = network_file_system(path.parent)
+    if name is None:
+        return
+    _warned_network.add(path)
+    log.warning(
+        "vyre-sqlcache: %s is on a network file system (%s): the processes of one host may "
+        "share it, never those of several hosts (SQLite's write-ahead log keeps its index "
+        "in each host's memory, so their commits would damage the file); give each host a "
+        "local path (VYRE_SQLCACHE_PATH), and share what one host compiled through a layer "
+        "or a Redis tier",
+        path,
+        name,
+    )
 
 
 class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
@@ -285,6 +311,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
             return DisabledCache(CacheFile(resolved, writable=False, immutable=False), max_bytes)
         file = CacheFile.locate(resolved, create=not readonly)
+        _warn_if_shared_between_hosts(file.path)
         if file.writable and not readonly:
             # A process still using a deleted file keeps its log at the path: SQLite
             # would pair the new file with it (and fail with a disk I/O error).
