@@ -754,3 +754,12 @@ def test_a_cache_on_a_network_file_system_warns_once(
     assert name in said[0] and str(path) in said[0] and "several hosts" in said[0]
     with PipelineCache.open(path) as cache:
         assert [cache.read(digest_of("shared", i), FP) for i in range(2)] == [b"works"] * 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux file names may be any bytes")
+def test_a_path_that_is_not_utf8_is_refused_with_a_reason(tmp_path: Path) -> None:
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))  # Latin-1, not UTF-8
+    folder.mkdir()
+    with pytest.raises(CacheError, match="not UTF-8"):
+        PipelineCache.open(folder / "pipelines.sqlite3")
+    assert list(folder.iterdir()) == []

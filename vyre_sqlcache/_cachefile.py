@@ -398,10 +398,17 @@ class CacheFile:
         """Resolve `path` and find out how it may be opened.
 
         Raises CacheError for a folder, a FIFO, socket or device, a file with several
-        hard links, a missing file when `create` is false, or a folder that cannot be
-        made.
+        hard links, a missing file when `create` is false, a folder that cannot be
+        made, or a path SQLite cannot open (too long, or not UTF-8).
         """
         resolved = resolve(path)
+        try:
+            str(resolved).encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise CacheError(
+                f"the path of cache file {resolved!r} holds bytes that are not UTF-8, and "
+                "SQLite opens UTF-8 paths only; choose another path or rename the folder"
+            ) from error
         longest = longest_path()
         length = len(os.fsencode(resolved))
         if length > longest:
