@@ -3,9 +3,11 @@
 Fork trial: a process with the cache open runs a reader, a writer and the
 checkpoint thread, then forks (raw `os.fork()` or `multiprocessing`'s fork start
 method, daemonic or not); both sides go on writing and flushing, and one closes or
-exits first. Every write acknowledged by `flush()`, on either side, is recorded;
-afterwards a fresh process must read each with the right bytes, and the file must
-pass `integrity_check`. A trial that does not finish in time is a hang.
+exits first. Every write acknowledged by `flush()`, on either side, is recorded, and
+so is every `write()` that returned before a normal exit, a close, or the return of
+a multiprocessing worker (their queues are committed then); afterwards a fresh
+process must read each with the right bytes, and the file must pass
+`integrity_check`. A trial that does not finish in time is a hang.
 
 Interrupt trial: one process calls the cache in a loop while SIGINT arrives at
 random moments; it catches KeyboardInterrupt and carries on. Afterwards (and
@@ -51,7 +53,7 @@ def blob_of(digest: bytes) -> bytes:
 
 
 def _ack(acks: Path, digests: Sequence[bytes]) -> None:
-    """Record writes that flush() acknowledged (one line each, appended atomically)."""
+    """Record acknowledged writes (one line each, appended atomically)."""
     if digests:
         with open(acks, "a") as file:
             file.write("".join(d.hex() + "\n" for d in digests))
@@ -62,6 +64,15 @@ def _write_and_flush(cache: PipelineCache, acks: Path, tag: str, count: int) -> 
     for digest in digests:
         cache.write(digest, FINGERPRINT, blob_of(digest))
     cache.flush()
+    _ack(acks, digests)
+
+
+def _write_unflushed(cache: PipelineCache, acks: Path, tag: str, count: int) -> None:
+    """Writes acknowledged by `write()` returning: the process ends normally (or closes
+    the cache) before any flush, and must keep them."""
+    digests = [digest_of(tag, os.getpid(), i, time.time_ns()) for i in range(count)]
+    for digest in digests:
+        cache.write(digest, FINGERPRINT, blob_of(digest))
     _ack(acks, digests)
 
 
@@ -104,6 +115,7 @@ class _Workers:
 def _child_work(cache: PipelineCache, acks: Path, close: bool) -> None:
     """A multiprocessing child: the inherited cache object, used on (fork does not pickle)."""
     _write_and_flush(cache, acks, "child", 20)
+    _write_unflushed(cache, acks, "child-unflushed", 10)
     if close:
         cache.close()
 
@@ -155,7 +167,8 @@ def fork_trial(path: Path, seed: int, variant: str) -> None:
         cache.close()
     elif variant == "parent-exits":
         workers.join()
-        # Exit without close(): the interpreter's exit closes the connections.
+        # Exit without close() or flush(): the queue is committed at exit.
+        _write_unflushed(cache, acks, "parent-unflushed", 10)
     else:
         _write_and_flush(cache, acks, "parent", 10)
     _, status = os.waitpid(pid, 0)
