@@ -23,6 +23,7 @@ __all__ = [
     "damage_blob",
     "forget_missing_redis_warning",
     "fresh_triton_process",
+    "locked_for_others",
     "open_connections",
     "remote_decode",
     "remote_header",
@@ -30,6 +31,26 @@ __all__ = [
     "run_script",
     "without_mask_copies",
 ]
+
+
+# argv: path. Prints whether a process other than this one holds a lock in SQLite's lock
+# range of the file (F_GETLK answers only for other processes' locks).
+_LOCK_PROBE = """
+import fcntl, os, struct, sys
+layout = "hhqqi4x"  # struct flock on Linux
+fd = os.open(sys.argv[1], os.O_RDONLY)
+asked = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0x40000000, 512, 0)
+answer = fcntl.fcntl(fd, fcntl.F_GETLK, asked)
+print(struct.unpack(layout, answer)[0] != fcntl.F_UNLCK)
+"""
+
+
+def locked_for_others(path: Any) -> bool:
+    """Whether this process (or any other but the probe) holds a SQLite lock on the file
+    (Linux's struct flock)."""
+    probe = run_script(_LOCK_PROBE, str(path), timeout=60)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    return probe.stdout.strip() == "True"
 
 
 def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ import _thread
 import ctypes
 import multiprocessing
 import os
+import sys
 import textwrap
 import threading
 import time
@@ -16,9 +17,11 @@ import apsw
 import pytest
 
 from torture.lifecycle import FORK_VARIANTS, run_fork_trials, run_interrupt_trials
-from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache
+from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache, _cachefile
 
-from .helpers import open_connections, run_script
+from .helpers import locked_for_others, open_connections, run_script
+
+FP = DeviceFingerprint.from_parts(1, 2, "lifecycle")
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork and signals are POSIX")
 
@@ -77,6 +80,47 @@ def test_a_forked_child_can_open_the_cache_afresh(
     assert status == 0
     assert took < 5
     assert cache.read(b"\1" * 32, fingerprint) == b"child"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the lock probe reads Linux's struct flock")
+def test_a_fork_while_another_thread_looks_at_a_file_leaves_the_child_real_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite keeps one record of a file's locks per process. A child forked while a
+    # thread held the shared lock to read a file's header inherits the record, not the
+    # kernel's lock: its own connections then believe they hold a lock nobody holds,
+    # and other processes may take the exclusive lock (and delete the log) under them.
+    path = tmp_path / "look.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(b"\1" * 32, FP, b"there")
+    locked, go = threading.Event(), threading.Event()
+    lock_shared = _cachefile._lock_shared
+
+    def held(file: object) -> bool | None:
+        taken = lock_shared(file)  # type: ignore[arg-type]
+        locked.set()
+        go.wait(30)
+        return taken
+
+    monkeypatch.setattr(_cachefile, "_lock_shared", held)
+    looker = threading.Thread(target=_cachefile.read_head, args=(path,))
+    looker.start()
+    assert locked.wait(30)
+    threading.Timer(0.5, go.set).start()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            _cachefile._lock_shared = lock_shared  # the pause is the parent thread's
+            time.sleep(1.0)  # the parent's thread has let go of the file by now
+            with PipelineCache.open(path) as cache:
+                if cache.read(b"\1" * 32, FP) == b"there" and locked_for_others(path):
+                    status = 0
+        finally:
+            os._exit(status)
+    looker.join(30)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, "the child's connections held no lock the kernel knew of"
 
 
 # -- Ctrl-C and asynchronous exceptions ----------------------------------------------------

@@ -30,6 +30,8 @@ from vyre_sqlcache import CacheError, DeviceFingerprint, NotACacheError, Pipelin
 from vyre_sqlcache import _connections as connections_module
 from vyre_sqlcache import cache as cache_module
 
+from .helpers import locked_for_others
+
 FP = DeviceFingerprint.from_parts(1, 2, "paths")
 
 # argv: path, tag, count. Writes `count` blobs named by the tag, flushing after each
@@ -619,24 +621,6 @@ def test_a_fork_right_after_the_deletion_loses_nothing_committed_since_the_flush
         cache.flush()
         assert cache.read(since, FP) == b"committed before the deletion, not flushed"
     assert found_by_another_process(path, [since]) == [True]
-
-
-# argv: path. Prints whether a process other than this one holds a lock in SQLite's lock
-# range of the file (F_GETLK answers only for other processes' locks).
-LOCK_PROBE = textwrap.dedent(
-    """
-    import fcntl, os, struct, sys
-    layout = "hhqqi4x"  # struct flock on Linux
-    fd = os.open(sys.argv[1], os.O_RDONLY)
-    asked = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0x40000000, 512, 0)
-    answer = fcntl.fcntl(fd, fcntl.F_GETLK, asked)
-    print(struct.unpack(layout, answer)[0] != fcntl.F_UNLCK)
-    """
-)
-
-
-def locked_for_others(path: Path) -> bool:
-    return finish(child(LOCK_PROBE, str(path))) == "True"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the probe reads Linux's struct flock")

@@ -94,6 +94,25 @@ def read_head(path: Path) -> bytes | None:
     then writing the first page, under its exclusive lock; read between the two, a new
     cache looks like a damaged one.
     """
+    deadline = time.monotonic() + _HEAD_WAIT_S
+    pause = 0.001
+    while True:
+        with _looking:
+            head = _read_locked(path)
+        if head is not _BUSY:
+            return head
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+#: `_read_locked`'s answer while a writer holds the file.
+_BUSY = b"busy"
+
+
+def _read_locked(path: Path) -> bytes:
+    """`read_head`'s one try: the bytes, or `_BUSY`."""
     flags = [apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_READONLY, 0]
     try:
         file = apsw.VFSFile("", str(path), flags)
@@ -102,7 +121,7 @@ def read_head(path: Path) -> bytes | None:
     try:
         locked = _lock_shared(file)
         if locked is None:
-            return None
+            return _BUSY
         try:
             return bytes(file.xRead(min(HEAD_BYTES, file.xFileSize()), 0))
         finally:
@@ -116,20 +135,36 @@ def read_head(path: Path) -> bytes | None:
 
 def _lock_shared(file: apsw.VFSFile) -> bool | None:
     """Take SQLite's shared lock on `file`: True once taken, False where the file system
-    has no locks, None if a writer held it for `_HEAD_WAIT_S`."""
-    deadline = time.monotonic() + _HEAD_WAIT_S
-    pause = 0.001
-    while True:
-        try:
-            file.xLock(apsw.SQLITE_LOCK_SHARED)
-            return True
-        except apsw.BusyError:
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-        except apsw.Error:
-            return False
+    has no locks, None while a writer holds it."""
+    try:
+        file.xLock(apsw.SQLITE_LOCK_SHARED)
+        return True
+    except apsw.BusyError:
+        return None
+    except apsw.Error:
+        return False
+
+
+# Held while `read_head` has a file open, and taken before every fork. SQLite keeps
+# one record of a file's locks per process: a child forked while a thread held the
+# shared lock would inherit the record and not the lock, and its own connections would
+# believe they hold a lock the kernel never gave them. (The connection pools close
+# their connections before a fork for the same reason; `_connections` imports this
+# module first, so this hook runs after theirs.)
+_looking = threading.Lock()
+
+
+def _looking_after_fork_in_child() -> None:
+    global _looking
+    _looking = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=lambda: _looking.acquire(),
+        after_in_parent=lambda: _looking.release(),
+        after_in_child=_looking_after_fork_in_child,
+    )
 
 
 def is_not_sqlite(head: bytes | None) -> bool:

@@ -35,7 +35,11 @@ from typing import TypeVar
 import apsw
 import apsw.bestpractice
 
-from . import _rows, _snapshots
+from . import (
+    _cachefile,  # noqa: F401  (its fork hook must run after ours)
+    _rows,
+    _snapshots,
+)
 from .errors import (
     CacheBusyError,
     CacheError,
