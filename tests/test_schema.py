@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import apsw
 import pytest
 
 from vyre_sqlcache import (
+    CacheError,
     DeviceFingerprint,
     NotACacheError,
     PipelineCache,
@@ -245,3 +249,38 @@ def test_the_shipped_schema_snapshot_is_what_the_migrations_build() -> None:
         "run `python -c 'from vyre_sqlcache._schema import write_snapshot; write_snapshot()'` "
         "and commit it"
     )
+
+
+@pytest.mark.parametrize("kind", ["a foreign database", "a text document", "a newer schema"])
+def test_a_refused_open_leaves_the_file_alone_for_good(tmp_path: Path, kind: str) -> None:
+    # The object open() made before refusing is dropped; nothing may touch the file after
+    # (a cache dropped unclosed is closed by __del__: never one that failed to open).
+    path = tmp_path / "refused.sqlite3"
+    if kind == "a text document":
+        path.write_text("notes\n" * 100)
+    else:
+        connection = apsw.Connection(str(path))
+        if kind == "a foreign database":
+            connection.execute("CREATE TABLE notes(x); INSERT INTO notes VALUES (1)")
+        connection.close()
+        if kind == "a newer schema":
+            PipelineCache.open(path).close()
+            connection = apsw.Connection(str(path))
+            connection.pragma("user_version", latest_version() + 1)
+            connection.close()
+    before = path.read_bytes()
+    threads = threading.active_count()
+    refused = False
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        try:  # not pytest.raises: its traceback would keep the object alive
+            PipelineCache.open(path)
+        except CacheError:
+            refused = True
+        gc.collect()
+    assert refused
+    assert [str(w.message) for w in warned if "unclosed" in str(w.message)] == []
+    time.sleep(0.5)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refused.sqlite3"]
+    assert threading.active_count() <= threads

@@ -385,7 +385,7 @@ class Checkpointer:
             self._stopped = True
             thread = self._thread
         self._wake.set()
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def _run(self) -> None:

@@ -59,6 +59,8 @@ class WriteBehind:
         self._queued_bytes = 0
         self._error: CacheError | None = None
         self._stopped = False
+        # Set by the cache's close() once its last commit is done or its loss logged.
+        self.settled = False
         self._thread: threading.Thread | None = None
         self._reset_locks()
         _writers.add(self)
@@ -120,8 +122,9 @@ class WriteBehind:
 
     def commit_at_exit(self) -> None:
         """Commit what is queued as the process ends; a failure is logged, never raised.
-        Nothing after close() (`stop`): it committed the queue or logged its loss."""
-        if not self._queue or self._stopped:
+        Nothing once `settled`: close() committed the queue or logged its loss (a close
+        under way in another thread is waited for, by the commit lock)."""
+        if not self._queue or self.settled:
             return
         try:
             self.commit()

@@ -9,8 +9,11 @@ SQL of its own.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -148,6 +151,20 @@ class CacheStats:
     remote: _remote.RemoteStats | None = None
 
 
+def _weakly(cache: PipelineCache, name: str) -> Callable[..., Any]:
+    """`cache`'s method `name`, called through a weak reference: a thread or pool holding
+    it does not keep the cache alive. Raises CacheError once the cache is gone."""
+    reference = weakref.ref(cache)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        alive = reference()
+        if alive is None:
+            raise CacheError("the cache object was dropped; open the cache again")
+        return getattr(alive, name)(*args, **kwargs)
+
+    return call
+
+
 #: Cache files this process has warned about being on a network file system.
 _warned_network: set[Path] = set()
 
@@ -202,8 +219,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._books = Bookkeeping()
         self._lock = threading.Lock()  # guards _unflushed
         self._unflushed = 0
-        self._checkpointer = Checkpointer(self._checkpoint_passive, self._purge_batch)
-        self._pool = ConnectionPool(self._connect, file.path)
+        # Its threads and pool reach back through weak references: a cache dropped
+        # without close() is collected, and closed by __del__, as a file is.
+        self._checkpointer = Checkpointer(
+            _weakly(self, "_checkpoint_passive"), _weakly(self, "_purge_batch")
+        )
+        self._pool = ConnectionPool(_weakly(self, "_connect"), file.path)
         wal = Path(f"{file.path}-wal")
         self._leftover_log = wal.exists() and wal.stat().st_size > 0
         # A reader that cannot write the folder reopens when the owner changes the file.
@@ -211,7 +232,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._generation = threading.local()  # the watch's generation this thread reads
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
-        self._writer = WriteBehind(self._commit_entries, self._follow_before_fork)
+        self._writer = WriteBehind(
+            _weakly(self, "_commit_entries"), _weakly(self, "_follow_before_fork")
+        )
         self._layers = _layers.Layers((), self._books.checksum_failed)
         self._remote: _remote.RemoteTier | None = None
         self._miss_log: MissLog | None = None  # see `open(log_misses=...)`
@@ -327,19 +350,31 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             cache._books.also = cache._miss_log.write
         tier = _remote.open_tier(remote, settings.remote, given=remote is not _UNSET)
         try:
-            cache._check_file_bytes(own=path is None)
-            cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
-        except CorruptCacheError as error:
-            if strict or cache._readonly:
-                raise
-            move_aside(file.path, f"is damaged ({error})")
-            cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
-        if layer_paths:
-            cache._layers = _layers.open_layers(
-                layer_paths, cache._path, cache._books.checksum_failed, vfs
-            )
+            try:
+                cache._check_file_bytes(own=path is None)
+                cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
+            except CorruptCacheError as error:
+                if strict or cache._readonly:
+                    raise
+                move_aside(file.path, f"is damaged ({error})")
+                cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
+            if layer_paths:
+                cache._layers = _layers.open_layers(
+                    layer_paths, cache._path, cache._books.checksum_failed, vfs
+                )
+        except BaseException:
+            cache._discard()
+            raise
         cache._remote = tier
         return cache
+
+    def _discard(self) -> None:
+        """Let go of an object that failed to open: its threads and connections end, and
+        nothing more is done to the file (no bookkeeping, no checkpoint, no close by
+        __del__)."""
+        self._writer.stop()
+        self._checkpointer.stop()
+        self._pool.close()
 
     def _check_file_bytes(self, *, own: bool) -> None:
         """Look at the file's first bytes before SQLite does (SQLite would remove the -wal of
@@ -467,6 +502,22 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if stored is not None:
                 self._cap = stored or None
 
+    def __del__(self) -> None:
+        # As a file object is: a cache dropped without close() is closed (its queue
+        # committed), with a ResourceWarning. In a thread of its own: the last reference
+        # may go anywhere, our own threads' locks held included, and close() takes them.
+        # Not while the interpreter shuts down: its daemon threads are frozen by then,
+        # and the queue was committed at exit.
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool.closed or sys.is_finalizing():
+            return
+        with suppress(Exception):
+            threading.Thread(target=self.close, name="vyre-sqlcache close", daemon=True).start()
+        with suppress(Exception):  # an error filter raises it; the close is under way
+            warnings.warn(
+                f"unclosed cache {self._path}", ResourceWarning, stacklevel=2, source=self
+            )
+
     def close(self) -> None:
         """Write pending bookkeeping, checkpoint into the main file and close; idempotent.
 
@@ -493,6 +544,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                         self._path,
                         error,
                     )
+                self._writer.settled = True  # nothing left for the exit to commit
                 self._checkpointer.stop()
                 with self._call() as slot:
                     connection = self._pool.main(slot)
