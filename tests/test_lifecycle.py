@@ -6,6 +6,7 @@ from __future__ import annotations
 import _thread
 import ctypes
 import gc
+import logging
 import multiprocessing
 import os
 import sys
@@ -383,9 +384,13 @@ def test_writes_lost_at_close_are_reported_once(tmp_path: Path) -> None:
 # -- a cache dropped without close() ---------------------------------------------------
 
 
-def test_a_cache_dropped_without_close_is_closed_and_keeps_its_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["its last reference", "a reference cycle"])
+def test_a_cache_dropped_without_close_is_closed_and_keeps_its_writes(
+    tmp_path: Path, how: str
+) -> None:
     # Its writer and checkpoint threads kept it alive: every open() without close()
     # left two threads and four descriptors for good (100 opens: 201 threads, 408 fds).
+    # In a cycle, the collector clears weak references before __del__ runs.
     path = tmp_path / "dropped.sqlite3"
     PipelineCache.open(path).close()
     threads, fds = threading.active_count(), open_fds()
@@ -393,13 +398,15 @@ def test_a_cache_dropped_without_close_is_closed_and_keeps_its_writes(tmp_path: 
     def use(i: int) -> None:
         cache = PipelineCache.open(path)
         cache.write(i.to_bytes(32, "big"), FP, b"dropped %d" % i)
+        if how == "a reference cycle":
+            cache.owner = {"cache": cache}  # type: ignore[attr-defined]
 
     with pytest.warns(ResourceWarning, match="unclosed cache"):
         for i in range(30):
             use(i)
-    gc.collect()
     deadline = time.monotonic() + 30  # each is closed by a thread of its own
     while threading.active_count() > threads and time.monotonic() < deadline:
+        gc.collect()  # a cycle is collected when no thread of its own is in a call
         time.sleep(0.05)
     assert threading.active_count() <= threads
     assert open_fds() <= fds
@@ -407,3 +414,29 @@ def test_a_cache_dropped_without_close_is_closed_and_keeps_its_writes(tmp_path: 
         assert [cache.read(i.to_bytes(32, "big"), FP) for i in range(30)] == [
             b"dropped %d" % i for i in range(30)
         ]
+
+
+def test_a_dropped_cache_whose_close_fails_logs_it_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uncaught: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+
+    def drop() -> None:
+        cache = PipelineCache.open(tmp_path / "failing.sqlite3")
+        close = cache.close
+
+        def failing_close() -> None:
+            close()
+            raise CacheError("the disk went away")
+
+        cache.close = failing_close  # type: ignore[method-assign]
+
+    with caplog.at_level(logging.WARNING, logger="vyre_sqlcache"), pytest.warns(ResourceWarning):
+        drop()
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while "dropped unclosed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "dropped unclosed, failed: the disk went away" in caplog.text
+    assert uncaught == []

@@ -151,18 +151,35 @@ class CacheStats:
     remote: _remote.RemoteStats | None = None
 
 
-def _weakly(cache: PipelineCache, name: str) -> Callable[..., Any]:
-    """`cache`'s method `name`, called through a weak reference: a thread or pool holding
-    it does not keep the cache alive. Raises CacheError once the cache is gone."""
-    reference = weakref.ref(cache)
+class _Callback:
+    """A cache's method, called through a weak reference: the thread or pool holding it
+    does not keep the cache alive. Raises CacheError once the cache is gone."""
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        alive = reference()
-        if alive is None:
+    __slots__ = ("_name", "_reference")
+
+    def __init__(self, cache: PipelineCache, name: str) -> None:
+        self._name = name
+        self._reference: Callable[[], PipelineCache | None] = weakref.ref(cache)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self._reference()
+        if cache is None:
             raise CacheError("the cache object was dropped; open the cache again")
-        return getattr(alive, name)(*args, **kwargs)
+        return getattr(cache, self._name)(*args, **kwargs)
 
-    return call
+    def pin(self, cache: PipelineCache) -> None:
+        """Reach `cache` strongly from now on: the garbage collector clears the weak
+        references to a cycle before its __del__ runs, and close() needs them."""
+        self._reference = lambda: cache
+
+
+def _close_dropped(cache: PipelineCache) -> None:
+    """Close a cache its owner dropped without close(); a failure is logged (a thread's
+    uncaught exception would print a traceback no caller asked for)."""
+    try:
+        cache.close()
+    except Exception as error:
+        log.warning("vyre-sqlcache: closing %s, dropped unclosed, failed: %s", cache.path, error)
 
 
 #: Cache files this process has warned about being on a network file system.
@@ -221,10 +238,20 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._unflushed = 0
         # Its threads and pool reach back through weak references: a cache dropped
         # without close() is collected, and closed by __del__, as a file is.
+        self._callbacks = {
+            name: _Callback(self, name)
+            for name in (
+                "_checkpoint_passive",
+                "_purge_batch",
+                "_connect",
+                "_commit_entries",
+                "_follow_before_fork",
+            )
+        }
         self._checkpointer = Checkpointer(
-            _weakly(self, "_checkpoint_passive"), _weakly(self, "_purge_batch")
+            self._callbacks["_checkpoint_passive"], self._callbacks["_purge_batch"]
         )
-        self._pool = ConnectionPool(_weakly(self, "_connect"), file.path)
+        self._pool = ConnectionPool(self._callbacks["_connect"], file.path)
         wal = Path(f"{file.path}-wal")
         self._leftover_log = wal.exists() and wal.stat().st_size > 0
         # A reader that cannot write the folder reopens when the owner changes the file.
@@ -233,7 +260,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
         self._writer = WriteBehind(
-            _weakly(self, "_commit_entries"), _weakly(self, "_follow_before_fork")
+            self._callbacks["_commit_entries"], self._callbacks["_follow_before_fork"]
         )
         self._layers = _layers.Layers((), self._books.checksum_failed)
         self._remote: _remote.RemoteTier | None = None
@@ -511,8 +538,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         pool = getattr(self, "_pool", None)
         if pool is None or pool.closed or sys.is_finalizing():
             return
+        for callback in self._callbacks.values():
+            callback.pin(self)
         with suppress(Exception):
-            threading.Thread(target=self.close, name="vyre-sqlcache close", daemon=True).start()
+            threading.Thread(
+                target=_close_dropped, args=(self,), name="vyre-sqlcache close", daemon=True
+            ).start()
         with suppress(Exception):  # an error filter raises it; the close is under way
             warnings.warn(
                 f"unclosed cache {self._path}", ResourceWarning, stacklevel=2, source=self
