@@ -99,20 +99,14 @@ def read_head(path: Path) -> bytes | None:
     while True:
         with _looking:
             head = _read_locked(path)
-        if head is not _BUSY:
+        if head is not None or time.monotonic() > deadline:
             return head
-        if time.monotonic() > deadline:
-            return None
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
 
 
-#: `_read_locked`'s answer while a writer holds the file.
-_BUSY = b"busy"
-
-
-def _read_locked(path: Path) -> bytes:
-    """`read_head`'s one try: the bytes, or `_BUSY`."""
+def _read_locked(path: Path) -> bytes | None:
+    """`read_head`'s one try: the bytes, or None while a writer holds the file."""
     flags = [apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_READONLY, 0]
     try:
         file = apsw.VFSFile("", str(path), flags)
@@ -121,7 +115,7 @@ def _read_locked(path: Path) -> bytes:
     try:
         locked = _lock_shared(file)
         if locked is None:
-            return _BUSY
+            return None
         try:
             return bytes(file.xRead(min(HEAD_BYTES, file.xFileSize()), 0))
         finally:

@@ -296,11 +296,10 @@ def translate(
             "the cache's size cap or raise the limit"
         )
     if isinstance(error, apsw.CantOpenError) and _out_of_descriptors():
-        soft, _ = _descriptor_limit()
         return CacheError(
             f"{what} failed on {path}: this process has no file descriptor left (it may "
-            f"open {soft}); raise the limit (`ulimit -n`), or use the cache from fewer "
-            "threads (each one's connections hold up to 4)"
+            f"open {_descriptor_limit()}); raise the limit (`ulimit -n`), or use the cache "
+            "from fewer threads (each one's connections hold up to 4)"
         )
     for apsw_type, cache_type, advice in _TRANSLATIONS:
         if isinstance(error, apsw_type):
@@ -318,14 +317,14 @@ def _out_of_descriptors() -> bool:
     return False
 
 
-def _descriptor_limit() -> tuple[int | str, int | str]:
-    """The process's file descriptor limit (soft, hard), or "?" where it cannot be read."""
+def _descriptor_limit() -> int | str:
+    """How many file descriptors this process may open (its soft limit), or "?"."""
     try:
         import resource
 
-        return resource.getrlimit(resource.RLIMIT_NOFILE)
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     except (ImportError, OSError):
-        return "?", "?"
+        return "?"
 
 
 _slot_keys = itertools.count(1)
