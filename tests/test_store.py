@@ -14,6 +14,8 @@ from typing import Any
 
 import apsw
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vyre_sqlcache import (
     MAX_BLOB_BYTES,
@@ -328,6 +330,39 @@ def test_put_many_and_get_many(
     missing = make_key()
     assert cache.get_many([*keys, missing], fingerprint) == [*blobs, None]
     assert len(cache) == 50
+
+
+_DIGESTS = [bytes([i]) * 32 for i in range(6)]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    writes=st.lists(
+        st.tuples(st.integers(0, len(_DIGESTS) - 1), st.binary(max_size=64)),
+        min_size=1,
+        max_size=30,
+    ),
+    write_behind=st.booleans(),
+)
+def test_the_last_write_of_a_key_in_one_group_wins(
+    tmp_path: Path,
+    fingerprint: DeviceFingerprint,
+    writes: list[tuple[int, bytes]],
+    write_behind: bool,
+) -> None:
+    # One call commits as one group, inserted in row id order: whatever the order, a key
+    # reads back the bytes written to it last, also from another cache object.
+    path = tmp_path / f"{os.urandom(4).hex()}.sqlite3"
+    last = dict(writes)
+    with PipelineCache.open(path, write_behind=write_behind) as cache:
+        cache.write_many([(_DIGESTS[i], blob) for i, blob in writes], fingerprint)
+        cache.flush()
+        with PipelineCache.open(path) as other:
+            for i, digest in enumerate(_DIGESTS):
+                assert other.read(digest, fingerprint) == last.get(i)
+            assert len(other) == len(last)
 
 
 def test_unknown_flag_bits_round_trip(
