@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from vyre_sqlcache import (
     SCHEMA_VERSION,
     CacheError,
+    CacheFullError,
     DeviceFingerprint,
     FeatureFlags,
     PipelineCache,
@@ -23,6 +27,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache.cli import main
 
 from .corpus_blobs import blobs
+from .helpers import run_script
 
 
 def key_of(n: int) -> bytes:
@@ -338,7 +343,170 @@ def test_merge_into_a_read_only_cache_is_refused(tmp_path: Path, cache_path: Pat
             dest.merge(str(source))  # type: ignore[arg-type]
 
 
+# -- copy -----------------------------------------------------------------------------------
+
+# argv: path. Writes entry i (digest key_of(i), 64 KiB derived from i, stored raw) for ever,
+# flushing every 10 and then printing how many are flushed: checkpoints run all along.
+WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    with PipelineCache.open(sys.argv[1], compression="off") as cache:
+        i = 0
+        while True:
+            digest = hashlib.sha256(b"entry %d" % i).digest()
+            cache.write(digest, fp, hashlib.sha512(digest).digest() * 1024)
+            i += 1
+            if i % 10 == 0:
+                cache.flush()
+                print(i, flush=True)
+    """
+)
+
+
+def side_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.glob(path.name + "-*"))
+
+
+def test_a_copy_made_while_another_process_writes_is_whole(
+    cache_path: Path, tmp_path: Path
+) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(cache_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert writer.stdout is not None
+    try:
+        copies = []
+        assert writer.stdout.readline(), "the writer stopped"  # the file exists now
+        with PipelineCache.open(cache_path, readonly=True) as cache:
+            for n in range(4):
+                flushed = 0
+                while flushed < 300 * (n + 1):  # about 19 MiB more each time: checkpoints
+                    line = writer.stdout.readline()
+                    assert line, "the writer stopped"
+                    flushed = int(line)
+                out = tmp_path / f"copy{n}.sqlite3"
+                report = cache.copy(out)
+                copies.append((out, flushed, report))
+    finally:
+        writer.kill()
+        writer.wait()
+    for out, flushed, report in copies:
+        assert header(out)[0] == 1 and side_files(out) == []  # one file, no log beside it
+        connection = apsw.Connection(str(out), flags=apsw.SQLITE_OPEN_READONLY)
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        connection.close()
+        with PipelineCache.open(out, readonly=True) as copy:
+            assert len(copy) == report.entries >= flushed
+            for i in range(report.entries):
+                digest = key_of(i)
+                assert copy.read(digest, fp) == hashlib.sha512(digest).digest() * 1024, i
+
+
+def test_a_copy_holds_queued_writes_and_settings_and_is_a_cache_of_its_own(
+    cache_path: Path, tmp_path: Path
+) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    out = tmp_path / "copy.sqlite3"
+    with PipelineCache.open(cache_path, max_bytes=50 << 20) as cache:
+        for i in range(20):
+            cache.write(key_of(i), fp, b"blob %d" % i)  # queued, never flushed
+        report = cache.copy(out)
+        cache.write(key_of(99), fp, b"after the copy")
+    assert (report.path, report.entries, report.file_bytes) == (out, 20, out.stat().st_size)
+    assert report.blob_bytes == sum(len(b"blob %d" % i) for i in range(20))
+    assert side_files(out) == []
+    with PipelineCache.open(out) as copy:
+        assert copy.file_max_bytes() == 50 << 20
+        assert [copy.read(key_of(i), fp) for i in range(20)] == [b"blob %d" % i for i in range(20)]
+        assert copy.read(key_of(99), fp) is None
+        copy.write(key_of(100), fp, b"written to the copy")
+        assert copy.check().ok
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        assert cache.read(key_of(100), fp) is None and len(cache) == 21
+
+
+def test_copy_refuses_an_existing_file_a_folder_and_a_missing_folder(
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]], tmp_path: Path
+) -> None:
+    path, rows = populated
+    out = tmp_path / "out.sqlite3"
+    out.write_bytes(b"last week's copy")
+    (tmp_path / "folder").mkdir()
+    with PipelineCache.open(path, readonly=True) as cache:
+        with pytest.raises(FileExistsError, match=r"overwrite=True"):
+            cache.copy(out)
+        assert out.read_bytes() == b"last week's copy"
+        with pytest.raises(CacheError, match=r"is a folder"):
+            cache.copy(tmp_path / "folder")
+        with pytest.raises(CacheError, match=r"does not exist; make it first"):
+            cache.copy(tmp_path / "nowhere" / "out.sqlite3")
+        with pytest.raises(ValueError, match=r"the cache itself"):
+            cache.copy(path)
+        assert cache.copy(out, overwrite=True).entries == len(rows)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "folder", "out.sqlite3"]
+
+
+# argv: path, out. Copies under a file size limit smaller than the copy; prints the error.
+COPY_OVER_LIMIT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from vyre_sqlcache import CacheError, PipelineCache
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    with PipelineCache.open(sys.argv[1], readonly=True) as cache:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            cache.copy(sys.argv[2])
+        except CacheError as error:
+            print(type(error).__name__, error)
+    """
+)
+
+
+def test_a_copy_that_does_not_fit_raises_cache_full_and_leaves_nothing(
+    cache_path: Path, tmp_path: Path
+) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    with PipelineCache.open(cache_path, compression="off") as cache:
+        for i in range(40):
+            cache.write(key_of(i), fp, os.urandom(64 << 10))
+    out = tmp_path / "out" / "copy.sqlite3"
+    out.parent.mkdir()
+    done = run_script(COPY_OVER_LIMIT, str(cache_path), str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(CacheFullError.__name__), done.stdout
+    assert "file size limit" in done.stdout and str(out) in done.stdout
+    assert os.listdir(out.parent) == []
+
+
 # -- the command line -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["bundle", "copy"])
+@pytest.mark.parametrize("spelling", ["same", "relative", "link"])
+def test_cli_refuses_to_write_over_the_cache_itself_in_one_line(
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    spelling: str,
+) -> None:
+    path, _ = populated
+    before = file_state(path)
+    monkeypatch.chdir(path.parent)
+    out = {"same": str(path), "relative": f"./{path.name}", "link": "link.sqlite3"}[spelling]
+    if spelling == "link":
+        os.symlink(path, path.parent / "link.sqlite3")
+    assert main(["--path", str(path), command, "-o", out, "--force"]) == 2
+    out_text, err = capsys.readouterr()
+    assert out_text == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert "is the cache itself" in err
+    assert file_state(path) == before
 
 
 def test_cli_bundle_and_merge(

@@ -6,7 +6,7 @@ installs, durable `flush()`, checksummed reads and batched invalidation.
 
 from __future__ import annotations
 
-from ._combine import BundleReport, MergeReport
+from ._combine import BundleReport, CopyReport, MergeReport
 from ._named import pack_group, unpack_group
 from ._remote import RemoteSettings, RemoteStats, RemoteTier
 from ._schema import latest_version as _latest_version
@@ -44,6 +44,7 @@ __all__ = [
     "CacheError",
     "CacheFullError",
     "CacheStats",
+    "CopyReport",
     "CorruptCacheError",
     "DeviceFingerprint",
     "FeatureFlags",

@@ -6,6 +6,10 @@ dictionaries, ids kept), written to a temporary file beside the output, VACUUMed
 left in rollback-journal mode (a reader of a read-only layer needs no -wal or -shm)
 and marked as a layer, then renamed into place.
 
+`copy` writes a snapshot of a whole cache file (every table, as it is) with SQLite's
+`VACUUM INTO`, to a temporary file beside the output that is synced and renamed into
+place: unlike a file copy while processes use the cache, it is never torn.
+
 `merge` admits the entries of other cache files into a cache: sources are opened
 read-only, every incoming entry is verified, and admitted through `_rows.insert`
 (compressed with the destination's own codec and dictionaries, evicting by its
@@ -37,8 +41,10 @@ from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey, named_entry
 __all__ = [
     "BundleFilter",
     "BundleReport",
+    "CopyReport",
     "MergeReport",
     "bundle_into",
+    "copy_into",
     "merge_from",
     "sound_entry",
     "source",
@@ -74,6 +80,17 @@ class BundleReport:
     entries: int
     skipped_bad: int
     dictionaries: int
+    blob_bytes: int
+    file_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyReport:
+    """What `PipelineCache.copy` wrote: the output file, its live entries, their blob
+    bytes (as the callers wrote them) and the file's size."""
+
+    path: Path
+    entries: int
     blob_bytes: int
     file_bytes: int
 
@@ -186,6 +203,24 @@ def bundle_into(source: apsw.Connection, target_path: Path, wanted: BundleFilter
     return BundleReport(
         target_path, copied, skipped, len(dictionaries), blob_bytes, target_path.stat().st_size
     )
+
+
+# -- copy -------------------------------------------------------------------------------
+
+
+def copy_into(source: apsw.Connection, target_path: Path) -> CopyReport:
+    """Write one snapshot of `source`'s file into a new file at `target_path` (which must
+    not exist; the caller removes it if this raises), synced."""
+    vacuum(source, into=target_path)
+    with open(target_path, "rb+") as written:
+        os.fsync(written.fileno())
+    target = connect(target_path, readonly=True, query_only=True, mmap=False)
+    try:
+        entries = _rows.totals_value(target, "entries")
+        blob_bytes = _rows.totals_value(target, "blob_bytes")
+    finally:
+        target.close()
+    return CopyReport(target_path, entries, blob_bytes, target_path.stat().st_size)
 
 
 def _copy_dictionary(source: apsw.Connection, target: apsw.Connection, dict_id: int) -> None:

@@ -137,12 +137,15 @@ def connect(
     return connection
 
 
-def vacuum(connection: apsw.Connection) -> None:
-    """VACUUM, its transient copy of the file on disk and not in memory (cache connections
-    keep temporary data in memory); raises apsw errors."""
+def vacuum(connection: apsw.Connection, into: Path | None = None) -> None:
+    """VACUUM (into a new file `into`, if given), its transient data on disk and not in
+    memory (cache connections keep temporary data in memory); raises apsw errors."""
     connection.pragma("temp_store", "FILE")
     try:
-        connection.execute("VACUUM")
+        if into is None:
+            connection.execute("VACUUM")
+        else:
+            connection.execute("VACUUM INTO ?", (str(into),))
     finally:
         connection.pragma("temp_store", "MEMORY")
 

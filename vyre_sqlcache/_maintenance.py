@@ -549,16 +549,7 @@ class CacheMaintenance:
             None if driver is None else coerce_digest("driver", driver),
             None if key_version is None else check_u32("key_version", key_version),
         )
-        target = Path(os.fspath(out)).expanduser().absolute()
-        if target.resolve() == self._path:
-            raise ValueError(f"out is the cache itself ({target}); give another file")
-        if target.is_dir():
-            raise CacheError(f"{target} is a folder; give the path of the layer file to write")
-        if (target.exists() or target.is_symlink()) and not overwrite:
-            raise FileExistsError(
-                f"{target} exists; choose another path, or pass overwrite=True "
-                "(--force) to replace it"
-            )
+        target = self._output(out, overwrite, "layer file")
         self._before_inspection()
         temporary = target.with_name(f".{target.name}.bundle-{os.getpid()}-{time.time_ns()}")
         try:
@@ -571,6 +562,64 @@ class CacheMaintenance:
         finally:
             _combine.discard(temporary)
         return dataclasses.replace(report, path=target)
+
+    def copy(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> _combine.CopyReport:
+        """Write a snapshot of the whole cache file to a new file at `out`: every table as
+        one read transaction saw it (this object's queued writes committed first),
+        vacuumed, in one file with no -wal beside it; written beside `out`, synced and
+        renamed into place, while other processes go on using the cache. A file copied
+        with `cp` while a process writes the cache is usually torn.
+
+        Raises FileExistsError if `out` exists (unless `overwrite`), ValueError if it is
+        the cache itself, CacheError types if reading or writing fails (CacheFullError
+        for a full disk; nothing is left at `out` then).
+        """
+        target = self._output(out, overwrite, "copy")
+        self._before_inspection()
+        temporary = target.with_name(f".{target.name}.copy-{os.getpid()}-{time.time_ns()}")
+
+        try:
+            with self._call() as slot:
+                connection = self._pool.main(slot)
+                # A read-only cache's connections refuse VACUUM INTO, which writes no byte
+                # of the cache (the file itself is opened read-only where it must be).
+                if self._readonly:
+                    connection.pragma("query_only", False)
+                try:
+                    report = _combine.copy_into(connection, temporary)
+                except apsw.Error as error:
+                    # The connection's errno tells a file size limit from other I/O errors.
+                    raise translate(error, "writing the copy", target, connection) from error
+                finally:
+                    if self._readonly:
+                        connection.pragma("query_only", True)
+            _combine.install(temporary, target)
+        except OSError as error:
+            raise CacheError(f"writing the copy {target} failed: {error}") from error
+        finally:
+            _combine.discard(temporary)
+        return dataclasses.replace(report, path=target)
+
+    def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
+        """The absolute path of a file to write (`kind` names it in errors); raises
+        ValueError if it is the cache, CacheError for a folder, FileExistsError if it
+        exists and may not be replaced."""
+        target = Path(os.fspath(out)).expanduser().absolute()
+        if target.resolve() == self._path:
+            raise ValueError(f"out is the cache itself ({target}); give another file")
+        if target.is_dir():
+            raise CacheError(f"{target} is a folder; give the path of the {kind} to write")
+        if not target.parent.is_dir():
+            raise CacheError(
+                f"the folder {target.parent} does not exist; make it first, or give a path "
+                f"in an existing folder for the {kind}"
+            )
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise FileExistsError(
+                f"{target} exists; choose another path, or pass overwrite=True "
+                "(--force) to replace it"
+            )
+        return target
 
     def merge(self, sources: Iterable[str | os.PathLike[str]]) -> _combine.MergeReport:
         """Admit the entries of other cache files into this one, one transaction per

@@ -683,11 +683,20 @@ def _compact(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _output_checked() -> Iterator[None]:
+    """Report an output file the library refuses (the cache itself) as a usage error."""
+    try:
+        yield
+    except ValueError as error:
+        raise UsageError(f"argument -o/--output: {error}") from error
+
+
 def _bundle(args: argparse.Namespace) -> int:
     driver = None
     if args.driver is not None:
         driver = DeviceFingerprint.from_parts(0, 0, args.driver, args.driver_extra).driver_digest
-    with _opened(args) as cache:
+    with _opened(args) as cache, _output_checked():
         report = cache.bundle(
             args.output,
             backend=args.backend,
@@ -702,6 +711,16 @@ def _bundle(args: argparse.Namespace) -> int:
         f"bundled {report.entries} entries ({_bytes(report.blob_bytes)} of blobs, "
         f"{report.dictionaries} dictionaries) into {report.path} ({_bytes(report.file_bytes)})"
         f"{bad}"
+    )
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    with _opened(args) as cache, _output_checked():
+        report = cache.copy(args.output, overwrite=args.force)
+    print(
+        f"copied {cache.path} ({report.entries} entries, {_bytes(report.blob_bytes)} of "
+        f"blobs) into {report.path} ({_bytes(report.file_bytes)})"
     )
     return 0
 
@@ -1113,6 +1132,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     bundle.add_argument("--key-version", type=_u32, metavar="N", help="key format version N")
     bundle.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+    copy = command(
+        "copy",
+        _copy,
+        "write a snapshot of the whole cache into a new file, safe while processes use "
+        "the cache (a file copy then is torn)",
+    )
+    copy.add_argument("-o", "--output", required=True, metavar="FILE", help="the new file")
+    copy.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     merge = command(
         "merge",
