@@ -416,6 +416,43 @@ def test_a_cache_dropped_without_close_is_closed_and_keeps_its_writes(
         ]
 
 
+def test_caches_collected_together_in_cycles_log_no_failed_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One collection clears the weak references of every cache in it before the first
+    # __del__ runs, and that __del__ starts a thread (the GIL is let go): another cache's
+    # writer then found its cache gone and logged "committing queued writes failed",
+    # though the close that follows commits the queue.
+    paths = [tmp_path / f"cycle{i}.sqlite3" for i in range(8)]
+    written: dict[Path, list[bytes]] = {path: [] for path in paths}
+    PipelineCache.open(paths[0]).close()
+    threads = threading.active_count()
+    with caplog.at_level(logging.WARNING, logger="vyre_sqlcache"), pytest.warns(ResourceWarning):
+        for _ in range(5):
+            gc.disable()
+            try:
+                for path in paths:
+                    cache = PipelineCache.open(path)
+                    cache.owner = cache  # type: ignore[attr-defined]
+                    for _ in range(5):
+                        digest = os.urandom(32)
+                        cache.write(digest, FP, digest)
+                        written[path].append(digest)
+                    del cache
+            finally:
+                gc.enable()
+            deadline = time.monotonic() + 10
+            # A cache whose thread is in a commit is alive: the next collection takes it.
+            while threading.active_count() > threads and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.02)
+    assert threading.active_count() <= threads
+    assert "failed" not in caplog.text
+    for path in paths:
+        with PipelineCache.open(path) as cache:
+            assert all(cache.read(d, FP) == d for d in written[path])
+
+
 def test_a_dropped_cache_whose_close_fails_logs_it_without_a_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

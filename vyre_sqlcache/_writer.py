@@ -32,7 +32,7 @@ from . import _connections  # noqa: F401  (its fork hooks must be registered bef
 from ._rows import NewEntry
 from .errors import CacheError
 
-__all__ = ["GROUP_DELAY_S", "MAX_QUEUED_BYTES", "MAX_QUEUED_ENTRIES", "WriteBehind"]
+__all__ = ["GROUP_DELAY_S", "MAX_QUEUED_BYTES", "MAX_QUEUED_ENTRIES", "Dropped", "WriteBehind"]
 
 log = logging.getLogger("vyre_sqlcache")
 
@@ -42,6 +42,12 @@ GROUP_DELAY_S = 0.003
 #: A caller that finds this many entries (or bytes) queued commits them itself.
 MAX_QUEUED_ENTRIES = 512
 MAX_QUEUED_BYTES = 16 << 20
+
+
+class Dropped(CacheError):
+    """Raised by `commit` once the cache object is being collected: its close(), which
+    the collection starts, commits the queue."""
+
 
 #: `commit(entries, durable, extra)` commits `entries` (and runs `extra` on the
 #: connection) in one transaction, synced to disk when `durable`; returns extra's result.
@@ -172,6 +178,8 @@ class WriteBehind:
             try:
                 self.commit()
                 pause = GROUP_DELAY_S
+            except Dropped:
+                return  # not a failure: the queue is the close's to commit
             except CacheError as error:
                 self._error = error
                 log.warning("vyre-sqlcache: committing queued writes failed: %s", error)

@@ -68,7 +68,7 @@ from ._maintenance import CacheMaintenance
 from ._named import NamedEntries
 from ._rows import NewEntry
 from ._schema import prepare
-from ._writer import WriteBehind
+from ._writer import Dropped, WriteBehind
 from .config import (
     DEFAULT_COMPRESSION,
     DEFAULT_MAX_BYTES,
@@ -164,7 +164,7 @@ class _Callback:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         cache = self._reference()
         if cache is None:
-            raise CacheError("the cache object was dropped; open the cache again")
+            raise Dropped("the cache object was dropped; open the cache again")
         return getattr(cache, self._name)(*args, **kwargs)
 
     def pin(self, cache: PipelineCache) -> None:
