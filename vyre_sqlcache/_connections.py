@@ -139,15 +139,29 @@ def connect(
 
 def vacuum(connection: apsw.Connection, into: Path | None = None) -> None:
     """VACUUM (into a new file `into`, if given), its transient data on disk and not in
-    memory (cache connections keep temporary data in memory); raises apsw errors."""
+    memory (cache connections keep temporary data in memory); raises apsw errors, and
+    KeyboardInterrupt on Ctrl-C within a few rows."""
     connection.pragma("temp_store", "FILE")
+    # Python runs signal handlers only between bytecodes: a callback every few rows lets
+    # Ctrl-C stop a copy of a large file (the VACUUM is rolled back) instead of after it.
+    connection.set_progress_handler(_let_signals_in, VACUUM_PROGRESS_STEPS)
     try:
         if into is None:
             connection.execute("VACUUM")
         else:
             connection.execute("VACUUM INTO ?", (str(into),))
     finally:
+        connection.set_progress_handler(None)
         connection.pragma("temp_store", "MEMORY")
+
+
+#: SQLite steps between two calls of the progress handler during a VACUUM: a copied row
+#: takes a few, so a Ctrl-C stops it within a few dozen rows.
+VACUUM_PROGRESS_STEPS = 256
+
+
+def _let_signals_in() -> bool:
+    return False
 
 
 def retry_busy(operation: Callable[[], T], timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> T:
