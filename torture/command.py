@@ -17,6 +17,7 @@ from .deletions import DeletionReport, deletion_child, run_deletions
 from .faults import FaultReport, faults_child, run_faults
 from .kills import KillReport, kill_child, run_kills
 from .lifecycle import ForkReport, InterruptReport, run_fork_trials, run_interrupt_trials
+from .tiers import TierReport, run_tiers, tiers_child
 
 
 def _child_main(argv: list[str]) -> int:
@@ -41,6 +42,9 @@ def _child_main(argv: list[str]) -> int:
         return faults_child(Path(workdir), int(rounds), int(seed))
     if command == "child-corrupt":
         return corruption_child()
+    if command == "child-tiers":
+        path, layer, url, seconds, seed, worker = args
+        return tiers_child(Path(path), Path(layer), url, float(seconds), int(seed), int(worker))
     if command == "child-delete":
         path, seconds, seed = args
         return deletion_child(Path(path), float(seconds), int(seed))
@@ -53,8 +57,8 @@ R = TypeVar("R")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m torture",
-        description="Kill, power-cut, contention, fault, corruption, fork, interrupt and "
-        "deletion trials "
+        description="Kill, power-cut, contention, fault, corruption, fork, interrupt, "
+        "deletion and tier (layer and Redis) trials "
         "of vyre-sqlcache. "
         "Prints a table of figures; exits 1 if anything acknowledged was lost, any wrong "
         "bytes were returned, or any call failed in an undocumented way.",
@@ -77,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         "--deletions", type=int, default=6, help="trials deleting the file in use (6)"
     )
     parser.add_argument("--deletion-seconds", type=float, default=5.0, help="length of each (5)")
+    parser.add_argument(
+        "--tier-seconds",
+        type=float,
+        default=20.0,
+        help="length of the tiers trial, Redis restarted all along (20)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -192,6 +202,25 @@ def _deletion_rows(r: DeletionReport) -> list[Row]:
     ]  # fmt: skip
 
 
+def _tier_rows(r: TierReport) -> list[Row]:
+    if r.skipped:
+        return [("tiers", "not run", r.skipped)]
+    return [
+        ("tiers", "processes x seconds (a file each, one layer, one Redis)",
+         f"{r.processes} x {r.seconds:g} s"),
+        ("tiers", "Redis killed and started again", r.redis_restarts),
+        ("tiers", "calls; reads, hits (from the layer / Redis)",
+         f"{r.operations}; {r.reads}, {r.hits} ({r.layer_hits} / {r.remote_hits})"),
+        ("tiers", "entries evicted from the files", r.evictions),
+        ("tiers", "values left in Redis fetched and checked", r.remote_values_checked),
+        ("tiers", "**errors reaching a caller**", r.errors),
+        ("tiers", "**acknowledged writes lost / invalidations undone**", f"{r.lost} / {r.undone}"),
+        ("tiers", "**wrong bytes returned**", r.wrong),
+        ("tiers", "**Redis values failing verification**", r.rejected),
+        ("tiers", "**file problems at the end**", r.file_problems),
+    ]  # fmt: skip
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """A Markdown table of (trial, figure, value) rows."""
     lines = ["| trial | figure | value |", "| --- | --- | ---: |"]
@@ -251,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work / "deletions", args.deletions, args.deletion_seconds, seed=seed
             ),
         )
-    reports: list[Any] = [kills, contention, faults, corrupt, forks, interrupts, deletions]
+        tiers = timed("tiers", lambda: run_tiers(work / "tiers", args.tier_seconds, seed=seed))
+    reports: list[Any] = [kills, contention, faults, corrupt, forks, interrupts, deletions, tiers]
     failures = sum(report.failures for report in reports)
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     print(f"vyre-sqlcache torture, seed {seed} ({spent})")
@@ -259,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = _kill_rows(kills) + _contention_rows(contention)
     rows += _fault_rows(faults) + _corruption_rows(corrupt)
     rows += _fork_rows(forks) + _interrupt_rows(interrupts) + _deletion_rows(deletions)
+    rows += _tier_rows(tiers)
     print(format_table(rows))
     print()
     for report in reports:
