@@ -88,17 +88,22 @@ class _Contender:
         self.nonce += 1
         return tagged_blob(entry_key_of(slot), self.nonce, blob_size(self.rng, 192 * 1024))
 
-    def judge(self, slot: int, got: bytes | None) -> None:
-        """A read is a miss or bytes of that key; an own slot reads its last write, or a
-        miss if anything was evicted since that write."""
+    def counted(self, slot: int, got: bytes | None) -> bool:
+        """Count a read; whether it is a miss or bytes of that key (else it is wrong)."""
         report = self.report
         report.reads += 1
         report.hits += got is not None
         if got is not None and not tag_matches(entry_key_of(slot), got):
             report.wrong += 1
             add_detail(report.details, f"worker {self.worker}: slot {slot} read foreign bytes")
-            return
-        if slot not in self.last:
+            return False
+        return True
+
+    def judge(self, slot: int, got: bytes | None) -> None:
+        """A read is a miss or bytes of that key; an own slot reads its last write, or a
+        miss if anything was evicted since that write."""
+        report = self.report
+        if not self.counted(slot, got) or slot not in self.last:
             return
         expected, evictions_before = self.last[slot]
         if got == expected:

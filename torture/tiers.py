@@ -71,13 +71,7 @@ class _TierContender(_Contender):
 
     def judge(self, slot: int, got: bytes | None) -> None:
         report = self.report
-        report.reads += 1
-        report.hits += got is not None
-        if got is not None and not tag_matches(entry_key_of(slot), got):
-            report.wrong += 1
-            add_detail(report.details, f"worker {self.worker}: slot {slot} read foreign bytes")
-            return
-        if slot not in self.last:
+        if not self.counted(slot, got) or slot not in self.last:
             return
         expected, evictions_before = self.last[slot]
         if got == expected:
