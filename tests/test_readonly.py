@@ -354,13 +354,13 @@ def test_a_reader_that_cannot_write_the_folder_reads_on_as_the_owner_changes_the
     reader = Reader(stored)
     try:
         assert reader.read("a", range(0, 100)) == "R" * 100
-        # The owner deletes half, writes more, closes, and compacts: the file shrinks.
+        # The owner deletes half and compacts (the file shrinks), then writes more.
         with PipelineCache.open(stored) as owner:
             owner.delete_entries(entry_keys(range(0, 50)))
-        write(stored, "a", range(100, 150))
         with PipelineCache.open(stored) as owner:
             before, after = owner.compact()
         assert after < before
+        write(stored, "a", range(100, 150))
         assert reader.read("a", range(0, 150)) == "N" * 50 + "R" * 100
         assert reader.read("a", range(0, 150), "many") == "N" * 50 + "R" * 100
         write(stored, "a", range(150, 170))  # closed again: the reader is immutable again

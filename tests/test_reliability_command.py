@@ -21,12 +21,13 @@ def test_the_command_prints_a_table_of_every_trial(
     monkeypatch.chdir(tmp_path)
     argv = ["--kills", "2", "--corruptions", "6", "--seconds", "1", "--faults", "2", "--forks", "2"]
     argv += ["--interrupts", "1", "--interrupt-seconds", "1", "--deletions", "1"]
-    argv += ["--deletion-seconds", "1"]
+    argv += ["--deletion-seconds", "1", "--tier-seconds", "2"]
     code = main([*argv, "--seed", "5", "--workdir", "work", "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("vyre-sqlcache torture, seed 5 (kills ")
     assert "| trial | figure | value |" in out
     trials = ("kills", "contention", "faults", "corruption", "fork", "interrupts", "deletions")
+    trials += ("tiers",)
     for trial in trials:
         assert f"| {trial} |" in out
     assert "| kills | kills survived (of which with a power cut) | 2 (" in out
@@ -46,6 +47,7 @@ def test_the_command_runs_as_a_module() -> None:
     assert done.returncode == 0
     assert done.stdout.startswith("usage: python -m torture ")
     options = ("--kills", "--corruptions", "--seconds", "--forks", "--interrupts", "--deletions")
+    options += ("--tier-seconds",)
     for option in (*options, "--seed"):
         assert option in done.stdout
 

@@ -43,7 +43,7 @@ class RedisServer:
         if executable is None:
             raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
         self.executable = executable
-        self.folder = folder
+        self.folder = folder.absolute()  # redis-server changes into --dir before its log
         self.port = port or free_port()
         self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
