@@ -495,6 +495,39 @@ def test_ctrl_c_stops_a_copy_under_way_and_leaves_nothing(cache_path: Path, tmp_
         assert cache.copy(out).entries == 600  # the next one runs to its end
 
 
+@pytest.mark.parametrize("method", ["copy", "bundle"])
+@pytest.mark.parametrize("side", ["-wal", "-shm"])
+def test_an_output_over_the_caches_own_log_is_refused(
+    cache_path: Path, method: str, side: str
+) -> None:
+    # Renamed over the live log, it would leave a second process pairing the file with
+    # a database where its log should be (two logs for one file: corruption).
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(key_of(1), fp, b"kept")
+        cache.flush()
+        log = Path(f"{cache_path}{side}")
+        before = log.read_bytes()
+        with pytest.raises(ValueError, match=rf"the cache's own {side} file"):
+            getattr(cache, method)(log, overwrite=True)
+        assert log.read_bytes() == before
+        assert cache.read(key_of(1), fp) == b"kept"
+
+
+@pytest.mark.parametrize("method", ["copy", "bundle"])
+def test_an_output_beside_a_left_over_log_is_refused(
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]], tmp_path: Path, method: str
+) -> None:
+    # A new file there would be paired with that log by the next program to open it.
+    path, _ = populated
+    out = tmp_path / "out.sqlite3"
+    Path(f"{out}-wal").write_bytes(b"a log of another database")
+    with PipelineCache.open(path, readonly=True) as cache:
+        with pytest.raises(CacheError, match=r"out.sqlite3-wal exists"):
+            getattr(cache, method)(out, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "out.sqlite3-wal"]
+
+
 # argv: path, out. Copies under a file size limit smaller than the copy; prints the error.
 COPY_OVER_LIMIT = textwrap.dedent(
     """

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import apsw
 
 from . import _codec, _combine, _layers, _rows
-from ._cachefile import move_aside, needs_check_marker
+from ._cachefile import SIDE_FILES, move_aside, needs_check_marker
 from ._checkpointer import compact_shortfall
 from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate, vacuum
 from ._writer import WriteBehind
@@ -537,7 +537,8 @@ class CacheMaintenance:
         fingerprint's 32-byte driver digest (or 64 hex).
 
         Raises FileExistsError if `out` exists (unless `overwrite`), TypeError/ValueError
-        for a bad filter, CacheError types if reading or writing fails (nothing is left
+        for a bad filter or an `out` that is the cache or its -wal or -shm, CacheError
+        types if `out` has a log beside it or reading or writing fails (nothing is left
         at `out` then).
         """
         if backend is not None and (not isinstance(backend, str) or not backend):
@@ -571,8 +572,9 @@ class CacheMaintenance:
         with `cp` while a process writes the cache is usually torn.
 
         Raises FileExistsError if `out` exists (unless `overwrite`), ValueError if it is
-        the cache itself, CacheError types if reading or writing fails (CacheFullError
-        for a full disk; nothing is left at `out` then).
+        the cache or its -wal or -shm, CacheError types if `out` has a log beside it or
+        reading or writing fails (CacheFullError for a full disk; nothing is left at
+        `out` then).
         """
         target = self._output(out, overwrite, "copy")
         self._before_inspection()
@@ -602,11 +604,25 @@ class CacheMaintenance:
 
     def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
         """The absolute path of a file to write (`kind` names it in errors); raises
-        ValueError if it is the cache, CacheError for a folder, FileExistsError if it
-        exists and may not be replaced."""
+        ValueError if it is the cache or one of its side files, CacheError for a folder,
+        a missing folder or a log beside it, FileExistsError if it exists and may not be
+        replaced."""
         target = Path(os.fspath(out)).expanduser().absolute()
-        if target.resolve() == self._path:
+        resolved = target.resolve()
+        if resolved == self._path:
             raise ValueError(f"out is the cache itself ({target}); give another file")
+        for side in (*SIDE_FILES, "-journal"):
+            if resolved == Path(f"{self._path}{side}"):
+                raise ValueError(
+                    f"out is the cache's own {side} file ({target}); give another file"
+                )
+            if Path(f"{target}{side}").exists():
+                # The next program to open the new file would pair it with that log.
+                raise CacheError(
+                    f"{target}{side} exists: a database at {target} is in use, or a crash "
+                    f"left its {side} behind; give another path, or close what uses it and "
+                    "remove the leftover"
+                )
         if target.is_dir():
             raise CacheError(f"{target} is a folder; give the path of the {kind} to write")
         if not target.parent.is_dir():
