@@ -522,9 +522,11 @@ def test_an_output_beside_a_left_over_log_is_refused(
     path, _ = populated
     out = tmp_path / "out.sqlite3"
     Path(f"{out}-wal").write_bytes(b"a log of another database")
-    with PipelineCache.open(path, readonly=True) as cache:
-        with pytest.raises(CacheError, match=r"out.sqlite3-wal exists"):
-            getattr(cache, method)(out, overwrite=True)
+    with (
+        PipelineCache.open(path, readonly=True) as cache,
+        pytest.raises(CacheError, match=r"out.sqlite3-wal exists"),
+    ):
+        getattr(cache, method)(out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["cache", "out.sqlite3-wal"]
 
 

@@ -319,6 +319,29 @@ def test_get_to_stdout(filled: Filled, capsysbinary: pytest.CaptureFixture[bytes
     assert capsysbinary.readouterr().out == blob
 
 
+@pytest.mark.parametrize("output", ["the cache", "a link to it", "its -wal", "its -shm"])
+def test_get_refuses_to_write_over_the_cache_or_its_log(
+    cli: Cli, filled: Filled, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    # A slip of the argument order or of a variable wrote a blob over the cache file.
+    before = state(filled.path)
+    with PipelineCache.open(filled.path) as holder:  # the log is there while it is open
+        holder.peek_entry(filled.keys["program"])
+        target = {
+            "the cache": filled.path,
+            "a link to it": tmp_path / "link.sqlite3",
+            "its -wal": Path(f"{filled.path}-wal"),
+            "its -shm": Path(f"{filled.path}-shm"),
+        }[output]
+        if output == "a link to it":
+            target.symlink_to(filled.path)
+        monkeypatch.chdir(tmp_path)
+        code, out, err = cli.run(filled.path, "get", filled.keys["program"], "-o", str(target))
+        expected = "the cache itself" if output in ("the cache", "a link to it") else output[4:]
+        assert code == 2 and out == "" and expected in one_error_line(err)
+    assert state(filled.path) == before
+
+
 def test_rm_removes_what_exists_and_reports_the_rest(cli: Cli, filled: Filled) -> None:
     missing = os.urandom(32).hex()
     code, out, err = cli.run(

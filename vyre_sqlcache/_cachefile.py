@@ -32,6 +32,7 @@ __all__ = [
     "SIDE_FILES",
     "CacheFile",
     "FileWatch",
+    "cache_part",
     "has_side_files",
     "header_damage",
     "inode",
@@ -303,6 +304,21 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     except OSError:
         return None
+
+
+def cache_part(target: Path, cache: Path) -> str | None:
+    """Which file of the cache at `cache` `target` names, by any path (a link, another
+    mount of the folder): "the cache itself", "the cache's own -wal file", ...; or None."""
+    resolved = target.resolve()
+    for suffix in ("", *SIDE_FILES, "-journal"):
+        part = Path(f"{cache}{suffix}")
+        try:
+            same = resolved == part or os.path.samefile(target, part)
+        except OSError:  # one of them is not there
+            same = False
+        if same:
+            return f"the cache's own {suffix} file" if suffix else "the cache itself"
+    return None
 
 
 def has_side_files(path: Path) -> bool:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import apsw
 
 from . import _codec, _combine, _layers, _rows
-from ._cachefile import SIDE_FILES, move_aside, needs_check_marker
+from ._cachefile import SIDE_FILES, cache_part, move_aside, needs_check_marker
 from ._checkpointer import compact_shortfall
 from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate, vacuum
 from ._writer import WriteBehind
@@ -602,20 +602,22 @@ class CacheMaintenance:
             _combine.discard(temporary)
         return dataclasses.replace(report, path=target)
 
+    def own_file(self, path: str | os.PathLike[str]) -> str | None:
+        """Which of this cache's files `path` names, by any path (a link, another mount):
+        "the cache itself" or "the cache's own -wal file" (-shm, -journal); else None.
+        For tools about to write a file: never over the cache."""
+        return cache_part(Path(os.fspath(path)).expanduser().absolute(), self._path)
+
     def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
         """The absolute path of a file to write (`kind` names it in errors); raises
         ValueError if it is the cache or one of its side files, CacheError for a folder,
         a missing folder or a log beside it, FileExistsError if it exists and may not be
         replaced."""
         target = Path(os.fspath(out)).expanduser().absolute()
-        resolved = target.resolve()
-        if resolved == self._path:
-            raise ValueError(f"out is the cache itself ({target}); give another file")
+        part = self.own_file(target)
+        if part is not None:
+            raise ValueError(f"out ({target}) is {part}; give another file")
         for side in (*SIDE_FILES, "-journal"):
-            if resolved == Path(f"{self._path}{side}"):
-                raise ValueError(
-                    f"out is the cache's own {side} file ({target}); give another file"
-                )
             if Path(f"{target}{side}").exists():
                 # The next program to open the new file would pair it with that log.
                 raise CacheError(

@@ -474,12 +474,15 @@ def _ls(args: argparse.Namespace) -> int:
 def _get(args: argparse.Namespace) -> int:
     with _opened(args) as cache:
         blob = cache.peek_entry(args.key)
+        part = None if args.output == "-" else cache.own_file(args.output)
     if blob is None:
         raise Failure(f"no entry with key {args.key}")
     if args.output == "-":
         sys.stdout.buffer.write(blob)
         sys.stdout.buffer.flush()
     else:
+        if part is not None:
+            raise UsageError(f"argument -o/--output: {args.output} is {part}; give another file")
         Path(args.output).write_bytes(blob)
         print(f"wrote {len(blob)} bytes to {args.output}")
     return 0
