@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -528,6 +529,23 @@ def test_an_output_beside_a_left_over_log_is_refused(
     ):
         getattr(cache, method)(out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["cache", "out.sqlite3-wal"]
+
+
+@pytest.mark.parametrize("method", ["copy", "bundle"])
+def test_an_output_that_is_not_a_regular_file_is_refused_even_with_overwrite(
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]], tmp_path: Path, method: str
+) -> None:
+    # Renamed over, a FIFO (or, as root, /dev/null) would have been replaced by the file.
+    path, _ = populated
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    with (
+        PipelineCache.open(path, readonly=True) as cache,
+        pytest.raises(CacheError, match=r"not a regular file"),
+    ):
+        getattr(cache, method)(fifo, overwrite=True)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "out.fifo"]
 
 
 # argv: path, out. Copies under a file size limit smaller than the copy; prints the error.

@@ -611,8 +611,8 @@ class CacheMaintenance:
     def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
         """The absolute path of a file to write (`kind` names it in errors); raises
         ValueError if it is the cache or one of its side files, CacheError for a folder,
-        a missing folder or a log beside it, FileExistsError if it exists and may not be
-        replaced."""
+        a device, FIFO or socket, a missing folder or a log beside it, FileExistsError if
+        it exists and may not be replaced."""
         target = Path(os.fspath(out)).expanduser().absolute()
         part = self.own_file(target)
         if part is not None:
@@ -627,6 +627,11 @@ class CacheMaintenance:
                 )
         if target.is_dir():
             raise CacheError(f"{target} is a folder; give the path of the {kind} to write")
+        if target.exists() and not target.is_file():
+            raise CacheError(
+                f"{target} is not a regular file (a device, FIFO or socket); give the path "
+                f"of the {kind} to write"
+            )
         if not target.parent.is_dir():
             raise CacheError(
                 f"the folder {target.parent} does not exist; make it first, or give a path "
