@@ -1,5 +1,5 @@
 """Inspection and maintenance of a cache, for the command line and for people: listing
-entries, read-only SQL, checking and rebuilding a damaged file, compacting.
+entries, read-only SQL, checking and rebuilding a damaged file, compacting, copying.
 
 `CacheMaintenance` is a part of `PipelineCache` kept in its own module: the
 everyday path (open, write, read, flush, close) stays in `cache.py`. On a cache
