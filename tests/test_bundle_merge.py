@@ -576,7 +576,8 @@ def test_a_copy_that_does_not_fit_raises_cache_full_and_leaves_nothing(
     done = run_script(COPY_OVER_LIMIT, str(cache_path), str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(CacheFullError.__name__), done.stdout
-    assert "file size limit" in done.stdout and str(out) in done.stdout
+    assert "no room for it" in done.stdout and "file size limit" in done.stdout
+    assert str(out) in done.stdout and "size cap" not in done.stdout
     assert os.listdir(out.parent) == []
 
 

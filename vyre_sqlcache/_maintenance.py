@@ -591,7 +591,14 @@ class CacheMaintenance:
                     report = _combine.copy_into(connection, temporary)
                 except apsw.Error as error:
                     # The connection's errno tells a file size limit from other I/O errors.
-                    raise translate(error, "writing the copy", target, connection) from error
+                    failure = translate(error, "writing the copy", target, connection)
+                    if isinstance(failure, CacheFullError):
+                        failure = CacheFullError(
+                            f"writing the copy {target} failed: no room for it ({error}); it "
+                            f"needs up to {self._file.file_bytes()} bytes: free space on that "
+                            "disk, raise the file size limit (`ulimit -f`), or copy elsewhere"
+                        )
+                    raise failure from error
                 finally:
                     if self._readonly:
                         connection.pragma("query_only", True)
