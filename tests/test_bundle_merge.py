@@ -400,6 +400,7 @@ def test_a_copy_made_while_another_process_writes_is_whole(
     finally:
         writer.kill()
         writer.wait()
+        writer.stdout.close()
     for out, flushed, report in copies:
         assert header(out)[0] == 1 and side_files(out) == []  # one file, no log beside it
         connection = apsw.Connection(str(out), flags=apsw.SQLITE_OPEN_READONLY)

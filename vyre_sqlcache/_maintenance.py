@@ -53,7 +53,12 @@ class CacheMaintenance:
 
         def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int: ...
 
-        def _read(self, what: str, run: Callable[[apsw.Connection], T]) -> T: ...
+        def _read(
+            self,
+            what: str,
+            run: Callable[[apsw.Connection], T],
+            failed: Callable[[apsw.Error, apsw.Connection], CacheError] | None = None,
+        ) -> T: ...
 
         def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int: ...
 
@@ -554,10 +559,12 @@ class CacheMaintenance:
         self._before_inspection()
         temporary = target.with_name(f".{target.name}.bundle-{os.getpid()}-{time.time_ns()}")
         try:
-            report = self._read("bundling", lambda c: _combine.bundle_into(c, temporary, wanted))
+            report = self._read(
+                "bundling",
+                lambda c: _combine.bundle_into(c, temporary, wanted),
+                lambda error, _: self._writing_failed("bundle", target, error),
+            )
             _combine.install(temporary, target)
-        except apsw.Error as error:
-            raise translate(error, "writing the bundle", temporary) from error
         except OSError as error:
             raise CacheError(f"writing the bundle {target} failed: {error}") from error
         finally:
@@ -580,34 +587,42 @@ class CacheMaintenance:
         self._before_inspection()
         temporary = target.with_name(f".{target.name}.copy-{os.getpid()}-{time.time_ns()}")
 
-        try:
-            with self._call() as slot:
-                connection = self._pool.main(slot)
-                # A read-only cache's connections refuse VACUUM INTO, which writes no byte
-                # of the cache (the file itself is opened read-only where it must be).
+        def copy_into(connection: apsw.Connection) -> _combine.CopyReport:
+            # A read-only cache's connections refuse VACUUM INTO, which writes no byte of
+            # the cache (the file itself is opened read-only where it must be).
+            if self._readonly:
+                connection.pragma("query_only", False)
+            try:
+                return _combine.copy_into(connection, temporary)
+            finally:
                 if self._readonly:
-                    connection.pragma("query_only", False)
-                try:
-                    report = _combine.copy_into(connection, temporary)
-                except apsw.Error as error:
-                    # The connection's errno tells a file size limit from other I/O errors.
-                    failure = translate(error, "writing the copy", target, connection)
-                    if isinstance(failure, CacheFullError):
-                        failure = CacheFullError(
-                            f"writing the copy {target} failed: no room for it ({error}); it "
-                            f"needs up to {self._file.file_bytes()} bytes: free space on that "
-                            "disk, raise the file size limit (`ulimit -f`), or copy elsewhere"
-                        )
-                    raise failure from error
-                finally:
-                    if self._readonly:
-                        connection.pragma("query_only", True)
+                    connection.pragma("query_only", True)
+
+        try:
+            # The connection's errno tells a file size limit from other I/O errors.
+            report = self._read(
+                "copying", copy_into, lambda e, c: self._writing_failed("copy", target, e, c)
+            )
             _combine.install(temporary, target)
         except OSError as error:
             raise CacheError(f"writing the copy {target} failed: {error}") from error
         finally:
             _combine.discard(temporary)
         return dataclasses.replace(report, path=target)
+
+    def _writing_failed(
+        self, kind: str, target: Path, error: apsw.Error, connection: apsw.Connection | None = None
+    ) -> CacheError:
+        """The error to raise for writing a file of `kind` from this cache: one with no
+        room says what it needs (the cache's size cap is not the remedy)."""
+        failure = translate(error, f"writing the {kind}", target, connection)
+        if not isinstance(failure, CacheFullError):
+            return failure
+        return CacheFullError(
+            f"writing the {kind} {target} failed: no room for it ({error}); it needs up to "
+            f"{self._file.file_bytes()} bytes: free space on that disk, raise the file size "
+            f"limit (`ulimit -f`), or write the {kind} elsewhere"
+        )
 
     def own_file(self, path: str | os.PathLike[str]) -> str | None:
         """Which of this cache's files `path` names, by any path (a link, another mount):

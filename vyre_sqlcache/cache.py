@@ -980,14 +980,23 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         finally:
             self._pool.leave(slot)
 
-    def _read(self, what: str, run: Callable[[apsw.Connection], T]) -> T:
-        """Run `run` on this thread's connection; apsw errors become CacheError types."""
+    def _read(
+        self,
+        what: str,
+        run: Callable[[apsw.Connection], T],
+        failed: Callable[[apsw.Error, apsw.Connection], CacheError] | None = None,
+    ) -> T:
+        """Run `run` on this thread's connection; apsw errors become CacheError types (those
+        `failed` makes of them and the connection, if given)."""
         with self._call() as slot:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
+            connection = self._pool.main(slot)
             try:
-                return run(self._pool.main(slot))
+                return run(connection)
             except apsw.Error as error:
+                if failed is not None:
+                    raise failed(error, connection) from error
                 raise translate(error, what, self._path) from error
 
     @contextmanager
