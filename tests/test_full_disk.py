@@ -21,7 +21,11 @@ from typing import Any
 
 import pytest
 
+from vyre_sqlcache import CacheFullError, DeviceFingerprint, PipelineCache
+
 from .helpers import run_script
+
+FP = DeviceFingerprint.from_parts(1, 2, "full")
 
 DISK_BYTES = 8 << 20
 CAP_BYTES = 64 << 20  # the cap is larger than the disk
@@ -256,3 +260,20 @@ def test_a_file_size_limit_met_before_the_cache_knows_it(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr[-3000:]
     outcome, detail = json.loads(result.stdout.strip().splitlines()[-1])
     assert (outcome, detail) == ("flushed", [True] * 20)
+
+
+@pytest.mark.parametrize("method", ["copy", "bundle"])
+def test_a_copy_or_bundle_onto_a_full_disk_says_what_it_needs(
+    small_disk: Path, tmp_path: Path, method: str
+) -> None:
+    # It said "lower the cache's size cap", which is no remedy for the disk of the copy.
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path, compression="off") as cache:
+        for i in range(12):
+            cache.write(bytes([i]) * 32, FP, os.urandom(1 << 20))
+        with pytest.raises(CacheFullError, match=r"no room for it") as raised:
+            getattr(cache, method)(small_disk / "out.sqlite3")
+        assert "size cap" not in str(raised.value) and "free space on that disk" in str(
+            raised.value
+        )
+    assert os.listdir(small_disk) == []
