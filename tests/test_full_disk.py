@@ -277,3 +277,30 @@ def test_a_copy_or_bundle_onto_a_full_disk_says_what_it_needs(
             raised.value
         )
     assert os.listdir(small_disk) == []
+
+
+# argv: cache, folder. export-dir under a file size limit below one entry's file.
+EXPORT_OVER_LIMIT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from vyre_sqlcache.cli import main
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+    sys.exit(main(["--path", sys.argv[1], "export-dir", sys.argv[2]]))
+    """
+)
+
+
+def test_export_dir_onto_a_full_disk_says_so_in_one_line(tmp_path: Path) -> None:
+    # It printed only "[Errno 27] File too large".
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path, compression="off") as cache:
+        for i in range(3):
+            cache.write(bytes([i]) * 32, FP, os.urandom(1 << 20))
+    done = run_script(EXPORT_OVER_LIMIT, str(path), str(tmp_path / "vyre"))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "export-dir stopped: no room for the files" in done.stderr
+    assert "run it again" in done.stderr
+    leftovers = [p for p in (tmp_path / "vyre").rglob("*") if p.is_file()]
+    assert leftovers == []  # no file cut short, no temporary file

@@ -11,6 +11,7 @@ interrupted. Every error is one line on stderr, `vyre-sqlcache: ...`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -773,7 +774,16 @@ def _export_dir(args: argparse.Namespace) -> int:
     if root.exists() and not root.is_dir():
         raise Failure(f"{root} is not a folder; give a folder to write the vyre cache into")
     with _opened(args) as cache:
-        report = vyredir.export_dir(cache, root, progress=_progress)
+        try:
+            report = vyredir.export_dir(cache, root, progress=_progress)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise Failure(
+                f"export-dir stopped: no room for the files under {root} ({error.strerror}); "
+                "the entry files written so far are whole: free space (or raise the file "
+                "size limit, `ulimit -f`) and run it again"
+            ) from error
     left_out = f"; {report.keyed} keyed entries left out" if report.keyed else ""
     print(f"exported {report.exported} entries to {root}{left_out}")
     problems = []
