@@ -338,6 +338,9 @@ class Reader:
         assert self.process.stdin is not None
         self.process.stdin.close()
         self.process.wait(30)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         assert self.process.returncode == 0
 
 
