@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -340,6 +341,29 @@ def test_get_refuses_to_write_over_the_cache_or_its_log(
         expected = "the cache itself" if output in ("the cache", "a link to it") else output[4:]
         assert code == 2 and out == "" and expected in one_error_line(err)
     assert state(filled.path) == before
+
+
+def test_get_writes_through_a_link_and_into_a_device_without_replacing_them(
+    cli: Cli, filled: Filled, tmp_path: Path
+) -> None:
+    # The output is written beside and renamed into place, but a link stays a link (its
+    # file gets the bytes) and a device stays a device (never replaced by a file).
+    with PipelineCache.open(filled.path, readonly=True) as cache:
+        blob = cache.peek_entry(filled.keys["program"])
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    code, _, err = cli.run(filled.path, "get", filled.keys["program"], "-o", str(link))
+    assert code == 0, err
+    assert link.is_symlink() and real.read_bytes() == blob
+    code, _, err = cli.run(filled.path, "get", filled.keys["program"], "-o", os.devnull)
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".bin")) == [
+        "link.bin",
+        "real.bin",
+    ]
 
 
 def test_rm_removes_what_exists_and_reports_the_rest(cli: Cli, filled: Filled) -> None:

@@ -304,3 +304,35 @@ def test_export_dir_onto_a_full_disk_says_so_in_one_line(tmp_path: Path) -> None
     assert "run it again" in done.stderr
     leftovers = [p for p in (tmp_path / "vyre").rglob("*") if p.is_file()]
     assert leftovers == []  # no file cut short, no temporary file
+
+
+# argv: cache, output. `get` under a file size limit below the blob's size.
+GET_OVER_LIMIT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from vyre_sqlcache.cli import main
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+    sys.exit(main(["--path", sys.argv[1], "get", "01" * 32, "-o", sys.argv[2]]))
+    """
+)
+
+
+@pytest.mark.parametrize("before", [None, b"last week's pipeline"])
+def test_get_onto_a_full_disk_leaves_the_output_as_it_was(
+    tmp_path: Path, before: bytes | None
+) -> None:
+    # It left a file cut short at the limit (and the old bytes gone).
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path, compression="off") as cache:
+        cache.put_entry(bytes([1]) * 32, os.urandom(1 << 20))
+    out = tmp_path / "out" / "pipeline.bin"
+    out.parent.mkdir()
+    if before is not None:
+        out.write_bytes(before)
+    done = run_script(GET_OVER_LIMIT, str(path), str(out))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "no room to write" in done.stderr
+    assert os.listdir(out.parent) == ([] if before is None else ["pipeline.bin"])
+    if before is not None:
+        assert out.read_bytes() == before

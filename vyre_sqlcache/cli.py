@@ -484,9 +484,32 @@ def _get(args: argparse.Namespace) -> int:
     else:
         if part is not None:
             raise UsageError(f"argument -o/--output: {args.output} is {part}; give another file")
-        Path(args.output).write_bytes(blob)
+        _write_file(Path(args.output), blob)
         print(f"wrote {len(blob)} bytes to {args.output}")
     return 0
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: a regular file (or a new one, or the
+    file a link names) is written beside it and renamed over it, so a full disk leaves it
+    as it was; a device or FIFO (`/dev/null`) is written to as it is."""
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        target.write_bytes(data)
+        return
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, target)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise Failure(
+                f"no room to write {len(data)} bytes to {path} ({error.strerror}); it is left "
+                "as it was: free space (or raise the file size limit, `ulimit -f`)"
+            ) from error
+        raise
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _read_blob(name: str) -> bytes:
