@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 
 from tests.redis_server import RedisServer, find_redis_server
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_arrives() -> None:
+    """Ctrl-C tests send SIGINT, to this process and to children: a test run started in
+    the background without job control (`cmd &` in a script) ignores it, and so would
+    every child. A handler is reset to the default in children; an ignored signal is not."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
