@@ -557,18 +557,9 @@ class CacheMaintenance:
         )
         target = self._output(out, overwrite, "layer file")
         self._before_inspection()
-        temporary = target.with_name(f".{target.name}.bundle-{os.getpid()}-{time.time_ns()}")
-        try:
-            report = self._read(
-                "bundling",
-                lambda c: _combine.bundle_into(c, temporary, wanted),
-                lambda error, _: self._writing_failed("bundle", target, error),
-            )
-            _combine.install(temporary, target)
-        except OSError as error:
-            raise CacheError(f"writing the bundle {target} failed: {error}") from error
-        finally:
-            _combine.discard(temporary)
+        report = self._write_beside(
+            "bundle", target, lambda c, temporary: _combine.bundle_into(c, temporary, wanted)
+        )
         return dataclasses.replace(report, path=target)
 
     def copy(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> _combine.CopyReport:
@@ -585,9 +576,8 @@ class CacheMaintenance:
         """
         target = self._output(out, overwrite, "copy")
         self._before_inspection()
-        temporary = target.with_name(f".{target.name}.copy-{os.getpid()}-{time.time_ns()}")
 
-        def copy_into(connection: apsw.Connection) -> _combine.CopyReport:
+        def copy_into(connection: apsw.Connection, temporary: Path) -> _combine.CopyReport:
             # A read-only cache's connections refuse VACUUM INTO, which writes no byte of
             # the cache (the file itself is opened read-only where it must be).
             if self._readonly:
@@ -598,23 +588,34 @@ class CacheMaintenance:
                 if self._readonly:
                     connection.pragma("query_only", True)
 
+        return dataclasses.replace(self._write_beside("copy", target, copy_into), path=target)
+
+    def _write_beside(
+        self, kind: str, target: Path, write: Callable[[apsw.Connection, Path], T]
+    ) -> T:
+        """`write(connection, temporary)` of a file of `kind` (a bundle, a copy) on this
+        thread's connection to a temporary file beside `target`, then renamed over it;
+        nothing is left at `target` if it raises (CacheError types)."""
+        temporary = target.with_name(f".{target.name}.{kind}-{os.getpid()}-{time.time_ns()}")
         try:
-            # The connection's errno tells a file size limit from other I/O errors.
             report = self._read(
-                "copying", copy_into, lambda e, c: self._writing_failed("copy", target, e, c)
+                f"writing the {kind}",
+                lambda connection: write(connection, temporary),
+                lambda error, connection: self._writing_failed(kind, target, error, connection),
             )
             _combine.install(temporary, target)
         except OSError as error:
-            raise CacheError(f"writing the copy {target} failed: {error}") from error
+            raise CacheError(f"writing the {kind} {target} failed: {error}") from error
         finally:
             _combine.discard(temporary)
-        return dataclasses.replace(report, path=target)
+        return report
 
     def _writing_failed(
-        self, kind: str, target: Path, error: apsw.Error, connection: apsw.Connection | None = None
+        self, kind: str, target: Path, error: apsw.Error, connection: apsw.Connection
     ) -> CacheError:
         """The error to raise for writing a file of `kind` from this cache: one with no
-        room says what it needs (the cache's size cap is not the remedy)."""
+        room says what it needs (the cache's size cap is not the remedy). The connection's
+        errno tells a file size limit from other I/O errors."""
         failure = translate(error, f"writing the {kind}", target, connection)
         if not isinstance(failure, CacheFullError):
             return failure
