@@ -324,14 +324,28 @@ def translate(
     return CacheError(f"{what} failed on {path}: {error}")
 
 
+#: Descriptors one thread's connections may hold (the file, its -wal, the -shm, and the
+#: file again for a large read): with fewer spare, a failed open was for want of them.
+CONNECTION_DESCRIPTORS = 4
+
+
 def _out_of_descriptors() -> bool:
-    """Whether this process cannot open one more file (EMFILE, or ENFILE system-wide):
+    """Whether this process is out of file descriptors (EMFILE, or ENFILE system-wide):
     SQLite says only "unable to open database file"."""
     try:
         os.close(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     except OSError as error:
         return error.errno in (errno.EMFILE, errno.ENFILE)
-    return False
+    # A failed open gives back what it had opened first (the file, before its -wal
+    # failed), and so may another thread's: a free descriptor now proves little.
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+    except (ImportError, OSError):
+        return False
+    return limit != resource.RLIM_INFINITY and limit - in_use < CONNECTION_DESCRIPTORS
 
 
 def _descriptor_limit() -> int | str:
