@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vyre_sqlcache import CacheError, PipelineCache
+from vyre_sqlcache import CacheError, PipelineCache, RemoteSettings
 
 from .common import (
     add_detail,
@@ -26,9 +26,6 @@ from .common import (
 )
 from .contention import SHARED_SLOTS, _Contender
 from .redis_server import RedisServer, find_redis_server
-
-#: The shared tier's key prefix (redis-py and the library's default).
-PREFIX = b"vyre-sqlcache:v1:"
 
 
 @dataclass
@@ -141,12 +138,13 @@ def _make_layer(folder: Path, seed: int) -> Path:
 
 def _check_remote(server: RedisServer, folder: Path, total: TierReport) -> None:
     """Every value left in Redis, fetched through a fresh cache: verified and tagged."""
-    keys = [bytes(k) for k in server.client().scan_iter(match=PREFIX + b"*", count=1000)]
+    prefix = RemoteSettings(server.url).prefix.encode()  # the default, as the workers use
+    keys = [bytes(k) for k in server.client().scan_iter(match=prefix + b"*", count=1000)]
     path = folder / "audit.sqlite3"
     remove_cache_files(path)
     with PipelineCache.open(path, remote=server.url, max_bytes=None) as audit:
         for name in keys:
-            entry_key = bytes.fromhex(name[len(PREFIX) :].decode())
+            entry_key = bytes.fromhex(name[len(prefix) :].decode())
             got = audit.get_entry(entry_key)
             total.remote_values_checked += got is not None
             if got is not None and not tag_matches(entry_key, got):
