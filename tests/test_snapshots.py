@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -260,3 +261,34 @@ def test_hits_and_misses_of_every_kind_in_one_snapshot(
     rng.shuffle(wanted)
     for index in wanted:
         assert cache.read(digest(index), fingerprint) == blobs.get(index)
+
+
+@pytest.mark.parametrize(
+    ("column", "damage"),
+    [
+        ("data", lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:]),
+        ("data", lambda data: data[:-1]),
+        ("data", lambda data: ZSTD_MAGIC + data[4:]),
+        ("checksum", lambda checksum: bytes([checksum[0] ^ 1]) + checksum[1:]),
+        ("checksum", lambda checksum: checksum * 2),  # a BLAKE3 checksum's length
+    ],
+)
+def test_a_damaged_entry_read_through_the_blob_handles_is_a_miss(
+    cache_path: Path, fingerprint: DeviceFingerprint, column: str, damage: Any
+) -> None:
+    rng = random.Random(3)
+    blobs = {i: rng.randbytes(4000) for i in range(3)}
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(digest(i), blob) for i, blob in blobs.items()], fingerprint)
+        cache.flush()
+        rowid = int.from_bytes(fingerprint.cache_key(digest(1))[:8], "big", signed=True)
+        other = apsw.Connection(str(cache_path))
+        (value,) = other.execute(f"SELECT {column} FROM blobs WHERE id = ?", (rowid,)).fetchone()
+        other.execute(f"UPDATE blobs SET {column} = ? WHERE id = ?", (damage(value), rowid))
+        other.close()
+        for _ in range(3):
+            time.sleep(HOLD_S * 2)  # a new snapshot, which sees the damage
+            assert cache.read(digest(0), fingerprint) == blobs[0]  # moves the handles
+            assert cache.read(digest(1), fingerprint) is None
+            assert cache.read(digest(2), fingerprint) == blobs[2]
+        assert cache.stats().checksum_failures == 1  # dropped at the first read

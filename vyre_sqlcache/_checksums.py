@@ -12,7 +12,15 @@ from collections.abc import Callable
 import blake3
 import xxhash
 
-__all__ = ["ALGORITHMS", "BY_LENGTH", "DEFAULT", "compute", "matches"]
+__all__ = [
+    "ALGORITHMS",
+    "BY_LENGTH",
+    "DEFAULT",
+    "DEFAULT_BYTES",
+    "compute",
+    "default_hasher",
+    "matches",
+]
 
 
 def _xxh3_128(entry_key: bytes, data: bytes) -> bytes:
@@ -33,6 +41,9 @@ ALGORITHMS: dict[str, Callable[[bytes, bytes], bytes]] = {
     "blake3": _blake3,
 }
 DEFAULT = "xxh3-128"
+#: The default's hasher and digest length, for the read path that checks it inline.
+default_hasher = xxhash.xxh3_128
+DEFAULT_BYTES = 16
 #: Digest length -> name: the lengths differ, so a digest alone names its algorithm (the
 #: blob-handle read path reads the digest without the name; see `_rows.HeldReader`).
 BY_LENGTH: dict[int, str] = {16: "xxh3-128", 32: "blake3"}

@@ -357,6 +357,35 @@ class HeldReader:
             return None
         return Fetched(algo, digest, blob)
 
+    def verified(self, entry_key: bytes, rowid: int) -> bytes | None:
+        """The blob of `entry_key` (row `rowid`) if the open handles serve it raw and its
+        XXH3 checksum holds; None for the full read to look (a miss, a blob that is large,
+        compressed or under another algorithm than the default, damage); nothing else
+        is done then.
+
+        `fetch` and `verify` in one step with no object made between them: the common
+        read, a small raw blob, costs a third less.
+        """
+        checksum, data = self._checksum, self._data
+        if checksum is None or data is None or not self.usable:
+            return None
+        try:
+            checksum.reopen(rowid)
+            data.reopen(rowid)
+        except apsw.Error:
+            self.close()
+            self._armed = False
+            return None
+        if data.length() > LARGE_BLOB_BYTES:
+            return None
+        digest = checksum.read()
+        blob = data.read()
+        if len(digest) != _checksums.DEFAULT_BYTES or blob[:4] == _ZSTD_MAGIC:
+            return None
+        hasher = _checksums.default_hasher(entry_key)
+        hasher.update(blob)
+        return blob if hasher.digest() == digest else None
+
     def close(self) -> None:
         """Close the handles (ending the read transaction they hold open)."""
         for handle in (self._checksum, self._data):

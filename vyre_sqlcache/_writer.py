@@ -61,7 +61,8 @@ class WriteBehind:
         self._commit = commit
         # Run before every fork under the commit lock, after the queue is committed.
         self._before_fork_hook = before_fork
-        self._queue: dict[bytes, NewEntry] = {}
+        #: Entries waiting to be committed, by entry key: read it, change it only here.
+        self.queue: dict[bytes, NewEntry] = {}
         self._queued_bytes = 0
         self._error: CacheError | None = None
         self._stopped = False
@@ -81,10 +82,10 @@ class WriteBehind:
 
     def get(self, entry_key: bytes) -> NewEntry | None:
         """The queued entry of `entry_key`, if one is waiting to be committed."""
-        return self._queue.get(entry_key)
+        return self.queue.get(entry_key)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self.queue)
 
     def put(self, entries: list[NewEntry]) -> None:
         """Queue `entries` (visible to `get` at once); commit the queue here if it is full.
@@ -94,12 +95,12 @@ class WriteBehind:
         self.raise_error()
         with self._lock:
             for entry in entries:
-                old = self._queue.pop(entry.entry_key, None)
+                old = self.queue.pop(entry.entry_key, None)
                 if old is not None:
                     self._queued_bytes -= len(old.blob)
-                self._queue[entry.entry_key] = entry
+                self.queue[entry.entry_key] = entry
                 self._queued_bytes += len(entry.blob)
-            full = len(self._queue) >= MAX_QUEUED_ENTRIES or self._queued_bytes >= MAX_QUEUED_BYTES
+            full = len(self.queue) >= MAX_QUEUED_ENTRIES or self._queued_bytes >= MAX_QUEUED_BYTES
             if not full:
                 self._wake.notify()
         if full:
@@ -115,14 +116,14 @@ class WriteBehind:
         queue stays as it was."""
         with self._committing:
             with self._lock:
-                batch = list(self._queue.values())
+                batch = list(self.queue.values())
             if not batch and not entries and extra is None and not durable:
                 return None
             result = self._commit([*batch, *(entries or [])], durable, extra)
             with self._lock:
                 for entry in batch:
-                    if self._queue.get(entry.entry_key) is entry:
-                        del self._queue[entry.entry_key]
+                    if self.queue.get(entry.entry_key) is entry:
+                        del self.queue[entry.entry_key]
                         self._queued_bytes -= len(entry.blob)
             return result
 
@@ -130,13 +131,13 @@ class WriteBehind:
         """Commit what is queued as the process ends; a failure is logged, never raised.
         Nothing once `settled`: close() committed the queue or logged its loss (a close
         under way in another thread is waited for, by the commit lock)."""
-        if not self._queue or self.settled:
+        if not self.queue or self.settled:
             return
         try:
             self.commit()
         except CacheError as error:
             log.warning(
-                "vyre-sqlcache: %d queued writes were lost at exit: %s", len(self._queue), error
+                "vyre-sqlcache: %d queued writes were lost at exit: %s", len(self.queue), error
             )
 
     def raise_error(self) -> None:
@@ -170,7 +171,7 @@ class WriteBehind:
         pause = GROUP_DELAY_S
         while True:
             with self._lock:
-                while not self._queue and not self._stopped:
+                while not self.queue and not self._stopped:
                     self._wake.wait()
                 if self._stopped:
                     return
@@ -206,7 +207,7 @@ class WriteBehind:
     def _after_fork_in_child(self) -> None:
         # The parent commits its own queue; the child starts with an empty one.
         self._reset_locks()
-        self._queue = {}
+        self.queue = {}
         self._queued_bytes = 0
         self._thread = None
 

@@ -667,10 +667,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """
         fp = check_fingerprint(fingerprint)
         entry_key = fp.cache_key(program_digest)
-        blob = self._load_or_fetch(entry_key, (None, fp, program_digest, None))
-        if blob is None and self._miss_log is not None:
-            digest = coerce_digest("program_digest", program_digest)
-            self._missed("read", entry_key, fp, None, digest)
+        blob = self._load(entry_key)
+        if blob is None:
+            blob = self._fetch_remote(entry_key, (None, fp, program_digest, None))
+            if blob is None and self._miss_log is not None:
+                digest = coerce_digest("program_digest", program_digest)
+                self._missed("read", entry_key, fp, None, digest)
         return blob
 
     def flush(self) -> None:
@@ -776,9 +778,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         key = check_key(key)
         fp = check_fingerprint(fingerprint)
         entry_key = key.entry_key(fp)
-        blob = self._load_or_fetch(entry_key, (key, fp, None, None))
-        if blob is None and self._miss_log is not None:
-            self._missed("get", entry_key, fp, key)
+        blob = self._load(entry_key)
+        if blob is None:
+            blob = self._fetch_remote(entry_key, (key, fp, None, None))
+            if blob is None and self._miss_log is not None:
+                self._missed("get", entry_key, fp, key)
         return blob
 
     def get_many(
@@ -1311,14 +1315,19 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     # -- internals: reading ----------------------------------------------------------
 
     def _load(self, entry_key: bytes) -> bytes | None:
-        queued = self._writer.get(entry_key)
-        if queued is not None:
-            self._books.hit(entry_id(entry_key))
-            return queued.blob
+        if self._writer.queue:
+            queued = self._writer.get(entry_key)
+            if queued is not None:
+                self._books.hit(entry_id(entry_key))
+                return queued.blob
         slot = self._pool.enter()
         try:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
+            else:
+                blob = self._read_held(slot, entry_key)
+                if blob is not None:
+                    return blob
             fetched = self._fetch(slot, entry_key, held=True)
             if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
                 fetched = self._fetch(slot, entry_key, held=True)
@@ -1328,6 +1337,20 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             return self._verified(slot, entry_key, fetched)
         finally:
             self._pool.leave(slot)
+
+    def _read_held(self, slot: Slot, entry_key: bytes) -> bytes | None:
+        """The common read in few steps: `entry_key`'s blob through the held snapshot's
+        blob handles, verified, its hit counted; None, with nothing counted, for the full
+        read to look (see `HeldReader.verified`)."""
+        try:
+            self._pool.held_cursor(slot)
+            rowid = entry_id(entry_key)
+            blob = self._pool.held_reader(slot).verified(entry_key, rowid)
+        except apsw.Error:
+            return None  # the full read meets it again, and says so
+        if blob is not None and self._books.hit(rowid) and not self._readonly:
+            self._write_bookkeeping(self._pool.main(slot), wait=False)
+        return blob
 
     def _reopened_if_changed(self, slot: Slot, *, now: bool) -> bool:
         """For a reader that cannot write the cache's folder (see `FileWatch`): whether
@@ -1346,9 +1369,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def _load_or_fetch(self, entry_key: bytes, origin: _remote.Origin) -> bytes | None:
         """`_load`, then the shared tier on a miss."""
         found = self._load(entry_key)
-        if found is None and self._remote is not None:
-            return self._from_remote([entry_key], [origin])[0]
-        return found
+        return found if found is not None else self._fetch_remote(entry_key, origin)
+
+    def _fetch_remote(self, entry_key: bytes, origin: _remote.Origin) -> bytes | None:
+        """After a local miss, the shared tier's verified blob of `entry_key`, if any."""
+        if self._remote is None:
+            return None
+        return self._from_remote([entry_key], [origin])[0]
 
     def _load_many_or_fetch(
         self, entry_keys: list[bytes], origins: list[_remote.Origin]
