@@ -91,14 +91,13 @@ def abandon(cache: PipelineCache) -> None:
 def count_checkpoints(monkeypatch: Any) -> list[None]:
     """A list that gains an item each time a cache's background thread checkpoints."""
     done: list[None] = []
-    original = PipelineCache._checkpoint
+    original = PipelineCache._checkpoint_passive
 
-    def counting(cache: PipelineCache) -> int:
-        left = original(cache)
+    def counting(cache: PipelineCache) -> None:
+        original(cache)
         done.append(None)
-        return left
 
-    monkeypatch.setattr(PipelineCache, "_checkpoint", counting)
+    monkeypatch.setattr(PipelineCache, "_checkpoint_passive", counting)
     return done
 
 

@@ -215,25 +215,3 @@ def test_a_full_disk_eviction_frees_a_quarter_of_the_bytes_as_stored(
     assert before.stored_bytes // 4 <= plan.freed <= before.stored_bytes // 4 + step_bytes
     assert 50 <= sum(steps) <= 50 + FULL_DISK_STEP_ENTRIES + 1
     assert after.entries == before.entries - sum(steps)
-
-
-def test_a_stream_of_durable_writes_keeps_the_log_short(
-    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A checkpoint that runs while writes go on leaves their pages after it, and SQLite
-    # starts the log over only for a writer that finds every page of it copied: a
-    # stream of writes must not grow the log for ever, nor checkpoint after every commit.
-    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
-    done = count_checkpoints(monkeypatch)
-    wal = Path(str(cache_path) + "-wal")
-    commits = 0
-    with PipelineCache.open(cache_path) as cache:
-        largest = 0
-        for _ in range(400):
-            cache.write(os.urandom(32), fingerprint, os.urandom(4096))
-            cache.flush()
-            commits += 1
-            largest = max(largest, wal.stat().st_size)
-        pages = largest // 16384
-        assert pages < 8 * 64, f"the log grew to {pages} pages"
-        assert len(done) < commits // 3, f"{len(done)} checkpoints for {commits} commits"

@@ -10,15 +10,6 @@ waits for, nor blocks, readers and writers) once a commit leaves more than
 after every commit; the log file's size would not do, since SQLite reuses a
 grown log from its start without shrinking it.
 
-SQLite starts the log over only for a writer that begins when every page of it has
-been copied, and a checkpoint that runs while writes go on never leaves it so: under
-a stream of writes the log grew for ever, and each commit woke yet another checkpoint
-(and a sync of the database file). So once a PASSIVE checkpoint has copied the whole
-log, the thread asks for a RESTART that waits for nobody: it takes the write lock
-for the moment it needs (copying what came meanwhile) and, if no reader is in the
-log, has the next writer start it over; if a writer or a reader is there, it is
-tried again once `RECHECK_PAGES` more pages have come.
-
 A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
 and a database that has taken the last free byte cannot even be checkpointed:
 the log's new pages have nowhere to go, and the eviction that would free pages
@@ -70,7 +61,6 @@ __all__ = [
     "FULL_DISK_EVICTION_S",
     "FULL_DISK_STEP_ENTRIES",
     "LOW_SPACE_BYTES",
-    "RECHECK_PAGES",
     "SPACE_REFRESH_S",
     "WAL_CHECKPOINT_PAGES",
     "Checkpointer",
@@ -85,9 +75,6 @@ log = logging.getLogger("vyre_sqlcache")
 #: Pages in the log that wake the checkpoint thread: 16 MiB of 16 KiB pages
 #: (SQLite's own automatic checkpoint runs at 1000).
 WAL_CHECKPOINT_PAGES = 1024
-#: After a checkpoint that copied the whole log but could not have it started over (a
-#: writer or a reader was there), the thread is woken again after this many new pages.
-RECHECK_PAGES = 64
 #: Below this much free space the log is kept short and the database's growth
 #: capped (4 logs of `WAL_CHECKPOINT_PAGES` 16 KiB pages).
 LOW_SPACE_BYTES = 64 << 20
@@ -273,16 +260,13 @@ class Checkpointer:
     the log and the database within the free space of a filling disk."""
 
     def __init__(
-        self, checkpoint: Callable[[], int], purge: Callable[[], bool] | None = None
+        self, checkpoint: Callable[[], None], purge: Callable[[], bool] | None = None
     ) -> None:
-        """`checkpoint` runs one checkpoint that never waits and returns the log's pages
-        it left in place (0: the next writer starts the log over); `purge` deletes one
-        batch of tombstoned entries and returns whether any may be left; both raise apsw
-        or cache errors."""
+        """`checkpoint` runs one PASSIVE checkpoint; `purge` deletes one batch of
+        tombstoned entries and returns whether any may be left; both raise apsw or cache
+        errors."""
         self._checkpoint = checkpoint
         self._purge = purge
-        # The log's pages the last checkpoint copied but could not have started over.
-        self._left = 0
         self._checkpoint_due = False
         self._purge_due = False
         self._wake = threading.Event()
@@ -312,11 +296,7 @@ class Checkpointer:
             space = self._space.get(connection.filename, pages)
             self._fit(connection, space)
             if space is None or not space.low:
-                if pages < self._left:
-                    self._left = 0  # a writer started the log over
-                if pages > WAL_CHECKPOINT_PAGES and pages - self._left >= min(
-                    RECHECK_PAGES, WAL_CHECKPOINT_PAGES
-                ):
+                if pages > WAL_CHECKPOINT_PAGES:
                     self.wake()
             elif pages > space.checkpoint_pages():
                 # Low on space, the committing writer checkpoints (the write lock is free
@@ -422,7 +402,7 @@ class Checkpointer:
                 if self._checkpoint_due:
                     self._checkpoint_due = False
                     try:
-                        self._left = self._checkpoint()
+                        self._checkpoint()
                     except Exception as error:
                         # Best effort: the next commit past the threshold tries again,
                         # and close() checkpoints too.

@@ -241,7 +241,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._callbacks = {
             name: _Callback(self, name)
             for name in (
-                "_checkpoint",
+                "_checkpoint_passive",
                 "_purge_batch",
                 "_connect",
                 "_commit_entries",
@@ -249,7 +249,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             )
         }
         self._checkpointer = Checkpointer(
-            self._callbacks["_checkpoint"], self._callbacks["_purge_batch"]
+            self._callbacks["_checkpoint_passive"], self._callbacks["_purge_batch"]
         )
         self._pool = ConnectionPool(self._callbacks["_connect"], file.path)
         wal = Path(f"{file.path}-wal")
@@ -1293,24 +1293,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         except apsw.Error as error:
             log.debug("vyre-sqlcache: checkpoint after a full disk failed: %s", error)
 
-    def _checkpoint(self) -> int:
-        """The background checkpoint (see `_checkpointer`): PASSIVE, then, once the whole
-        log is copied, a RESTART that waits for nobody. Returns the log's pages left in
-        place: 0 when the next writer starts the log over. Raises apsw errors."""
+    def _checkpoint_passive(self) -> None:
         with self._call() as slot:
-            connection = self._pool.main(slot)
-            _busy, logged, copied = connection.pragma("wal_checkpoint", "PASSIVE")
-            if copied < logged:
-                return int(copied)
-            waiter = waiter_of(connection)
-            if waiter is not None:
-                waiter.patient = False
-            try:
-                busy, logged, _copied = connection.pragma("wal_checkpoint", "RESTART")
-            finally:
-                if waiter is not None:
-                    waiter.patient = True
-            return int(logged) if busy else 0
+            self._pool.main(slot).pragma("wal_checkpoint", "PASSIVE")
 
     # -- internals: reading ----------------------------------------------------------
 
