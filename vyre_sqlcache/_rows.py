@@ -295,7 +295,7 @@ class HeldReader:
     snapshot must `close()` this first (`_snapshots.end` does, handed the slot's reader).
     """
 
-    __slots__ = ("_armed", "_checksum", "_connection", "_data", "since", "usable")
+    __slots__ = ("_armed", "_checksum", "_connection", "_data", "_declined", "since", "usable")
 
     def __init__(self, connection: apsw.Connection, since: float) -> None:
         """Raises apsw errors (from the look at the tombstones, made in the snapshot)."""
@@ -305,6 +305,9 @@ class HeldReader:
         # After a miss, the handles stay closed until `read` finds a row: a run of misses
         # would otherwise pay a failed move (an exception) on top of the statement each.
         self._armed = True
+        # The row whose blob `verified` read and left to the statement (one that starts
+        # like a zstd frame, or fails its checksum): `fetch` would only read it again.
+        self._declined: int | None = None
         #: The held snapshot this reader belongs to (`Slot.held_since`).
         self.since = since
         self.usable = connection.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is None
@@ -323,25 +326,20 @@ class HeldReader:
     def fetch(self, rowid: int) -> Fetched | None:
         """The raw blob of row `rowid` and its checksum, unverified; None if `fetch` must
         read the row instead."""
-        if not self.usable or not self._armed:
+        declined, self._declined = self._declined, None
+        if not self.usable or not self._armed or declined == rowid:
+            return None
+        if self._checksum is None or self._data is None:
+            try:
+                connection = self._connection
+                self._checksum = connection.blob_open("main", "blobs", "checksum", rowid, False)
+                self._data = connection.blob_open("main", "blobs", "data", rowid, False)
+            except apsw.Error:
+                self._disarm()
+                return None
+        elif not self._moved(rowid):
             return None
         checksum, data = self._checksum, self._data
-        try:
-            if checksum is None or data is None:
-                connection = self._connection
-                checksum = self._checksum = connection.blob_open(
-                    "main", "blobs", "checksum", rowid, False
-                )
-                data = self._data = connection.blob_open("main", "blobs", "data", rowid, False)
-            else:
-                checksum.reopen(rowid)
-                data.reopen(rowid)
-        except apsw.Error:
-            # No such row (a miss), or damage: `fetch` tells which. A handle that failed
-            # to move is aborted for good: new ones are opened once `read` finds a row.
-            self.close()
-            self._armed = False
-            return None
         length = data.length()
         if length > MAPPED_BLOB_BYTES:
             return None
@@ -360,31 +358,46 @@ class HeldReader:
     def verified(self, entry_key: bytes, rowid: int) -> bytes | None:
         """The blob of `entry_key` (row `rowid`) if the open handles serve it raw and its
         XXH3 checksum holds; None for the full read to look (a miss, a blob that is large,
-        compressed or under another algorithm than the default, damage); nothing else
-        is done then.
+        compressed or under another algorithm than the default, damage). A blob it read
+        and declined is left to the statement: the next `fetch` of that row does not
+        read it again.
 
         `fetch` and `verify` in one step with no object made between them: the common
         read, a small raw blob, costs a third less.
         """
         checksum, data = self._checksum, self._data
-        if checksum is None or data is None or not self.usable:
-            return None
-        try:
-            checksum.reopen(rowid)
-            data.reopen(rowid)
-        except apsw.Error:
-            self.close()
-            self._armed = False
+        if checksum is None or data is None or not self.usable or not self._moved(rowid):
             return None
         if data.length() > LARGE_BLOB_BYTES:
             return None
         digest = checksum.read()
-        blob = data.read()
-        if len(digest) != _checksums.DEFAULT_BYTES or blob[:4] == _ZSTD_MAGIC:
+        if len(digest) != _checksums.DEFAULT_BYTES:
             return None
-        hasher = _checksums.default_hasher(entry_key)
-        hasher.update(blob)
-        return blob if hasher.digest() == digest else None
+        blob = data.read()
+        if blob[:4] != _ZSTD_MAGIC:
+            hasher = _checksums.default_hasher(entry_key)
+            hasher.update(blob)
+            if hasher.digest() == digest:
+                return blob
+        self._declined = rowid
+        return None
+
+    def _moved(self, rowid: int) -> bool:
+        """Move both handles to row `rowid`; False if they cannot (see `_disarm`)."""
+        try:
+            self._checksum.reopen(rowid)  # type: ignore[union-attr]
+            self._data.reopen(rowid)  # type: ignore[union-attr]
+        except apsw.Error:
+            self._disarm()
+            return False
+        return True
+
+    def _disarm(self) -> None:
+        """After a handle failed to open or move: no such row (a miss), or damage, which
+        `fetch` tells apart. A handle that failed to move is aborted for good: new ones
+        are opened once `read` finds a row."""
+        self.close()
+        self._armed = False
 
     def close(self) -> None:
         """Close the handles (ending the read transaction they hold open)."""
