@@ -91,13 +91,14 @@ def abandon(cache: PipelineCache) -> None:
 def count_checkpoints(monkeypatch: Any) -> list[None]:
     """A list that gains an item each time a cache's background thread checkpoints."""
     done: list[None] = []
-    original = PipelineCache._checkpoint_passive
+    original = PipelineCache._checkpoint
 
-    def counting(cache: PipelineCache) -> None:
-        original(cache)
+    def counting(cache: PipelineCache) -> int:
+        left = original(cache)
         done.append(None)
+        return left
 
-    monkeypatch.setattr(PipelineCache, "_checkpoint_passive", counting)
+    monkeypatch.setattr(PipelineCache, "_checkpoint", counting)
     return done
 
 

@@ -10,6 +10,17 @@ waits for, nor blocks, readers and writers) once a commit leaves more than
 after every commit; the log file's size would not do, since SQLite reuses a
 grown log from its start without shrinking it.
 
+Starting the log over. SQLite reuses the log from its start only for a writer that
+begins when every page of it is copied and no reader is in it. A PASSIVE checkpoint
+running beside writes that never pause always leaves the pages committed meanwhile, so
+the log would grow for ever (35 MB for 1.2 MB of entries in 300 durable writes), and
+each commit would append to it, which costs more to sync than writing over old pages.
+So after its PASSIVE copy the thread holds the cache object's own commits back for a
+moment, copies the few pages left with a RESTART checkpoint, which waits up to
+`RESTART_WAIT_S` for readers (held snapshots end within `_snapshots.HOLD_S`) and for
+another process's writer, and the next commit starts the log over. A RESTART that could
+not finish is tried again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
+
 A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
 and a database that has taken the last free byte cannot even be checkpointed:
 the log's new pages have nowhere to go, and the eviction that would free pages
@@ -51,6 +62,7 @@ from dataclasses import dataclass
 import apsw
 
 from . import _rows
+from ._connections import waiter_of
 
 try:
     import resource
@@ -61,6 +73,7 @@ __all__ = [
     "FULL_DISK_EVICTION_S",
     "FULL_DISK_STEP_ENTRIES",
     "LOW_SPACE_BYTES",
+    "RESTART_WAIT_S",
     "SPACE_REFRESH_S",
     "WAL_CHECKPOINT_PAGES",
     "Checkpointer",
@@ -68,6 +81,7 @@ __all__ = [
     "FullDiskEviction",
     "compact_shortfall",
     "reserve",
+    "restart_log",
 ]
 
 log = logging.getLogger("vyre_sqlcache")
@@ -90,6 +104,9 @@ FULL_DISK_STEP_ENTRIES = 8
 FULL_DISK_EVICTION_S = 1.0
 #: After a failed purge (the file busy, a full disk), the thread tries again this much later.
 PURGE_RETRY_S = 1.0
+#: How long the RESTART after a checkpoint waits for readers and another process's writer
+#: (this object's commits wait as long at most).
+RESTART_WAIT_S = 0.030
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
 #: The page size the thresholds are counted in (what cache files use).
@@ -255,17 +272,37 @@ def _largest_file() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def restart_log(connection: apsw.Connection) -> int:
+    """Copy the rest of the log with a RESTART checkpoint, so that the next commit starts
+    it over; return the pages left in it (0 once done). Raises apsw errors other than
+    busy: readers or a writer still there after `RESTART_WAIT_S` leave the log as it is."""
+    waiter = waiter_of(connection)
+    patience = None if waiter is None else waiter.timeout_ms
+    if waiter is not None:
+        waiter.timeout_ms = int(RESTART_WAIT_S * 1000)
+    try:
+        row = connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+    finally:
+        if waiter is not None and patience is not None:
+            waiter.timeout_ms = patience
+    busy, pages, _ = row[0]
+    return int(pages) if busy else 0
+
+
 class Checkpointer:
     """Wakes a daemon thread to checkpoint when the write-ahead log has grown, and keeps
     the log and the database within the free space of a filling disk."""
 
     def __init__(
-        self, checkpoint: Callable[[], None], purge: Callable[[], bool] | None = None
+        self, checkpoint: Callable[[], int], purge: Callable[[], bool] | None = None
     ) -> None:
-        """`checkpoint` runs one PASSIVE checkpoint; `purge` deletes one batch of
-        tombstoned entries and returns whether any may be left; both raise apsw or cache
-        errors."""
+        """`checkpoint` checkpoints once and returns the pages left in the log (0 once
+        the next commit starts it over); `purge` deletes one batch of tombstoned entries
+        and returns whether any may be left; both raise apsw or cache errors."""
         self._checkpoint = checkpoint
+        # The pages the last checkpoint left in a log it could not have started over: a
+        # commit wakes the thread only past these and the threshold.
+        self._left = 0
         self._purge = purge
         self._checkpoint_due = False
         self._purge_due = False
@@ -296,7 +333,9 @@ class Checkpointer:
             space = self._space.get(connection.filename, pages)
             self._fit(connection, space)
             if space is None or not space.low:
-                if pages > WAL_CHECKPOINT_PAGES:
+                if pages < self._left:
+                    self._left = 0  # started over since
+                if pages > self._left + WAL_CHECKPOINT_PAGES:
                     self.wake()
             elif pages > space.checkpoint_pages():
                 # Low on space, the committing writer checkpoints (the write lock is free
@@ -402,7 +441,7 @@ class Checkpointer:
                 if self._checkpoint_due:
                     self._checkpoint_due = False
                     try:
-                        self._checkpoint()
+                        self._left = self._checkpoint()
                     except Exception as error:
                         # Best effort: the next commit past the threshold tries again,
                         # and close() checkpoints too.

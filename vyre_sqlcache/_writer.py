@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from . import _connections  # noqa: F401  (its fork hooks must be registered before ours)
@@ -126,6 +126,12 @@ class WriteBehind:
                         del self.queue[entry.entry_key]
                         self._queued_bytes -= len(entry.blob)
             return result
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No commit of this queue runs in the block (one under way is waited for)."""
+        with self._committing:
+            yield
 
     def commit_at_exit(self) -> None:
         """Commit what is queued as the process ends; a failure is logged, never raised.
