@@ -286,7 +286,7 @@ def restart_log(connection: apsw.Connection) -> int:
         if waiter is not None and patience is not None:
             waiter.timeout_ms = patience
     busy, pages, _ = row[0]
-    return int(pages) if busy else 0
+    return pages if busy and isinstance(pages, int) else 0
 
 
 class Checkpointer:
