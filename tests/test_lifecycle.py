@@ -9,6 +9,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import textwrap
 import threading
@@ -19,7 +20,8 @@ import apsw
 import pytest
 
 from torture.lifecycle import FORK_VARIANTS, run_fork_trials, run_interrupt_trials
-from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache, _cachefile
+from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache, _cachefile, _checkpointer
+from vyre_sqlcache import cache as cache_module
 
 from .helpers import locked_for_others, open_connections, run_script
 
@@ -477,3 +479,56 @@ def test_a_dropped_cache_whose_close_fails_logs_it_without_a_traceback(
             time.sleep(0.05)
     assert "dropped unclosed, failed: the disk went away" in caplog.text
     assert uncaught == []
+
+
+def test_a_fork_while_the_log_is_started_over_waits_for_it_and_both_go_on(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint thread holds the object's commits back during its RESTART; the fork
+    # commits the queue first, so it must wait for that, and the child must not inherit
+    # the held lock.
+    monkeypatch.setattr(_checkpointer, "WAL_CHECKPOINT_PAGES", 8)
+    restarting = threading.Event()
+    restart_log = cache_module.restart_log
+
+    def slow(connection: apsw.Connection) -> int:
+        restarting.set()
+        time.sleep(0.3)
+        return restart_log(connection)
+
+    monkeypatch.setattr(cache_module, "restart_log", slow)
+    with PipelineCache.open(cache_path) as cache:
+        written: list[bytes] = []
+        while not restarting.is_set() and len(written) < 2000:
+            written.append(os.urandom(32))
+            cache.write(written[-1], fingerprint, written[-1] * 500)
+            time.sleep(0.001)  # queued: the writer thread commits, and its commits wake it
+        assert restarting.is_set()
+        cache.write(b"\1" * 32, fingerprint, b"queued before the fork")
+        before = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                cache.write(b"\2" * 32, fingerprint, b"child")
+                cache.flush()
+                if cache.read(b"\1" * 32, fingerprint) == b"queued before the fork":
+                    status = 0
+                cache.close()
+            finally:
+                os._exit(status)
+        forking = time.monotonic() - before
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert forking > 0.1, "the fork did not wait for the RESTART under way"
+        cache.write(b"\3" * 32, fingerprint, b"parent")
+        cache.flush()
+        assert cache.read(b"\2" * 32, fingerprint) == b"child"
+        assert cache.read(b"\3" * 32, fingerprint) == b"parent"
+        assert all(cache.read(digest, fingerprint) == digest * 500 for digest in written)
