@@ -10,6 +10,7 @@ import apsw
 import pytest
 
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
+from vyre_sqlcache import _checkpointer as checkpointer
 
 from .vfs import SyncTrackingVFS, abandon, power_cut
 
@@ -110,3 +111,30 @@ def test_failed_flush_keeps_writes_pending_and_a_later_flush_retries(
         abandon(cache)
     finally:
         vfs.unregister()
+
+
+def test_flushed_writes_survive_a_power_cut_after_the_log_started_over(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    sync_vfs: SyncTrackingVFS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a short threshold the checkpoint thread has the log start over many times,
+    # so later commits write over older frames of the same log file.
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 16)
+    cache_path.parent.mkdir(parents=True)
+    wal = Path(f"{cache_path}-wal")
+    cache = PipelineCache.open(cache_path, vfs=sync_vfs.name)
+    blobs = {os.urandom(32): os.urandom(3000 + n * 50) for n in range(150)}
+    largest = 0
+    for digest, blob in blobs.items():
+        cache.write(digest, fingerprint, blob)
+        cache.flush()
+        largest = max(largest, wal.stat().st_size)
+    # 150 commits of about 7 pages each: a log that never started over would be ~1,000.
+    assert largest < 300 * 16384
+    cache.write(os.urandom(32), fingerprint, b"late")
+    with reopen_after_power_cut(cache_path) as survivor:
+        for digest, blob in blobs.items():
+            assert survivor.read(digest, fingerprint) == blob
+    abandon(cache)
