@@ -88,18 +88,41 @@ def abandon(cache: PipelineCache) -> None:
     cache._pool.close()
 
 
+def freeze(cache: PipelineCache) -> None:
+    """Stop a cache's threads and leave its connections open, as a crash stops everything:
+    nothing it queued reaches the file afterwards (closing the last connection would let
+    SQLite checkpoint the log, which a crash does not)."""
+    cache._writer.stop()  # its queue is lost, as in a crash
+    cache._checkpointer.stop()
+
+
 def count_checkpoints(monkeypatch: Any) -> list[None]:
     """A list that gains an item each time a cache's background thread checkpoints."""
     done: list[None] = []
-    original = PipelineCache._checkpoint
+    original = PipelineCache._copy_log
+
+    def counting(cache: PipelineCache) -> tuple[int, int]:
+        copied = original(cache)
+        done.append(None)
+        return copied
+
+    monkeypatch.setattr(PipelineCache, "_copy_log", counting)
+    return done
+
+
+def count_log_restarts(monkeypatch: Any) -> list[int]:
+    """A list that gains, each time a cache's background thread has the log start over,
+    the pages that RESTART left (0: done)."""
+    left: list[int] = []
+    original = PipelineCache._restart_log
 
     def counting(cache: PipelineCache) -> int:
-        left = original(cache)
-        done.append(None)
-        return left
+        pages = original(cache)
+        left.append(pages)
+        return pages
 
-    monkeypatch.setattr(PipelineCache, "_checkpoint", counting)
-    return done
+    monkeypatch.setattr(PipelineCache, "_restart_log", counting)
+    return left
 
 
 def remote_value(

@@ -12,6 +12,7 @@ import pytest
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
 from vyre_sqlcache import _checkpointer as checkpointer
 
+from .helpers import freeze
 from .vfs import SyncTrackingVFS, abandon, power_cut
 
 
@@ -22,7 +23,10 @@ def sync_vfs() -> Iterator[SyncTrackingVFS]:
     vfs.unregister()
 
 
-def reopen_after_power_cut(path: Path) -> PipelineCache:
+def reopen_after_power_cut(path: Path, crashed: PipelineCache) -> PipelineCache:
+    # Everything stops at a power cut: the old object's threads must not write into the
+    # file the survivor opens (a queued write following the path there, say).
+    freeze(crashed)
     power_cut(path)
     return PipelineCache.open(path)
 
@@ -39,7 +43,7 @@ def test_flushed_writes_survive_a_power_cut(
     # Unflushed work after the flush may be lost; the flushed work may not.
     late = os.urandom(32)
     cache.write(late, fingerprint, b"late")
-    with reopen_after_power_cut(cache_path) as survivor:
+    with reopen_after_power_cut(cache_path, cache) as survivor:
         for digest, blob in blobs.items():
             assert survivor.read(digest, fingerprint) == blob
     abandon(cache)
@@ -54,7 +58,7 @@ def test_without_flush_the_shim_really_loses_writes(
     cache = PipelineCache.open(cache_path, vfs=sync_vfs.name, write_behind=False)
     digest = os.urandom(32)
     cache.write(digest, fingerprint, b"never flushed")
-    with reopen_after_power_cut(cache_path) as survivor:
+    with reopen_after_power_cut(cache_path, cache) as survivor:
         assert survivor.read(digest, fingerprint) is None
     abandon(cache)
 
@@ -106,7 +110,7 @@ def test_failed_flush_keeps_writes_pending_and_a_later_flush_retries(
             cache.flush()
         vfs.failing = False
         cache.flush()
-        with reopen_after_power_cut(cache_path) as survivor:
+        with reopen_after_power_cut(cache_path, cache) as survivor:
             assert survivor.read(digest, fingerprint) == b"must survive"
         abandon(cache)
     finally:
@@ -134,7 +138,7 @@ def test_flushed_writes_survive_a_power_cut_after_the_log_started_over(
     # 150 commits of about 7 pages each: a log that never started over would be ~1,000.
     assert largest < 300 * 16384
     cache.write(os.urandom(32), fingerprint, b"late")
-    with reopen_after_power_cut(cache_path) as survivor:
+    with reopen_after_power_cut(cache_path, cache) as survivor:
         for digest, blob in blobs.items():
             assert survivor.read(digest, fingerprint) == blob
     abandon(cache)

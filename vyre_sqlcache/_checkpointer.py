@@ -13,13 +13,18 @@ grown log from its start without shrinking it.
 Starting the log over. SQLite reuses the log from its start only for a writer that
 begins when every page of it is copied and no reader is in it. A PASSIVE checkpoint
 running beside writes that never pause always leaves the pages committed meanwhile, so
-the log would grow for ever (35 MB for 1.2 MB of entries in 300 durable writes), and
-each commit would append to it, which costs more to sync than writing over old pages.
-So after its PASSIVE copy the thread holds the cache object's own commits back for a
-moment, copies the few pages left with a RESTART checkpoint, which waits up to
-`RESTART_WAIT_S` for readers (held snapshots end within `_snapshots.HOLD_S`) and for
-another process's writer, and the next commit starts the log over. A RESTART that could
-not finish is tried again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
+the log would grow for ever (about 10,000 pages, 180 MB, for 6 MB of entries in 1,500
+durable writes), and each commit would append to it, which costs more to sync than
+writing over old pages. So the thread copies with PASSIVE passes until fewer than
+`caught_up_pages()` were committed during one (at most `CATCH_UP_PASSES` of them), then
+holds the cache object's own commits back for a moment and copies those with a RESTART
+checkpoint, which waits up to `RESTART_WAIT_S` for readers (held snapshots end within
+`_snapshots.HOLD_S`) and for another process's writer; the next commit starts the log
+over. Writes faster than the copy (a stream of large blobs) seldom let the passes catch
+up, and there the log is no larger than what they wrote; and a RESTART's sync of the
+database may take long under heavy writes, so one that took longer than its wait for
+readers delays the next by `RESTART_SPACING` times the excess. A RESTART that could not
+finish is tried again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
 
 A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
 and a database that has taken the last free byte cannot even be checkpointed:
@@ -70,17 +75,22 @@ except ImportError:  # not POSIX
     resource = None  # type: ignore[assignment]
 
 __all__ = [
+    "CATCH_UP_PASSES",
     "FULL_DISK_EVICTION_S",
     "FULL_DISK_STEP_ENTRIES",
     "LOW_SPACE_BYTES",
+    "RESTART_SPACING",
     "RESTART_WAIT_S",
     "SPACE_REFRESH_S",
     "WAL_CHECKPOINT_PAGES",
     "Checkpointer",
     "DiskSpace",
     "FullDiskEviction",
+    "caught_up_pages",
     "compact_shortfall",
+    "copy_log",
     "reserve",
+    "restart_due",
     "restart_log",
 ]
 
@@ -107,6 +117,13 @@ PURGE_RETRY_S = 1.0
 #: How long the RESTART after a checkpoint waits for readers and another process's writer
 #: (this object's commits wait as long at most).
 RESTART_WAIT_S = 0.030
+#: PASSIVE passes a checkpoint makes at most to catch up with writes going on beside it.
+CATCH_UP_PASSES = 4
+#: A RESTART holds the writes back: one that took longer than its wait for readers
+#: (`RESTART_WAIT_S`) was slowed by a busy disk, and the next waits this many times the
+#: excess. (In a stream of 1 MiB blobs, whose copies compete with the writes for the
+#: disk, each took 75-140 ms and the stream went 50 % slower without the wait.)
+RESTART_SPACING = 20
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
 #: The page size the thresholds are counted in (what cache files use).
@@ -272,6 +289,36 @@ def _largest_file() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def caught_up_pages() -> int:
+    """Pages committed during a PASSIVE pass, at most, for the RESTART after it (which
+    holds the writes back meanwhile) to copy: an eighth of the threshold, at least 64."""
+    return max(64, WAL_CHECKPOINT_PAGES // 8)
+
+
+def copy_log(connection: apsw.Connection) -> tuple[int, int]:
+    """Copy the log into the database with PASSIVE checkpoints, which never wait for
+    anyone, until the pages committed during a pass are at most `caught_up_pages()`, or
+    `CATCH_UP_PASSES` were made; return the pages in the log and those committed during
+    the last pass (or left uncopied by a reader). Raises apsw errors.
+
+    A pass copies the log as it was when the pass began, and reports that log: what
+    was committed during it shows as the next pass's growth."""
+    pages, before = 0, -1
+    for _ in range(CATCH_UP_PASSES):
+        pages, copied = connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        if copied < pages:
+            return pages, pages - copied  # a reader keeps pages in the log
+        if before >= 0 and pages - before <= caught_up_pages():
+            break
+        before = pages
+    return pages, max(0, pages - before)
+
+
+def restart_due(pages: int, behind: int) -> bool:
+    """Whether to hold the writes back for a RESTART after `copy_log` returned these."""
+    return pages > 0 and behind <= caught_up_pages()
+
+
 def restart_log(connection: apsw.Connection) -> int:
     """Copy the rest of the log with a RESTART checkpoint, so that the next commit starts
     it over; return the pages left in it (0 once done). Raises apsw errors other than
@@ -294,15 +341,22 @@ class Checkpointer:
     the log and the database within the free space of a filling disk."""
 
     def __init__(
-        self, checkpoint: Callable[[], int], purge: Callable[[], bool] | None = None
+        self,
+        copy: Callable[[], tuple[int, int]],
+        restart: Callable[[], int],
+        purge: Callable[[], bool] | None = None,
     ) -> None:
-        """`checkpoint` checkpoints once and returns the pages left in the log (0 once
-        the next commit starts it over); `purge` deletes one batch of tombstoned entries
-        and returns whether any may be left; both raise apsw or cache errors."""
-        self._checkpoint = checkpoint
+        """`copy` copies the log as `copy_log` does, returning what it returns; `restart`
+        holds the writes back and runs `restart_log`, returning the pages it left; `purge`
+        deletes one batch of tombstoned entries and returns whether any may be left; all
+        raise apsw or cache errors."""
+        self._copy = copy
+        self._restart = restart
         # The pages the last checkpoint left in a log it could not have started over: a
         # commit wakes the thread only past these and the threshold.
         self._left = 0
+        # No RESTART before this time (see `RESTART_SPACING`).
+        self._restart_after = 0.0
         self._purge = purge
         self._checkpoint_due = False
         self._purge_due = False
@@ -426,6 +480,17 @@ class Checkpointer:
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def _checkpoint(self) -> int:
+        """Copy the log, and have it start over where that is due; the pages left."""
+        pages, behind = self._copy()
+        if not restart_due(pages, behind) or time.monotonic() < self._restart_after:
+            return max(0, pages)
+        began = time.monotonic()
+        left = self._restart()
+        ended = time.monotonic()
+        self._restart_after = ended + RESTART_SPACING * max(0.0, ended - began - RESTART_WAIT_S)
+        return left
 
     def _run(self) -> None:
         try:

@@ -42,7 +42,13 @@ from ._cachefile import (
     read_head,
     remove_orphaned_log,
 )
-from ._checkpointer import FULL_DISK_STEP_ENTRIES, Checkpointer, FullDiskEviction, restart_log
+from ._checkpointer import (
+    FULL_DISK_STEP_ENTRIES,
+    Checkpointer,
+    FullDiskEviction,
+    copy_log,
+    restart_log,
+)
 from ._checks import (
     MAX_BLOB_BYTES,
     check_blob,
@@ -241,7 +247,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._callbacks = {
             name: _Callback(self, name)
             for name in (
-                "_checkpoint",
+                "_copy_log",
+                "_restart_log",
                 "_purge_batch",
                 "_connect",
                 "_commit_entries",
@@ -249,7 +256,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             )
         }
         self._checkpointer = Checkpointer(
-            self._callbacks["_checkpoint"], self._callbacks["_purge_batch"]
+            self._callbacks["_copy_log"],
+            self._callbacks["_restart_log"],
+            self._callbacks["_purge_batch"],
         )
         self._pool = ConnectionPool(self._callbacks["_connect"], file.path)
         wal = Path(f"{file.path}-wal")
@@ -1293,9 +1302,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         except apsw.Error as error:
             log.debug("vyre-sqlcache: checkpoint after a full disk failed: %s", error)
 
-    def _checkpoint(self) -> int:
+    def _copy_log(self) -> tuple[int, int]:
         with self._call() as slot:
-            self._pool.main(slot).pragma("wal_checkpoint", "PASSIVE")
+            return copy_log(self._pool.main(slot))
+
+    def _restart_log(self) -> int:
         # The copy ran beside this object's writes, whose pages it left behind: with them
         # held back, copy those and have the next write start the log over.
         with self._writer.held(), self._call() as slot:
