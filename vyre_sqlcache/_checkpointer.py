@@ -20,10 +20,13 @@ writing over old pages. So the thread copies with PASSIVE passes until fewer tha
 holds the cache object's own commits back for a moment and copies those with a RESTART
 checkpoint, which waits up to `RESTART_WAIT_S` for readers (held snapshots end within
 `_snapshots.HOLD_S`) and for another process's writer; the next commit starts the log
-over. Writes faster than the copy (a stream of large blobs) seldom let the passes catch
-up, and there the log is no larger than what they wrote; and a RESTART's sync of the
-database may take long under heavy writes, so one that took longer than its wait for
-readers delays the next by `RESTART_SPACING` times the excess. A RESTART that could not
+over. That is for streams of small commits (`SMALL_COMMIT_PAGES`), where the log holds
+many pages for each entry written (7 for a durable write of 4 KiB) and every sync pays
+for its growth; a stream of large commits (groups of queued writes, large blobs) is
+mostly its own data in the log, and holding it back costs as long as copying what it
+wrote (a stream of 1 MiB blobs went 50 % slower). A RESTART's sync of the database may
+also take long under heavy writes, so one that took longer than its wait for readers
+delays the next by `RESTART_SPACING` times the excess. A RESTART that could not
 finish is tried again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
 
 A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
@@ -81,6 +84,7 @@ __all__ = [
     "LOW_SPACE_BYTES",
     "RESTART_SPACING",
     "RESTART_WAIT_S",
+    "SMALL_COMMIT_PAGES",
     "SPACE_REFRESH_S",
     "WAL_CHECKPOINT_PAGES",
     "Checkpointer",
@@ -119,6 +123,10 @@ PURGE_RETRY_S = 1.0
 RESTART_WAIT_S = 0.030
 #: PASSIVE passes a checkpoint makes at most to catch up with writes going on beside it.
 CATCH_UP_PASSES = 4
+#: The log is started over only where this object's commits since it last did averaged at
+#: most this many pages: a durable write of 4 KiB commits 7, a group of queued writes
+#: 100-600, a 1 MiB blob 70.
+SMALL_COMMIT_PAGES = 32
 #: A RESTART holds the writes back: one that took longer than its wait for readers
 #: (`RESTART_WAIT_S`) was slowed by a busy disk, and the next waits this many times the
 #: excess. (In a stream of 1 MiB blobs, whose copies compete with the writes for the
@@ -357,6 +365,10 @@ class Checkpointer:
         self._left = 0
         # No RESTART before this time (see `RESTART_SPACING`).
         self._restart_after = 0.0
+        # This object's commits since the log last started over, and its pages after the
+        # last of them, as the WAL hook reported.
+        self._commits = 0
+        self._hook_pages = 0
         self._purge = purge
         self._checkpoint_due = False
         self._purge_due = False
@@ -384,6 +396,10 @@ class Checkpointer:
     def wal_hook(self, connection: apsw.Connection, database: str, pages: int) -> int:
         """SQLite's WAL hook, after every commit: wake the thread past the threshold."""
         try:
+            if pages < self._hook_pages:
+                self._commits = 0  # the log started over
+            self._commits += 1
+            self._hook_pages = pages
             space = self._space.get(connection.filename, pages)
             self._fit(connection, space)
             if space is None or not space.low:
@@ -484,7 +500,11 @@ class Checkpointer:
     def _checkpoint(self) -> int:
         """Copy the log, and have it start over where that is due; the pages left."""
         pages, behind = self._copy()
-        if not restart_due(pages, behind) or time.monotonic() < self._restart_after:
+        if (
+            not restart_due(pages, behind)
+            or pages > SMALL_COMMIT_PAGES * max(1, self._commits)
+            or time.monotonic() < self._restart_after
+        ):
             return max(0, pages)
         began = time.monotonic()
         left = self._restart()
