@@ -265,3 +265,23 @@ def test_a_stream_of_durable_writes_keeps_the_log_short(
         assert pages < bound, f"the log grew to {pages} pages"
         assert restarts.count(0) >= 10, f"the log started over {restarts.count(0)} times"
         assert len(done) < commits // 3, f"{len(done)} checkpoints for {commits} commits"
+
+
+def test_a_stream_of_large_commits_is_not_held_back_to_start_the_log_over(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 1 MiB blob commits about 70 pages: such a stream is mostly its own data in the
+    # log, and holding it back for a RESTART would cost as long as copying it.
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
+    done = count_checkpoints(monkeypatch)
+    restarts = count_log_restarts(monkeypatch)
+    blob = os.urandom(1 << 20)
+    with PipelineCache.open(cache_path, compression="off") as cache:
+        for i in range(40):
+            cache.write(i.to_bytes(32, "big"), fingerprint, blob)
+        cache.flush()
+        deadline = time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert done, "no checkpoint ran"
+    assert restarts == []
