@@ -24,10 +24,12 @@ over. That is for streams of small commits (`SMALL_COMMIT_PAGES`), where the log
 many pages for each entry written (7 for a durable write of 4 KiB) and every sync pays
 for its growth; a stream of large commits (groups of queued writes, large blobs) is
 mostly its own data in the log, and holding it back costs as long as copying what it
-wrote (a stream of 1 MiB blobs went 50 % slower). A RESTART's sync of the database may
-also take long under heavy writes, so one that took longer than its wait for readers
-delays the next by `RESTART_SPACING` times the excess. A RESTART that could not
-finish is tried again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
+wrote (a stream of 1 MiB blobs went 50 % slower, each RESTART's sync of the database
+taking 75-140 ms beside it). SQLite starts the log over at the first write after the
+RESTART, and only if nobody reads the log then: left to whichever writer comes next
+(another process's, say), that often failed, so the RESTART is followed at once by a
+commit of its own (`_rows.count_log_restart`). A RESTART that could not finish is tried
+again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
 
 A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
 and a database that has taken the last free byte cannot even be checkpointed:
@@ -82,7 +84,6 @@ __all__ = [
     "FULL_DISK_EVICTION_S",
     "FULL_DISK_STEP_ENTRIES",
     "LOW_SPACE_BYTES",
-    "RESTART_SPACING",
     "RESTART_WAIT_S",
     "SMALL_COMMIT_PAGES",
     "SPACE_REFRESH_S",
@@ -127,11 +128,6 @@ CATCH_UP_PASSES = 4
 #: most this many pages: a durable write of 4 KiB commits 7, a group of queued writes
 #: 100-600, a 1 MiB blob 70.
 SMALL_COMMIT_PAGES = 32
-#: A RESTART holds the writes back: one that took longer than its wait for readers
-#: (`RESTART_WAIT_S`) was slowed by a busy disk, and the next waits this many times the
-#: excess. (In a stream of 1 MiB blobs, whose copies compete with the writes for the
-#: disk, each took 75-140 ms and the stream went 50 % slower without the wait.)
-RESTART_SPACING = 20
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
 #: The page size the thresholds are counted in (what cache files use).
@@ -328,8 +324,8 @@ def restart_due(pages: int, behind: int) -> bool:
 
 
 def restart_log(connection: apsw.Connection) -> int:
-    """Copy the rest of the log with a RESTART checkpoint, so that the next commit starts
-    it over; return the pages left in it (0 once done). Raises apsw errors other than
+    """Copy the rest of the log with a RESTART checkpoint and start it over with a commit
+    of its own; return the pages left in it (0 once done). Raises apsw errors other than
     busy: readers or a writer still there after `RESTART_WAIT_S` leave the log as it is."""
     waiter = waiter_of(connection)
     patience = None if waiter is None else waiter.timeout_ms
@@ -337,10 +333,13 @@ def restart_log(connection: apsw.Connection) -> int:
         waiter.timeout_ms = int(RESTART_WAIT_S * 1000)
     try:
         row = connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        busy, pages, _ = row[0]
+        if not busy:
+            # The first write after the RESTART starts the log over: this one, at once.
+            _rows.count_log_restart(connection)
     finally:
         if waiter is not None and patience is not None:
             waiter.timeout_ms = patience
-    busy, pages, _ = row[0]
     return pages if busy and isinstance(pages, int) else 0
 
 
@@ -363,8 +362,6 @@ class Checkpointer:
         # The pages the last checkpoint left in a log it could not have started over: a
         # commit wakes the thread only past these and the threshold.
         self._left = 0
-        # No RESTART before this time (see `RESTART_SPACING`).
-        self._restart_after = 0.0
         # This object's commits since the log last started over, and its pages after the
         # last of them, as the WAL hook reported.
         self._commits = 0
@@ -500,17 +497,9 @@ class Checkpointer:
     def _checkpoint(self) -> int:
         """Copy the log, and have it start over where that is due; the pages left."""
         pages, behind = self._copy()
-        if (
-            not restart_due(pages, behind)
-            or pages > SMALL_COMMIT_PAGES * max(1, self._commits)
-            or time.monotonic() < self._restart_after
-        ):
+        if not restart_due(pages, behind) or pages > SMALL_COMMIT_PAGES * max(1, self._commits):
             return max(0, pages)
-        began = time.monotonic()
-        left = self._restart()
-        ended = time.monotonic()
-        self._restart_after = ended + RESTART_SPACING * max(0.0, ended - began - RESTART_WAIT_S)
-        return left
+        return self._restart()
 
     def _run(self) -> None:
         try:

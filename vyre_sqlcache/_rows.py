@@ -763,6 +763,16 @@ def drop(connection: apsw.Connection, entry_key: bytes) -> None:
     bump(connection, "checksum_failures", 1)
 
 
+def count_log_restart(connection: apsw.Connection) -> None:
+    """Count a RESTART checkpoint in `meta` (`log_restarts`), in a commit of its own: the
+    first write after the checkpoint, which starts the log over."""
+    with connection:
+        connection.execute(
+            "INSERT INTO meta (name, value) VALUES ('log_restarts', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = min(value + 1, 1 << 62)"
+        )
+
+
 def bump(connection: apsw.Connection, name: str, count: int) -> None:
     """Add `count` to a counter (saturating: a counter never overflows into an error)."""
     connection.execute(_BUMP, (count, name))
