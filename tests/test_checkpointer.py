@@ -331,3 +331,26 @@ def test_durable_writes_of_two_processes_keep_the_log_short(cache_path: Path) ->
     with PipelineCache.open(cache_path) as cache:
         assert len(cache) == 4000
         assert cache.read(bytes([2]) + (1999).to_bytes(31, "big"), fingerprint) is not None
+
+
+def test_a_restart_starts_the_log_over_before_any_other_write(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # SQLite starts the log over at the first write after a RESTART checkpoint, and only
+    # if nobody reads the log then: left to the next writer (another process's, often),
+    # that mostly failed, so `restart_log` makes that write itself.
+    with PipelineCache.open(cache_path) as cache:
+        for i in range(20):
+            cache.write(i.to_bytes(32, "big"), fingerprint, os.urandom(8192))
+        cache.flush()
+        other = apsw.Connection(str(cache_path))
+        try:
+            other.execute("SELECT count(*) FROM meta").fetchall()  # opens the log
+            logged, _ = other.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            assert logged > 20
+            assert checkpointer.restart_log(other) == 0
+            pages, _ = other.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            assert pages <= 2, f"the log still holds {pages} of {logged} pages"
+        finally:
+            other.close()
+        assert cache.read((7).to_bytes(32, "big"), fingerprint) is not None
