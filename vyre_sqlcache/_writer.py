@@ -76,10 +76,6 @@ class WriteBehind:
         self._lock = threading.Lock()  # guards the queue
         self._wake = threading.Condition(self._lock)
         self._committing = threading.Lock()  # one commit at a time, in queue order
-        # Passed by every commit before it takes `_committing`, and held by `held()`: a
-        # caller committing in a loop would otherwise take the unfair lock again and again
-        # before a waiting hold gets it.
-        self._turnstile = threading.Lock()
         self._starting = threading.Lock()
 
     # -- the caller's side -------------------------------------------------------------
@@ -118,8 +114,6 @@ class WriteBehind:
         """Commit the queue, then `entries`, and run `extra` on the connection, all in one
         transaction; return what `extra` returned. Raises CacheError types; on error the
         queue stays as it was."""
-        with self._turnstile:
-            pass
         with self._committing:
             with self._lock:
                 batch = list(self.queue.values())
@@ -136,7 +130,7 @@ class WriteBehind:
     @contextmanager
     def held(self) -> Iterator[None]:
         """No commit of this queue runs in the block (one under way is waited for)."""
-        with self._turnstile, self._committing:
+        with self._committing:
             yield
 
     def commit_at_exit(self) -> None:
