@@ -203,6 +203,11 @@ def end_transaction(connection: apsw.Connection) -> None:
             connection.execute("ROLLBACK")
 
 
+#: Whether an `interrupts_held` block of the main thread is under way (nested blocks,
+#: a commit inside a transaction, leave the handler to it: each swap costs about 10 µs).
+_holding = False
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block ends, in the main thread.
@@ -211,8 +216,9 @@ def interrupts_held() -> Iterator[None]:
     write lock held for every process until this one exits. The signal is kept and
     delivered to the application's own handler as soon as the block has ended.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    global _holding
+    if _holding or threading.current_thread() is not threading.main_thread():
+        yield  # an outer block of the main thread holds it already
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is None or previous in (signal.SIG_IGN, signal.SIG_DFL):
@@ -228,9 +234,11 @@ def interrupts_held() -> Iterator[None]:
     except ValueError:  # not the main interpreter
         yield
         return
+    _holding = True
     try:
         yield
     finally:
+        _holding = False
         signal.signal(signal.SIGINT, previous)
         if held and callable(previous):
             previous(*held[0])
