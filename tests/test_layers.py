@@ -561,10 +561,12 @@ def test_a_layer_with_damaged_pages_reads_right_or_misses_and_warns_once(
     # Incompressible bytes: the layer has pages to damage whatever its entries compress to.
     pairs = [(digest(n), random.Random(n).randbytes(8000)) for n in range(64)]
     layer = make_layer("layer", pairs)
-    size = layer.stat().st_size
-    with open(layer, "r+b") as file:  # garbage over pages in the second half of the file
-        for page in range(size // 16384 // 2, size // 16384, 2):
-            file.seek(page * 16384)
+    connection = apsw.Connection(str(layer), flags=apsw.SQLITE_OPEN_READONLY)
+    pages = [p for (p,) in connection.execute("SELECT pageno FROM dbstat WHERE name = 'blobs'")]
+    connection.close()
+    with open(layer, "r+b") as file:  # garbage over every other page of the second half
+        for page in sorted(pages)[len(pages) // 2 :: 2]:  # of the blobs (not the schema's)
+            file.seek((page - 1) * 16384)
             file.write(b"\xa5" * 16384)
     with (
         caplog.at_level(logging.WARNING, logger="vyre_sqlcache"),
