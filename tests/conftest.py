@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.redis_server import RedisServer, find_redis_server
-from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
+from vyre_sqlcache import (
+    DeviceFingerprint,
+    FeatureFlags,
+    PipelineCache,
+    PipelineCacheKey,
+    _checkpointer,
+)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -69,3 +75,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         pytest.skip("redis-server is not installed: apt-get install redis-server (.ci/run does)")
     with RedisServer(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def no_purge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tombstones stay until the test purges them (the background purge never runs)."""
+    monkeypatch.setattr(_checkpointer.Checkpointer, "purge_soon", lambda self: None)
+    monkeypatch.setattr(PipelineCache, "_purge_at_close", staticmethod(lambda connection: None))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import apsw
@@ -186,3 +187,18 @@ def damage_blob(cache: PipelineCache, entry_key: bytes) -> None:
     (data,) = connection.execute("SELECT data FROM blobs WHERE id = ?", (rowid,)).fetchone()
     damaged = bytes([data[0] ^ 0xFF]) + data[1:]
     connection.execute("UPDATE blobs SET data = ? WHERE id = ?", (damaged, rowid))
+
+
+def wait_purged(path: Any, timeout: float = 10.0) -> None:
+    """Wait until the background purge has emptied the file's `tombstones`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            (left,) = connection.execute("SELECT count(*) FROM tombstones").fetchone()
+        finally:
+            connection.close()
+        if left == 0:
+            return
+        assert time.monotonic() < deadline, f"the purge left {left} tombstones"
+        time.sleep(0.02)

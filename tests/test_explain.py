@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import damage_blob
+from tests.helpers import damage_blob, wait_purged
 from vyre_sqlcache import (
     CacheError,
     DeviceFingerprint,
@@ -29,6 +30,7 @@ from vyre_sqlcache import (
     _explain_sql,
 )
 from vyre_sqlcache.cli import main
+from vyre_sqlcache.keys import entry_id
 
 SQLITE3_SHELL = shutil.which("sqlite3")
 BLOB = b"\x03\x02\x23\x07" + bytes(range(256)) * 4
@@ -452,6 +454,9 @@ def test_the_departure_record_keeps_the_newest(
                 else:
                     cache.invalidate_impacted([1] * count, digests, fp)
                 expected += [(fp.cache_key(d), reason, batch) for d in digests]
+                # Departures are recorded in time order, to the millisecond.
+                time.sleep(0.002)
+            wait_purged(path)
         got = rows(path, "SELECT seq, entry_key, reason FROM departures ORDER BY seq")
     newest = expected[len(expected) - len(got) :]
     assert len(got) == min(kept, len(expected))
@@ -462,6 +467,64 @@ def test_the_departure_record_keeps_the_newest(
     assert [s for s, _, _ in got] == list(range(got[0][0], got[0][0] + len(got)) if got else [])
 
 
+def test_a_departure_waiting_for_the_purge_is_explained_then_recorded(
+    no_purge: None, cache_path: Path, fingerprint: DeviceFingerprint, make_key: Key
+) -> None:
+    key, digest = make_key(), os.urandom(32)
+    with PipelineCache.open(cache_path) as cache:
+        cache.put(key, fingerprint, BLOB, program_digest=digest)
+        assert cache.invalidate_impacted([1], [digest], fingerprint) == 1
+        why = cache.explain(key, fingerprint)
+        assert why.departure is not None and why.departure.reason == "invalidated"
+        # Not copied yet: the tombstone carries it.
+        assert rows(cache_path, "SELECT count(*) FROM departures") == [(0,)]
+        cache.compact()  # purges first
+    assert rows(cache_path, "SELECT count(*) FROM tombstone_reasons") == [(0,)]
+    recorded = rows(cache_path, "SELECT seq, reason, entry_key, at FROM departures_v")
+    assert recorded == [(1, "invalidated", key.entry_key(fingerprint).hex(), why.departure.at)]
+    with PipelineCache.open(cache_path) as cache:
+        assert cache.explain(key, fingerprint).departure == why.departure
+
+
+def test_a_write_of_a_tombstoned_key_records_its_departure(
+    no_purge: None, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    digest = os.urandom(32)
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest, fingerprint, b"old")
+        cache.invalidate_impacted([1], [digest], fingerprint)
+        cache.write(digest, fingerprint, b"new")
+        cache.flush()
+        assert cache.read(digest, fingerprint) == b"new"
+    entry_key = fingerprint.cache_key(digest).hex()
+    assert rows(cache_path, "SELECT seq, reason, entry_key, blob_size FROM departures_v") == [
+        (1, "invalidated", entry_key, 3)
+    ]
+
+
+def test_a_tombstone_without_a_reason_is_purged_without_a_record(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    """A process of schema 7 that had the file open when it was migrated tombstones as it
+    always did (and records its departures at once); the purge records none again."""
+    digest = os.urandom(32)
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest, fingerprint, BLOB)
+    connection = apsw.Connection(str(cache_path))
+    with connection:  # schema 7's statement, word for word
+        connection.execute(
+            "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
+            "WHERE id IN (?) AND id NOT IN (SELECT id FROM tombstones) RETURNING id",
+            (entry_id(fingerprint.cache_key(digest)),),
+        ).fetchall()
+    connection.close()
+    with PipelineCache.open(cache_path) as cache:
+        assert cache.read(digest, fingerprint) is None
+        wait_purged(cache_path)
+    assert rows(cache_path, "SELECT count(*) FROM entries") == [(0,)]
+    assert rows(cache_path, "SELECT count(*) FROM departures_v") == [(0,)]
+
+
 def test_the_departure_record_keeps_ten_thousand(
     cache: PipelineCache, fingerprint: DeviceFingerprint
 ) -> None:
@@ -469,6 +532,7 @@ def test_the_departure_record_keeps_ten_thousand(
     cache.put_entries([(k, b"x", None) for k in keys])
     assert cache.delete_entries(keys[:100]) == 100
     assert cache.delete_entries(keys[100:]) == len(keys) - 100
+    wait_purged(cache.path)
     (count,) = rows(cache.path, "SELECT count(*) FROM departures")
     assert count == (_explain_sql.KEPT_DEPARTURES,)
     # The 50 oldest departures are gone from the record: those keys are never seen now.
@@ -483,6 +547,7 @@ def test_a_small_cap_keeps_a_smaller_record(cache_path: Path, cap: int | None, k
         keys = [os.urandom(32) for _ in range(300)]
         cache.put_entries([(k, b"x", None) for k in keys])
         assert cache.delete_entries(keys) == 300
+        wait_purged(cache_path)
         assert rows(cache_path, "SELECT count(*) FROM departures") == [(min(kept, 300),)]
 
 

@@ -4,7 +4,6 @@ totals count live entries only, and a background purge deletes the rows later.""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import apsw
 import pytest
 
+from tests.helpers import wait_purged
 from vyre_sqlcache import DeviceFingerprint, PipelineCache, PipelineCacheKey, _checkpointer, _schema
 from vyre_sqlcache._checksums import compute
 from vyre_sqlcache.keys import entry_id
@@ -48,20 +48,6 @@ def meta_and_recount(path: Path) -> tuple[tuple[int, int, int], tuple[int, int, 
 def assert_totals_right(path: Path) -> None:
     kept, counted = meta_and_recount(path)
     assert kept == counted
-
-
-def wait_purged(path: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while rows(path, "SELECT count(*) FROM tombstones") != [(0,)]:
-        assert time.monotonic() < deadline, "the purge did not run"
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def no_purge(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tombstones stay until the test purges them (the background purge never runs)."""
-    monkeypatch.setattr(_checkpointer.Checkpointer, "purge_soon", lambda self: None)
-    monkeypatch.setattr(PipelineCache, "_purge_at_close", staticmethod(lambda connection: None))
 
 
 @pytest.fixture

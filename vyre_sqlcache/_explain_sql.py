@@ -1,10 +1,12 @@
 """Every statement of "why did this miss?": the departure record, the miss log, and the
-lookups `explain` makes (migration 0007).
+lookups `explain` makes (migrations 0007 and 0008).
 
 Functions run on a connection the caller gives them, inside the caller's transaction
 where they change anything; they raise apsw errors as they come. Departures are
-recorded by `_rows` where entries leave (eviction, tombstones, a damaged entry
-dropped), one `INSERT ... SELECT` a batch.
+recorded by `_rows`, one `INSERT ... SELECT` a batch: where entries leave at once
+(eviction, a damaged entry dropped), and for a tombstoned entry where its tombstone
+goes (the purge, or a write of the same key), from the reason noted beside it
+(`tombstone_reasons`, migration 0008).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ __all__ = [
     "miss_for",
     "nearest_by_program",
     "nearest_by_shader",
+    "note_reasons",
     "recent_misses",
     "record_departures",
     "record_misses",
+    "record_tombstoned",
     "record_unwritten",
     "same_device_count",
     "shrink",
@@ -108,6 +112,37 @@ def record_departures(
     _trim(connection, "departures", KEPT_DEPARTURES)
 
 
+def note_reasons(connection: apsw.Connection, ids: Sequence[int], reason: str, now_ms: int) -> None:
+    """Note why and when the entries with these row ids were just tombstoned; their
+    departures are recorded from it when their tombstones go (`record_tombstoned`)."""
+    if not ids:
+        return
+    carray_ids = ids if isinstance(ids, array) else array("q", ids)
+    connection.execute(
+        "INSERT OR REPLACE INTO tombstone_reasons (id, reason, at_ms) "
+        "SELECT value, ?2, ?3 FROM carray(?1)",
+        (apsw.carray(carray_ids), reason, now_ms),
+    )
+
+
+def record_tombstoned(connection: apsw.Connection, ids: Sequence[int]) -> None:
+    """Record the departures noted for the tombstones of these row ids; call it before the
+    tombstones or the entries' rows are deleted. Tombstones without a reason (written by
+    schema 7, which recorded the departure at once) are skipped."""
+    if not ids:
+        return
+    carray_ids = ids if isinstance(ids, array) else array("q", ids)
+    connection.execute(
+        f"INSERT INTO departures (id, {_ROW_COLUMNS}, blob_size, reason, at_ms) "
+        f"SELECT e.id, {_ROW_COLUMNS}, blob_size, r.reason, r.at_ms "
+        "FROM tombstone_reasons AS r JOIN entries AS e ON e.id = r.id "
+        "WHERE r.id IN carray(?1) ORDER BY r.at_ms, r.id",
+        (apsw.carray(carray_ids),),
+    )
+    if connection.changes():
+        _trim(connection, "departures", KEPT_DEPARTURES)
+
+
 def record_unwritten(
     connection: apsw.Connection, rows: Sequence[tuple[Any, ...]], reason: str
 ) -> None:
@@ -182,12 +217,24 @@ def entry_state(connection: apsw.Connection, entry_key: bytes) -> dict[str, Any]
 def departure(
     connection: apsw.Connection, entry_key: bytes, before_ms: int | None
 ) -> dict[str, Any] | None:
-    """The newest departure of `entry_key` (at or before `before_ms`, if given), or None."""
+    """The newest departure of `entry_key` (at or before `before_ms`, if given), or None:
+    one noted with its tombstone, waiting for the purge, or a recorded one."""
+    params = (entry_id(entry_key), entry_key, 2**63 - 1 if before_ms is None else before_ms)
+    pending = _dict(
+        connection.execute(
+            f"SELECT {_ROW_COLUMNS}, r.reason AS reason, r.at_ms AS at_ms "
+            "FROM tombstone_reasons AS r JOIN entries AS e ON e.id = r.id "
+            "WHERE r.id = ?1 AND e.entry_key = ?2 AND r.at_ms <= ?3",
+            params,
+        )
+    )
+    if pending is not None:
+        return pending
     return _dict(
         connection.execute(
             f"SELECT {_ROW_COLUMNS}, reason, at_ms FROM departures "
             "WHERE id = ?1 AND entry_key = ?2 AND at_ms <= ?3 ORDER BY seq DESC LIMIT 1",
-            (entry_id(entry_key), entry_key, 2**63 - 1 if before_ms is None else before_ms),
+            params,
         )
     )
 
@@ -229,10 +276,13 @@ def nearest_by_shader(
 
 def _candidates(match: str) -> str:
     """A `candidates` CTE: the entries that `match` and were live at `:before` - the
-    live ones, and those the departure record says left at or after it (all live ones when
-    `:before` is the largest int64)."""
+    live ones, the tombstoned ones noted as leaving at or after it, and those the
+    departure record says left at or after it (all live ones when `:before` is the
+    largest int64)."""
     return (
-        f"WITH candidates AS (SELECT {_ROW_COLUMNS} FROM entries WHERE {match} AND {_LIVE} "
+        f"WITH candidates AS (SELECT {_ROW_COLUMNS} FROM entries WHERE {match} AND ({_LIVE} "
+        "OR EXISTS (SELECT 1 FROM tombstone_reasons AS r "
+        "WHERE r.id = entries.id AND r.at_ms >= :before)) "
         f"UNION ALL SELECT {_ROW_COLUMNS} FROM departures WHERE {match} AND at_ms >= :before)"
     )
 

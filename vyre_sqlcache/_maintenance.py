@@ -487,7 +487,8 @@ class CacheMaintenance:
         if repair and bad:
             # Recorded as damaged in the departure record (see `explain`), not deleted.
             dropped = self._change(
-                "dropping damaged entries", lambda c: _rows.delete_entries(c, bad, "damaged")
+                "dropping damaged entries",
+                lambda c: _rows.delete_entries(c, bad, time.time_ns() // 1_000_000, "damaged"),
             )
         return _rows.CheckReport(
             integrity, checked, tuple(damaged), tuple(missing), unreadable, dropped

@@ -21,7 +21,7 @@ import apsw
 
 from . import _checksums, _codec, _explain_sql
 from ._codec import Codec, Dictionary, Encoded, Scope
-from .keys import DeviceFingerprint, PipelineCacheKey, entry_id
+from .keys import DeviceFingerprint, PipelineCacheKey, entry_id, entry_ids_of
 
 __all__ = [
     "EVICTION_SLACK",
@@ -552,8 +552,11 @@ def insert(
             return evicted
     ids = array("q", (entry.rowid for entry in entries))
     # A write of a tombstoned key brings it back: the trigger counts the old row live
-    # again, and the upsert's resize trigger then counts the new sizes.
-    connection.execute("DELETE FROM tombstones WHERE id IN carray(?)", (apsw.carray(ids),))
+    # again, and the upsert's resize trigger then counts the new sizes. The old row's
+    # departure is recorded first (rarely: the table is mostly empty).
+    if connection.execute("SELECT 1 FROM tombstones LIMIT 1").fetchone() is not None:
+        _explain_sql.record_tombstoned(connection, ids)
+        connection.execute("DELETE FROM tombstones WHERE id IN carray(?)", (apsw.carray(ids),))
     if cap is not None:
         evicted += make_room(connection, ids, sum(len(e.data) for e in encoded), cap)
     params = [entry.params(now_ms, e) for entry, e in zip(entries, encoded, strict=True)]
@@ -680,55 +683,60 @@ def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> in
 
 
 def delete_entries(
-    connection: apsw.Connection, entry_keys: list[bytes], reason: str = "deleted"
+    connection: apsw.Connection,
+    entry_keys: list[bytes],
+    now_ms: int,
+    reason: str = "deleted",
 ) -> int:
-    """Tombstone the live entries with these keys in one statement, recording them as
-    departed for `reason` ('deleted', or 'damaged' for a repair); return how many."""
+    """Tombstone the live entries with these keys in one statement, noting `reason`
+    ('deleted', or 'damaged' for a repair) and `now_ms` for the departure record; return
+    how many."""
     ids = _tombstoned(
         connection.execute(
             "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
             f"WHERE id IN carray(?) AND entry_key IN carray(?) AND {_LIVE_ENTRY} RETURNING id",
-            (apsw.carray(array("q", map(entry_id, entry_keys))), apsw.carray(tuple(entry_keys))),
+            (apsw.carray(entry_ids_of(entry_keys)), apsw.carray(tuple(entry_keys))),
         )
     )
-    _explain_sql.record_departures(connection, ids, reason)
+    _explain_sql.note_reasons(connection, ids, reason, now_ms)
     return len(ids)
 
 
 def _tombstoned(cursor: apsw.Cursor) -> array[int]:
     """The row ids a tombstoning statement's RETURNING gives (those it tombstoned)."""
-    return array("q", (int(rowid) for (rowid,) in cursor))
+    return array("q", [rowid for (rowid,) in cursor])
 
 
 def invalidate(
-    connection: apsw.Connection, digests: list[bytes], fingerprint: DeviceFingerprint
+    connection: apsw.Connection, digests: list[bytes], fingerprint: DeviceFingerprint, now_ms: int
 ) -> int:
-    """Tombstone a device's live entries of these program digests, written by digest or
-    keyed; return how many."""
-    ids = array("q", (entry_id(fingerprint.cache_key(d)) for d in digests))
-    cursor = connection.execute(
-        "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
-        "WHERE (id IN carray(?1) OR (key_version IS NOT NULL "
-        "AND program_digest IS NOT NULL AND program_digest IN carray(?2) "
-        f"AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)) AND {_LIVE_ENTRY} "
-        "RETURNING id",
-        (
-            apsw.carray(ids),
-            apsw.carray(tuple(digests)),
-            fingerprint.vendor,
-            fingerprint.device,
-            fingerprint.driver_digest,
-        ),
+    """Tombstone a device's live entries of these checked program digests, written by
+    digest or keyed, noting them as invalidated at `now_ms`; return how many."""
+    ids = _tombstoned(
+        connection.execute(
+            "INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
+            "WHERE (id IN carray(?1) OR (key_version IS NOT NULL "
+            "AND program_digest IS NOT NULL AND program_digest IN carray(?2) "
+            f"AND vendor = ?3 AND device = ?4 AND driver_digest = ?5)) AND {_LIVE_ENTRY} "
+            "RETURNING id",
+            (
+                apsw.carray(entry_ids_of(fingerprint.cache_keys(digests))),
+                apsw.carray(tuple(digests)),
+                fingerprint.vendor,
+                fingerprint.device,
+                fingerprint.driver_digest,
+            ),
+        )
     )
-    tombstoned = _tombstoned(cursor)
-    _explain_sql.record_departures(connection, tombstoned, "invalidated")
-    return len(tombstoned)
+    _explain_sql.note_reasons(connection, ids, "invalidated", now_ms)
+    return len(ids)
 
 
-def purge(connection: apsw.Connection, limit: int = PURGE_BATCH) -> int:
+def purge(connection: apsw.Connection, limit: int = PURGE_BATCH, *, record: bool = True) -> int:
     """Delete up to `limit` tombstoned entries, their blobs and their tombstones; return
     how many tombstones were cleared (0: none left). The totals do not change: they
-    stopped counting these entries when they were tombstoned."""
+    stopped counting these entries when they were tombstoned. Their departures are
+    recorded unless `record` is False (on a full disk, where the record gives way)."""
     ids = array(
         "q",
         (
@@ -740,6 +748,8 @@ def purge(connection: apsw.Connection, limit: int = PURGE_BATCH) -> int:
     )
     if not ids:
         return 0
+    if record:
+        _explain_sql.record_tombstoned(connection, ids)
     # The entry first: its delete trigger skips the totals while the tombstone is there,
     # and the tombstone's trigger then finds no entry to count back.
     connection.execute("DELETE FROM entries WHERE id IN carray(?)", (apsw.carray(ids),))

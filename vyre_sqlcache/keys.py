@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ __all__ = [
     "PipelineCacheKey",
     "coerce_digest",
     "entry_id",
+    "entry_ids_of",
     "named_entry_key",
 ]
 
@@ -111,6 +114,14 @@ def entry_id(entry_key: bytes) -> int:
     return int.from_bytes(entry_key[:8], "big", signed=True)
 
 
+def entry_ids_of(entry_keys: Iterable[bytes]) -> array[int]:
+    """`entry_id` of each of these 32-byte entry keys, as an array for `carray`."""
+    ids = array("q", b"".join([key[:8] for key in entry_keys]))
+    if sys.byteorder == "little":
+        ids.byteswap()  # the keys' first 8 bytes are big-endian
+    return ids
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceFingerprint:
     """vyre's `PipelineDeviceFingerprint`: the adapter and driver a blob was compiled for."""
@@ -164,6 +175,26 @@ class DeviceFingerprint:
         """
         digest = coerce_digest("program_digest", program_digest)
         return blake3.blake3(_DIRECTORY_KEY_DOMAIN + digest + self._key_suffix).digest()
+
+    def cache_keys(self, program_digests: Iterable[bytes | str]) -> list[bytes]:
+        """`cache_key` of each program digest, in order.
+
+        Raises TypeError/ValueError naming the first digest that is not 32 bytes (or 64
+        hex chars).
+        """
+        head, tail, hasher = _DIRECTORY_KEY_DOMAIN, self._key_suffix, blake3.blake3
+        return [
+            hasher(
+                head
+                + (
+                    digest
+                    if type(digest) is bytes and len(digest) == HASH_BYTES
+                    else coerce_digest(f"program_digests[{index}]", digest)
+                )
+                + tail
+            ).digest()
+            for index, digest in enumerate(program_digests)
+        ]
 
 
 def _workgroup(value: Any) -> tuple[int, int, int]:
