@@ -262,6 +262,50 @@ def test_a_file_size_limit_met_before_the_cache_knows_it(tmp_path: Path) -> None
     assert (outcome, detail) == ("flushed", [True] * 20)
 
 
+# argv: folder. Writes 2 MB, invalidates all of it with the background purge held off,
+# then lowers the file size limit to just above the files (as LOWERED does) and writes
+# 2 MB more: only the tombstoned entries can make room for them.
+TOMBSTONED = textwrap.dedent(
+    """
+    import hashlib, json, os, random, resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache, _checkpointer
+    _checkpointer.Checkpointer.purge_soon = lambda self: None
+    fp = DeviceFingerprint.from_parts(1, 2, "full")
+    path = os.path.join(sys.argv[1], "p.sqlite3")
+    size = lambda f: os.path.getsize(f) if os.path.exists(f) else 0
+    digest = lambda i: hashlib.sha256(b"%d" % i).digest()
+    blob = lambda i: random.Random(i).randbytes(20_000)
+    cache = PipelineCache.open(path)
+    cache.write_many([(digest(i), blob(i)) for i in range(100)], fp)
+    assert cache.invalidate_impacted([1] * 100, [digest(i) for i in range(100)], fp) == 100
+    cache.flush()
+    limit = max(size(path), size(path + "-wal")) + 60_000
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    errors = []
+    for i in range(200, 300):
+        try:
+            cache.write(digest(i), fp, blob(i))
+            cache.flush()
+        except CacheError as error:
+            errors.append(f"{i}: {error}")
+    found = sum(cache.read(digest(i), fp) == blob(i) for i in range(200, 300))
+    print(json.dumps({"errors": errors[:3], "found": found, "entries": cache.stats().entries}))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX rlimits")
+def test_tombstoned_entries_make_room_on_a_full_disk(tmp_path: Path) -> None:
+    result = run_script(TOMBSTONED, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # Every write went in: the purge on the full disk freed the tombstoned entries (the
+    # eviction skips them), then evicted the oldest new ones as the files stayed full.
+    assert out["errors"] == []
+    assert 0 < out["found"] == out["entries"]
+
+
 @pytest.mark.parametrize("method", ["copy", "bundle"])
 def test_a_copy_or_bundle_onto_a_full_disk_says_what_it_needs(
     small_disk: Path, tmp_path: Path, method: str
