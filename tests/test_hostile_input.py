@@ -227,14 +227,22 @@ def test_str_and_bytes_digests_name_the_same_entry(
     assert shared.delete_entries([FP.cache_key(digest).hex()]) == 1
 
 
+SPELLINGS = {"bytes": bytes, "bytearray": bytearray, "hex": bytes.hex}
+
+
 @HYPOTHESIS
-@given(mask=st.lists(st.sampled_from([0, 1, 2, 0xFFFF_FFFF]), min_size=1, max_size=6))
+@given(
+    mask=st.lists(st.sampled_from([0, 1, 2, 0xFFFF_FFFF]), min_size=1, max_size=6),
+    spellings=st.lists(st.sampled_from(sorted(SPELLINGS)), min_size=6, max_size=6),
+)
 def test_mask_values_choose_exactly_the_non_zero_digests(
-    shared: PipelineCache, mask: list[int]
+    shared: PipelineCache, mask: list[int], spellings: list[str]
 ) -> None:
     digests_ = [bytes([0x80 + i]) * 32 for i in range(len(mask))]
     shared.write_many([(d, d) for d in digests_], FP)
-    assert shared.invalidate_impacted(mask, digests_, FP) == sum(1 for m in mask if m)
+    # All bytes or mixed spellings: the checks at C speed and the loop agree.
+    spelled = [SPELLINGS[how](d) for how, d in zip(spellings, digests_, strict=False)]
+    assert shared.invalidate_impacted(mask, spelled, FP) == sum(1 for m in mask if m)
     for value, digest in zip(mask, digests_, strict=True):
         assert shared.read(digest, FP) == (None if value else digest)
     shared.delete_entries([FP.cache_key(d) for d in digests_])

@@ -3,16 +3,19 @@ what is allowed, and raises before anything is written."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import compress
 from typing import Any
 
 from .errors import BlobTooLargeError
-from .keys import DeviceFingerprint, PipelineCacheKey
+from .keys import HASH_BYTES, U32_MAX, DeviceFingerprint, PipelineCacheKey, check_u32, coerce_digest
 
 __all__ = [
     "MAX_BLOB_BYTES",
     "check_blob",
     "check_created_ms",
     "check_fingerprint",
+    "check_impact",
     "check_key",
     "check_max_bytes",
 ]
@@ -74,3 +77,30 @@ def check_created_ms(value: Any) -> int | None:
             f"created_ms must be milliseconds since the epoch in a signed 64-bit int, got {value}"
         )
     return value
+
+
+def check_impact(impact_mask: Sequence[Any], program_digests: Sequence[Any]) -> list[bytes]:
+    """The digests of `invalidate_impacted` whose mask value is non-zero; raise ValueError
+    if the sequences differ in length, TypeError/ValueError naming the first bad mask value
+    (an int in 0..2**32-1) or digest (32 bytes or 64 hex characters)."""
+    if len(impact_mask) != len(program_digests):
+        raise ValueError(
+            f"impact_mask has {len(impact_mask)} values but program_digests has "
+            f"{len(program_digests)}; they must have the same length (one mask value "
+            "per digest)"
+        )
+    # The usual arguments (ints and 32-byte bytes) are checked at C speed: a Python loop
+    # over a mask of 1,000 took a tenth of the invalidation.
+    if (
+        set(map(type, impact_mask)) <= {int}
+        and set(map(type, program_digests)) <= {bytes}
+        and set(map(len, program_digests)) <= {HASH_BYTES}
+        and (not impact_mask or (min(impact_mask) >= 0 and max(impact_mask) <= U32_MAX))
+    ):
+        return list(compress(program_digests, impact_mask))
+    impacted = []
+    for index, (mask, raw) in enumerate(zip(impact_mask, program_digests, strict=True)):
+        digest = coerce_digest(f"program_digests[{index}]", raw)
+        if check_u32(f"impact_mask[{index}]", mask):
+            impacted.append(digest)
+    return impacted
