@@ -202,3 +202,38 @@ def wait_purged(path: Any, timeout: float = 10.0) -> None:
             return
         assert time.monotonic() < deadline, f"the purge left {left} tombstones"
         time.sleep(0.02)
+
+
+def back_to_schema(path: Any, version: int) -> None:
+    """Turn a closed cache file of the latest schema into exactly what `version` wrote,
+    where the migrations since only added objects (tables, indexes, triggers, views)."""
+    from vyre_sqlcache import _schema
+
+    kept = {bytes(name).decode() for _, name, _, _ in _schema.built_schema(version)}
+    connection = apsw.Connection(str(path))
+    try:
+        with connection:
+            added = connection.execute(
+                "SELECT type, name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%' "
+                "ORDER BY type = 'table'"  # triggers, views and indexes before their tables
+            ).fetchall()
+            for kind, name in added:
+                if name not in kept:
+                    connection.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+            connection.execute(f"PRAGMA user_version = {version}")
+    finally:
+        connection.close()
+
+
+def schema_file(path: Any, version: int) -> None:
+    """A new, empty cache file of an old schema `version`, as the migrations made it."""
+    from vyre_sqlcache import _schema
+
+    connection = apsw.Connection(str(path))
+    try:
+        with connection:
+            for migration in _schema.migrations()[:version]:
+                connection.execute(migration.sql)
+            connection.execute(f"PRAGMA user_version = {version}")
+    finally:
+        connection.close()

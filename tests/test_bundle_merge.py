@@ -28,11 +28,12 @@ from vyre_sqlcache import (
     PipelineCache,
     PipelineCacheKey,
     ReadOnlyCacheError,
+    _schema,
 )
 from vyre_sqlcache.cli import main
 
 from .corpus_blobs import blobs
-from .helpers import run_script
+from .helpers import back_to_schema, run_script, schema_file
 
 
 def key_of(n: int) -> bytes:
@@ -317,7 +318,18 @@ def test_merge_leaves_its_sources_unchanged(
     assert after == before
 
 
-@pytest.mark.parametrize("kind", ["missing", "not-a-cache", "newer", "itself"])
+@pytest.mark.parametrize("version", range(_schema.OLDEST_READABLE, SCHEMA_VERSION))
+def test_merge_reads_a_source_of_an_older_schema(
+    tmp_path: Path, cache_path: Path, version: int
+) -> None:
+    source = make_source(tmp_path / "old.sqlite3", [(n, b"s%d" % n, 1000) for n in range(3)])
+    back_to_schema(source, version)
+    with PipelineCache.open(cache_path) as dest:
+        assert dest.merge([source]).added == 3
+        assert [dest.get_entry(key_of(n)) for n in range(3)] == [b"s0", b"s1", b"s2"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-cache", "newer", "older", "itself"])
 def test_merge_refuses_a_source_it_cannot_read(tmp_path: Path, cache_path: Path, kind: str) -> None:
     source = tmp_path / f"{kind}.sqlite3"
     if kind == "not-a-cache":
@@ -329,6 +341,8 @@ def test_merge_refuses_a_source_it_cannot_read(tmp_path: Path, cache_path: Path,
         connection = apsw.Connection(str(source))
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
         connection.close()
+    elif kind == "older":
+        schema_file(source, _schema.OLDEST_READABLE - 1)
     elif kind == "itself":
         source = cache_path
     with PipelineCache.open(cache_path) as dest:

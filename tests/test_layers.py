@@ -25,11 +25,12 @@ from vyre_sqlcache import (
     PipelineCache,
     PipelineCacheKey,
     ReadOnlyCacheError,
+    _schema,
 )
 from vyre_sqlcache.config import ENV_LAYERS
 
 from .corpus_blobs import blobs
-from .helpers import without_mask_copies
+from .helpers import back_to_schema, schema_file, without_mask_copies
 
 Items = list[tuple[bytes, bytes]]
 
@@ -205,9 +206,37 @@ def _newer_schema(folder: Path) -> Path:
     return path
 
 
+def _older_schema(folder: Path) -> Path:
+    path = folder / "older.layer"
+    schema_file(path, _schema.OLDEST_READABLE - 1)
+    return path
+
+
+@pytest.mark.parametrize("version", range(_schema.OLDEST_READABLE, SCHEMA_VERSION))
+def test_a_layer_bundled_by_an_older_schema_is_read(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    make_layer: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+    version: int,
+) -> None:
+    """A warm cache shipped with an application outlives an upgrade of the library."""
+    pairs = items(0, 3)
+    layer = make_layer("shipped", pairs)
+    back_to_schema(layer, version)
+    with (
+        caplog.at_level(logging.WARNING, logger="vyre_sqlcache"),
+        PipelineCache.open(cache_path, layers=[layer]) as cache,
+    ):
+        assert [cache.read(d, fingerprint) for d, _ in pairs] == [b for _, b in pairs]
+        assert cache.invalidate_impacted([1], [pairs[0][0]], fingerprint) == 1
+        assert cache.read(pairs[0][0], fingerprint) is None
+    assert caplog.records == []
+
+
 @pytest.mark.parametrize(
     "make_bad",
-    [_missing, _garbage, _zeroed, _fifo, _folder, _other_program, _newer_schema],
+    [_missing, _garbage, _zeroed, _fifo, _folder, _other_program, _newer_schema, _older_schema],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_an_unusable_layer_is_skipped_with_one_warning(

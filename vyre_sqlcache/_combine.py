@@ -34,7 +34,7 @@ from ._codec import Codec
 from ._connections import PAGE_SIZE, connect, transaction, vacuum
 from ._layers import LAYER_SETTING
 from ._rows import NewEntry, RawEntry
-from ._schema import _checked_version, latest_version, migrations
+from ._schema import OLDEST_READABLE, _checked_version, latest_version, migrations, readable
 from .errors import CacheError
 from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey, named_entry_key
 
@@ -276,11 +276,12 @@ def source(path: Path) -> Iterator[apsw.Connection]:
         connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         with transaction(connection, "DEFERRED"):
             version = _checked_version(connection, str(file.path))
-        if version != latest_version():
+        if not readable(version):
             raise CacheError(
-                f"{file.path} has schema version {version}; merge reads version "
-                f"{latest_version()} only: open it once with this vyre-sqlcache to upgrade "
-                f"it (e.g. `vyre-sqlcache --path {file.path} compact`), then merge"
+                f"{file.path} has schema version {version}; merge reads versions "
+                f"{OLDEST_READABLE} to {latest_version()}: open it once with this "
+                f"vyre-sqlcache to upgrade it (e.g. `vyre-sqlcache --path {file.path} "
+                "compact`), then merge"
             )
         yield connection
     except apsw.Error as error:

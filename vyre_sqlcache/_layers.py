@@ -30,7 +30,7 @@ from . import _rows
 from ._cachefile import CacheFile, header_damage, is_not_sqlite, read_head
 from ._connections import ConnectionPool, connect, transaction
 from ._rows import Fetched
-from ._schema import _checked_version, latest_version
+from ._schema import OLDEST_READABLE, _checked_version, latest_version, readable
 from .errors import CacheError, ReadOnlyCacheError
 from .keys import DeviceFingerprint, entry_id
 
@@ -473,10 +473,11 @@ def _open_layer(path: Path, seen: set[Path], vfs: str | None) -> Layer | None:
         hold_shared_lock(connection, file.path)
         with transaction(connection, "DEFERRED"):
             version = _checked_version(connection, str(file.path))
-        if version != latest_version():
+        if not readable(version):
             raise CacheError(
                 f"it has schema version {version}, this vyre-sqlcache reads layers of "
-                f"version {latest_version()} only (bundle it again with this version)"
+                f"versions {OLDEST_READABLE} to {latest_version()} (bundle it again with "
+                "this version)"
             )
         return Layer(file, connection, vfs)
     except (CacheError, apsw.Error) as error:

@@ -13,7 +13,15 @@ import apsw
 from ._connections import PAGE_SIZE, transaction
 from .errors import CacheError, CorruptCacheError, NotACacheError, SchemaTooNewError
 
-__all__ = ["Migration", "latest_version", "migrations", "prepare", "schema_version"]
+__all__ = [
+    "OLDEST_READABLE",
+    "Migration",
+    "latest_version",
+    "migrations",
+    "prepare",
+    "readable",
+    "schema_version",
+]
 
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _FOLDER = Path(__file__).resolve().parent / "migrations"
@@ -58,6 +66,19 @@ def migrations() -> tuple[Migration, ...]:
 def latest_version() -> int:
     """The schema version this library writes."""
     return len(migrations())
+
+
+#: The oldest schema of a file read without migrating it, as a layer or a merge source:
+#: the migrations since added nothing those reads use (7: the departure record and the
+#: miss log; 8: tombstone reasons), so that a bundle shipped with an application stays
+#: usable when the library is upgraded. A migration that changes what they read (the
+#: columns of `entries`, `blobs` or `dictionaries`) raises it to its own version.
+OLDEST_READABLE = 6
+
+
+def readable(version: int) -> bool:
+    """Whether a file of this schema version can be read as a layer or a merge source."""
+    return OLDEST_READABLE <= version <= latest_version()
 
 
 def schema_version(connection: apsw.Connection) -> int:
