@@ -141,6 +141,46 @@ def test_thousands_of_interrupts_leave_no_lock_and_lose_nothing(tmp_path: Path) 
     assert report.slowest_other_write_s < 2.0
 
 
+# The main thread holds Ctrl-C for a transaction (as a long read does, `check` on a
+# large file, say) while another thread forks: the child's main thread is the forking
+# one, and no block of it holds Ctrl-C.
+FORK_WHILE_HELD = textwrap.dedent(
+    """
+    import os, signal, threading, time
+    from vyre_sqlcache._connections import interrupts_held
+    codes = []
+    def fork_now():
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.raise_signal(signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                os._exit(0)
+            os._exit(3)  # the signal was swallowed
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    try:
+        with interrupts_held():
+            thread = threading.Thread(target=fork_now)
+            thread.start()
+            thread.join()
+            with interrupts_held():  # and in the parent, the block still holds it
+                signal.raise_signal(signal.SIGINT)
+                time.sleep(0.05)
+                codes.append("held")
+    except KeyboardInterrupt:
+        codes.append("delivered after")
+    print(codes)
+    """
+)
+
+
+def test_a_fork_while_the_main_thread_holds_ctrl_c_gives_the_child_its_own() -> None:
+    result = run_script(FORK_WHILE_HELD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[0, 'held', 'delivered after']"
+
+
 def raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
     """Deliver `error` to `thread` asynchronously, as a signal handler's exception would."""
     assert thread.ident is not None

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import apsw
 import apsw.bestpractice
@@ -204,8 +204,25 @@ def end_transaction(connection: apsw.Connection) -> None:
 
 
 #: Whether an `interrupts_held` block of the main thread is under way (nested blocks,
-#: a commit inside a transaction, leave the handler to it: each swap costs about 10 µs).
+#: a commit inside a transaction, leave the handler to it: each swap costs about 10 µs),
+#: and the application's handler it put aside.
 _holding = False
+_put_aside: Any = None
+
+
+def _interrupts_after_fork_in_child() -> None:
+    """A child forked by another thread while the main thread held Ctrl-C: its main thread
+    is the forking one, in no such block, so it gets the application's handler back
+    (else the inherited holder would swallow every Ctrl-C of the child)."""
+    global _holding
+    if _holding:
+        _holding = False
+        with suppress(ValueError, TypeError):
+            signal.signal(signal.SIGINT, _put_aside)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_interrupts_after_fork_in_child)
 
 
 @contextmanager
@@ -216,7 +233,7 @@ def interrupts_held() -> Iterator[None]:
     write lock held for every process until this one exits. The signal is kept and
     delivered to the application's own handler as soon as the block has ended.
     """
-    global _holding
+    global _holding, _put_aside
     if _holding or threading.current_thread() is not threading.main_thread():
         yield  # an outer block of the main thread holds it already
         return
@@ -234,11 +251,11 @@ def interrupts_held() -> Iterator[None]:
     except ValueError:  # not the main interpreter
         yield
         return
-    _holding = True
+    _holding, _put_aside = True, previous
     try:
         yield
     finally:
-        _holding = False
+        _holding, _put_aside = False, None
         signal.signal(signal.SIGINT, previous)
         if held and callable(previous):
             previous(*held[0])
