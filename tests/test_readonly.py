@@ -20,14 +20,20 @@ from typing import Any
 import pytest
 
 from vyre_sqlcache import (
+    SCHEMA_VERSION,
+    CacheError,
     CorruptCacheError,
     DeviceFingerprint,
     FeatureFlags,
     PipelineCache,
     PipelineCacheKey,
     ReadOnlyCacheError,
+    _schema,
 )
 from vyre_sqlcache._cachefile import RECHECK_INTERVAL_S, needs_check_marker
+from vyre_sqlcache.cli import main
+
+from .helpers import back_to_schema, schema_file
 
 DIGEST = bytes(range(32))
 # Over 256 KiB: read by the connection without a memory map, which must open read-only too.
@@ -391,3 +397,49 @@ def test_a_reader_that_cannot_write_the_folder_reads_on_as_the_owner_changes_the
         assert reader.read("b", range(0, 60)) == "R" * 60
     finally:
         reader.close()
+
+
+# -- files of an older schema ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", range(_schema.OLDEST_READABLE, SCHEMA_VERSION))
+def test_a_file_of_an_older_schema_is_read_as_it_is(
+    tmp_path: Path, fingerprint: DeviceFingerprint, make_key: Any, version: int
+) -> None:
+    """After an upgrade of the library, read-only tools read what the application has not
+    opened (and so migrated) yet: the file is never changed."""
+    path = tmp_path / "older.sqlite3"
+    key, gone, digest = make_key(), make_key(), os.urandom(32)
+    with PipelineCache.open(path) as cache:
+        cache.put(key, fingerprint, b"kept")
+        cache.put(gone, fingerprint, b"gone")
+        cache.write(digest, fingerprint, b"by digest")
+        assert cache.delete(gone, fingerprint)
+    back_to_schema(path, version)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with PipelineCache.open(path, readonly=True) as cache:
+        assert cache.schema_version() == version
+        assert cache.get(key, fingerprint) == b"kept"
+        assert cache.read(digest, fingerprint) == b"by digest"
+        assert cache.get(gone, fingerprint) is None and len(cache) == 2
+        assert cache.check().ok
+        assert cache.explain(key, fingerprint).reason == "hit"
+        # Schema 7 kept the departure record; schema 6 had none.
+        expected = "deleted" if version >= 7 else "never seen"
+        assert cache.explain(gone, fingerprint).reason == expected
+        assert cache.misses() == []
+        with pytest.raises(ReadOnlyCacheError):
+            cache.put(make_key(), fingerprint, b"x")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert main(["info", "--path", str(path)]) == 0
+
+
+def test_a_file_older_than_the_oldest_readable_schema_is_refused_read_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.sqlite3"
+    schema_file(path, _schema.OLDEST_READABLE - 1)
+    before = path.read_bytes()
+    with pytest.raises(CacheError, match="needs upgrading"):
+        PipelineCache.open(path, readonly=True)
+    assert path.read_bytes() == before

@@ -66,6 +66,19 @@ _KEY_COLUMNS = (
 _ROW_COLUMNS = f"entry_key, {_KEY_COLUMNS}, created_ms"
 
 
+def _later_tables(connection: apsw.Connection) -> frozenset[str]:
+    """Which of the tables later than the oldest readable schema the file has: a cache
+    opened read-only may be of schema 6 (no `departures`, no `misses`) or 7 (no
+    `tombstone_reasons`; see `_schema.OLDEST_READABLE`)."""
+    return frozenset(
+        name
+        for (name,) in connection.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' "
+            "AND name IN ('departures', 'misses', 'tombstone_reasons')"
+        )
+    )
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -220,16 +233,20 @@ def departure(
     """The newest departure of `entry_key` (at or before `before_ms`, if given), or None:
     one noted with its tombstone, waiting for the purge, or a recorded one."""
     params = (entry_id(entry_key), entry_key, 2**63 - 1 if before_ms is None else before_ms)
-    pending = _dict(
-        connection.execute(
-            f"SELECT {_ROW_COLUMNS}, r.reason AS reason, r.at_ms AS at_ms "
-            "FROM tombstone_reasons AS r JOIN entries AS e ON e.id = r.id "
-            "WHERE r.id = ?1 AND e.entry_key = ?2 AND r.at_ms <= ?3",
-            params,
+    tables = _later_tables(connection)
+    if "tombstone_reasons" in tables:
+        pending = _dict(
+            connection.execute(
+                f"SELECT {_ROW_COLUMNS}, r.reason AS reason, r.at_ms AS at_ms "
+                "FROM tombstone_reasons AS r JOIN entries AS e ON e.id = r.id "
+                "WHERE r.id = ?1 AND e.entry_key = ?2 AND r.at_ms <= ?3",
+                params,
+            )
         )
-    )
-    if pending is not None:
-        return pending
+        if pending is not None:
+            return pending
+    if "departures" not in tables:
+        return None
     return _dict(
         connection.execute(
             f"SELECT {_ROW_COLUMNS}, reason, at_ms FROM departures "
@@ -265,7 +282,7 @@ def nearest_by_shader(
     }
     return dicts(
         connection.execute(
-            f"{_candidates('shader_hash = :shader_hash')} SELECT * FROM candidates "
+            f"{_candidates(connection, 'shader_hash = :shader_hash')} SELECT * FROM candidates "
             "WHERE key_version IS NOT NULL AND entry_key != :entry_key "
             f"AND created_ms < :before ORDER BY {differing}, created_ms DESC, entry_key "
             "LIMIT :limit",
@@ -274,17 +291,25 @@ def nearest_by_shader(
     )
 
 
-def _candidates(match: str) -> str:
+def _candidates(connection: apsw.Connection, match: str) -> str:
     """A `candidates` CTE: the entries that `match` and were live at `:before` - the
     live ones, the tombstoned ones noted as leaving at or after it, and those the
     departure record says left at or after it (all live ones when `:before` is the
-    largest int64)."""
-    return (
-        f"WITH candidates AS (SELECT {_ROW_COLUMNS} FROM entries WHERE {match} AND ({_LIVE} "
-        "OR EXISTS (SELECT 1 FROM tombstone_reasons AS r "
-        "WHERE r.id = entries.id AND r.at_ms >= :before)) "
-        f"UNION ALL SELECT {_ROW_COLUMNS} FROM departures WHERE {match} AND at_ms >= :before)"
-    )
+    largest int64); of those, what the file's schema keeps."""
+    tables = _later_tables(connection)
+    live = _LIVE
+    if "tombstone_reasons" in tables:
+        live = (
+            f"({_LIVE} OR EXISTS (SELECT 1 FROM tombstone_reasons AS r "
+            "WHERE r.id = entries.id AND r.at_ms >= :before))"
+        )
+    departed = ""
+    if "departures" in tables:
+        departed = (
+            f" UNION ALL SELECT {_ROW_COLUMNS} FROM departures WHERE {match} AND at_ms >= :before"
+        )
+    entries = f"SELECT {_ROW_COLUMNS} FROM entries WHERE {match} AND {live}"
+    return f"WITH candidates AS ({entries}{departed})"
 
 
 def nearest_by_program(
@@ -294,7 +319,8 @@ def nearest_by_program(
     drivers, as `nearest_by_shader` orders them."""
     return dicts(
         connection.execute(
-            f"{_candidates('program_digest = :program_digest')} SELECT * FROM candidates "
+            f"{_candidates(connection, 'program_digest = :program_digest')} "
+            "SELECT * FROM candidates "
             "WHERE key_version IS NULL AND entry_key != :entry_key AND created_ms < :before "
             "ORDER BY (vendor IS NOT :vendor OR device IS NOT :device) "
             "+ (driver_digest IS NOT :driver_digest), created_ms DESC, entry_key LIMIT :limit",
@@ -321,7 +347,8 @@ def same_device_count(
     """How many entries a device has for one driver (live now, or at `before_ms`)."""
     match = "vendor = :vendor AND device = :device AND driver_digest = :driver"
     row = connection.execute(
-        f"{_candidates(match)} SELECT count(*) FROM candidates WHERE created_ms < :before",
+        f"{_candidates(connection, match)} SELECT count(*) FROM candidates "
+        "WHERE created_ms < :before",
         {
             "vendor": vendor,
             "device": device,
@@ -341,6 +368,8 @@ _MISS_COLUMNS = (
 
 def recent_misses(connection: apsw.Connection, limit: int) -> list[dict[str, Any]]:
     """The newest `limit` rows of the miss log, newest first."""
+    if "misses" not in _later_tables(connection):
+        return []
     return dicts(
         connection.execute(
             f"SELECT {_MISS_COLUMNS} FROM misses ORDER BY seq DESC LIMIT ?", (limit,)
@@ -350,6 +379,8 @@ def recent_misses(connection: apsw.Connection, limit: int) -> list[dict[str, Any
 
 def miss_for(connection: apsw.Connection, entry_key: bytes) -> dict[str, Any] | None:
     """The newest miss-log row of `entry_key`, or None."""
+    if "misses" not in _later_tables(connection):
+        return None
     return _dict(
         connection.execute(
             f"SELECT {_MISS_COLUMNS} FROM misses WHERE entry_key = ? ORDER BY seq DESC LIMIT 1",

@@ -68,16 +68,17 @@ def latest_version() -> int:
     return len(migrations())
 
 
-#: The oldest schema of a file read without migrating it, as a layer or a merge source:
-#: the migrations since added nothing those reads use (7: the departure record and the
-#: miss log; 8: tombstone reasons), so that a bundle shipped with an application stays
-#: usable when the library is upgraded. A migration that changes what they read (the
-#: columns of `entries`, `blobs` or `dictionaries`) raises it to its own version.
+#: The oldest schema of a file read without migrating it: a layer, a merge source, or a
+#: cache opened read-only. The migrations since only added tables (7: the departure record
+#: and the miss log; 8: tombstone reasons), which `explain` does without where they are
+#: missing, so that a bundle shipped with an application stays usable, and read-only
+#: tools keep reading, when the library is upgraded. A migration that changes what reads
+#: use (the columns of `entries`, `blobs` or `dictionaries`) raises it to its own version.
 OLDEST_READABLE = 6
 
 
 def readable(version: int) -> bool:
-    """Whether a file of this schema version can be read as a layer or a merge source."""
+    """Whether a file of this schema version can be read without migrating it."""
     return OLDEST_READABLE <= version <= latest_version()
 
 
@@ -218,7 +219,7 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     with transaction(connection, "DEFERRED"):
         version = _checked_version(connection, where)
     if readonly:
-        if version < latest_version():
+        if not readable(version):
             raise CacheError(
                 f"{where} has schema version {version} and needs upgrading to "
                 f"{latest_version()}; open it once without readonly=True"
