@@ -208,6 +208,33 @@ def state(path: Path) -> list[Any]:
         ]
 
 
+def test_info_and_ls_show_the_stored_bytes_and_the_ratio(
+    cli: Cli, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    with PipelineCache.open(cache_path, compression="auto") as cache:
+        cache.write_many([(os.urandom(32), b"kernel text " * 500) for _ in range(40)], fingerprint)
+        stats = cache.stats()
+    assert stats.stored_bytes < stats.blob_bytes == 40 * 6000
+    info = cli.json(cache_path, "info")
+    assert (info["stored_bytes"], info["dictionary_bytes"]) == (
+        stats.stored_bytes,
+        stats.dictionary_bytes,
+    )
+    assert info["compression_ratio"] == stats.compression_ratio > 1
+    code, out, err = cli.run(cache_path, "info")
+    assert code == 0, err
+    assert f"stored bytes       {stats.stored_bytes} " in out
+    assert f"{stats.compression_ratio:.2f}x smaller" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("-  0x"))
+    assert row.split()[4:6] == ["240000", str(stats.stored_bytes)]
+    code, out, err = cli.run(cache_path, "ls")
+    assert code == 0, err
+    header, first = out.splitlines()[:2]
+    assert header.split()[9] == "stored"
+    size, stored = first.split()[7:9]  # after the key, kind, backend, device, ...
+    assert size == "6000" and 0 < int(stored) < 6000
+
+
 def one_error_line(err: str) -> str:
     assert err.count("\n") == 1 and err.startswith("vyre-sqlcache: "), err
     assert "Traceback" not in err
@@ -224,7 +251,8 @@ def test_info_human_and_json(cli: Cli, filled: Filled, command: str) -> None:
     assert "entries            5" in out
     assert "hits / misses      2 / 0 (100.0% hits)" in out
     assert "size cap           1073741824 (1.0 GiB)" in out
-    assert re.search(r"^vulkan\s+0x1002\s+0x744c\s+1\s+5000\s+0\s", out, re.M), out
+    # backend, vendor, device, entries, bytes, stored (random bytes: stored raw), hits
+    assert re.search(r"^vulkan\s+0x1002\s+0x744c\s+1\s+5000\s+5000\s+0\s", out, re.M), out
 
     info = cli.json(filled.path, command)
     assert info["entries"] == 5 and info["blob_bytes"] == 1000 + 200 + 5000 + 300 + 50
@@ -289,11 +317,11 @@ def test_ls_human_table_shows_the_view(cli: Cli, filled: Filled) -> None:
     header, row = out.splitlines()
     assert header.split() == [
         "entry", "key", "kind", "backend", "vendor", "device", "flags", "workgroup", "size",
-        "created", "accessed", "hits", "name",
+        "stored", "created", "accessed", "hits", "name",
     ]  # fmt: skip
-    assert row.split()[:8] == [
+    assert row.split()[:9] == [
         filled.keys["amd_both"], "keyed", "vulkan", "0x1002", "0x744c", "SUBGROUP_OPS,F16",
-        "64x1x1", "5000",
+        "64x1x1", "5000", "5000",
     ]  # fmt: skip
 
 

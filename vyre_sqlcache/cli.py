@@ -320,6 +320,9 @@ def _info(args: argparse.Namespace) -> int:
         "sqlite_version": PipelineCache.sqlite_version(),
         "entries": stats.entries,
         "blob_bytes": stats.blob_bytes,
+        "stored_bytes": stats.stored_bytes,
+        "dictionary_bytes": stats.dictionary_bytes,
+        "compression_ratio": stats.compression_ratio,
         "file_bytes": stats.file_bytes,
         "max_bytes": cap,
         "hits": stats.total_hits,
@@ -344,6 +347,11 @@ def _info(args: argparse.Namespace) -> int:
         ("SQLite", info["sqlite_version"]),
         ("entries", stats.entries),
         ("blob bytes", _bytes(stats.blob_bytes)),
+        (
+            "stored bytes",
+            f"{_bytes(stats.stored_bytes)}, {stats.compression_ratio:.2f}x smaller; "
+            f"dictionaries {_bytes(stats.dictionary_bytes)}",
+        ),
         ("file bytes", _bytes(stats.file_bytes)),
         ("size cap", cap_text),
         ("hits / misses", f"{stats.total_hits} / {stats.total_misses}{rate}"),
@@ -364,12 +372,21 @@ def _info(args: argparse.Namespace) -> int:
         ]  # fmt: skip
     print("\n".join(f"{name:<18} {value}" for name, value in lines))
     if groups:
-        columns = ["backend", "vendor_hex", "device_hex", "entries", "bytes", "hits"]
+        columns = ["backend", "vendor_hex", "device_hex", "entries", "bytes", "stored_bytes"]
         print()
         print(
             _table(
-                ["backend", "vendor", "device", "entries", "bytes", "hits", "last accessed"],
-                [[g[c] for c in columns] + [g["last_accessed"]] for g in groups],
+                [
+                    "backend",
+                    "vendor",
+                    "device",
+                    "entries",
+                    "bytes",
+                    "stored",
+                    "hits",
+                    "last accessed",
+                ],
+                [[g[c] for c in columns] + [g["hits"], g["last_accessed"]] for g in groups],
             )
         )
     return 0
@@ -447,6 +464,7 @@ _LS_COLUMNS = (
     ("flags", "feature_flags"),
     ("workgroup", "workgroup"),
     ("size", "blob_size"),
+    ("stored", "stored_size"),
     ("created", "created"),
     ("accessed", "accessed"),
     ("hits", "hits"),
