@@ -587,6 +587,34 @@ with PipelineCache.open(sys.argv[1], compression="off") as cache:
 """
 
 
+@pytest.mark.parametrize(("setting", "compressed"), [("auto", True), ("12", True), ("off", False)])
+def test_compact_recompress_stores_every_entry_again(
+    cli: Cli, cache_path: Path, fingerprint: DeviceFingerprint, setting: str, compressed: bool
+) -> None:
+    blobs = {os.urandom(32): b"kernel %d text " % i * 400 for i in range(60)}
+    start = "off" if compressed else "auto"
+    with PipelineCache.open(cache_path, compression=start) as cache:
+        cache.write_many(list(blobs.items()), fingerprint)
+        raw = cache.stats().blob_bytes
+    code, out, err = cli.run(cache_path, "compact", "--recompress", "--compression", setting)
+    assert code == 0, err
+    assert "recompressed 60 entries" in out and f"compacted {cache_path}" in out
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        stored = cache.stats().stored_bytes
+        assert all(cache.read(d, fingerprint) == b for d, b in blobs.items())
+    assert (stored < raw / 4) if compressed else (stored == raw)
+
+
+def test_compact_compression_without_recompress_is_a_usage_error(
+    cli: Cli, cache_path: Path
+) -> None:
+    PipelineCache.open(cache_path).close()
+    code, _, err = cli.run(cache_path, "compact", "--compression", "off")
+    assert code == 2 and "--recompress" in one_error_line(err)
+    code, _, err = cli.run(cache_path, "compact", "--recompress", "--compression", "fast")
+    assert code == 2 and "'fast'" in one_error_line(err) and "1 to 22" in err
+
+
 def test_compact_copies_the_file_on_disk_not_in_memory(cache_path: Path) -> None:
     # A VACUUM whose transient copy were in memory would take as much of SQLite's heap
     # as the live blobs (SQLite's own high-water mark, in a process of its own).

@@ -35,7 +35,7 @@ from . import (
     vyredir,
 )
 from . import _cli_demo as demo
-from .config import ENV_MAX_SIZE, ENV_PATH, Settings, parse_size
+from .config import ENV_MAX_SIZE, ENV_PATH, Settings, check_compression, parse_size
 from .errors import CacheError, CorruptCacheError, ReadOnlyCacheError
 from .keys import (
     CURRENT_KEY_VERSION,
@@ -170,6 +170,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _compression(text: str) -> str:
+    try:
+        check_compression(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("compression ")) from error
+    return text
+
+
 def _flag(text: str) -> int:
     member = FeatureFlags.__members__.get(text.strip().upper())
     if member is not None:
@@ -285,17 +293,19 @@ def _path(args: argparse.Namespace) -> Path:
 
 @contextmanager
 def _opened(
-    args: argparse.Namespace, *, write: bool = False, create: bool = False
+    args: argparse.Namespace, *, write: bool = False, create: bool = False, **options: Any
 ) -> Iterator[PipelineCache]:
     """The cache of `--path`, opened strict (a damaged file is reported, never moved
     aside) and, unless `write`, read-only: never migrated, nothing written. Only
-    `create` makes a new file."""
+    `create` makes a new file; `options` go to `PipelineCache.open`."""
     path = _path(args)
     if not create and not path.exists():
         raise Failure(f"no cache at {path} (nothing has been cached there yet)")
     try:
         # A command's write is committed before it reports it: no write-behind.
-        cache = PipelineCache.open(args.path, readonly=not write, strict=True, write_behind=False)
+        cache = PipelineCache.open(
+            args.path, readonly=not write, strict=True, write_behind=False, **options
+        )
     except ValueError as error:
         raise Failure(str(error)) from error
     with cache:
@@ -722,7 +732,17 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    with _opened(args, write=True) as cache:
+    if args.compression is not None and not args.recompress:
+        raise UsageError("argument --compression: it is the setting of --recompress; add that")
+    options = {} if args.compression is None else {"compression": args.compression}
+    with _opened(args, write=True, **options) as cache:
+        if args.recompress:
+            done = cache.recompress()
+            damaged = f"; {done.damaged} damaged left for `check --repair`" if done.damaged else ""
+            print(
+                f"recompressed {done.rewritten} entries ({cache.stats().compression}): "
+                f"{_bytes(done.before)} -> {_bytes(done.after)} stored{damaged}"
+            )
         before, after = cache.compact()
     print(f"compacted {cache.path}: {_bytes(before)} -> {_bytes(after)}")
     return 0
@@ -1168,7 +1188,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     json_option(check)
 
-    command("compact", _compact, "checkpoint the write-ahead log and VACUUM the file")
+    compact = command("compact", _compact, "checkpoint the write-ahead log and VACUUM the file")
+    compact.add_argument(
+        "--recompress",
+        action="store_true",
+        help="first store every entry again as the compression setting decides (dictionaries "
+        "retrained; with 'off', raw)",
+    )
+    compact.add_argument(
+        "--compression",
+        type=_compression,
+        metavar="SETTING",
+        help="auto, off or a zstd level from 1 to 22, for --recompress (default: "
+        "$VYRE_SQLCACHE_COMPRESSION, else auto)",
+    )
 
     bundle = command(
         "bundle",

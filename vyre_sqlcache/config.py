@@ -22,6 +22,7 @@ __all__ = [
     "ENV_MAX_SIZE",
     "ENV_PATH",
     "Settings",
+    "check_compression",
     "parse_size",
 ]
 
@@ -88,9 +89,7 @@ class Settings:
             raise ValueError(f"{ENV_LOG_MISSES} must be 1 or 0 (or true/false), got {log_misses!r}")
         compression = env.get(ENV_COMPRESSION) or None
         if compression is not None:
-            from ._codec import parse_compression
-
-            parse_compression(compression, ENV_COMPRESSION)
+            check_compression(compression, name=ENV_COMPRESSION)
         from ._remote_settings import remote_from_environment
 
         return cls(
@@ -106,3 +105,12 @@ class Settings:
             ),
             log_misses=log_misses in _TRUE,
         )
+
+
+def check_compression(setting: str | int, *, name: str = "compression") -> str | int:
+    """`setting` if it is a compression setting ('auto', 'off' or a zstd level); raise
+    TypeError/ValueError naming `name`, the value and what is allowed."""
+    from ._codec import parse_compression
+
+    parse_compression(setting, name)
+    return setting
