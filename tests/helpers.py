@@ -225,12 +225,16 @@ def back_to_schema(path: Any, version: int) -> None:
         connection.close()
 
 
-def schema_file(path: Any, version: int) -> None:
-    """A new, empty cache file of an old schema `version`, as the migrations made it."""
+def schema_file(path: Any, version: int, *, wal: bool = True) -> None:
+    """A new, empty cache file of an old schema `version`, as the migrations made it: 16 KiB
+    pages, in WAL mode as the library creates a file, or not (as `bundle` leaves one)."""
     from vyre_sqlcache import _schema
 
     connection = apsw.Connection(str(path))
     try:
+        connection.pragma("page_size", 16384)
+        if wal:
+            connection.pragma("journal_mode", "wal")
         with connection:
             for migration in _schema.migrations()[:version]:
                 connection.execute(migration.sql)

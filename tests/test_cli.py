@@ -28,6 +28,8 @@ from vyre_sqlcache.cli import main
 from vyre_sqlcache.errors import CacheError, ReadOnlyCacheError
 from vyre_sqlcache.vyredir import entry_path
 
+from .helpers import schema_file
+
 
 def test_demo_removes_its_entries_and_leaves_others(
     cache_path: Path, capsys: pytest.CaptureFixture[str]
@@ -846,12 +848,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 def make_schema_1_cache(path: Path) -> None:
     """A cache file as the first release wrote it: migration 0001 only, user_version 1."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    connection = apsw.Connection(str(path))
-    connection.pragma("page_size", 16384)
-    connection.pragma("journal_mode", "wal")
-    connection.execute((PACKAGE / "migrations" / "0001_initial.sql").read_text())
-    connection.pragma("user_version", 1)
-    connection.close()
+    schema_file(path, 1)
 
 
 def damage_pages(path: Path, pages: Iterable[int], page_size: int = 16384) -> None:

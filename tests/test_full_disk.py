@@ -224,9 +224,9 @@ def test_the_largest_file_the_process_may_write(tmp_path: Path) -> None:
     assert checked["entries"] + checked["evictions"] == count + total // 4 // size, checked
 
 
-# argv: folder. Writes 2.4 MB, then lowers the file size limit to just above the files
-# and writes on at once (before the cache looks at its room again).
-LOWERED = textwrap.dedent(
+# The start of both scripts below: 20,000-byte blobs into p.sqlite3 of the folder given,
+# with SIGXFSZ ignored so that a write past the file size limit fails (EFBIG) instead.
+LIMITED_HEAD = textwrap.dedent(
     """
     import hashlib, json, os, random, resource, signal, sys
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -236,6 +236,12 @@ LOWERED = textwrap.dedent(
     size = lambda f: os.path.getsize(f) if os.path.exists(f) else 0
     digest = lambda i: hashlib.sha256(b"%d" % i).digest()
     blob = lambda i: random.Random(i).randbytes(20_000)
+    """
+)
+# argv: folder. Writes 2.4 MB, then lowers the file size limit to just above the files
+# and writes on at once (before the cache looks at its room again).
+LOWERED = LIMITED_HEAD + textwrap.dedent(
+    """
     cache = PipelineCache.open(path)
     for i in range(100):
         cache.write(digest(i), fp, blob(i))
@@ -265,17 +271,10 @@ def test_a_file_size_limit_met_before_the_cache_knows_it(tmp_path: Path) -> None
 # argv: folder. Writes 2 MB, invalidates all of it with the background purge held off,
 # then lowers the file size limit to just above the files (as LOWERED does) and writes
 # 2 MB more: only the tombstoned entries can make room for them.
-TOMBSTONED = textwrap.dedent(
+TOMBSTONED = LIMITED_HEAD + textwrap.dedent(
     """
-    import hashlib, json, os, random, resource, signal, sys
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache, _checkpointer
+    from vyre_sqlcache import _checkpointer
     _checkpointer.Checkpointer.purge_soon = lambda self: None
-    fp = DeviceFingerprint.from_parts(1, 2, "full")
-    path = os.path.join(sys.argv[1], "p.sqlite3")
-    size = lambda f: os.path.getsize(f) if os.path.exists(f) else 0
-    digest = lambda i: hashlib.sha256(b"%d" % i).digest()
-    blob = lambda i: random.Random(i).randbytes(20_000)
     cache = PipelineCache.open(path)
     cache.write_many([(digest(i), blob(i)) for i in range(100)], fp)
     assert cache.invalidate_impacted([1] * 100, [digest(i) for i in range(100)], fp) == 100

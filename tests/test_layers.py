@@ -208,7 +208,7 @@ def _newer_schema(folder: Path) -> Path:
 
 def _older_schema(folder: Path) -> Path:
     path = folder / "older.layer"
-    schema_file(path, _schema.OLDEST_READABLE - 1)
+    schema_file(path, _schema.OLDEST_READABLE - 1, wal=False)
     return path
 
 
