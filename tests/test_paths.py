@@ -747,3 +747,32 @@ def test_a_path_that_is_not_utf8_is_refused_with_a_reason(tmp_path: Path) -> Non
     with pytest.raises(CacheError, match="not UTF-8"):
         PipelineCache.open(folder / "pipelines.sqlite3")
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("then", ["close", "flush", "read"])
+def test_a_document_renamed_over_an_open_cache_is_never_written(
+    tmp_path: Path, then: str
+) -> None:
+    # The old file's -wal is still at the path after the rename: a connection opened
+    # there would read the old pages through it and checkpoint them into the document.
+    path = tmp_path / "pipelines.sqlite3"
+    document = b"\x89PNG\r\n\x1a\n" + os.urandom(5000)
+    cache = PipelineCache.open(path)
+    try:
+        cache.write(digest_of("flushed", 0), FP, b"flushed")
+        cache.flush()
+        cache.write(digest_of("since", 0), FP, b"since the flush")
+        cache.stats()  # committed, not flushed: owed to the file at the path
+        (tmp_path / "photo.png").write_bytes(document)
+        os.replace(tmp_path / "photo.png", path)
+        if then == "flush":
+            with pytest.raises(CacheError, match="not a SQLite database"):
+                cache.flush()
+        elif then == "read":
+            with pytest.raises(CacheError):
+                cache.flush()
+            with pytest.raises(CacheError):
+                cache.read(digest_of("flushed", 0), FP)
+    finally:
+        cache.close()
+    assert path.read_bytes() == document

@@ -434,16 +434,32 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         if damage is not None:
             raise CorruptCacheError(f"{path} has a damaged header: {damage}")
 
-    def _connect(self, mmap: bool) -> apsw.Connection:
-        """A new connection with this cache's settings; raises CacheError types."""
+    def _connect(self, mmap: bool, *, following: bool = False) -> apsw.Connection:
+        """A new connection with this cache's settings; raises CacheError types.
+
+        `following`: for `_open_the_path`, which has checked the file now at the path.
+        """
         file = self._watch.file  # as last located (see `FileWatch`)
-        if self._inode is not None and orphaned_log(self._path):
-            # The file was deleted, and not its -wal and -shm, which this object's open
-            # connections still use: SQLite would pair a new file with them and read the
-            # old one's pages. The next flush removes them and makes the file again.
-            raise CacheError(
-                f"{self._path} was deleted while open; the next write or flush() makes it again"
-            )
+        if self._inode is not None and not following:
+            if orphaned_log(self._path):
+                # The file was deleted, and not its -wal and -shm, which this object's
+                # open connections still use: SQLite would pair a new file with them and
+                # read the old one's pages. The next flush removes them and makes the
+                # file again.
+                raise CacheError(
+                    f"{self._path} was deleted while open; the next write or flush() makes "
+                    "it again"
+                )
+            if self._reopen_due or (
+                inode(self._path) != self._inode and has_side_files(self._path)
+            ):
+                # Replaced by a rename while the old file's -wal was still at the path:
+                # SQLite would read the old pages through it and, at the last close,
+                # checkpoint them into whatever file was moved in (a user's document).
+                raise CacheError(
+                    f"{self._path} was replaced while open and the file now there is not "
+                    "opened yet; the next write or flush() opens it, or says why it cannot"
+                )
         try:
             connection = connect(
                 self._path,
@@ -1198,7 +1214,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             )
         self._file = self._watch.file = file
         self._check_file_bytes(own=False)
-        connection = self._connect(True)
+        connection = self._connect(True, following=True)
         try:
             retry_busy(lambda: prepare(connection, str(self._path), readonly=False))
             self._settle_cap(connection)
