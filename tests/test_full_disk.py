@@ -9,6 +9,7 @@ processes, the second one in a fresh process that checks what the first flushed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -379,3 +380,50 @@ def test_get_onto_a_full_disk_leaves_the_output_as_it_was(
     assert os.listdir(out.parent) == ([] if before is None else ["pipeline.bin"])
     if before is not None:
         assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("count", [120, 220])
+def test_writes_queued_on_a_full_disk_are_committed_once_room_returns(
+    small_disk: Path, count: int
+) -> None:
+    # Another program's file leaves less room than the queued writes need, and nothing of
+    # the cache can be evicted for them. Once it is gone, the queue goes in: whole (120
+    # entries), or in parts, evicting for the disk, when it is more than the disk can
+    # hold beside its reserve (220 entries of 20 kB take two 16 KiB pages each).
+    import random
+
+    filler = small_disk / "someone else's file"
+    filler.write_bytes(bytes(6 << 20))
+    blobs = {
+        hashlib.sha256(b"%d" % i).digest(): random.Random(i).randbytes(20_000) for i in range(count)
+    }
+    cache = PipelineCache.open(small_disk / "pipelines.sqlite3", compression="off")
+    try:
+        failures = 0
+        for done, (digest, blob) in enumerate(blobs.items(), 1):
+            try:  # write() reports a background commit's failure once, then queues
+                cache.write(digest, FP, blob)
+            except CacheFullError:
+                cache.write(digest, FP, blob)
+            if done % 5 == 0:
+                try:
+                    cache.flush()
+                except CacheFullError:
+                    failures += 1
+        assert failures > 0, "the disk never filled: the test proves nothing"
+        filler.unlink()
+        try:
+            cache.flush()
+        except CacheFullError as error:  # a background commit's, reported once as promised
+            assert "queued earlier" in str(error)
+            cache.flush()
+        stats = cache.stats()
+        assert stats.entries + stats.total_evictions == len(blobs)
+        if count == 120:
+            assert stats.total_evictions == 0
+    finally:
+        cache.close()
+    with PipelineCache.open(small_disk / "pipelines.sqlite3", readonly=True) as reader:
+        found = [reader.read(digest, FP) for digest in blobs]
+    assert all(got in (None, blobs[d]) for d, got in zip(blobs, found))
+    assert sum(got is not None for got in found) == stats.entries

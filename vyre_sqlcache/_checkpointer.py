@@ -241,9 +241,11 @@ class _SpaceWatch:
         self._logged = 0  # log pages written since the last look
         self._last_pages = 0
 
-    def get(self, filename: str, log_pages: int | None = None) -> DiskSpace | None:
+    def get(
+        self, filename: str, log_pages: int | None = None, *, fresh: bool = False
+    ) -> DiskSpace | None:
         """The latest look (None: statvfs does not answer), after counting the pages the
-        log holds now, if given."""
+        log holds now, if given; a new one if `fresh`."""
         now = time.monotonic()
         with self._lock:
             if log_pages is not None:
@@ -251,8 +253,14 @@ class _SpaceWatch:
                 self._logged += grown if grown >= 0 else log_pages
                 self._last_pages = log_pages
             space = self._space
-            due = now - self._checked >= SPACE_REFRESH_S or (
-                space is not None and space.low and self._logged * _PAGE_BYTES * 8 >= space.free
+            due = (
+                fresh
+                or now - self._checked >= SPACE_REFRESH_S
+                or (
+                    space is not None
+                    and space.low
+                    and self._logged * _PAGE_BYTES * 8 >= space.free
+                )
             )
             if not due:
                 return space
@@ -437,6 +445,16 @@ class Checkpointer:
         connection.pragma("max_page_count", page_count + room // page_size)
         connection.pragma("journal_size_limit", space.checkpoint_pages() * page_size)
         self._capped.add(connection)
+
+    def refit(self, connection: apsw.Connection) -> bool:
+        """Look at the disk again now and set the connection's limits for it; whether its
+        page cap rose (room came back). After a full disk: no commit runs the WAL hook
+        then, so without this the cap of the last look would refuse every commit, for
+        ever, after another program had freed space. Raises apsw errors."""
+        before = int(connection.pragma("max_page_count"))
+        self._set_up.pop(connection, None)
+        self._fit(connection, self._space.get(connection.filename, fresh=True))
+        return int(connection.pragma("max_page_count")) > before
 
     @contextmanager
     def evicting(self, connection: apsw.Connection) -> Iterator[None]:

@@ -1104,17 +1104,21 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                                 result = extra(connection)
                         break
                     except CacheFullError:
-                        if attempt or not self._make_room_on_disk(slot, incoming):
-                            if attempt and len(entries) > 1:
-                                # A group larger than the disk's room: in halves, so a
-                                # full disk does not hold every queued write back.
-                                half = len(entries) // 2
-                                self._commit_entries(entries[:half], False, None)
-                                return self._commit_entries(entries[half:], durable, extra)
-                            raise
-                        log.warning(
-                            "vyre-sqlcache: %s hit a full disk; evicted, retrying", self._path
-                        )
+                        if not attempt and self._checkpointer.refit(connection):
+                            continue  # another program freed space since the last look
+                        if not attempt and self._make_room_on_disk(slot, incoming):
+                            log.warning(
+                                "vyre-sqlcache: %s hit a full disk; evicted, retrying",
+                                self._path,
+                            )
+                            continue
+                        if attempt and len(entries) > 1:
+                            # A group larger than the disk's room: in halves, so a full
+                            # disk does not hold every queued write back.
+                            half = len(entries) // 2
+                            self._commit_entries(entries[:half], False, None)
+                            return self._commit_entries(entries[half:], durable, extra)
+                        raise
             except apsw.Error as error:
                 raise translate(error, "flushing", self._path) from error
             finally:
