@@ -425,5 +425,5 @@ def test_writes_queued_on_a_full_disk_are_committed_once_room_returns(
         cache.close()
     with PipelineCache.open(small_disk / "pipelines.sqlite3", readonly=True) as reader:
         found = [reader.read(digest, FP) for digest in blobs]
-    assert all(got in (None, blobs[d]) for d, got in zip(blobs, found))
+    assert all(got in (None, blobs[d]) for d, got in zip(blobs, found, strict=True))
     assert sum(got is not None for got in found) == stats.entries

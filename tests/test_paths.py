@@ -750,9 +750,7 @@ def test_a_path_that_is_not_utf8_is_refused_with_a_reason(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("then", ["close", "flush", "read"])
-def test_a_document_renamed_over_an_open_cache_is_never_written(
-    tmp_path: Path, then: str
-) -> None:
+def test_a_document_renamed_over_an_open_cache_is_never_written(tmp_path: Path, then: str) -> None:
     # The old file's -wal is still at the path after the rename: a connection opened
     # there would read the old pages through it and checkpoint them into the document.
     path = tmp_path / "pipelines.sqlite3"

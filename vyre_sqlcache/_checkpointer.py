@@ -257,9 +257,7 @@ class _SpaceWatch:
                 fresh
                 or now - self._checked >= SPACE_REFRESH_S
                 or (
-                    space is not None
-                    and space.low
-                    and self._logged * _PAGE_BYTES * 8 >= space.free
+                    space is not None and space.low and self._logged * _PAGE_BYTES * 8 >= space.free
                 )
             )
             if not due:

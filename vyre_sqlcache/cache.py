@@ -447,8 +447,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 # read the old one's pages. The next flush removes them and makes the
                 # file again.
                 raise CacheError(
-                    f"{self._path} was deleted while open; the next write or flush() makes "
-                    "it again"
+                    f"{self._path} was deleted while open; the next write or flush() makes it again"
                 )
             if self._reopen_due or (
                 inode(self._path) != self._inode and has_side_files(self._path)
