@@ -273,3 +273,41 @@ def test_text_damaged_into_invalid_utf8_is_a_miss_not_an_exception(
         assert cache.stats().entries in (0, 5)
         for digest in digests:
             assert cache.read(digest, fingerprint) in (None, blob_of(digest))
+
+
+@pytest.mark.parametrize(
+    ("table", "column"),
+    [("blobs", "checksum_algo"), ("blobs", "codec"), ("entries", "backend")],
+)
+def test_check_repair_drops_an_entry_whose_text_is_not_utf8(
+    cache_path: Path, fingerprint: DeviceFingerprint, tmp_path: Path, table: str, column: str
+) -> None:
+    # Damage SQLite's integrity_check does not see: apsw cannot make a str of the bytes.
+    digests = populate(cache_path, fingerprint, count=5)
+    with PipelineCache.open(cache_path) as cache:
+        keys = [entry["entry_key"] for entry in cache.entries()]
+    victim = keys[2]
+    raw = apsw.Connection(str(cache_path))
+    raw.pragma("ignore_check_constraints", True)
+    (rowid,) = raw.execute(
+        "SELECT id FROM entries WHERE entry_key = ?", (bytes.fromhex(victim),)
+    ).fetchall()[0]
+    raw.execute(f"UPDATE {table} SET {column} = CAST(X'96c3' AS TEXT) WHERE id = ?", (rowid,))
+    raw.close()
+    with PipelineCache.open(cache_path) as cache:
+        if table == "entries":  # listed by `ls`: the error says what to do
+            with pytest.raises(CorruptCacheError, match="check --repair"):
+                cache.entries()
+        # (integrity_check sees a CHECK constraint broken in `blobs`: the repair rebuilds)
+        assert cache.check().bad_entries == (victim,)
+        repaired = cache.check(repair=True)
+        assert (repaired.dropped, repaired.kept) == ((1, 0) if table == "entries" else (0, 4))
+        assert cache.check().bad_entries == ()
+        assert sorted(entry["entry_key"] for entry in cache.entries()) == sorted(
+            key for key in keys if key != victim
+        )
+        found = [cache.read(digest, fingerprint) for digest in digests]
+        assert sum(blob == blob_of(d) for d, blob in zip(digests, found, strict=True)) == 4
+        cache.bundle(tmp_path / "bundle.sqlite3")
+    with PipelineCache.open(tmp_path / "merged.sqlite3") as merged:
+        assert merged.merge([cache_path]).added == 4

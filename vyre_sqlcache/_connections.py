@@ -52,6 +52,7 @@ __all__ = [
     "BUSY_TIMEOUT_MS",
     "MMAP_BYTES",
     "PAGE_SIZE",
+    "READ_ERRORS",
     "ConnectionPool",
     "Slot",
     "connect",
@@ -320,11 +321,24 @@ _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
 )
 
 
+#: What reading a cache file may raise: SQLite's errors, and apsw's for text that is not
+#: UTF-8, which only damage leaves in a cache file (integrity_check does not see it).
+READ_ERRORS = (apsw.Error, UnicodeDecodeError)
+
+
 def translate(
-    error: apsw.Error, what: str, path: Path, connection: apsw.Connection | None = None
+    error: apsw.Error | UnicodeDecodeError,
+    what: str,
+    path: Path,
+    connection: apsw.Connection | None = None,
 ) -> CacheError:
     """The `CacheError` subclass, with advice, that stands for an apsw error (met on
     `connection`, if given: its errno tells an I/O error that is a full file)."""
+    if isinstance(error, UnicodeDecodeError):
+        return CorruptCacheError(
+            f"{what} failed on {path}: an entry holds text that is not UTF-8, which only "
+            "damage leaves; `vyre-sqlcache check --repair` (check(repair=True)) drops it"
+        )
     if (
         connection is not None
         and isinstance(error, apsw.IOError)

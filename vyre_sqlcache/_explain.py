@@ -31,7 +31,7 @@ import apsw
 from . import _explain_sql, _rows
 from ._bookkeeping import TOUCH_INTERVAL_S
 from ._checks import check_fingerprint, check_key
-from ._connections import ConnectionPool, Slot, transaction, translate
+from ._connections import READ_ERRORS, ConnectionPool, Slot, transaction, translate
 from ._writer import WriteBehind
 from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey, coerce_digest
 
@@ -665,7 +665,7 @@ class CacheExplain:
                         )
                         for row in rows
                     ]
-            except apsw.Error as error:
+            except READ_ERRORS as error:
                 raise translate(error, "reading the miss log", self._path) from error
 
     def _write_miss_log(self, connection: apsw.Connection) -> None:
@@ -701,7 +701,7 @@ class CacheExplain:
                         if logged is not None:
                             asked, known = _asked_from_log(logged), True
                     return self._explain_on(slot, connection, asked, None, known=known)
-            except apsw.Error as error:
+            except READ_ERRORS as error:
                 raise translate(error, "explaining a lookup", self._path) from error
 
     def _explain_on(

@@ -23,7 +23,16 @@ import apsw
 from . import _codec, _combine, _layers, _rows
 from ._cachefile import SIDE_FILES, cache_part, move_aside, needs_check_marker
 from ._checkpointer import compact_shortfall
-from ._connections import ConnectionPool, Slot, connect, retry_busy, transaction, translate, vacuum
+from ._connections import (
+    READ_ERRORS,
+    ConnectionPool,
+    Slot,
+    connect,
+    retry_busy,
+    transaction,
+    translate,
+    vacuum,
+)
 from ._writer import WriteBehind
 from .config import DEFAULT_MAX_BYTES
 from .errors import CacheError, CacheFullError, CorruptCacheError, ReadOnlyCacheError
@@ -327,7 +336,7 @@ class CacheMaintenance:
                 raise CacheError(
                     f"the query ran longer than its timeout of {timeout:g} s and was stopped"
                 ) from None
-            except apsw.Error as error:
+            except READ_ERRORS as error:
                 raise translate(error, "the query", self._path) from error
             finally:
                 connection.set_progress_handler(None)
@@ -375,7 +384,7 @@ class CacheMaintenance:
                 raise CacheError(
                     f"the query ran longer than its timeout of {timeout:g} s and was stopped"
                 ) from None
-            except apsw.Error as error:
+            except READ_ERRORS as error:
                 raise translate(error, "the query", self._path) from error
             finally:
                 with suppress(apsw.Error):
@@ -444,6 +453,13 @@ class CacheMaintenance:
                     try:
                         with transaction(connection, "DEFERRED"):
                             raw = _rows.raw_entry(connection, rowid)
+                    except _rows.DamagedText as error:
+                        checked += 1
+                        if error.entry_key is None:
+                            unreadable += 1
+                        else:
+                            damaged.append(error.entry_key.hex())
+                        continue
                     except apsw.Error:
                         checked += 1
                         unreadable += 1

@@ -1031,12 +1031,16 @@ def recompress(
     current: dict[Scope, Dictionary | None] = {}
     rewritten = 0
     for rowid in ids:
-        rows = connection.execute(
-            "SELECT e.entry_key, e.backend, e.vendor, e.device, e.stored_size, "
-            "b.checksum_algo, b.checksum, b.data, b.codec, b.dict_id, b.raw_size "
-            "FROM entries AS e JOIN blobs AS b ON b.id = e.id WHERE e.id = ?",
-            (rowid,),
-        ).fetchall()
+        try:
+            rows = connection.execute(
+                "SELECT e.entry_key, e.backend, e.vendor, e.device, e.stored_size, "
+                "b.checksum_algo, b.checksum, b.data, b.codec, b.dict_id, b.raw_size "
+                "FROM entries AS e JOIN blobs AS b ON b.id = e.id WHERE e.id = ?",
+                (rowid,),
+            ).fetchall()
+        except UnicodeDecodeError:
+            into.damaged += 1  # text that is not UTF-8: `check --repair` drops the entry
+            continue
         if not rows:
             continue
         key, backend, vendor, device, stored, algo, checksum, data, codec_name, dict_id, raw = rows[
@@ -1408,26 +1412,50 @@ class RawEntry:
         )
 
 
+class DamagedText(apsw.CorruptError):
+    """A row holding text that is not UTF-8: damage that SQLite's integrity_check does not
+    see and that apsw cannot read. `entry_key` names the entry where it can be read."""
+
+    def __init__(self, rowid: int, entry_key: bytes | None) -> None:
+        super().__init__(f"entry {rowid} holds text that is not UTF-8 (damaged)")
+        self.entry_key = entry_key
+
+
 def raw_entry(connection: apsw.Connection, rowid: int) -> RawEntry | None:
     """The entry with this row id and its blob as stored, or None if there is no entry.
 
-    Raises apsw errors where a page on the way is damaged, _codec.Unavailable for a
-    compressed blob without zstandard installed.
+    Raises apsw errors where a page on the way is damaged (DamagedText for text that is
+    not UTF-8), _codec.Unavailable for a compressed blob without zstandard installed.
     """
-    entry = connection.execute("SELECT blob_size, * FROM entries WHERE id = ?", (rowid,)).fetchall()
-    if not entry:
-        return None
-    blob = connection.execute(
-        "SELECT id, checksum_algo, checksum, data, codec, dict_id, raw_size FROM blobs "
-        "WHERE id = ?",
-        (rowid,),
-    ).fetchall()
+    try:
+        entry = connection.execute(
+            "SELECT blob_size, * FROM entries WHERE id = ?", (rowid,)
+        ).fetchall()
+        if not entry:
+            return None
+        blob = connection.execute(
+            "SELECT id, checksum_algo, checksum, data, codec, dict_id, raw_size FROM blobs "
+            "WHERE id = ?",
+            (rowid,),
+        ).fetchall()
+    except UnicodeDecodeError as error:
+        raise DamagedText(rowid, _entry_key_of(connection, rowid)) from error
     size, *row = entry[0]
     decoded = None
     if blob:
         _, _, _, data, codec, dict_id, raw_size = blob[0]
         decoded = decoded_blob(connection, codec, dict_id, raw_size, bytes(data))  # type: ignore[arg-type]
     return RawEntry(tuple(row), tuple(blob[0]) if blob else None, int(size), decoded)  # type: ignore[arg-type]
+
+
+def _entry_key_of(connection: apsw.Connection, rowid: int) -> bytes | None:
+    """The entry key of row `rowid` (a blob: readable whatever its text holds), or None."""
+    try:
+        row = connection.execute("SELECT entry_key FROM entries WHERE id = ?", (rowid,)).fetchone()
+    except apsw.Error:
+        return None
+    key = None if row is None else row[0]
+    return bytes(key) if isinstance(key, bytes) and len(key) == 32 else None
 
 
 def insert_raw(connection: apsw.Connection, raw: RawEntry) -> None:

@@ -60,6 +60,7 @@ from ._checks import (
 )
 from ._combine import sound_entry
 from ._connections import (
+    READ_ERRORS,
     ConnectionPool,
     Slot,
     connect,
@@ -1006,6 +1007,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             connection = self._pool.main(slot)
             try:
                 return run(connection)
+            except UnicodeDecodeError as error:
+                raise translate(error, what, self._path) from error
             except apsw.Error as error:
                 if failed is not None:
                     raise failed(error, connection) from error
@@ -1118,7 +1121,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                             self._commit_entries(entries[:half], False, None)
                             return self._commit_entries(entries[half:], durable, extra)
                         raise
-            except apsw.Error as error:
+            except READ_ERRORS as error:
                 raise translate(error, "flushing", self._path) from error
             finally:
                 if durable:
