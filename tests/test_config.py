@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,35 @@ def test_disabled_cache_stores_nothing(
         with pytest.raises(ValueError, match="program_digest"):
             cache.write(b"short", fingerprint, b"blob")
     assert not path.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="a POSIX password database")
+def test_a_user_without_a_home_folder_gets_errors_that_say_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A container run as a user id with no entry in /etc/passwd and no HOME.
+    import pwd
+
+    from vyre_sqlcache import CacheError, cli
+
+    def no_entry(uid: int) -> Any:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    for name in ("HOME", "XDG_CACHE_HOME", "VYRE_SQLCACHE_PATH", "VYRE_SQLCACHE_LAYERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(CacheError, match="set VYRE_SQLCACHE_PATH or XDG_CACHE_HOME"):
+        PipelineCache.open()
+    with pytest.raises(ValueError, match=r"path is '~/c\.sqlite3', which starts with ~"):
+        PipelineCache.open("~/c.sqlite3")
+    monkeypatch.setenv("VYRE_SQLCACHE_LAYERS", "~/bundle.sqlite3")
+    with pytest.raises(ValueError, match=r"VYRE_SQLCACHE_LAYERS is '~/bundle\.sqlite3'"):
+        PipelineCache.open(tmp_path / "c.sqlite3")
+    monkeypatch.delenv("VYRE_SQLCACHE_LAYERS")
+    assert cli.main(["--help"]) == 0
+    assert "VYRE_SQLCACHE_PATH" in capsys.readouterr().out
+    assert cli.main(["info"]) == 1
+    assert "set VYRE_SQLCACHE_PATH or XDG_CACHE_HOME" in capsys.readouterr().err
+    with PipelineCache.open(tmp_path / "c.sqlite3") as cache:  # a path given: no home needed
+        cache.put_named("ns", "name", b"works")
+        assert cache.get_named("ns", "name") == b"works"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import apsw
 
+from .config import expand_home
 from .errors import CacheError, CorruptCacheError, NotACacheError
 
 __all__ = [
@@ -69,7 +70,7 @@ def resolve(path: str | Path) -> Path:
     for a relative path once the current folder is deleted.
     """
     try:
-        return Path(os.path.realpath(Path(path).expanduser()))
+        return Path(os.path.realpath(expand_home(path)))
     except FileNotFoundError as error:  # os.getcwd() of a deleted folder
         raise CacheError(
             f"cannot resolve the relative path {path}: the current folder no longer exists; "

@@ -31,6 +31,7 @@ from ._cachefile import CacheFile, header_damage, is_not_sqlite, read_head
 from ._connections import ConnectionPool, connect, transaction
 from ._rows import Fetched
 from ._schema import OLDEST_READABLE, _checked_version, latest_version, readable
+from .config import expand_home
 from .errors import CacheError, ReadOnlyCacheError
 from .keys import DeviceFingerprint, entry_id
 
@@ -85,7 +86,7 @@ def check_layer_paths(name: str, value: object) -> tuple[Path, ...]:
                 f"{name}[{index}] must be a non-empty str or os.PathLike path, got "
                 f"{type(item).__name__} {item!r:.80}"
             )
-        paths.append(Path(fspath(item)).expanduser())
+        paths.append(expand_home(fspath(item), name=f"{name}[{index}]"))
     return tuple(paths)
 
 

@@ -34,7 +34,7 @@ from ._connections import (
     vacuum,
 )
 from ._writer import WriteBehind
-from .config import DEFAULT_MAX_BYTES
+from .config import DEFAULT_MAX_BYTES, expand_home
 from .errors import CacheError, CacheFullError, CorruptCacheError, ReadOnlyCacheError
 from .keys import MAX_NAMESPACE_CHARS, check_text, check_u32, coerce_digest
 
@@ -646,14 +646,14 @@ class CacheMaintenance:
         """Which of this cache's files `path` names, by any path (a link, another mount):
         "the cache itself" or "the cache's own -wal file" (-shm, -journal); else None.
         For tools about to write a file: never over the cache."""
-        return cache_part(Path(os.fspath(path)).expanduser().absolute(), self._path)
+        return cache_part(expand_home(os.fspath(path)).absolute(), self._path)
 
     def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
         """The absolute path of a file to write (`kind` names it in errors); raises
         ValueError if it is the cache or one of its side files, CacheError for a folder,
         a device, FIFO or socket, a missing folder or a log beside it, FileExistsError if
         it exists and may not be replaced."""
-        target = Path(os.fspath(out)).expanduser().absolute()
+        target = expand_home(os.fspath(out), name="out").absolute()
         part = self.own_file(target)
         if part is not None:
             raise ValueError(f"out ({target}) is {part}; give another file")
@@ -699,7 +699,7 @@ class CacheMaintenance:
                 f"sources must be a list of cache file paths, got {sources!r:.80}; "
                 "for one source write [path]"
             )
-        paths = [Path(os.fspath(s)).expanduser() for s in sources]
+        paths = [expand_home(os.fspath(s), name="sources") for s in sources]
         self._before_inspection()
         if self._readonly:
             raise ReadOnlyCacheError(

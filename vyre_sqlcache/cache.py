@@ -82,7 +82,9 @@ from .config import (
     DEFAULT_MAX_BYTES,
     ENV_COMPRESSION,
     ENV_MAX_SIZE,
+    ENV_PATH,
     Settings,
+    expand_home,
 )
 from .errors import (
     BlobTooLargeError,
@@ -287,8 +289,17 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
     @staticmethod
     def default_path() -> Path:
-        """The per-user cache file: `<user cache dir>/vyre/pipelines.sqlite3`."""
-        return platformdirs.user_cache_path("vyre", appauthor=False) / "pipelines.sqlite3"
+        """The per-user cache file: `<user cache dir>/vyre/pipelines.sqlite3`. Raises
+        CacheError where the user has no home folder to find it in."""
+        try:
+            folder = platformdirs.user_cache_path("vyre", appauthor=False)
+        except RuntimeError:
+            raise CacheError(
+                "the default cache file lies in the user's cache folder, which cannot be "
+                "found: HOME is not set, and the password database has no home folder for "
+                f"this user; set {ENV_PATH} or XDG_CACHE_HOME, or give a path"
+            ) from None
+        return folder / "pipelines.sqlite3"
 
     @classmethod
     def resolve_path(cls, path: str | Path | None, settings: Settings | None = None) -> Path:
@@ -297,7 +308,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         if path is None:
             settings = Settings.from_environment() if settings is None else settings
             path = settings.path or cls.default_path()
-        return Path(path).expanduser()
+        return expand_home(path)
 
     @classmethod
     def open(

@@ -35,7 +35,7 @@ from . import (
     vyredir,
 )
 from . import _cli_demo as demo
-from .config import ENV_MAX_SIZE, ENV_PATH, Settings, check_compression, parse_size
+from .config import ENV_MAX_SIZE, ENV_PATH, Settings, check_compression, expand_home, parse_size
 from .errors import CacheError, CorruptCacheError, ReadOnlyCacheError
 from .keys import (
     CURRENT_KEY_VERSION,
@@ -811,7 +811,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _import_dir(args: argparse.Namespace) -> int:
-    root = Path(args.dir).expanduser()
+    root = expand_home(args.dir, name="DIR")
     if not root.is_dir():
         raise Failure(f"{root} is not a folder; give the root of a vyre pipeline cache")
     with _opened(args, write=True, create=True) as cache:
@@ -831,7 +831,7 @@ def _import_dir(args: argparse.Namespace) -> int:
 
 
 def _export_dir(args: argparse.Namespace) -> int:
-    root = Path(args.dir).expanduser()
+    root = expand_home(args.dir, name="DIR")
     if root.exists() and not root.is_dir():
         raise Failure(f"{root} is not a folder; give a folder to write the vyre cache into")
     with _opened(args) as cache:
@@ -1065,7 +1065,11 @@ def _misses(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    path_help = f"cache file (default: ${ENV_PATH}, else {PipelineCache.default_path()})"
+    try:
+        default = str(PipelineCache.default_path())
+    except CacheError:  # no home folder: the command that needs it says so
+        default = "the user's cache folder, which this user lacks"
+    path_help = f"cache file (default: ${ENV_PATH}, else {default})"
     parser = _Parser(
         prog=PROG,
         description="Inspect, maintain and exercise a vyre-sqlcache pipeline cache.",

@@ -23,6 +23,7 @@ __all__ = [
     "ENV_PATH",
     "Settings",
     "check_compression",
+    "expand_home",
     "parse_size",
 ]
 
@@ -44,6 +45,19 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
+
+
+def expand_home(path: str | os.PathLike[str], *, name: str = "path") -> Path:
+    """`path` with a leading `~` or `~user` expanded; raise ValueError naming `name` where
+    that home folder cannot be found (HOME unset for a user id without an entry in the
+    password database, as in a container; an unknown user)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:
+        raise ValueError(
+            f"{name} is {os.fspath(path)!r}, which starts with ~, but that home folder "
+            f"cannot be found ({error}); give an absolute path, or set HOME"
+        ) from None
 
 
 def parse_size(text: str, *, name: str = "size") -> int:
@@ -94,12 +108,12 @@ class Settings:
 
         return cls(
             remote=remote_from_environment(env),
-            path=None if path is None else Path(path).expanduser(),
+            path=None if path is None else expand_home(path, name=ENV_PATH),
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,
             compression=compression,
             layers=tuple(
-                Path(part).expanduser()
+                expand_home(part, name=ENV_LAYERS)
                 for part in env.get(ENV_LAYERS, "").split(os.pathsep)
                 if part.strip()
             ),
