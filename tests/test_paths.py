@@ -29,6 +29,7 @@ from torture.deletions import run_deletions
 from vyre_sqlcache import CacheError, DeviceFingerprint, NotACacheError, PipelineCache
 from vyre_sqlcache import _connections as connections_module
 from vyre_sqlcache import cache as cache_module
+from vyre_sqlcache._cachefile import LONGEST_SUFFIX_BYTES
 
 from .helpers import locked_for_others
 
@@ -774,3 +775,21 @@ def test_a_document_renamed_over_an_open_cache_is_never_written(tmp_path: Path, 
     finally:
         cache.close()
     assert path.read_bytes() == document
+
+
+@pytest.mark.parametrize("extra", [0, 1, 36])
+def test_a_file_name_too_long_for_the_files_made_beside_it_is_refused_up_front(
+    tmp_path: Path, extra: int
+) -> None:
+    # The cache names files after its own (`.needs-check`, `.corrupt-<time>-wal`, ...):
+    # each must fit the folder's longest name, or an open fails halfway.
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - LONGEST_SUFFIX_BYTES
+    path = tmp_path / ("c" * (longest + extra))
+    if extra == 0:
+        with PipelineCache.open(path) as cache:
+            cache.write(digest_of("long", 0), FP, b"fits")
+            assert cache.check(repair=True).bad_entries == ()
+        return
+    with pytest.raises(CacheError, match=rf"{longest + extra} bytes long.*at most {longest}"):
+        PipelineCache.open(path)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind

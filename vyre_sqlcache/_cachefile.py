@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Final
 
 import apsw
 
@@ -408,6 +409,25 @@ def _medium_is_readonly(path: Path) -> bool:
         return False
 
 
+#: The longest addition to the cache file's name among the files the cache makes beside
+#: it: a damaged copy's log, `<name>.corrupt-20261207T094800.123456Z-wal` (a rebuild's
+#: `<name>.rebuild-<ns>-journal` is as long; `.needs-check` and `-wal` are shorter).
+LONGEST_SUFFIX_BYTES: Final = len(".corrupt-20261207T094800.123456Z-wal")
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that `folder` (or its nearest existing parent)
+    allows: 255 where the file system does not say."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            break
+    return 255
+
+
 @functools.cache
 def longest_path() -> int:
     """The longest database path, in bytes, that SQLite's default VFS opens: its
@@ -462,6 +482,15 @@ class CacheFile:
                 f"the path of cache file {resolved} is {length} bytes long, and SQLite opens "
                 f"paths of at most {longest} bytes; choose a file in a shallower folder (a "
                 "symbolic link does not help: the path is resolved)"
+            )
+        name = len(os.fsencode(resolved.name))
+        longest_name = name_max(resolved.parent) - LONGEST_SUFFIX_BYTES
+        if name > longest_name:
+            raise CacheError(
+                f"the name of cache file {resolved} is {name} bytes long, and its folder "
+                f"allows names of at most {longest_name} bytes for it (files the cache makes "
+                f"beside it add up to {LONGEST_SUFFIX_BYTES} bytes, such as "
+                "'.needs-check' or '-wal'); choose a shorter name"
             )
         try:
             info = os.stat(resolved)
