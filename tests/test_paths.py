@@ -793,3 +793,70 @@ def test_a_file_name_too_long_for_the_files_made_beside_it_is_refused_up_front(
     with pytest.raises(CacheError, match=rf"{longest + extra} bytes long.*at most {longest}"):
         PipelineCache.open(path)
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def as_user(uid: int, work: Any) -> None:
+    """Run `work()` in a forked child that is user `uid` (root only); assert it succeeded."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            work()
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the other user's part failed (see stderr)"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "fork") or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="acting as two users needs root",
+)
+@pytest.mark.parametrize("folder_mode", [0o777, 0o1777])
+@pytest.mark.parametrize("reader_ends", ["close", "exit"])
+def test_another_users_read_only_open_leaves_the_owner_able_to_write(
+    folder_mode: int, reader_ends: str
+) -> None:
+    # SQLite makes the -wal and -shm as the user who first opens the file, a reader
+    # too; the owner's writer then opened them read-only and failed every write.
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="vyre-shared-"))
+    try:
+        folder.chmod(folder_mode)
+        path = folder / "pipelines.sqlite3"
+
+        def owner_writes(tag: str) -> None:
+            with PipelineCache.open(path) as cache:
+                cache.write(digest_of(tag, 0), FP, tag.encode() * 100)
+                cache.flush()
+                assert cache.read(digest_of("first", 0), FP) == b"first" * 100
+
+        def reader_reads() -> None:
+            cache = PipelineCache.open(path, readonly=True)
+            assert cache.read(digest_of("first", 0), FP) == b"first" * 100
+            if reader_ends == "exit":
+                os._exit(0)  # no close(): what it made stays until the owner's next open
+            cache.close()
+            assert not any(Path(f"{path}{side}").exists() for side in ("-wal", "-shm"))
+
+        as_user(1000, lambda: owner_writes("first"))
+        as_user(1001, reader_reads)
+        if reader_ends == "exit" and folder_mode == 0o1777:
+            # The sticky folder lets only their owner remove them: the owner is told.
+            with pytest.raises(AssertionError):
+                as_user(1000, lambda: owner_writes("second"))
+            return
+        as_user(1000, lambda: owner_writes("second"))
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

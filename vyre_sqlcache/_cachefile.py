@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import logging
 import os
@@ -45,7 +46,9 @@ __all__ = [
     "network_file_system",
     "orphaned_log",
     "read_head",
+    "remove_foreign_side_files",
     "remove_orphaned_log",
+    "remove_own_side_files",
     "resolve",
 ]
 
@@ -577,6 +580,122 @@ def orphaned_log(path: Path) -> bool:
     if inode(path) is not None:
         return False
     return any(Path(f"{path}{side}").exists() for side in SIDE_FILES)
+
+
+# SQLite's unix VFS locks bytes 120-127 of the -shm (its 8 WAL locks) and byte 128 (the
+# "dead man switch" every connection holds while it has the -shm open): os_unix.c.
+_SHM_LOCKS = (120, 9)
+_FLOCK = "hhqqi4x"  # Linux's struct flock
+
+
+def _shm_in_use(shm: Path) -> bool | None:
+    """Whether a process holds one of SQLite's locks on the -shm (so uses it); None where
+    that cannot be told (not Linux, or the file cannot be opened).
+
+    Opening and closing a descriptor of the file drops every POSIX lock this process
+    holds on it: the caller makes sure no connection of this process has it open.
+    """
+    if sys.platform != "linux":
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(shm, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        asked = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, *_SHM_LOCKS, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, asked)
+        return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _unused_empty_log(path: Path) -> list[Path] | None:
+    """The -wal and -shm of `path` (those there) if they can go: the log holds nothing and
+    no process uses the -shm; None if either is not so (or cannot be told)."""
+    sides = [Path(f"{path}{side}") for side in SIDE_FILES]
+    present = []
+    for side in sides:
+        try:
+            info = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode) or (side.name.endswith("-wal") and info.st_size):
+            return None
+        present.append(side)
+    shm = sides[1]
+    if shm in present and _shm_in_use(shm) is not False:
+        return None
+    return present
+
+
+def remove_foreign_side_files(path: Path) -> None:
+    """Remove a -wal and -shm of `path` that this process may not write, where nothing
+    depends on them (the log is empty, no process has them open); log a warning naming
+    them where they stay.
+
+    SQLite makes them as the user who first opens the file, a reader included (another
+    user's read-only open, in a shared folder): the writer then opens them read-only and
+    every write fails until they are gone. The caller makes sure no connection of this
+    process has the file open.
+    """
+    sides = [Path(f"{path}{side}") for side in SIDE_FILES]
+    foreign = [s for s in sides if s.exists() and not os.access(s, os.W_OK)]
+    if not foreign:
+        return
+    names = " and ".join(str(s) for s in foreign)
+    removable = _unused_empty_log(path)
+    if removable is not None:
+        try:
+            for side in removable:
+                side.unlink(missing_ok=True)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM):
+                raise CacheError(f"cannot remove {names}: {error}") from error
+        else:
+            log.warning(
+                "vyre-sqlcache: removed %s: unused and empty, made by another user (a "
+                "read-only open), and not writable by this one",
+                names,
+            )
+            return
+    owners = sorted({s.stat().st_uid for s in foreign if s.exists()})
+    log.warning(
+        "vyre-sqlcache: %s belong to user id %s and this process may not write them, so "
+        "writes to the cache will fail; %s. Remove them (or have that user, or an "
+        "administrator, remove them) while nobody uses the cache",
+        names,
+        ", ".join(map(str, owners)),
+        "they are in use or hold writes"
+        if removable is None
+        else "the folder does not let this user remove them",
+    )
+
+
+def remove_own_side_files(path: Path) -> None:
+    """After a read-only open of another user's file: remove the -wal and -shm this
+    process's user made, if nothing depends on them, so that they do not leave the
+    file's owner unable to write (see `remove_foreign_side_files`). The caller makes
+    sure no connection of this process has the file open."""
+    try:
+        if os.stat(path).st_uid == os.geteuid():
+            return  # the owner's own side files: its writers can use them
+    except (OSError, AttributeError):
+        return
+    sides = [Path(f"{path}{side}") for side in SIDE_FILES]
+    try:
+        if not all(os.lstat(side).st_uid == os.geteuid() for side in sides if side.exists()):
+            return
+    except OSError:
+        return
+    for side in _unused_empty_log(path) or []:
+        with contextlib.suppress(OSError):
+            side.unlink()
 
 
 def remove_orphaned_log(path: Path) -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "connect",
     "has_moved",
     "interrupts_held",
+    "open_in_process",
     "retry_busy",
     "transaction",
     "translate",
@@ -732,6 +733,11 @@ class ConnectionPool:
             self.closed = True
 
     _forked_clean = True
+
+
+def open_in_process(path: Path) -> bool:
+    """Whether a pool of this process has connections to `path` open, or may open them."""
+    return any(not pool.closed and pool._path == path for pool in list(_pools))
 
 
 def _before_fork() -> None:

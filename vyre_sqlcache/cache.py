@@ -40,7 +40,9 @@ from ._cachefile import (
     network_file_system,
     orphaned_log,
     read_head,
+    remove_foreign_side_files,
     remove_orphaned_log,
+    remove_own_side_files,
 )
 from ._checkpointer import (
     FULL_DISK_STEP_ENTRIES,
@@ -66,6 +68,7 @@ from ._connections import (
     connect,
     has_moved,
     interrupts_held,
+    open_in_process,
     retry_busy,
     transaction,
     translate,
@@ -385,6 +388,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             # A process still using a deleted file keeps its log at the path: SQLite
             # would pair the new file with it (and fail with a disk I/O error).
             remove_orphaned_log(file.path)
+            if not open_in_process(file.path):
+                remove_foreign_side_files(file.path)
         if not file.writable and not readonly:
             log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
         cache = cls(
@@ -632,6 +637,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 self._remote.close()  # sends what is queued, for a bounded time
             self._pool.close()
             self._layers.close()
+            if self._readonly and not open_in_process(self._path):
+                remove_own_side_files(self._path)
 
     def __enter__(self) -> PipelineCache:
         return self
