@@ -860,3 +860,30 @@ def test_another_users_read_only_open_leaves_the_owner_able_to_write(
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX special files")
+@pytest.mark.parametrize("side", ["-wal", "-shm"])
+@pytest.mark.parametrize("kind", ["hard link", "symbolic link", "folder", "fifo"])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_side_file_that_is_not_the_caches_is_refused_and_left_alone(
+    tmp_path: Path, side: str, kind: str, readonly: bool
+) -> None:
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(digest_of("kept", 0), FP, b"kept")
+    victim = tmp_path / "notes.dat"
+    victim.write_bytes(b"someone's notes " * 500)
+    where = Path(f"{path}{side}")
+    if kind == "hard link":
+        os.link(victim, where)
+    elif kind == "symbolic link":
+        where.symlink_to(victim)
+    elif kind == "folder":
+        where.mkdir()
+    else:
+        os.mkfifo(where)
+    with pytest.raises(CacheError, match=rf"{side} is .*remove it"):
+        PipelineCache.open(path, readonly=readonly)
+    assert victim.read_bytes() == b"someone's notes " * 500
+    assert os.path.lexists(where)

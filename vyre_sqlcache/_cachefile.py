@@ -439,6 +439,29 @@ def longest_path() -> int:
     return int(default["mxPathname"]) - 8
 
 
+def _check_side_files(sides: list[Path]) -> None:
+    """Raise CacheError for a -wal or -shm that SQLite would write through into something
+    else: a link (symbolic or hard) to another file, or anything but a regular file."""
+    for side in sides:
+        try:
+            info = os.lstat(side)
+        except OSError:
+            continue
+        what = None
+        if stat.S_ISLNK(info.st_mode):
+            what = "a symbolic link"
+        elif not stat.S_ISREG(info.st_mode):
+            what = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
+        elif info.st_nlink > 1:
+            what = f"a file with {info.st_nlink} hard links"
+        if what is not None:
+            raise CacheError(
+                f"{side} is {what}, where SQLite keeps the cache's "
+                f"{'log' if side.name.endswith('-wal') else 'shared memory'} and would "
+                "write into it; remove it (it is not the cache's) and open again"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class CacheFile:
     """A cache file's resolved path and how it can be opened.
@@ -533,6 +556,7 @@ class CacheFile:
                 "name (copy it instead of linking it, or use a symbolic link)"
             )
         sides = [Path(str(resolved) + side) for side in SIDE_FILES]
+        _check_side_files(sides)
         folder_writable = os.access(resolved.parent, os.W_OK)
         writable = os.access(resolved, os.W_OK) and (
             folder_writable or all(side.exists() for side in sides)
