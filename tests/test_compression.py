@@ -33,6 +33,8 @@ from vyre_sqlcache import (
 )
 from vyre_sqlcache.config import DEFAULT_COMPRESSION, ENV_COMPRESSION
 
+from .vfs import dump
+
 zstandard = pytest.importorskip("zstandard")
 
 MIB = 1024 * 1024
@@ -899,3 +901,16 @@ def test_without_compression_the_raw_size_meets_the_cap(path: Path) -> None:
         with pytest.raises(BlobTooLargeError, match=r"size cap of 100000"):
             cache.write(digest(1), FP, kernel_text(7, 300_000))
         assert len(cache) == 0
+
+
+@pytest.mark.parametrize("batch", [0, -1, True, 2.5])
+def test_recompress_refuses_a_bad_batch_before_changing_anything(path: Path, batch: Any) -> None:
+    with PipelineCache.open(path, compression="off") as cache:
+        cache.write_many([(os.urandom(32), b"text " * 400) for _ in range(40)], FP)
+    before = dump(path)
+    with (
+        PipelineCache.open(path) as cache,
+        pytest.raises(ValueError, match=rf"batch must be .* above 0, got {batch!r}"),
+    ):
+        cache.recompress(batch=batch)
+    assert dump(path) == before

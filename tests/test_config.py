@@ -30,7 +30,7 @@ def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "G", "1.5G", "-1", "12X", "lots"])
+@pytest.mark.parametrize("text", ["", "G", "1.5G", "-1", "12X", "lots", "\u0661\u0662\u0663"])
 def test_parse_size_refuses_malformed_values(text: str) -> None:
     with pytest.raises(ValueError, match="512M or 2G"):
         parse_size(text)
@@ -139,3 +139,17 @@ def test_a_user_without_a_home_folder_gets_errors_that_say_what_to_set(
     with PipelineCache.open(tmp_path / "c.sqlite3") as cache:  # a path given: no home needed
         cache.put_named("ns", "name", b"works")
         assert cache.get_named("ns", "name") == b"works"
+
+
+def test_a_blank_path_variable_is_no_path() -> None:
+    # As the other variables are read: blank is unset, not a file named " ".
+    assert Settings.from_environment({"VYRE_SQLCACHE_PATH": "  "}).path is None
+
+
+def test_a_zero_cap_from_the_environment_says_what_the_variable_allows(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VYRE_SQLCACHE_MAX_SIZE", "0")
+    with pytest.raises(ValueError, match="VYRE_SQLCACHE_MAX_SIZE must be from 1 byte") as raised:
+        PipelineCache.open(tmp_path / "c.sqlite3")
+    assert "None" not in str(raised.value)  # a variable cannot say None

@@ -501,3 +501,64 @@ def test_bytes_filed_under_another_key_are_a_miss(tmp_path: Path) -> None:
         assert cache.read(b"\1" * 32, FP) is None  # the checksum covers the key
         assert cache.read(b"\2" * 32, FP) == b"other bytes"
         assert cache.stats().checksum_failures == 1
+
+
+@pytest.mark.parametrize(
+    ("call", "item"),
+    [
+        ("write_many", b"\1" * 32),
+        ("write_many", (b"\1" * 32,)),
+        ("write_many", (b"\1" * 32, b"x", 3)),
+        ("put_entries", (b"\1" * 32, b"x")),
+        ("put_entries", "not an item"),
+    ],
+)
+def test_a_batch_item_of_the_wrong_shape_names_the_item_and_the_shape(
+    shared: PipelineCache, call: str, item: Any
+) -> None:
+    shared.flush()
+    purged(shared)
+    before = dump(shared.path)
+    good = (b"\2" * 32, b"fine") if call == "write_many" else (b"\2" * 32, b"fine", None)
+    batch = [good, item]
+    with pytest.raises(TypeError, match=rf"{call} items must be \(.*\) tuples; item 1 is"):
+        shared.write_many(batch, FP) if call == "write_many" else shared.put_entries(batch)
+    shared.flush()
+    assert dump(shared.path) == before
+
+
+def test_a_released_memoryview_is_refused_by_name(shared: PipelineCache) -> None:
+    view = memoryview(b"gone")
+    view.release()
+    shared.flush()
+    purged(shared)
+    before = dump(shared.path)
+    with pytest.raises(ValueError, match="blob is a released memoryview"):
+        shared.write(b"\3" * 32, FP, view)
+    shared.flush()
+    assert dump(shared.path) == before
+
+
+def test_one_key_twice_in_a_batch_is_measured_once_against_the_cap(tmp_path: Path) -> None:
+    # Only the last write of a key is stored: two 6-byte writes fit a 10-byte cap.
+    with PipelineCache.open(tmp_path / "c.sqlite3", max_bytes=10, compression="off") as cache:
+        cache.write_many([(b"\4" * 32, b"first!"), (b"\4" * 32, b"second")], FP)
+        assert cache.read(b"\4" * 32, FP) == b"second"
+
+
+def test_a_negative_cap_in_the_file_is_not_obeyed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c.sqlite3"
+    PipelineCache.open(path, max_bytes=1 << 20).close()
+    raw = apsw.Connection(str(path))
+    raw.execute("UPDATE meta SET value = -5 WHERE name = 'setting:max_bytes'")
+    assert raw.changes() == 1
+    raw.close()
+    with PipelineCache.open(path, compression="off") as cache:
+        for i in range(3):
+            cache.write(bytes([i]) * 32, FP, b"blob")
+            cache.flush()
+        assert [cache.read(bytes([i]) * 32, FP) for i in range(3)] == [b"blob"] * 3
+    warned = [r for r in caplog.records if "size cap of -5 bytes" in r.getMessage()]
+    assert len(warned) == 1

@@ -16,6 +16,7 @@ __all__ = [
     "check_created_ms",
     "check_fingerprint",
     "check_impact",
+    "check_item",
     "check_key",
     "check_max_bytes",
 ]
@@ -28,13 +29,30 @@ def check_blob(blob: Any) -> bytes:
     """`blob` as bytes; raise TypeError, or BlobTooLargeError over 64 MiB."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise TypeError(f"blob must be bytes, bytearray or memoryview, got {type(blob).__name__}")
-    size = memoryview(blob).nbytes
+    try:
+        size = memoryview(blob).nbytes
+    except ValueError:  # a memoryview already released
+        raise ValueError(
+            "blob is a released memoryview, whose bytes are gone; pass bytes or a live view"
+        ) from None
     if size > MAX_BLOB_BYTES:
         raise BlobTooLargeError(
             f"blob is {size} bytes, over the {MAX_BLOB_BYTES}-byte (64 MiB) limit of a "
             "pipeline cache entry; nothing was written"
         )
     return bytes(blob)
+
+
+def check_item(item: Any, index: int, call: str, shape: str) -> tuple[Any, ...]:
+    """`item` of a batch call as a tuple of the arity `shape` names ('(a, b)'); raise
+    TypeError naming the call, the item's index and the shape otherwise."""
+    arity = shape.count(",") + 1
+    if not isinstance(item, (tuple, list)) or len(item) != arity:
+        raise TypeError(
+            f"{call} items must be {shape} tuples; item {index} is {type(item).__name__} "
+            f"{item!r:.80}"
+        )
+    return tuple(item)
 
 
 def check_fingerprint(fingerprint: Any) -> DeviceFingerprint:
@@ -60,9 +78,8 @@ def check_max_bytes(value: Any, name: str = "max_bytes") -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
     if not 1 <= value < 2**63:
-        raise ValueError(
-            f"{name} must be from 1 byte to 2**63-1 bytes (or None for no cap), got {value}"
-        )
+        none = " (or None for no cap)" if name == "max_bytes" else ""
+        raise ValueError(f"{name} must be from 1 byte to 2**63-1 bytes{none}, got {value}")
     return value
 
 

@@ -57,6 +57,7 @@ from ._checks import (
     check_created_ms,
     check_fingerprint,
     check_impact,
+    check_item,
     check_key,
     check_max_bytes,
 )
@@ -242,6 +243,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         # file's own, read in every write transaction.
         self._cap_override: int | Any | None = max_bytes
         self._cap: int | None = DEFAULT_MAX_BYTES if max_bytes is _UNSET else max_bytes
+        self._bad_cap: int | None = None  # a cap in the file that cannot be, once warned
         self._vfs = vfs
         self._books = Bookkeeping()
         self._lock = threading.Lock()  # guards _unflushed
@@ -565,7 +567,19 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """Take the file's cap unless this object was given one."""
         if self._cap_override is _UNSET:
             stored = _rows.setting(connection, _rows.CAP_SETTING)
-            if stored is not None:
+            if stored is not None and stored < 0:
+                # No version writes one (0 is no cap): a hand edit, or damage. Every write
+                # would fail against it; the cap this object had stands.
+                if stored != self._bad_cap:
+                    self._bad_cap = stored
+                    log.warning(
+                        "vyre-sqlcache: %s holds a size cap of %d bytes, which cannot be; "
+                        "using %s. Open it with max_bytes=... to store a cap again",
+                        self._path,
+                        stored,
+                        "no cap" if self._cap is None else f"{self._cap} bytes",
+                    )
+            elif stored is not None:
                 self._cap = stored or None
 
     def __del__(self) -> None:
@@ -696,7 +710,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """
         fp = check_fingerprint(fingerprint)
         entries = []
-        for index, (program_digest, blob) in enumerate(items):
+        for index, item in enumerate(items):
+            program_digest, blob = check_item(item, index, "write_many", "(program_digest, blob)")
             digest = coerce_digest(f"program_digest (item {index})", program_digest)
             entries.append(NewEntry(fp.cache_key(digest), None, fp, digest, check_blob(blob)))
         self._store(entries)
@@ -878,7 +893,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 check_blob(blob),
                 check_created_ms(created),
             )
-            for i, (key, blob, created) in enumerate(items)
+            for i, (key, blob, created) in (
+                (i, check_item(item, i, "put_entries", "(entry_key, blob, created_ms)"))
+                for i, item in enumerate(items)
+            )
         ]
         if self._readonly:
             self._refuse_write()
@@ -968,6 +986,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         and after; `compact()` then gives the freed pages back to the file system.
         Raises ReadOnlyCacheError on a read-only cache, CacheError types if it fails.
         """
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a whole number of entries above 0, got {batch!r}")
         self._before_inspection()
         if self._readonly:
             raise ReadOnlyCacheError(
@@ -1258,6 +1278,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def _check_fits(self, entries: list[NewEntry]) -> None:
         """Raise BlobTooLargeError if `entries` as stored would not fit under the cap."""
         cap = self._cap
+        # Of one key written twice in a batch only the last write is stored.
+        entries = list({e.entry_key: e for e in entries}.values())
         incoming = sum(len(e.blob) for e in entries)
         if cap is None or incoming <= cap:
             return

@@ -41,7 +41,7 @@ DEFAULT_MAX_BYTES = 1 << 30
 #: it pays, with trained dictionaries (raw without the zstandard package).
 DEFAULT_COMPRESSION = "auto"
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -93,7 +93,7 @@ class Settings:
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the VYRE_SQLCACHE_* variables; raise ValueError naming a malformed one."""
         env = os.environ if environ is None else environ
-        path = env.get(ENV_PATH) or None
+        path = env.get(ENV_PATH, "").strip() or None
         size = env.get(ENV_MAX_SIZE)
         disable = env.get(ENV_DISABLE, "").strip().lower()
         if disable not in _TRUE | _FALSE:
