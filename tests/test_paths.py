@@ -887,3 +887,17 @@ def test_a_side_file_that_is_not_the_caches_is_refused_and_left_alone(
         PipelineCache.open(path, readonly=readonly)
     assert victim.read_bytes() == b"someone's notes " * 500
     assert os.path.lexists(where)
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [(b"/tmp/c.sqlite3", TypeError), (123, TypeError), ("", ValueError)],
+    ids=["bytes", "int", "empty"],
+)
+def test_a_path_that_is_not_one_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: Any, error: type[Exception]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty path would have named the current folder
+    with pytest.raises(error, match=r"^path "):
+        PipelineCache.open(given)
+    assert list(tmp_path.iterdir()) == []

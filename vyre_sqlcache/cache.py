@@ -9,6 +9,7 @@ SQL of its own.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -313,6 +314,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         if path is None:
             settings = Settings.from_environment() if settings is None else settings
             path = settings.path or cls.default_path()
+        elif not isinstance(path, (str, PathLike)) or isinstance(os.fspath(path), bytes):
+            raise TypeError(
+                f"path must be a str or os.PathLike path (or None for the default), got "
+                f"{type(path).__name__} {path!r:.80}"
+            )
+        elif not os.fspath(path):
+            raise ValueError("path is empty; give a cache file's path, or None for the default")
         return expand_home(path)
 
     @classmethod
