@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -572,3 +573,113 @@ def test_a_fork_while_the_log_is_started_over_waits_for_it_and_both_go_on(
         assert cache.read(b"\2" * 32, fingerprint) == b"child"
         assert cache.read(b"\3" * 32, fingerprint) == b"parent"
         assert all(cache.read(digest, fingerprint) == digest * 500 for digest in written)
+
+
+# -- close() and the writes racing it --------------------------------------------------------
+
+
+@pytest.mark.parametrize("calls", ["write", "write_many", "put_named"])
+def test_every_write_that_returned_is_kept_and_writes_after_close_raise(
+    cache_path: Path, calls: str
+) -> None:
+    # A thread writes while another closes: each write either returned (and is in the
+    # file) or raised CacheError ("closed"); none is queued after the last commit.
+    cache = PipelineCache.open(cache_path)
+    returned: list[bytes] = []
+    refused: list[BaseException] = []
+
+    def write(digest: bytes) -> None:
+        if calls == "write":
+            cache.write(digest, FP, digest)
+        elif calls == "write_many":
+            cache.write_many([(digest, digest)], FP)
+        else:
+            cache.put_named("race", digest.hex(), digest)
+
+    def writer() -> None:
+        while True:
+            digest = os.urandom(32)
+            try:
+                write(digest)
+            except CacheError as error:
+                refused.append(error)
+                return
+            returned.append(digest)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.2)
+    cache.close()
+    thread.join(30)
+    assert len(returned) > 100 and "closed" in str(refused[0])
+    with pytest.raises(CacheError, match="closed"):
+        write(os.urandom(32))
+    with PipelineCache.open(cache_path, readonly=True) as reader:
+        if calls == "put_named":
+            found = [reader.get_named("race", d.hex()) for d in returned]
+        else:
+            found = [reader.read(d, FP) for d in returned]
+    assert [d for d, got in zip(returned, found, strict=True) if got != d] == []
+
+
+def test_ctrl_c_while_close_waits_keeps_the_queue_for_the_next_close(
+    cache_path: Path, write_lock_held: apsw.Connection
+) -> None:
+    # Another connection holds the write lock: close() waits for the writer thread's
+    # commit, and Ctrl-C arrives meanwhile. The object stays open with its queue.
+    cache = PipelineCache.open(cache_path)
+    digests = [os.urandom(32) for _ in range(10)]
+    for digest in digests:
+        cache.write(digest, FP, digest)
+    time.sleep(0.05)  # the writer thread is waiting for the lock now
+    main = threading.get_ident()
+    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        cache.close()
+    write_lock_held.execute("ROLLBACK")
+    cache.close()  # commits what the interrupted close kept
+    write_lock_held.execute("BEGIN")  # for the fixture's ROLLBACK
+    with PipelineCache.open(cache_path, readonly=True) as reader:
+        assert [reader.read(d, FP) for d in digests] == digests
+
+
+def test_an_interrupt_right_after_a_snapshot_begins_leaves_no_transaction(
+    cache: PipelineCache,
+) -> None:
+    # Delivered between the held snapshot's BEGIN and its bookkeeping: the connection
+    # was left in a transaction that had read nothing yet, and every later flush() of
+    # the thread failed with apsw's "Safety level may not be changed inside a transaction".
+    import linecache
+
+    from vyre_sqlcache import _connections
+
+    digest = os.urandom(32)
+    cache.write(digest, FP, b"there")
+    cache.flush()
+    target = "slot.held_since = time.monotonic()"
+    fired: list[int] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != _connections.__file__:
+            return None
+
+        def line(frame: Any, event: str, arg: Any) -> Any:
+            source = linecache.getline(_connections.__file__, frame.f_lineno)
+            if event == "line" and not fired and target in source:
+                fired.append(1)
+                raise KeyboardInterrupt
+            return line
+
+        return line
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cache.read(digest, FP)
+    finally:
+        sys.settrace(None)
+    assert fired
+    for i in range(3):
+        cache.write(bytes([i]) * 32, FP, b"after")
+        cache.flush()
+    assert cache.read(digest, FP) == b"there"

@@ -483,7 +483,9 @@ class ConnectionPool:
         if main is not None:
             state = main.txn_state()
             if state == apsw.SQLITE_TXN_WRITE or (
-                state != apsw.SQLITE_TXN_NONE and not slot.held_since
+                not slot.held_since
+                # (a BEGIN that has read nothing yet is a transaction in state NONE)
+                and (state != apsw.SQLITE_TXN_NONE or not main.get_autocommit())
             ):
                 # An exception delivered asynchronously (Ctrl-C, say) ended an earlier call
                 # of this thread inside a transaction or a statement: a snapshot kept open

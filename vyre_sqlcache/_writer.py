@@ -66,6 +66,8 @@ class WriteBehind:
         self._queued_bytes = 0
         self._error: CacheError | None = None
         self._stopped = False
+        # Set by the cache's close() before its last commit: later writes raise.
+        self._refusing: str | None = None
         # Set by the cache's close() once its last commit is done or its loss logged.
         self.settled = False
         self._thread: threading.Thread | None = None
@@ -94,6 +96,8 @@ class WriteBehind:
         """
         self.raise_error()
         with self._lock:
+            if self._refusing is not None:
+                raise CacheError(self._refusing)
             for entry in entries:
                 old = self.queue.pop(entry.entry_key, None)
                 if old is not None:
@@ -151,6 +155,13 @@ class WriteBehind:
         error, self._error = self._error, None
         if error is not None:
             raise type(error)(f"a write queued earlier could not be committed yet: {error}")
+
+    def refuse(self, reason: str) -> None:
+        """Raise CacheError(`reason`) from every later `put`; what is queued stays queued.
+        Close() calls it before its last commit, so that a write racing the close is
+        either in that commit or refused, never queued after it and lost."""
+        with self._lock:
+            self._refusing = reason
 
     def stop(self) -> None:
         """Stop the thread (it finishes a commit under way); queued entries stay queued."""

@@ -619,24 +619,28 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """
         if self._pool.closed:
             return
+        if not self._readonly:
+            self._writer.refuse(f"the cache {self._path} is closed; open it again to use it")
+            # Ctrl-C from here to the commit's end leaves the object open, its queue kept:
+            # close() again, or the exit, commits it.
+            self._writer.stop()
+            # Every commit follows the path (`_follow_the_path`); with writes committed
+            # since the last flush into a file no longer at the path, the last commit
+            # runs even with nothing queued.
+            owed = self._since_flush is None or bool(self._since_flush)
+            moved = owed and self._inode is not None and inode(self._path) != self._inode
+            try:
+                self._writer.commit(extra=(lambda _connection: 0) if moved else None)
+            except CacheError as error:
+                log.warning(
+                    "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
+                    len(self._writer),
+                    self._path,
+                    error,
+                )
+            self._writer.settled = True  # nothing left for the exit to commit
         try:
             if not self._readonly:
-                self._writer.stop()
-                # Every commit follows the path (`_follow_the_path`); with writes committed
-                # since the last flush into a file no longer at the path, the last commit
-                # runs even with nothing queued.
-                owed = self._since_flush is None or bool(self._since_flush)
-                moved = owed and self._inode is not None and inode(self._path) != self._inode
-                try:
-                    self._writer.commit(extra=(lambda _connection: 0) if moved else None)
-                except CacheError as error:
-                    log.warning(
-                        "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
-                        len(self._writer),
-                        self._path,
-                        error,
-                    )
-                self._writer.settled = True  # nothing left for the exit to commit
                 self._checkpointer.stop()
                 with self._call() as slot:
                     connection = self._pool.main(slot)
@@ -1085,7 +1089,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._refuse_write()
         changed: int = self._writer.commit(extra=run)
         if changed:
-            self._checkpointer.purge_soon()
+            # Held: an exception delivered inside `Event.set` would leave its lock taken,
+            # and the checkpoint thread (and every commit after) waiting on it for ever.
+            with interrupts_held():
+                self._checkpointer.purge_soon()
         return changed
 
     def _purge_batch(self) -> bool:
