@@ -1069,7 +1069,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """A `BEGIN IMMEDIATE` transaction on the slot's connection, bookkeeping first."""
         if self._readonly:
             self._refuse_write()
-        connection = self._pool.main(slot)
+        connection = self._writing_connection(slot)
         try:
             with transaction(connection):
                 # First: eviction in the block must see the latest access times.
@@ -1080,6 +1080,16 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if self._pool.closed:
                 raise CacheError(f"the cache {self._path} was closed during the call") from error
             raise translate(error, what, self._path, connection) from error
+
+    def _writing_connection(self, slot: Slot) -> apsw.Connection:
+        """The slot's main connection, holding no read lock outside a transaction: a
+        statement or blob handle an interrupt left behind would make BEGIN IMMEDIATE fail
+        at once (SQLITE_BUSY_SNAPSHOT) once another connection has written since."""
+        connection = self._pool.main(slot)
+        if connection.txn_state() != apsw.SQLITE_TXN_NONE and connection.get_autocommit():
+            self._pool.reopen(slot)
+            connection = self._pool.main(slot)
+        return connection
 
     def _change(self, what: str, run: Callable[[apsw.Connection], int]) -> int:
         """Run a deleting statement in a write transaction, after the queued writes (so it
@@ -1141,7 +1151,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         incoming = sum(len(entry.blob) for entry in entries)
         result: T | None = None
         with self._call() as slot, interrupts_held():
-            connection = self._pool.main(slot)
+            connection = self._writing_connection(slot)
             if durable:
                 connection.pragma("synchronous", "FULL")
             try:
