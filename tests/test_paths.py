@@ -797,6 +797,8 @@ def test_a_file_name_too_long_for_the_files_made_beside_it_is_refused_up_front(
 
 def as_user(uid: int, work: Any) -> None:
     """Run `work()` in a forked child that is user `uid` (root only); assert it succeeded."""
+    import traceback  # here: the child may not be allowed to read the standard library
+
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
@@ -807,8 +809,6 @@ def as_user(uid: int, work: Any) -> None:
             work()
             code = 0
         except BaseException:
-            import traceback
-
             traceback.print_exc()
         finally:
             os._exit(code)
@@ -817,7 +817,10 @@ def as_user(uid: int, work: Any) -> None:
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "fork") or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    not hasattr(os, "fork")
+    or not hasattr(os, "geteuid")
+    or os.geteuid() != 0
+    or not os.path.isdir("/tmp"),
     reason="acting as two users needs root",
 )
 @pytest.mark.parametrize("folder_mode", [0o777, 0o1777])
@@ -829,8 +832,16 @@ def test_another_users_read_only_open_leaves_the_owner_able_to_write(
     # too; the owner's writer then opened them read-only and failed every write.
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix="vyre-shared-"))
+    # Under /tmp, which every user may pass through (pytest's own folders are 0700).
+    folder = Path(tempfile.mkdtemp(prefix="vyre-shared-", dir="/tmp"))
     try:
+        # Every module the other users' calls import, imported here first: they may not
+        # be allowed to read this interpreter's files (a virtual environment under /root).
+        warm = folder / "warm.sqlite3"
+        with PipelineCache.open(warm) as cache:
+            cache.write(digest_of("warm", 0), FP, b"warm")
+        with PipelineCache.open(warm, readonly=True) as cache:
+            assert cache.read(digest_of("warm", 0), FP) == b"warm"
         folder.chmod(folder_mode)
         path = folder / "pipelines.sqlite3"
 
