@@ -619,8 +619,8 @@ def _shm_in_use(shm: Path) -> bool | None:
     Opening and closing a descriptor of the file drops every POSIX lock this process
     holds on it: the caller makes sure no connection of this process has it open.
     """
-    if sys.platform != "linux":
-        return None
+    if sys.platform != "linux" or struct.calcsize("P") != 8:
+        return None  # `_FLOCK` is the layout of 64-bit Linux only
     import fcntl
 
     try:
@@ -688,13 +688,16 @@ def remove_foreign_side_files(path: Path) -> None:
                 names,
             )
             return
-    owners = sorted({s.stat().st_uid for s in foreign if s.exists()})
+    owners = set()
+    for side in foreign:
+        with contextlib.suppress(OSError):
+            owners.add(side.stat().st_uid)
     log.warning(
         "vyre-sqlcache: %s belong to user id %s and this process may not write them, so "
         "writes to the cache will fail; %s. Remove them (or have that user, or an "
         "administrator, remove them) while nobody uses the cache",
         names,
-        ", ".join(map(str, owners)),
+        ", ".join(map(str, sorted(owners))) or "?",
         "they are in use or hold writes"
         if removable is None
         else "the folder does not let this user remove them",
