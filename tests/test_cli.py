@@ -1289,6 +1289,17 @@ def test_export_dir_refuses_a_linked_folder(cli: Cli, filled: Filled, tmp_path: 
     assert list(elsewhere.iterdir()) == []
 
 
+def test_export_dir_to_a_dangling_link_says_what_is_missing(
+    cli: Cli, filled: Filled, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "gone", target_is_directory=True)
+    code, _, err = cli.run(filled.path, "export-dir", str(out))
+    assert code == 1
+    assert "is a symbolic link to" in one_error_line(err) and "does not exist" in err
+    assert not (tmp_path / "gone").exists()
+
+
 # -- commands that stream: bounded memory, same output ---------------------------------
 
 

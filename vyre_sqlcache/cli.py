@@ -834,6 +834,11 @@ def _export_dir(args: argparse.Namespace) -> int:
     root = expand_home(args.dir, name="DIR")
     if root.exists() and not root.is_dir():
         raise Failure(f"{root} is not a folder; give a folder to write the vyre cache into")
+    if root.is_symlink() and not root.exists():
+        raise Failure(
+            f"{root} is a symbolic link to {os.readlink(root)}, which does not exist; "
+            "create that folder, or give another"
+        )
     with _opened(args) as cache:
         try:
             report = vyredir.export_dir(cache, root, progress=_progress)
