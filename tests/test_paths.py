@@ -353,6 +353,27 @@ def test_flush_after_the_path_became_a_folder_raises_and_loses_nothing(tmp_path:
     assert found_by_another_process(path, [digest]) == [True]
 
 
+def test_flush_after_the_folder_became_a_file_names_the_folder(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "pipelines.sqlite3"
+    digest = digest_of("kept", 0)
+    with PipelineCache.open(path) as cache:
+        cache.write(digest_of("first", 0), FP, b"first")
+        cache.flush()
+        remove_cache(path, "folder")
+        path.parent.write_bytes(b"someone's file where the folder was")
+        cache.write(digest, FP, b"kept while the folder is a file")
+        with pytest.raises(CacheError, match=r"cache is a file, not a folder"):
+            cache.flush()
+        assert path.parent.read_bytes() == b"someone's file where the folder was"
+        path.parent.unlink()
+        try:
+            cache.flush()
+        except CacheError as error:
+            assert "queued earlier" in str(error)
+            cache.flush()
+    assert found_by_another_process(path, [digest]) == [True]
+
+
 def test_entries_past_the_tracked_count_are_found_by_their_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

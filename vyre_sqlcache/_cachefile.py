@@ -520,8 +520,8 @@ class CacheFile:
             )
         try:
             info = os.stat(resolved)
-        except FileNotFoundError:
-            info = None
+        except (FileNotFoundError, NotADirectoryError):
+            info = None  # (a file where a folder on the way should be: said below)
         except OSError as error:
             raise CacheError(f"cannot look at cache file {resolved}: {error}") from error
         if info is None:
@@ -532,6 +532,15 @@ class CacheFile:
                 )
             try:
                 resolved.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as error:
+                blocking = next(
+                    (f for f in reversed(resolved.parents) if f.exists() and not f.is_dir()),
+                    resolved.parent,
+                )
+                raise CacheError(
+                    f"cannot create the folder of cache file {resolved}: {blocking} is a "
+                    "file, not a folder; choose another path, or move that file away"
+                ) from error
             except OSError as error:
                 raise CacheError(
                     f"cannot create the folder of cache file {resolved}: {error}; "
@@ -733,8 +742,8 @@ def remove_orphaned_log(path: Path) -> None:
     for side in SIDE_FILES:
         try:
             Path(f"{path}{side}").unlink()
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # (its folder is gone, or a file now: nothing there to pair with)
         except OSError as error:
             raise CacheError(
                 f"{path} was deleted while in use, and its {side} file cannot be removed: "
