@@ -107,6 +107,17 @@ def test_readonly_open_of_a_missing_file_is_a_clear_error(tmp_path: Path) -> Non
     assert not (tmp_path / "missing.sqlite3").exists()
 
 
+def test_readonly_open_of_an_empty_file_says_it_is_empty(tmp_path: Path) -> None:
+    from vyre_sqlcache import CacheError
+
+    path = tmp_path / "empty.sqlite3"
+    path.touch()
+    with pytest.raises(CacheError, match="is empty: nothing has been cached there yet"):
+        PipelineCache.open(path, readonly=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.sqlite3"]
+    assert path.stat().st_size == 0
+
+
 def run_child(*prefix: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*prefix, sys.executable, "-c", CHILD, str(path)],

@@ -219,6 +219,11 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     with transaction(connection, "DEFERRED"):
         version = _checked_version(connection, where)
     if readonly:
+        if version == 0:  # (a database with other tables is refused above)
+            raise CacheError(
+                f"{where} is empty: nothing has been cached there yet (a writing open makes "
+                "it a cache)"
+            )
         if not readable(version):
             raise CacheError(
                 f"{where} has schema version {version} and needs upgrading to "
