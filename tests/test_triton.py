@@ -493,3 +493,51 @@ def test_compile_workers_started_later_share_the_folder(env: Path, corpus_folder
         assert folder.is_dir() and any(folder.rglob("*.cubin"))  # the child left it ours
     finally:
         del os.environ["TRITON_CACHE_MANAGER"]
+
+
+# -- a hit that cannot be written out is a miss ----------------------------------------------
+
+
+def test_a_stored_kernel_whose_file_cannot_be_written_out_is_a_miss(
+    env: Path, kernels: list[Kernel]
+) -> None:
+    # A name the file system refuses (400 bytes in UTF-8, under 255 characters), as a
+    # planted or shared entry may hold: a miss, and Triton compiles and stores anew.
+    key, metadata, files = kernels[0]
+    with PipelineCache.open(env) as cache:
+        cache.put_group(
+            vt.NAMESPACE, f"{key}/{vt._GROUP_PREFIX}{metadata}", {"é" * 200: b"x", metadata: b"{}"}
+        )
+    manager = vt.CacheManager(key)
+    assert manager.get_group(metadata) is None
+    assert manager.get_file("é" * 200) is None
+    assert compile_like_triton(key, metadata, files) is False  # compiled again
+    fresh_triton_process()
+    assert compile_like_triton(key, metadata, files) is True
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_full_folder_of_written_out_files_is_a_miss(
+    env: Path, kernels: list[Kernel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The folder files are written out to is small (a container's 64 MB /dev/shm): a
+    # full one made get_group raise ENOSPC into Triton's compile.
+    key, metadata, files = kernels[0]
+    compile_like_triton(key, metadata, files)
+    fresh_triton_process()
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    try:
+        (small / "filler").write_bytes(b"\0" * (60 << 10))
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(small))
+        manager = vt.CacheManager(key)
+        assert manager.get_group(metadata) is None
+        assert manager.get_file(next(iter(files))) is None
+    finally:
+        fresh_triton_process()
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

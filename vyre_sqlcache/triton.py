@@ -414,7 +414,13 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
             stem = filename.rsplit(".", 1)[0]
             group = self.get_group(f"{stem}.json")
             return None if group is None else group.get(filename)
-        path = _PROCESS.write_out(self.key, filename, data, replace=False)
+        try:
+            path = _PROCESS.write_out(self.key, filename, data, replace=False)
+        except (OSError, ValueError) as error:
+            # A full disk or a name the file system refuses: a miss, never a failed
+            # compile (Triton's own manager writes nothing on a read).
+            _PROCESS.warn_once("writing out a Triton file", error)
+            return None
         _PROCESS.files[(self.key, filename)] = path
         return path
 
@@ -432,10 +438,14 @@ class CacheManager(_TritonCacheManager):  # type: ignore[misc]
         )
         if files is None:
             return None
-        paths = {
-            name: _PROCESS.write_out(self.key, name, data, replace=False)
-            for name, data in files.items()
-        }
+        try:
+            paths = {
+                name: _PROCESS.write_out(self.key, name, data, replace=False)
+                for name, data in files.items()
+            }
+        except (OSError, ValueError) as error:
+            _PROCESS.warn_once("writing out a Triton kernel", error)  # a miss, as above
+            return None
         _PROCESS.groups[index] = paths
         for name, path in paths.items():
             _PROCESS.files[(self.key, name)] = path
