@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -172,6 +173,26 @@ def test_invalidate_stays_local_and_is_not_undone_by_the_remote(
     c = PipelineCache.open(a.path.with_name("c.sqlite3"), remote=redis_server.url)
     with c:
         assert c.read(digest, fingerprint) == b"new pipeline" * 10
+
+
+@pytest.mark.parametrize("how", ["delete_named", "delete_entries"])
+def test_a_delete_stays_local_and_is_not_undone_by_the_remote(
+    pair: tuple[PipelineCache, PipelineCache], redis_server: RedisServer, how: str
+) -> None:
+    a, b = pair
+    a.put_named("ns", "kernel", b"old kernel" * 10)
+    uploaded(a, 1)
+    if how == "delete_named":
+        assert a.delete_named("ns", "kernel")
+    else:
+        (row,) = a.entries(namespace="ns")
+        assert a.delete_entries([row["entry_key"]]) == 1
+    assert len(remote_keys(redis_server)) == 1  # the shared copy stays
+    assert a.get_named("ns", "kernel") is None  # and is not fetched back here
+    assert b.get_named("ns", "kernel") == b"old kernel" * 10
+    a.put_named("ns", "kernel", b"new kernel" * 10)
+    uploaded(a, 2)
+    assert a.get_named("ns", "kernel") == b"new kernel" * 10
 
 
 # -- modes, sizes, the queue ---------------------------------------------------------------
@@ -599,6 +620,12 @@ def test_fork_child_uses_its_own_connection_and_thread(
         ("VYRE_SQLCACHE_REMOTE_TIMEOUT", "soon", "VYRE_SQLCACHE_REMOTE_TIMEOUT"),
         ("VYRE_SQLCACHE_REMOTE_MAX_BLOB", "65M", "VYRE_SQLCACHE_REMOTE_MAX_BLOB"),
         ("VYRE_SQLCACHE_REMOTE_MAX_BLOB", "lots", "VYRE_SQLCACHE_REMOTE_MAX_BLOB"),
+        ("VYRE_SQLCACHE_REMOTE", "redis://127.0.0.1:notaport/0", "VYRE_SQLCACHE_REMOTE: .*port"),
+        (
+            "VYRE_SQLCACHE_REMOTE",
+            "redis://127.0.0.1:6379/0?socket_timeout=abc",
+            "VYRE_SQLCACHE_REMOTE: .*socket_timeout",
+        ),
     ],
 )
 def test_malformed_remote_variables_are_named(variable: str, value: str, message: str) -> None:
@@ -878,3 +905,80 @@ def test_named_entries_and_groups_are_shared(
     stats = b.stats()
     assert stats.remote is not None and stats.remote.hits == 2 and stats.entries == 2
     assert {row["kind"] for row in b.entries()} == {row["kind"] for row in a.entries()}
+
+
+def test_a_password_in_the_query_string_is_never_shown(
+    tmp_path: Path, fingerprint: DeviceFingerprint, caplog: pytest.LogCaptureFixture
+) -> None:
+    # redis-py reads ?password= as well as user:password@; both must stay out of
+    # messages, repr, stats and the command line's output.
+    with RedisServer(tmp_path / "auth", "--requirepass", "s3cret-q") as server:
+        url = f"redis://127.0.0.1:{server.port}/0?password=s3cret-q"
+        remote = RemoteSettings(url)
+        assert "s3cret-q" not in remote.where and "s3cret-q" not in repr(remote)
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=url) as cache:
+            cache.write(os.urandom(32), fingerprint, b"authenticated")
+            uploaded(cache, 1)
+            assert "s3cret-q" not in str(cache.stats())
+        result = subprocess.run(
+            [sys.executable, "-m", "vyre_sqlcache", "remote", "ping", "--url", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0 and "PONG" in result.stdout, result.stderr
+        assert "s3cret-q" not in result.stdout + result.stderr + caplog.text
+
+
+def test_a_full_server_refusing_uploads_still_serves_reads(
+    tmp_path: Path, fingerprint: DeviceFingerprint, caplog: pytest.LogCaptureFixture
+) -> None:
+    # maxmemory with Redis's default policy (noeviction): writes fail with OOM, reads
+    # work. The refusals opened the breaker, and reads of what was there stopped too.
+    digests = [os.urandom(32) for _ in range(20)]
+    with RedisServer(tmp_path / "full", "--maxmemory", "2mb") as server:
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=server.url) as a:
+            for digest in digests:
+                a.write(digest, fingerprint, digest * 64)
+            uploaded(a, len(digests))
+        with PipelineCache.open(tmp_path / "b.sqlite3", remote=server.url) as b:
+            caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
+            for _ in range(60):  # far more than the server holds: OOM refusals
+                b.write(os.urandom(32), fingerprint, os.urandom(64 << 10))
+            b.flush()
+            wait_for(lambda: (b.stats().remote or pytest.fail()).errors >= 3)
+            found = [b.read(d, fingerprint) for d in digests]
+            remote = b.stats().remote
+            assert remote is not None and remote.breaker == "closed"
+        assert found == [d * 64 for d in digests]
+        oom = [r for r in caplog.records if "OOM" in r.getMessage()]
+        assert len(oom) == 1
+
+
+def test_ctrl_c_during_a_probe_leaves_the_breaker_able_to_close(
+    tmp_path: Path, fingerprint: DeviceFingerprint, redis_server: RedisServer
+) -> None:
+    # Ctrl-C while the half-open breaker's one probe waits on a stalled server: the
+    # breaker stayed half-open, and every later call missed, for the life of the object.
+    digest = os.urandom(32)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as a:
+        a.write(digest, fingerprint, b"shared" * 10)
+        uploaded(a, 1)
+    slow = settings(redis_server, timeout_s=1.0, breaker_cooldown_s=0.05)
+    process = redis_server.process
+    assert process is not None
+    with PipelineCache.open(tmp_path / "b.sqlite3", remote=slow) as b:
+        process.send_signal(signal.SIGSTOP)
+        try:
+            assert b.read(os.urandom(32), fingerprint) is None  # a timeout: open at once
+            assert (b.stats().remote or pytest.fail()).breaker == "open"
+            time.sleep(0.1)  # the cooldown is over: the next call probes
+            main = threading.get_ident()
+            threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                b.read(os.urandom(32), fingerprint)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        time.sleep(0.1)
+        assert b.read(digest, fingerprint) == b"shared" * 10
+        assert (b.stats().remote or pytest.fail()).breaker == "closed"

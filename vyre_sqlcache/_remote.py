@@ -143,6 +143,10 @@ class _Breaker:
             if self._failures >= self._limit:
                 self._open_until = time.monotonic() + self._cooldown
 
+    def abandon(self) -> None:
+        """A call ended without an answer (Ctrl-C): a probe it was lets the next call probe."""
+        self._probing = False
+
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()
         self._probing = False
@@ -475,12 +479,26 @@ class RemoteTier:
             self._failed(what, "errors", error, at_once=True, once=True)
             return None
         except redis.exceptions.ResponseError as error:
+            if isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("OOM"):
+                # A full server (maxmemory, noeviction) refuses writes and still reads:
+                # counted and logged once, never a reason to stop asking it.
+                self._breaker.succeeded()
+                self._count("errors")
+                self._warn_once(
+                    "OOM",
+                    f"{what} {self.settings.where} refused (OOM): {error}; the server is full, "
+                    "further refusals are counted, not logged",
+                )
+                return None
             once = str(error).startswith(("NOAUTH", "WRONGPASS", "NOPERM", "READONLY"))
             self._failed(what, "errors", error, at_once=once, once=once)
             return None
         except Exception as error:  # never fatal: a cache may only miss
             self._failed(what, "errors", error, at_once=False)
             return None
+        except BaseException:
+            self._breaker.abandon()  # Ctrl-C: the probe, if this was one, never answered
+            raise
         self._breaker.succeeded()
         return result
 

@@ -74,11 +74,12 @@ class RemoteSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.url, str):
             raise TypeError(f"remote must be a redis:// URL string, got {type(self.url).__name__}")
-        scheme = urllib.parse.urlsplit(self.url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
                 f"remote must be a redis://, rediss:// or unix:// URL, got {_redacted(self.url)!r}"
             )
+        _check_url(self.url)
         if self.mode not in MODES:
             raise ValueError(f"remote mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.key is not None and (not isinstance(self.key, bytes) or len(self.key) < 16):
@@ -108,12 +109,40 @@ class RemoteSettings:
         return _redacted(self.url)
 
 
+def _check_url(url: str) -> None:
+    """Raise ValueError for a URL redis-py would refuse only at the first call (a port
+    that is not a number, a query argument of the wrong type), naming what is wrong."""
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a port that is not one
+        import redis.connection
+
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ImportError:
+        return  # opening the tier says what to install
+    except ValueError as error:
+        raise ValueError(f"remote URL {_redacted(url)!r} is malformed: {error}") from None
+
+
+#: Query arguments of a redis URL that hold a secret.
+_SECRET_ARGUMENTS = frozenset({"password"})
+
+
 def _redacted(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(name.lower() in _SECRET_ARGUMENTS for name, _ in pairs):
+            query = urllib.parse.urlencode(
+                [(n, "***" if n.lower() in _SECRET_ARGUMENTS else v) for n, v in pairs],
+                safe="*",
+            )
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:

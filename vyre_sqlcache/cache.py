@@ -924,6 +924,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         keys = [coerce_digest(f"entry_keys[{i}]", k) for i, k in enumerate(entry_keys)]
         if not keys:
             return 0
+        if self._remote is not None:
+            # As invalidations: the shared tier keeps its copy, this object fetches it no
+            # more (README "Sharing a cache"); else the next read would bring it back.
+            self._remote.fence(keys)
         found = self._layers.with_keys(keys) if self._layers else []
         now = _now_ms()
         return self._change(
