@@ -182,6 +182,38 @@ def test_damage_met_in_use_is_a_miss_and_heals_at_the_next_open(
     assert not needs_check_marker(cache_path).exists()
 
 
+def test_damage_met_by_many_reads_is_logged_once(
+    cache_path: Path, fingerprint: DeviceFingerprint, caplog: pytest.LogCaptureFixture
+) -> None:
+    digests = populate(cache_path, fingerprint)
+    damage_btree_page(cache_path)
+    caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
+    with PipelineCache.open(cache_path) as cache:
+        for _ in range(3):
+            results = [cache.read(d, fingerprint) for d in digests]
+    assert results.count(None) > 10
+    failed = [
+        r for r in caplog.records if "failed: database disk image is malformed" in r.msg % r.args
+    ]
+    assert len(failed) == 1
+
+
+def test_damage_met_in_a_file_moved_aside_leaves_the_new_one_unmarked(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # Another process moved the damaged file aside and made a new one: the reader reads
+    # on in the old file until its next commit, and its damage is not the new file's.
+    digests = populate(cache_path, fingerprint)
+    with PipelineCache.open(cache_path) as reader:
+        assert reader.read(digests[0], fingerprint) == blob_of(digests[0])
+        damage_btree_page(cache_path)
+        os.replace(cache_path, cache_path.with_name("moved-aside.sqlite3"))
+        PipelineCache.open(cache_path).close()  # the new, healthy file
+        results = [reader.read(d, fingerprint) for d in digests]
+        assert None in results
+    assert not needs_check_marker(cache_path).exists()
+
+
 def fill_until_full(cache: PipelineCache, fingerprint: DeviceFingerprint) -> list[bytes]:
     written = []
     for _ in range(1000):

@@ -245,6 +245,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._cap_override: int | Any | None = max_bytes
         self._cap: int | None = DEFAULT_MAX_BYTES if max_bytes is _UNSET else max_bytes
         self._bad_cap: int | None = None  # a cap in the file that cannot be, once warned
+        self._read_failures: set[str] = set()  # the kinds of read failure logged
         self._vfs = vfs
         self._books = Bookkeeping()
         self._lock = threading.Lock()  # guards _unflushed
@@ -1589,7 +1590,19 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         except apsw.Error as error:
             # A read never takes the application down: damage or I/O trouble is a miss.
             self._note_damage(error)
-            log.warning("vyre-sqlcache: reading %s failed: %s", entry_key.hex(), error)
+            # Once per kind of error: a process reading on in a damaged file moved aside
+            # (it follows the path at its next commit) would log every read.
+            kind = str(error)
+            if kind in self._read_failures:
+                log.debug("vyre-sqlcache: reading %s failed: %s", entry_key.hex(), error)
+            else:
+                self._read_failures.add(kind)
+                log.warning(
+                    "vyre-sqlcache: reading %s failed: %s (a miss; the same failure of "
+                    "other reads is logged at debug level)",
+                    entry_key.hex(),
+                    error,
+                )
             return None
 
     def _verified(
@@ -1649,7 +1662,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             log.debug("vyre-sqlcache: access times not written yet: %s", error)
 
     def _note_damage(self, error: apsw.Error) -> None:
-        """Ask the next open to verify the file when SQLite met a damaged page."""
+        """Ask the next open to verify the file when SQLite met a damaged page (of the
+        file at the path: not of one moved aside or replaced while this object read it)."""
         if isinstance(error, (apsw.CorruptError, apsw.NotADBError)) and not self._readonly:
+            if self._inode is not None and inode(self._path) != self._inode:
+                return
             with suppress(OSError):
                 needs_check_marker(self._path).touch()
