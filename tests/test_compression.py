@@ -33,6 +33,7 @@ from vyre_sqlcache import (
 )
 from vyre_sqlcache.config import DEFAULT_COMPRESSION, ENV_COMPRESSION
 
+from .helpers import run_script
 from .vfs import dump
 
 zstandard = pytest.importorskip("zstandard")
@@ -629,6 +630,50 @@ def test_a_dictionary_loaded_from_a_replaced_file_is_loaded_again(
     with open_cache(path) as cache:
         assert cache.read(digest(1000), FP) == kernel_text(5000, 4000).upper()
         assert cache.stats().checksum_failures == 0
+
+
+# argv: path, first index, count. Reads kernel_text(7000 + i, 4000).upper() under
+# digest(3000 + i) in a fresh process (no dictionary loaded); prints the right ones.
+READ_ELSEWHERE = """
+import sys
+from tests.test_compression import FP, digest, kernel_text
+from vyre_sqlcache import PipelineCache
+path, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with PipelineCache.open(path) as cache:
+    print(sum(cache.read(digest(3000 + i), FP) == kernel_text(7000 + i, 4000).upper()
+              for i in range(first, first + count)))
+"""
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted while open"])
+def test_writes_never_use_a_dictionary_of_the_file_that_was_at_the_path(
+    path: Path, tmp_path: Path, how: str
+) -> None:
+    # A new file at the path numbers its dictionaries from 1 again: compressed with the
+    # old file's dictionary 1 (still loaded in this process), new entries read back
+    # here but every other process failed to decode them and dropped them.
+    with open_cache(path) as cache:
+        write_kernels(cache, 0, _codec.TRAIN_AFTER + 3)  # trains and uses dictionary 1
+        if how == "deleted while open":
+            for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+                (path.parent / name).unlink(missing_ok=True)
+            blobs = [kernel_text(7000 + i, 4000).upper() for i in range(_codec.TRAIN_AFTER + 8)]
+            for i, blob in enumerate(blobs):
+                cache.write(digest(3000 + i), FP, blob)
+                cache.flush()
+    if how == "replaced":
+        other = tmp_path / "other.sqlite3"
+        with open_cache(other) as cache:
+            write_kernels(cache, 500, _codec.TRAIN_AFTER + 3, size=3000)
+        os.replace(other, path)
+        blobs = [kernel_text(7000 + i, 4000).upper() for i in range(10)]
+        with open_cache(path) as cache:
+            for i, blob in enumerate(blobs):
+                cache.write(digest(3000 + i), FP, blob)
+    assert {blob_row(path, 3000 + i)[0] for i in range(len(blobs))} == {"zstd"}
+    result = run_script(READ_ELSEWHERE, str(path), "0", str(len(blobs)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) == len(blobs)
 
 
 # -- the cache: raw and compressed entries together ----------------------------------------

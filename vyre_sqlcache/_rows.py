@@ -825,14 +825,21 @@ def _scope_params(scope: Scope) -> tuple[Any, ...]:
     return (scope.backend, scope.vendor, scope.device)
 
 
-def load_dictionary(connection: apsw.Connection, dict_id: int) -> Dictionary:
+def load_dictionary(
+    connection: apsw.Connection, dict_id: int, *, checksum: bytes | None = None
+) -> Dictionary:
     """Dictionary `dict_id`, loaded once per process and file, its checksum checked.
 
-    Raises _codec.DecodeError if it is missing or fails its checksum.
+    `checksum`: the row's, as the caller just read it. A dictionary loaded earlier under
+    this id may be another file's: one deleted and made again at the path numbers its
+    dictionaries from 1 again. Writes must never compress with it (every other process
+    would fail to decode, and drop, what they wrote); reads find out by the frame's
+    dictionary id or the entry's checksum. Raises _codec.DecodeError if it is missing or
+    fails its checksum.
     """
     where = connection.filename
     cached = _codec.LOADED.get(where, dict_id)
-    if cached is not None:
+    if cached is not None and (checksum is None or cached.checksum == checksum):
         return cached
     rows = connection.execute(
         "SELECT CAST(checksum_algo AS BLOB), checksum, data FROM dictionaries WHERE id = ?",
@@ -840,26 +847,32 @@ def load_dictionary(connection: apsw.Connection, dict_id: int) -> Dictionary:
     ).fetchall()
     if not rows:
         raise _codec.DecodeError(f"dictionary {dict_id} is missing")
-    raw_algo, checksum, data = rows[0]
+    raw_algo, stored, data = rows[0]
     if not (
         isinstance(data, bytes)
-        and isinstance(checksum, bytes)
-        and _checksums.matches(_text(raw_algo), checksum, _DICTIONARY_KEY, data)
+        and isinstance(stored, bytes)
+        and _checksums.matches(_text(raw_algo), stored, _DICTIONARY_KEY, data)
     ):
         raise _codec.DecodeError(f"dictionary {dict_id} fails its checksum")
-    dictionary = Dictionary(dict_id, data, checksum)
+    dictionary = Dictionary(dict_id, data, stored)
     _codec.LOADED.put(where, dictionary)
     return dictionary
 
 
-def _newest_dictionary(connection: apsw.Connection, scope: Scope) -> tuple[int | None, int]:
-    """The id of the scope's newest dictionary (None: none) and how many it has."""
+def _newest_dictionary(
+    connection: apsw.Connection, scope: Scope
+) -> tuple[int | None, bytes | None, int]:
+    """The id and checksum of the scope's newest dictionary (None: none) and how many it
+    has."""
     row = connection.execute(
-        f"SELECT max(id), count(*) FROM dictionaries WHERE {_SCOPE}", _scope_params(scope)
+        f"SELECT id, checksum, (SELECT count(*) FROM dictionaries WHERE {_SCOPE}) "
+        f"FROM dictionaries WHERE {_SCOPE} ORDER BY id DESC LIMIT 1",
+        _scope_params(scope),
     ).fetchone()
-    assert row is not None
-    newest, count = row
-    return (None if newest is None else int(newest)), int(count)
+    if row is None:
+        return None, None, 0
+    newest, checksum, count = row
+    return int(newest), checksum if isinstance(checksum, bytes) else None, int(count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -873,11 +886,11 @@ class _ScopeState:
 
 
 def _scope_state(connection: apsw.Connection, scope: Scope) -> _ScopeState:
-    newest, count = _newest_dictionary(connection, scope)
+    newest, checksum, count = _newest_dictionary(connection, scope)
     dictionary = None
     if newest is not None:
         try:
-            dictionary = load_dictionary(connection, newest)
+            dictionary = load_dictionary(connection, newest, checksum=checksum or b"")
         except _codec.DecodeError as error:
             log.warning("vyre-sqlcache: not compressing with %s", error)
     return _ScopeState(dictionary, newest, count)
