@@ -200,13 +200,17 @@ def test_scan_of_a_missing_folder_is_a_cache_error(tmp_path: Path) -> None:
         scan(tmp_path / "nope")
 
 
-def test_export_leaves_keyed_entries_out_and_changes_nothing(
+def test_export_leaves_keyed_and_named_entries_out_and_changes_nothing(
     cache: PipelineCache,
     fingerprint: DeviceFingerprint,
     make_key: Callable[..., PipelineCacheKey],
     tmp_path: Path,
 ) -> None:
+    # vyre looks entries up by program digest only; a named entry (Triton's kernels)
+    # imported back would lose its name.
     cache.put(make_key(), fingerprint, b"keyed")
+    cache.put_named("triton", "k/kernel.cubin", b"named")
+    cache.put_group("triton", "k/__grp__kernel.json", {"kernel.cubin": b"named"})
     digest = os.urandom(32)
     cache.write(digest, fingerprint, b"by program")
     cache.close()
@@ -214,7 +218,7 @@ def test_export_leaves_keyed_entries_out_and_changes_nothing(
         before = snapshot(connection)
     with PipelineCache.open(cache.path) as reopened:
         report = do_export(reopened, tmp_path / "out")
-    assert (report.exported, report.keyed) == (1, 1)
+    assert (report.exported, report.keyed, report.named) == (1, 1, 2)
     exported = tree(tmp_path / "out")
     assert {name: data for name, (data, _) in exported.items()} == {
         str(entry_path(Path(), fingerprint.cache_key(digest))): b"by program"

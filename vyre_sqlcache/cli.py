@@ -850,7 +850,10 @@ def _export_dir(args: argparse.Namespace) -> int:
                 "the entry files written so far are whole: free space (or raise the file "
                 "size limit, `ulimit -f`) and run it again"
             ) from error
-    left_out = f"; {report.keyed} keyed entries left out" if report.keyed else ""
+    left = [
+        f"{n} {kind} entries" for n, kind in ((report.keyed, "keyed"), (report.named, "named")) if n
+    ]
+    left_out = f"; {' and '.join(left)} left out" if left else ""
     print(f"exported {report.exported} entries to {root}{left_out}")
     problems = []
     if report.damaged:

@@ -465,6 +465,8 @@ class ExportReport:
 
     exported: int = 0
     keyed: int = 0
+    #: named entries (`put_named`, `put_group`: Triton's kernels), which vyre never asks for
+    named: int = 0
     damaged: list[str] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
 
@@ -477,9 +479,11 @@ def export_dir(
     Lists the cache page by page and reads with `peek_entry`, so memory stays bounded and
     nothing in the cache changes (no hits, no access times). Bytes that fail their
     checksum are not written; they are listed in the report. Entries stored by
-    `PipelineCacheKey` are counted, not written: vyre's directory cache never looks them
-    up. A folder of the tree that is a symbolic link (or not a folder) is refused:
-    nothing is written into it. Raises OSError if `root` cannot be written.
+    `PipelineCacheKey` and named entries (`put_named`, `put_group`) are counted, not
+    written: vyre's directory cache never looks them up (their keys come from other
+    hashes), and imported back they would lose their names. A folder of the tree that
+    is a symbolic link (or not a folder) is refused: nothing is written into it. Raises
+    OSError if `root` cannot be written.
 
     Files are written in batches (`EXPORT_BATCH_ENTRIES`, `EXPORT_BATCH_BYTES`), each
     file to a temporary name first; a batch is synced to storage together, then renamed
@@ -517,6 +521,9 @@ def export_dir(
             for row in progress(rows, len(cache), "exporting"):
                 if row["kind"] == "keyed":
                     report.keyed += 1
+                    continue
+                if row["kind"] == "named":
+                    report.named += 1
                     continue
                 key = str(row["entry_key"])
                 try:
