@@ -227,7 +227,8 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
         if not readable(version):
             raise CacheError(
                 f"{where} has schema version {version} and needs upgrading to "
-                f"{latest_version()}; open it once without readonly=True"
+                f"{latest_version()}, which a read-only open does not do; open it once "
+                "for writing (without readonly=True, as a user who may write the file)"
             )
         return version
     # page_size only takes effect on a new, empty file; WAL mode is kept in the file.
