@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from vyre_sqlcache import (
     BlobTooLargeError,
+    CacheError,
     DeviceFingerprint,
     PipelineCache,
     PipelineCacheKey,
@@ -959,3 +960,22 @@ def test_recompress_refuses_a_bad_batch_before_changing_anything(path: Path, bat
     ):
         cache.recompress(batch=batch)
     assert dump(path) == before
+
+
+def test_recompress_without_zstandard_says_what_to_install(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compressed entries are not damaged: they were all reported so, and the run
+    # ended "successfully" having rewritten none of them.
+    with open_cache(path) as cache:
+        blobs = write_kernels(cache, 0, 20)
+    monkeypatch.setattr(_codec, "zstandard", None)
+    with (
+        open_cache(path, compression="off") as cache,
+        pytest.raises(CacheError, match=r"needs the zstandard package: pip install"),
+    ):
+        cache.recompress()
+    monkeypatch.undo()
+    with open_cache(path) as cache:
+        assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
+        assert {blob_row(path, i)[0] for i in blobs} == {"zstd"}

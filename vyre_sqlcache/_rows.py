@@ -1061,6 +1061,8 @@ def recompress(
         ]
         try:
             blob = decode(connection, codec_name, dict_id, raw, data)  # type: ignore[arg-type]
+        except _codec.Unavailable:
+            raise  # not damage: the caller says what to install
         except _codec.DecodeError:
             into.damaged += 1
             continue

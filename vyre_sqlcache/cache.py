@@ -1030,7 +1030,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             def rewrite(connection: apsw.Connection, chunk: list[int] = chunk) -> int:
                 return _rows.recompress(connection, chunk, codec, report)
 
-            self._change("recompressing entries", rewrite)
+            try:
+                self._change("recompressing entries", rewrite)
+            except _codec.Unavailable as error:
+                raise CacheError(
+                    f"{self._path} holds zstd-compressed entries; recompressing them needs "
+                    "the zstandard package: pip install 'vyre-sqlcache[zstd]' (each entry "
+                    "is rewritten whole or not at all)"
+                ) from error
         self._change(
             "deleting unused dictionaries",
             lambda c: _rows.drop_unused_dictionaries(c, keep_newest=codec is not None),
