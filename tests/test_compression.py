@@ -979,3 +979,18 @@ def test_recompress_without_zstandard_says_what_to_install(
     with open_cache(path) as cache:
         assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
         assert {blob_row(path, i)[0] for i in blobs} == {"zstd"}
+
+
+@pytest.mark.parametrize("cap", [140_000, _codec.MIN_CAP_FOR_DICTIONARY - 1])
+def test_a_cap_too_small_for_a_dictionary_trains_none(path: Path, cap: int) -> None:
+    # A 64 KiB dictionary under such a cap takes room for good that entries need: with
+    # one, a 140 KB cap held 6 entries where raw storage held 19.
+    with open_cache(path, max_bytes=cap) as cache:
+        blobs = write_kernels(cache, 0, _codec.TRAIN_AFTER + 8, size=2000)
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(0,)]
+        assert cache.stats().stored_bytes <= cap
+        kept = [cache.read(digest(i), FP) for i in blobs]
+        assert all(got in (None, blobs[i]) for i, got in zip(blobs, kept, strict=True))
+    with open_cache(path, max_bytes=_codec.MIN_CAP_FOR_DICTIONARY) as cache:
+        write_kernels(cache, 100, _codec.TRAIN_AFTER + 8, size=2000)
+        assert rows(path, "SELECT count(*) FROM dictionaries") == [(1,)]

@@ -81,6 +81,10 @@ DICTIONARY_BYTES: Final = 64 * 1024
 #: kernels helps another much less (softmax blobs: 10.9x with a softmax dictionary,
 #: 4.9x with a matmul one), so later dictionaries follow what the cache now holds.
 TRAIN_AFTER: Final = 32
+#: No dictionary is trained under a size cap below this: one takes `DICTIONARY_BYTES`
+#: of it for good, more than it saves there (under a 140 KB cap a dictionary left 6
+#: entries where raw storage kept 19).
+MIN_CAP_FOR_DICTIONARY: Final = 8 * DICTIONARY_BYTES
 RETRAIN_FACTOR: Final = 8
 RETRAINS: Final = 2
 #: Training samples: the scope's most recent entries, each cut to its first bytes

@@ -569,7 +569,7 @@ def insert(
     if codec is not None:
         written = Counter(entry.scope for entry in entries)
         trained = [
-            _count_writes(connection, scope, count, states[scope], now_ms)
+            _count_writes(connection, scope, count, states[scope], now_ms, cap)
             for scope, count in written.items()
         ]
         if cap is not None and any(trained):
@@ -908,9 +908,11 @@ def _count_writes(
     count: int,
     state: _ScopeState,
     now_ms: int,
+    cap: int | None = None,
 ) -> bool:
-    """Count `count` writes to `scope`; train its next dictionary when they are due.
-    Whether a dictionary was added."""
+    """Count `count` writes to `scope`; train its next dictionary when they are due (not
+    under a `cap` too small for one: see `_codec.MIN_CAP_FOR_DICTIONARY`). Whether a
+    dictionary was added."""
     name = _WRITES + scope.name
     row = connection.execute(
         "INSERT INTO meta (name, value) VALUES (?1, ?2) "
@@ -918,6 +920,8 @@ def _count_writes(
         (name, count),
     ).fetchone()
     writes = 0 if row is None else int(row[0])
+    if cap is not None and cap < _codec.MIN_CAP_FOR_DICTIONARY:
+        return False
     if state.newest is not None and state.dictionary is None:
         due = _codec.TRAIN_AFTER  # the newest is damaged: replace it
     elif state.count <= _codec.RETRAINS:
