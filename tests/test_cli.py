@@ -1466,3 +1466,25 @@ def test_ls_and_sql_json_run_in_bounded_memory(cache_path: Path, tmp_path: Path)
         assert status == 0, f"{argv} failed under a {limit} KiB limit"
         rows = json.loads(text)
         assert len(rows) == 40_000 and len({row["entry_key"] for row in rows}) == 40_000
+
+
+@pytest.mark.parametrize("namespace", ["", "n" * 65])
+def test_an_argument_the_library_refuses_is_a_one_line_usage_error(
+    cli: Cli, filled: Filled, namespace: str
+) -> None:
+    code, _, err = cli.run(filled.path, "ls", "--namespace", namespace)
+    assert code == 2 and "namespace must be 1 to 64 characters" in one_error_line(err)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="a POSIX device")
+def test_invalidate_reads_program_digests_from_a_bounded_regular_file(
+    cli: Cli, filled: Filled, tmp_path: Path
+) -> None:
+    # /dev/zero was read whole: memory grew past 9 GB in seconds.
+    code, _, err = cli.run(filled.path, "invalidate", "--program-digests", "/dev/zero")
+    assert code == 1 and "is not a regular file" in one_error_line(err)
+    huge = tmp_path / "digests.txt"
+    with open(huge, "wb") as file:
+        file.truncate(65 << 20)  # sparse
+    code, _, err = cli.run(filled.path, "invalidate", "--program-digests", str(huge))
+    assert code == 1 and "limit of a digests file" in one_error_line(err)

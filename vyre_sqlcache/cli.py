@@ -540,10 +540,10 @@ def _write_file(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _read_blob(name: str) -> bytes:
+def _read_blob(name: str, *, what: str = "an entry") -> bytes:
     """The bytes of a regular file, or of standard input for `-`; at most 64 MiB are
     accepted, and never more than that (and a byte) is read."""
-    too_large = f"over the {MAX_BLOB_BYTES}-byte limit of an entry"
+    too_large = f"over the {MAX_BLOB_BYTES}-byte limit of {what}"
     if name == "-":
         data = vyredir.read_bounded(sys.stdin.fileno())
         if len(data) > MAX_BLOB_BYTES:
@@ -599,10 +599,11 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _read_digests(path: Path) -> tuple[bytes, ...]:
-    """Program digests from a file: 64 hex characters a line; blank lines and # comments."""
+    """Program digests from a file: 64 hex characters a line; blank lines and # comments.
+    A regular file or `-` (standard input), of at most 64 MiB (a million digests)."""
     try:
-        lines = path.read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        lines = _read_blob(str(path), what="a digests file").decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
         raise Failure(f"cannot read program digests from {path}: {error}") from error
     digests = []
     for number, line in enumerate(lines, 1):
@@ -1378,6 +1379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Failure, CacheError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    except (TypeError, ValueError) as error:
+        # An argument the library refused (its message names it): a usage error.
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (`ls | head`): stop quietly, and let no flush at exit complain.
         with suppress(OSError, ValueError):
