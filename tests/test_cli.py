@@ -1488,3 +1488,18 @@ def test_invalidate_reads_program_digests_from_a_bounded_regular_file(
         file.truncate(65 << 20)  # sparse
     code, _, err = cli.run(filled.path, "invalidate", "--program-digests", str(huge))
     assert code == 1 and "limit of a digests file" in one_error_line(err)
+
+
+def test_sql_json_keeps_every_column_and_stays_strict_json(cli: Cli, filled: Filled) -> None:
+    # Two columns of one name came out as one; SQL's infinities as bare Infinity.
+    code, out, err = cli.run(
+        filled.path, "sql", "--json", "SELECT 1 AS a, 2 AS a, 1e999 AS x, -1e999 AS y, 0.5 AS z"
+    )
+    assert code == 0, err
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(out, parse_constant=refuse) == [
+        {"a": 1, "a:2": 2, "x": "inf", "y": "-inf", "z": 0.5}
+    ]

@@ -222,8 +222,38 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(
-        value, indent=2, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)
+        _finite(value),
+        indent=2,
+        allow_nan=False,
+        default=lambda v: v.hex() if isinstance(v, bytes) else str(v),
     )
+
+
+def _finite(value: Any) -> Any:
+    """`value` with each float that JSON cannot hold (inf, -inf, nan: SQL can make them)
+    as the string Python writes for it; `json.dumps` would write bare Infinity and NaN,
+    which strict parsers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _row_object(names: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    """A result row as a JSON object: a column name repeated in the result (two tables'
+    `entry_key`) gets `:2`, `:3` ... after it, where one key would hide the other."""
+    seen: dict[str, int] = {}
+    item: dict[str, Any] = {}
+    for name, value in zip(names, row, strict=True):
+        seen[name] = seen.get(name, 0) + 1
+        key = name if seen[name] == 1 else f"{name}:{seen[name]}"
+        while key in item:  # a column really named `a:2` beside two `a`
+            key += "'"
+        item[key] = value
+    return item
 
 
 def _json_array(items: Iterable[Any]) -> None:
@@ -652,7 +682,7 @@ def _sql(args: argparse.Namespace) -> int:
                 # Row by row as SQLite steps: a result of any size is never in memory.
                 rows = cache.iter_query(args.query, timeout=args.timeout)
                 try:
-                    _json_array(dict(zip(names, row, strict=True)) for names, row in rows)
+                    _json_array(_row_object(names, row) for names, row in rows)
                 finally:
                     if isinstance(rows, Generator):
                         rows.close()  # its read transaction ends here, not when it is freed
