@@ -633,7 +633,7 @@ def _read_digests(path: Path) -> tuple[bytes, ...]:
     A regular file or `-` (standard input), of at most 64 MiB (a million digests)."""
     try:
         lines = _read_blob(str(path), what="a digests file").decode("utf-8").splitlines()
-    except UnicodeDecodeError as error:
+    except (Failure, UnicodeDecodeError) as error:
         raise Failure(f"cannot read program digests from {path}: {error}") from error
     digests = []
     for number, line in enumerate(lines, 1):
