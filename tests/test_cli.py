@@ -1503,3 +1503,19 @@ def test_sql_json_keeps_every_column_and_stays_strict_json(cli: Cli, filled: Fil
     assert json.loads(out, parse_constant=refuse) == [
         {"a": 1, "a:2": 2, "x": "inf", "y": "-inf", "z": 0.5}
     ]
+
+
+def test_demo_leaves_the_users_departure_record_as_it_was(cli: Cli, cache_path: Path) -> None:
+    # The record is bounded (512 rows under a 4 MiB cap): the demo's deletions pushed
+    # out the user's, and `explain` of a key the user had deleted said "never seen".
+    fingerprint = DeviceFingerprint.from_parts(1, 2, "user's driver")
+    digests = [os.urandom(32) for _ in range(600)]
+    with PipelineCache.open(cache_path, max_bytes=4 << 20) as cache:
+        cache.write_many([(d, b"user's pipeline") for d in digests], fingerprint)
+        assert cache.invalidate_impacted([1] * 510, digests[:510], fingerprint) == 510
+    before = json.loads(_ok(cli, cache_path, "sql", "--json", "SELECT * FROM departures_v"))
+    assert len(before) == 510
+    code, out, err = cli.run(cache_path, "demo", "--count", "50")
+    assert code == 0 and "temporary" not in out, out + err
+    after = json.loads(_ok(cli, cache_path, "sql", "--json", "SELECT * FROM departures_v"))
+    assert after == before

@@ -108,6 +108,13 @@ def _trim(connection: apsw.Connection, table: str, most: int) -> None:
 # -- writing -------------------------------------------------------------------------
 
 
+#: The backend of `vyre-sqlcache demo`'s synthetic entries: their departures are not
+#: recorded. The demo must leave a user's cache as it found it, and the record is bounded:
+#: its rows would push out the user's, which `explain` reads.
+DEMO_BACKEND = "demo"
+_NOT_DEMO = f"backend IS NOT '{DEMO_BACKEND}'"
+
+
 def record_departures(
     connection: apsw.Connection, ids: Sequence[int], reason: str, now_ms: int | None = None
 ) -> None:
@@ -119,7 +126,8 @@ def record_departures(
     carray_ids = ids if isinstance(ids, array) else array("q", ids)
     connection.execute(
         f"INSERT INTO departures (id, {_ROW_COLUMNS}, blob_size, reason, at_ms) "
-        f"SELECT id, {_ROW_COLUMNS}, blob_size, ?2, ?3 FROM entries WHERE id IN carray(?1)",
+        f"SELECT id, {_ROW_COLUMNS}, blob_size, ?2, ?3 FROM entries "
+        f"WHERE id IN carray(?1) AND {_NOT_DEMO}",
         (apsw.carray(carray_ids), reason, _now_ms() if now_ms is None else now_ms),
     )
     _trim(connection, "departures", KEPT_DEPARTURES)
@@ -149,7 +157,7 @@ def record_tombstoned(connection: apsw.Connection, ids: Sequence[int]) -> None:
         f"INSERT INTO departures (id, {_ROW_COLUMNS}, blob_size, reason, at_ms) "
         f"SELECT e.id, {_ROW_COLUMNS}, blob_size, r.reason, r.at_ms "
         "FROM tombstone_reasons AS r JOIN entries AS e ON e.id = r.id "
-        "WHERE r.id IN carray(?1) ORDER BY r.at_ms, r.id",
+        f"WHERE r.id IN carray(?1) AND e.{_NOT_DEMO} ORDER BY r.at_ms, r.id",
         (apsw.carray(carray_ids),),
     )
     if connection.changes():
