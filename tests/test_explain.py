@@ -540,7 +540,8 @@ def test_the_departure_record_keeps_ten_thousand(
 
 
 @pytest.mark.parametrize(
-    ("cap", "kept"), [(512 << 10, _explain_sql.MIN_KEPT), (4 << 20, 512), (None, 300)]
+    ("cap", "kept"),
+    [(512 << 10, _explain_sql.MIN_KEPT), (4 << 20, 512), (None, _explain_sql.KEPT_DEPARTURES)],
 )
 def test_a_small_cap_keeps_a_smaller_record(cache_path: Path, cap: int | None, kept: int) -> None:
     with PipelineCache.open(cache_path, max_bytes=cap) as cache:
@@ -549,6 +550,9 @@ def test_a_small_cap_keeps_a_smaller_record(cache_path: Path, cap: int | None, k
         assert cache.delete_entries(keys) == 300
         wait_purged(cache_path)
         assert rows(cache_path, "SELECT count(*) FROM departures") == [(min(kept, 300),)]
+        # A key pushed out of the record is "never seen", among as many as it keeps.
+        summary = cache.explain_entry(os.urandom(32)).summary
+        assert f"no departure among the newest {kept:,};" in summary, summary
 
 
 # -- the miss log ---------------------------------------------------------------------------
@@ -943,6 +947,7 @@ def test_cli_misses(
     assert code == 0, err
     lines = out.splitlines()
     assert " read " in lines[0] and "never seen" in lines[1]
+    assert "never seen: never seen" not in out  # the reason once
     assert " get " in lines[2] and "a driver update" in lines[3]
     answer = json.loads(cli(capsys, cache_path, "misses", "--json", "--limit", "1")[1])
     assert [m["call"] for m in answer] == ["read"]

@@ -560,7 +560,8 @@ def explain_row(
         reason = _field_reason(nearest[0])
         summary = _summary_of_difference(connection, reason, asked, nearest[0], first, before_ms)
         return Explanation(hexkey, "miss", reason, summary, None, nearest)
-    kept = f"{_explain_sql.KEPT_DEPARTURES:,}"
+    # What the record keeps under this file's cap (64 rows under 512 KiB), not its most.
+    kept = f"{_explain_sql.kept_rows(connection, _explain_sql.KEPT_DEPARTURES):,}"
     if not known:
         summary = (
             "never seen: no entry, and no departure among the newest "

@@ -1096,7 +1096,8 @@ def _misses(args: argparse.Namespace) -> int:
         )
     for miss in misses:
         print(f"{miss.at}  {miss.call:<8} pid {miss.pid:<7} {miss.entry_key}")
-        print(f"    {miss.explanation.reason}: {miss.explanation.summary}")
+        reason, summary = miss.explanation.reason, miss.explanation.summary
+        print(f"    {summary}" if summary.startswith(reason) else f"    {reason}: {summary}")
     return 0
 
 
