@@ -185,6 +185,9 @@ BAD_KEY_FIELDS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"shader_hash": b"\x00" * 31}, ValueError, "shader_hash must be exactly 32 bytes, got 31"),
     ({"shader_hash": "zz" * 32}, ValueError, "shader_hash"),
     ({"shader_hash": "ab" * 31}, ValueError, "shader_hash must be 64 hex characters"),
+    # An odd length is a length error, not "not hex" (bytes.fromhex's complaint).
+    ({"shader_hash": "a" * 63}, ValueError, "64 hex characters (32 bytes), got 63 characters"),
+    ({"shader_hash": "zz" * 32}, ValueError, "which is not hex"),
     ({"shader_hash": 5}, TypeError, "shader_hash must be 32 bytes"),
     ({"bind_group_layout_hash": b""}, ValueError, "bind_group_layout_hash"),
     ({"push_constant_size": -1}, ValueError, "push_constant_size must be in 0..4294967295"),

@@ -85,6 +85,11 @@ def coerce_digest(name: str, value: Any) -> bytes:
     if type(value) is bytes and len(value) == HASH_BYTES:
         return value
     if isinstance(value, str):
+        if len(value) != 2 * HASH_BYTES:
+            raise ValueError(
+                f"{name} must be {2 * HASH_BYTES} hex characters ({HASH_BYTES} bytes), "
+                f"got {len(value)} characters: {value[:80]!r}"
+            )
         try:
             raw = bytes.fromhex(value)
         except ValueError:
