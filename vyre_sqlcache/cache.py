@@ -1307,9 +1307,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._reopen_due = False
 
     def _refuse_write(self) -> None:
+        if self._file.writable:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only (readonly=True); open it without "
+                "readonly=True to change it"
+            )
         raise ReadOnlyCacheError(
-            f"the cache {self._path} is open read-only; open it without readonly=True, "
-            "from a process that may write the file, to change it"
+            f"the cache {self._path} is open read-only: this user may not write the file "
+            "or its folder; change it as its owner, or fix the permissions"
         )
 
     def _check_fits(self, entries: list[NewEntry]) -> None:
