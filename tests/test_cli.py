@@ -1519,3 +1519,12 @@ def test_demo_leaves_the_users_departure_record_as_it_was(cli: Cli, cache_path: 
     assert code == 0 and "temporary" not in out, out + err
     after = json.loads(_ok(cli, cache_path, "sql", "--json", "SELECT * FROM departures_v"))
     assert after == before
+
+
+def test_sql_that_makes_text_that_is_not_utf8_is_not_called_damage(
+    cli: Cli, filled: Filled
+) -> None:
+    code, _, err = cli.run(filled.path, "sql", "SELECT CAST(x'ff' AS TEXT)")
+    assert code == 1 and "the query made it" in one_error_line(err)
+    code, out, err = cli.run(filled.path, "check")
+    assert code == 0, out + err  # and the cache is sound

@@ -335,6 +335,12 @@ def translate(
 ) -> CacheError:
     """The `CacheError` subclass, with advice, that stands for an apsw error (met on
     `connection`, if given: its errno tells an I/O error that is a full file)."""
+    if isinstance(error, UnicodeDecodeError) and what == "the query":
+        return CacheError(
+            f"{what} failed on {path}: a value of its result is text that is not UTF-8; "
+            "the query made it (CAST of bytes AS TEXT: select the bytes instead), or an "
+            "entry holds damaged text (`vyre-sqlcache check` finds it, --repair drops it)"
+        )
     if isinstance(error, UnicodeDecodeError):
         return CorruptCacheError(
             f"{what} failed on {path}: an entry holds text that is not UTF-8, which only "
