@@ -23,6 +23,7 @@ from vyre_sqlcache import (
     SCHEMA_VERSION,
     CacheError,
     CacheFullError,
+    CorruptCacheError,
     DeviceFingerprint,
     FeatureFlags,
     PipelineCache,
@@ -656,3 +657,27 @@ def test_cli_bundle_and_merge(
         assert merged.get_entry(key_of(2)) == b"other 2"
     assert main(["merge", str(tmp_path / "nothing-here.sqlite3"), "--into", str(into)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_copy_of_a_damaged_cache_names_the_cache_not_the_copy(
+    cache_path: Path, tmp_path: Path
+) -> None:
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(os.urandom(32), os.urandom(3000)) for _ in range(200)], fp)
+    connection = apsw.Connection(str(cache_path))
+    (root,) = connection.execute(
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'blobs'"
+    ).fetchone()
+    page = connection.pragma("page_size")
+    connection.close()
+    with open(cache_path, "r+b") as file:  # an interior page of `blobs`, overwritten
+        file.seek((root - 1) * page + 100)
+        file.write(os.urandom(page - 200))
+    out = tmp_path / "copy.sqlite3"
+    with (
+        PipelineCache.open(cache_path, readonly=True) as cache,
+        pytest.raises(CorruptCacheError, match=rf"the cache {cache_path} has damaged pages"),
+    ):
+        cache.copy(out)
+    assert not out.exists()

@@ -633,6 +633,13 @@ class CacheMaintenance:
         """The error to raise for writing a file of `kind` from this cache: one with no
         room says what it needs (the cache's size cap is not the remedy). The connection's
         errno tells a file size limit from other I/O errors."""
+        if isinstance(error, (apsw.CorruptError, apsw.NotADBError)):
+            # Met reading this cache: the file being written is new.
+            return CorruptCacheError(
+                f"writing the {kind} {target} failed: the cache {self._path} has damaged "
+                f"pages ({error}); `vyre-sqlcache check --repair` rebuilds it from its "
+                f"readable entries, then write the {kind} again"
+            )
         failure = translate(error, f"writing the {kind}", target, connection)
         if not isinstance(failure, CacheFullError):
             return failure
