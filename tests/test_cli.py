@@ -1528,3 +1528,23 @@ def test_sql_that_makes_text_that_is_not_utf8_is_not_called_damage(
     assert code == 1 and "the query made it" in one_error_line(err)
     code, out, err = cli.run(filled.path, "check")
     assert code == 0, out + err  # and the cache is sound
+
+
+@pytest.mark.parametrize("where", ["empty", "a folder", "a missing folder"])
+def test_get_to_a_path_that_cannot_be_a_file_says_which(
+    cli: Cli, filled: Filled, tmp_path: Path, where: str
+) -> None:
+    # `-o ""` said "[Errno 21] Is a directory: '.'", and a missing folder named the
+    # temporary file written first.
+    target = {
+        "empty": "",
+        "a folder": str(tmp_path),
+        "a missing folder": str(tmp_path / "no" / "x"),
+    }
+    code, out, err = cli.run(filled.path, "get", filled.keys["program"], "-o", target[where])
+    line = one_error_line(err)
+    assert out == ""
+    if where == "a missing folder":
+        assert code == 1 and f"cannot write {target[where]}: " in line and ".tmp" not in line
+    else:
+        assert code == 2 and "is a folder or empty; give a file" in line

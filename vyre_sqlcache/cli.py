@@ -542,6 +542,10 @@ def _get(args: argparse.Namespace) -> int:
     else:
         if part is not None:
             raise UsageError(f"argument -o/--output: {args.output} is {part}; give another file")
+        if not args.output or Path(args.output).is_dir():
+            raise UsageError(
+                f"argument -o/--output: {args.output!r} is a folder or empty; give a file"
+            )
         _write_file(Path(args.output), blob)
         print(f"wrote {len(blob)} bytes to {args.output}")
     return 0
@@ -565,7 +569,8 @@ def _write_file(path: Path, data: bytes) -> None:
                 f"no room to write {len(data)} bytes to {path} ({error.strerror}); it is left "
                 "as it was: free space (or raise the file size limit, `ulimit -f`)"
             ) from error
-        raise
+        # Named by the path given, not the temporary name written first.
+        raise Failure(f"cannot write {path}: {error.strerror or error}") from error
     finally:
         temporary.unlink(missing_ok=True)
 
