@@ -488,15 +488,10 @@ class ConnectionPool:
         main = slot.main
         if main is not None:
             state = main.txn_state()
-            autocommit = main.get_autocommit()
-            if (
-                state == apsw.SQLITE_TXN_WRITE
-                # a statement (or blob handle) left active outside any BEGIN: its read
-                # lock would make the next write fail at once with SQLITE_BUSY_SNAPSHOT
-                or (state != apsw.SQLITE_TXN_NONE and autocommit)
-                # a transaction that is not a held snapshot (a BEGIN that has read
-                # nothing yet is in state NONE)
-                or (not slot.held_since and (state != apsw.SQLITE_TXN_NONE or not autocommit))
+            if state == apsw.SQLITE_TXN_WRITE or (
+                not slot.held_since
+                # (a BEGIN that has read nothing yet is a transaction in state NONE)
+                and (state != apsw.SQLITE_TXN_NONE or not main.get_autocommit())
             ):
                 # An exception delivered asynchronously (Ctrl-C, say) ended an earlier call
                 # of this thread inside a transaction or a statement: a snapshot kept open
