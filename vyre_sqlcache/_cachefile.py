@@ -44,7 +44,6 @@ __all__ = [
     "move_aside",
     "needs_check_marker",
     "network_file_system",
-    "orphaned_log",
     "read_head",
     "remove_foreign_side_files",
     "remove_orphaned_log",
@@ -604,15 +603,6 @@ def inode(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (info.st_dev, info.st_ino)
-
-
-def orphaned_log(path: Path) -> bool:
-    """Whether `path` has a -wal or -shm but no database file: the log of a file deleted
-    while in use, which SQLite would pair with a new file at the path (and read the old
-    file's pages through it)."""
-    if inode(path) is not None:
-        return False
-    return any(Path(f"{path}{side}").exists() for side in SIDE_FILES)
 
 
 # SQLite's unix VFS locks bytes 120-127 of the -shm (its 8 WAL locks) and byte 128 (the

@@ -39,7 +39,6 @@ from ._cachefile import (
     move_aside,
     needs_check_marker,
     network_file_system,
-    orphaned_log,
     read_head,
     remove_foreign_side_files,
     remove_orphaned_log,
@@ -469,20 +468,19 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """
         file = self._watch.file  # as last located (see `FileWatch`)
         if self._inode is not None and not following:
-            if orphaned_log(self._path):
-                # The file was deleted, and not its -wal and -shm, which this object's
-                # open connections still use: SQLite would pair a new file with them and
-                # read the old one's pages. The next flush removes them and makes the
-                # file again.
-                raise CacheError(
-                    f"{self._path} was deleted while open; the next write or flush() makes it again"
-                )
-            if self._reopen_due or (
-                inode(self._path) != self._inode and has_side_files(self._path)
-            ):
-                # Replaced by a rename while the old file's -wal was still at the path:
-                # SQLite would read the old pages through it and, at the last close,
-                # checkpoint them into whatever file was moved in (a user's document).
+            now = inode(self._path)
+            if self._reopen_due or (now != self._inode and has_side_files(self._path)):
+                # The old file's -wal and -shm are still at the path, which this object's
+                # open connections may use: SQLite would pair whatever file is there now
+                # with them, read the old pages and, at the last close, checkpoint them
+                # into it (a user's document renamed over the cache). The next commit
+                # follows the path: it removes a log left without its file and makes the
+                # file again, or opens the file now there, or says why it cannot.
+                if now is None:
+                    raise CacheError(
+                        f"{self._path} was deleted while open; the next write or flush() "
+                        "makes it again"
+                    )
                 raise CacheError(
                     f"{self._path} was replaced while open and the file now there is not "
                     "opened yet; the next write or flush() opens it, or says why it cannot"
