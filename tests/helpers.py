@@ -76,6 +76,18 @@ def connection_of(cache: PipelineCache) -> apsw.Connection:
         pool.leave(slot)
 
 
+def flush_once_recovered(cache: PipelineCache) -> None:
+    """`flush()` once what stopped the commits is gone: the first call may report, once,
+    the error a background commit met meanwhile (as promised), and the next must work."""
+    from vyre_sqlcache import CacheError
+
+    try:
+        cache.flush()
+    except CacheError as error:
+        assert "queued earlier" in str(error), error
+        cache.flush()
+
+
 def open_connections(cache: PipelineCache) -> int:
     """How many SQLite connections `cache` holds open now."""
     count: int = cache._pool.open_connections()
