@@ -48,7 +48,7 @@ def test_cap_holds_after_every_commit(
         capped.write(
             os.urandom(32),
             fingerprint,
-            os.urandom(BLOB // 2 + int.from_bytes(os.urandom(2)) % BLOB),
+            os.urandom(BLOB // 2 + int.from_bytes(os.urandom(2), "big") % BLOB),
         )
         stats = capped.stats()
         assert stats.blob_bytes <= 10 * BLOB
