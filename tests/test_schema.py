@@ -16,6 +16,7 @@ import pytest
 
 from vyre_sqlcache import (
     CacheError,
+    CorruptCacheError,
     DeviceFingerprint,
     NotACacheError,
     PipelineCache,
@@ -284,3 +285,157 @@ def test_a_refused_open_leaves_the_file_alone_for_good(tmp_path: Path, kind: str
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["refused.sqlite3"]
     assert threading.active_count() <= threads
+
+
+# -- what engineers do to a cache with SQL: their objects kept, ours rebuilt -----------------
+
+
+def _filled(path: Path, fingerprint: DeviceFingerprint, count: int = 20) -> dict[bytes, bytes]:
+    """A cache at `path` with `count` flushed entries; returns them."""
+    written = {bytes([i]) * 32: os.urandom(100 + i) for i in range(1, count + 1)}
+    with PipelineCache.open(path, compression="off") as cache:
+        for digest, blob in written.items():
+            cache.write(digest, fingerprint, blob)
+        cache.flush()
+    return written
+
+
+def _shell(path: Path, sql: str) -> None:
+    """What an engineer types into a SQL shell (a plain connection, its own settings)."""
+    connection = apsw.Connection(str(path))
+    try:
+        connection.execute(sql)
+    finally:
+        connection.close()
+
+
+def _objects(path: Path) -> set[tuple[str, str]]:
+    connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return {
+            (str(kind), str(name))
+            for kind, name in connection.execute(
+                "SELECT type, name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+            )
+        }
+    finally:
+        connection.close()
+
+
+def _moved_aside(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".corrupt-*"))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE INDEX my_backend ON entries (backend)",
+        "CREATE TABLE notes (x TEXT)",
+        "CREATE VIEW big AS SELECT entry_key FROM pipelines_v WHERE bytes > 100",
+        "CREATE TABLE notes (x TEXT); CREATE UNIQUE INDEX notes_x ON notes (x); "
+        "CREATE TRIGGER notes_t AFTER INSERT ON notes BEGIN SELECT 1; END",
+        "ANALYZE",
+    ],
+)
+def test_objects_an_engineer_adds_are_kept_with_every_entry(
+    tmp_path: Path, fingerprint: DeviceFingerprint, sql: str
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    written = _filled(path, fingerprint)
+    _shell(path, sql)
+    before = _objects(path)
+    with PipelineCache.open(path, readonly=True) as reader:
+        assert all(reader.read(d, fingerprint) == b for d, b in written.items())
+    with PipelineCache.open(path) as cache:
+        assert all(cache.read(d, fingerprint) == b for d, b in written.items())
+        cache.write(b"\xee" * 32, fingerprint, b"after")
+        assert cache.stats().entries == len(written) + 1
+    assert _objects(path) == before and _moved_aside(path) == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        ("DROP INDEX entries_lru", "entries_lru"),
+        ("DROP VIEW stats_v", "stats_v"),
+        ("DROP VIEW stats_v; CREATE VIEW stats_v AS SELECT 1 AS x", "stats_v"),
+        ("DROP TRIGGER entries_delete_blob", "entries_delete_blob"),
+        ("CREATE UNIQUE INDEX one_per_size ON entries (blob_size)", "one_per_size"),
+        (
+            "CREATE TABLE log (id INTEGER); CREATE TRIGGER log_ins AFTER INSERT ON entries "
+            "BEGIN INSERT INTO log VALUES (new.id); END",
+            "log_ins",
+        ),
+        ("PRAGMA user_version = 0", "user_version 0"),
+        ("PRAGMA user_version = 5", "user_version 5"),
+    ],
+)
+def test_our_objects_changed_by_hand_are_rebuilt_by_a_writing_open_and_nothing_is_lost(
+    tmp_path: Path, fingerprint: DeviceFingerprint, sql: str, named: str
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    written = _filled(path, fingerprint)
+    expected = _objects(path)
+    _shell(path, sql)
+    before = path.read_bytes()
+    with pytest.raises(CorruptCacheError, match=f"{named}.*a writing open"):
+        PipelineCache.open(path, readonly=True)
+    assert path.read_bytes() == before  # a reader changes nothing
+    with PipelineCache.open(path) as cache:
+        assert all(cache.read(d, fingerprint) == b for d, b in written.items())
+        # A UNIQUE index on sizes, kept, would refuse this one (same size as another).
+        cache.write(b"\xee" * 32, fingerprint, os.urandom(101))
+        cache.flush()
+        assert cache.stats().entries == len(written) + 1
+        assert len(cache.entries()) == len(written) + 1
+        assert cache.invalidate_impacted([1], [b"\x01" * 32], fingerprint) == 1
+    assert _moved_aside(path) == []
+    assert _objects(path) - {("table", "log")} == expected
+    with PipelineCache.open(path, readonly=True) as reader:
+        assert reader.stats().entries == len(written)
+        assert reader.read(b"\xee" * 32, fingerprint) is not None
+
+
+def test_a_changed_table_is_still_damage_named_in_the_message(
+    tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    _filled(path, fingerprint)
+    _shell(path, "ALTER TABLE entries ADD COLUMN note TEXT")
+    with pytest.raises(CorruptCacheError, match="damaged or missing: entries"):
+        PipelineCache.open(path, strict=True)
+
+
+def _live_stored_bytes(path: Path) -> int:
+    connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        row = connection.execute(
+            "SELECT coalesce(sum(stored_size), 0) FROM entries "
+            "WHERE id NOT IN (SELECT id FROM tombstones)"
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    "sql", ["DELETE FROM meta WHERE name = 'stored_bytes'", "DROP TRIGGER entries_count_insert"]
+)
+def test_totals_broken_by_hand_are_recounted_and_the_cap_holds(
+    tmp_path: Path, fingerprint: DeviceFingerprint, sql: str
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    with PipelineCache.open(path, compression="off") as cache:
+        cache.write(b"\1" * 32, fingerprint, b"first")
+        cache.flush()
+        _shell(path, sql)  # while the cache is open: its writes then go uncounted
+        for i in range(50):
+            cache.write(i.to_bytes(32, "big"), fingerprint, os.urandom(1000))
+    with PipelineCache.open(path, max_bytes=20_000, compression="off") as cache:
+        for i in range(50, 300):
+            cache.write(i.to_bytes(32, "big"), fingerprint, os.urandom(1000))
+        cache.flush()
+        stored = cache.stats().stored_bytes
+    assert 0 < stored <= 20_000
+    assert stored == _live_stored_bytes(path)

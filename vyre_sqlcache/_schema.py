@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -29,6 +30,8 @@ _FOLDER = Path(__file__).resolve().parent / "migrations"
 #: a cache does not apply them all in memory first (5 ms for seven of them); a test keeps
 #: it equal to what the migrations build, and `write_snapshot()` writes it.
 _SNAPSHOT = _FOLDER / "schema.json"
+
+log = logging.getLogger("vyre_sqlcache")
 
 
 @dataclass(frozen=True)
@@ -172,25 +175,57 @@ def _check_is_ours(connection: apsw.Connection, where: str) -> None:
         )
 
 
-def _checked_version(connection: apsw.Connection, where: str) -> int:
-    """The file's schema version, once its objects are exactly those of that version.
+def _checked_version(connection: apsw.Connection, where: str, *, heal: bool = False) -> int:
+    """The file's schema version, once its objects are those of that version (see
+    `_look`)."""
+    return _look(connection, where, heal=heal)[0]
 
-    A plausible newer version is a newer library's file (SchemaTooNewError). A file with
-    most of our objects but not exactly those of its version (a damaged header or schema,
-    a planted trigger or view) is damaged (CorruptCacheError: moved aside, never run);
-    anything else is another program's database (NotACacheError: never touched).
+
+def _look(connection: apsw.Connection, where: str, *, heal: bool = False) -> tuple[int, bool]:
+    """The file's schema version, once its objects are those of that version, and whether
+    they are exactly those.
+
+    Objects of the user's own beside ours (a table, a view, an index on our tables that is
+    not UNIQUE) are left alone. With `heal` (a writing open, which then calls `_heal` in
+    its transaction), our views, indexes and triggers that are missing or changed, and
+    triggers or UNIQUE indexes someone added to our tables, are accepted too; without it
+    they make the file damaged. A plausible newer version is a newer library's file
+    (SchemaTooNewError). A file with most of our objects but tables that are not exactly
+    those of its version (a damaged header or schema) is damaged (CorruptCacheError:
+    moved aside, never run); anything else is another program's database
+    (NotACacheError: never touched).
     """
     version = schema_version(connection)
     objects = _schema_objects(connection)
     latest = latest_version()
     if 0 <= version <= latest and objects == expected_schema(version):
-        return version
+        return version, True
+    differences = _differences(objects, version) if 0 < version <= latest else None
+    if differences is not None and not differences.damaged:
+        if heal or not (differences.rebuild or differences.drop):
+            return version, False
+        raise CorruptCacheError(
+            f"{where}: {differences.describe()}; a writing open of the cache, or "
+            "'vyre-sqlcache check --repair', rebuilds them (the entries are kept)"
+        )
     if latest < version <= latest + PLAUSIBLE_VERSIONS_AHEAD:
         _check_not_newer(version, where)
+    if 0 <= version < latest and objects:
+        # user_version set by hand (or damaged) on a file whose objects are the latest's.
+        found = _differences(objects, latest)
+        if not found.damaged:
+            if heal:
+                return latest, False
+            raise CorruptCacheError(
+                f"{where} has user_version {version}, but the tables of schema version "
+                f"{latest}; a writing open of the cache, or 'vyre-sqlcache check --repair', "
+                "sets it back (the entries are kept)"
+            )
     if _mostly_ours(objects):
+        what = "" if differences is None else f" ({differences.describe()})"
         raise CorruptCacheError(
             f"{where} has vyre-sqlcache's tables, but not exactly the schema of version "
-            f"{version} (user_version): it is damaged, or something changed it"
+            f"{version} (user_version){what}: it is damaged, or something changed it"
         )
     if version == 0:
         _check_is_ours(connection, where)
@@ -198,6 +233,147 @@ def _checked_version(connection: apsw.Connection, where: str) -> int:
         f"{where} is a SQLite database but not a vyre-sqlcache cache (user_version "
         f"{version}, other tables); choose another path (the file was not modified)"
     )
+
+
+@dataclass(frozen=True)
+class _Differences:
+    """How a file's schema objects differ from those of its version (names as text)."""
+
+    #: Our tables missing or changed, objects of ours of the wrong type or of another
+    #: version, names that are not text: the file is damaged.
+    damaged: tuple[str, ...]
+    #: Our views, indexes and triggers missing or changed: a writing open rebuilds them.
+    rebuild: tuple[str, ...]
+    #: (type, name) of triggers and UNIQUE indexes added to our tables, which would run
+    #: inside our transactions or refuse our rows: a writing open drops them.
+    drop: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        """The differences in a few words, naming the objects."""
+        parts = []
+        for label, names in (
+            ("damaged or missing", self.damaged),
+            ("missing or changed", self.rebuild),
+            ("added to its tables", tuple(f"{kind} {name}" for kind, name in self.drop)),
+        ):
+            if names:
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        return "; ".join(parts)
+
+
+def _differences(objects: _Schema, version: int) -> _Differences:
+    """Compare a file's objects with those version `version` of the schema has."""
+    expected = {entry[1]: entry for entry in expected_schema(version)}
+    found = {entry[1]: entry for entry in objects}
+    # A name of ours from another version means a wrong user_version, not a user's object.
+    reserved = expected.keys() | {entry[1] for entry in expected_schema(latest_version())}
+    tables = {name for name, entry in expected.items() if entry[0] == b"table"}
+    damaged: list[str] = []
+    rebuild: list[str] = []
+    drop: list[tuple[str, str]] = []
+    for name, want in expected.items():
+        have = found.get(name)
+        if have == want:
+            continue
+        if want[0] == b"table" or (have is not None and have[0] != want[0]):
+            damaged.append(_text(name))
+        else:
+            rebuild.append(_text(name))
+    for name, have in found.items():
+        if name in expected:
+            continue
+        kind, table, sql = have[0], have[2], have[3]
+        if name in reserved or not _is_text(name):
+            damaged.append(_text(name))
+        elif table in tables and (
+            kind == b"trigger" or (kind == b"index" and sql.upper().startswith(b"CREATE UNIQUE"))
+        ):
+            drop.append((_text(kind), _text(name)))
+    return _Differences(tuple(sorted(damaged)), tuple(sorted(rebuild)), tuple(sorted(drop)))
+
+
+def _text(raw: bytes) -> str:
+    """A schema name as text (bytes that are not UTF-8 shown escaped)."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _is_text(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _heal(connection: apsw.Connection, version: int, where: str) -> bool:
+    """Inside the migration transaction, after `_look(heal=True)` accepted the file: drop
+    the triggers and UNIQUE indexes added to our tables and rebuild our views, indexes and
+    triggers that are missing or changed; return whether anything was (the totals those
+    triggers keep are then to be recounted). Logs what it did."""
+    differences = _differences(_schema_objects(connection), version)
+    if not (differences.rebuild or differences.drop):
+        return False
+    for kind, name in differences.drop:
+        connection.execute(f"DROP {kind.upper()} IF EXISTS {_quoted(name)}")
+    rebuild = set(differences.rebuild)
+    built = built_sql(version)
+    for kind, name, _sql in reversed(built):
+        if name in rebuild:
+            connection.execute(f"DROP {kind.upper()} IF EXISTS {_quoted(name)}")
+    for _kind, name, sql in built:
+        if name in rebuild:
+            connection.execute(sql)
+    log.warning(
+        "vyre-sqlcache: %s: %s; rebuilt or dropped them (the entries are kept)",
+        where,
+        differences.describe(),
+    )
+    return True
+
+
+def recount_totals(connection: apsw.Connection) -> None:
+    """Set the totals the triggers keep in `meta` (live entries, their sizes as written
+    and as stored) from the entries themselves."""
+    connection.execute(
+        "INSERT OR REPLACE INTO meta (name, value) "
+        "SELECT 'entries', count(*) FROM entries WHERE id NOT IN (SELECT id FROM tombstones) "
+        "UNION ALL SELECT 'blob_bytes', coalesce(sum(blob_size), 0) FROM entries "
+        "WHERE id NOT IN (SELECT id FROM tombstones) "
+        "UNION ALL SELECT 'stored_bytes', coalesce(sum(stored_size), 0) FROM entries "
+        "WHERE id NOT IN (SELECT id FROM tombstones)"
+    )
+
+
+def _totals_kept(connection: apsw.Connection) -> bool:
+    """Whether `meta` has a row for each total the triggers keep (someone may have
+    deleted one: the size cap would then count nothing)."""
+    row = connection.execute(
+        "SELECT count(*) FROM meta WHERE name IN ('entries', 'blob_bytes', 'stored_bytes')"
+    ).fetchone()
+    return row is not None and row[0] == 3
+
+
+def built_sql(version: int) -> list[tuple[str, str, str]]:
+    """(type, name, sql) of the objects migrations 1..version create, in the order
+    SQLite keeps them (one that depends on another comes after it)."""
+    connection = apsw.Connection(":memory:")
+    try:
+        for migration in migrations()[:version]:
+            connection.execute(migration.sql)
+        return [
+            (str(kind), str(name), str(sql))
+            for kind, name, sql in connection.execute(
+                "SELECT type, name, sql FROM sqlite_schema "
+                "WHERE name NOT LIKE 'sqlite_%' AND sql IS NOT NULL ORDER BY rowid"
+            )
+        ]
+    finally:
+        connection.close()
 
 
 def _mostly_ours(objects: _Schema) -> bool:
@@ -217,7 +393,8 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     """
     # One read transaction, so that both looks see the same moment of the file.
     with transaction(connection, "DEFERRED"):
-        version = _checked_version(connection, where)
+        version, exact = _look(connection, where, heal=not readonly)
+        counted = version < latest_version() or _totals_kept(connection)
     if readonly:
         if version == 0:  # (a database with other tables is refused above)
             raise CacheError(
@@ -234,13 +411,27 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
     # page_size only takes effect on a new, empty file; WAL mode is kept in the file.
     connection.pragma("page_size", PAGE_SIZE)
     connection.pragma("journal_mode", "wal")
-    if version == latest_version():
+    if version == latest_version() and exact and counted:
         return version
     with transaction(connection):
-        # Another process may have migrated between our look and our lock.
-        version = _checked_version(connection, where)
+        # Another process may have migrated (or healed) between our look and our lock.
+        version, exact = _look(connection, where, heal=True)
+        healed = not exact and _heal(connection, version, where)
+        if schema_version(connection) != version:
+            log.warning(
+                "vyre-sqlcache: %s: user_version was %d, set back to %d (its tables are "
+                "those of version %d)",
+                where,
+                schema_version(connection),
+                version,
+                version,
+            )
+            connection.execute(f"PRAGMA user_version = {version:d}")
+            healed = True
         for migration in migrations()[version:]:
             connection.execute(migration.sql)
             # PRAGMA takes no bound parameters; the value is our own int.
             connection.execute(f"PRAGMA user_version = {migration.version:d}")
+        if healed or not _totals_kept(connection):
+            recount_totals(connection)
         return schema_version(connection)
