@@ -469,6 +469,7 @@ class ConnectionPool:
         self._paused = False
         self.closed = False
         _pools.add(self)
+        self._slot_freed = _on_slot_freed(weakref.ref(self))
 
     # -- calls ---------------------------------------------------------------------
 
@@ -478,7 +479,7 @@ class ConnectionPool:
         if slot is None:
             slot = self._local.slot = Slot()
             with self._lock:
-                self._slots.append(weakref.ref(slot))
+                self._slots.append(weakref.ref(slot, self._slot_freed))
         slot.busy = True
         if self._paused or self.closed:
             slot.busy = False
@@ -626,6 +627,11 @@ class ConnectionPool:
                 with suppress(apsw.Error):
                     connection.close()
 
+    def reclaim(self) -> None:
+        """Close the connections of threads that have ended."""
+        with self._lock:
+            self._reclaim_locked()
+
     def open_connections(self) -> int:
         """How many connections the pool holds now (threads that ended are reclaimed first)."""
         with self._lock:
@@ -741,6 +747,18 @@ class ConnectionPool:
             self.closed = True
 
     _forked_clean = True
+
+
+def _on_slot_freed(pool: weakref.ref[ConnectionPool]) -> Callable[[object], None]:
+    """The weak reference callback of a pool's slots: a freed slot is an ended thread
+    (its thread-local storage gone), whose connections the snapshot reaper then closes."""
+
+    def freed(_: object) -> None:
+        alive = pool()
+        if alive is not None and not alive.closed:
+            _snapshots.thread_ended(alive)
+
+    return freed
 
 
 def open_in_process(path: Path) -> bool:

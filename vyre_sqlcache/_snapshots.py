@@ -11,8 +11,9 @@ Beginning and ending a read transaction is most of what a small read costs in SQ
   purge) bumps `generation`, and a read whose snapshot began before it starts a new
   one: this process sees its own changes at once;
 - a thread that stops reading does not keep its snapshot: the reaper thread ends
-  snapshots held past `HOLD_S` by threads that are not in a call, so no checkpoint
-  waits on one for much longer than `HOLD_S`;
+  snapshots held past `HOLD_S` by threads that are not in a call, and closes the
+  connections of threads that have ended, so no checkpoint waits on one for much
+  longer than `HOLD_S`;
 - any other use of the connection (a transaction, a query) ends the snapshot first.
 
 Reads in a snapshot go through blob handles where they can (`_rows.HeldReader`, kept
@@ -31,6 +32,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
@@ -47,6 +49,7 @@ __all__ = [
     "current_generation",
     "end",
     "paused",
+    "thread_ended",
     "watch",
 ]
 
@@ -75,6 +78,10 @@ def current_generation() -> int:
 
 class _Reader(Protocol):
     def close(self) -> None: ...
+
+
+class _Pool(Protocol):
+    def reclaim(self) -> None: ...
 
 
 def end(connection: apsw.Connection, reader: _Reader | None = None) -> bool:
@@ -110,6 +117,9 @@ class _Reaper:
         self._thread: threading.Thread | None = None
         # Set by the thread before it looks at the slots and sleeps with nothing due.
         self._idle = False
+        # Pools a thread of which has ended (appended from weak reference callbacks,
+        # which may run anywhere: no lock is taken there).
+        self._ended: deque[weakref.ref[_Pool]] = deque()
 
     def watch(self, slot: Slot) -> None:
         """Have the thread end `slot`'s snapshot once it is held past `HOLD_S` unused
@@ -131,6 +141,20 @@ class _Reaper:
             self._idle = False
             self._wake.set()
 
+    def thread_ended(self, pool: _Pool) -> None:
+        """Have the thread close the connections of `pool`'s ended threads: the slot of
+        an ended thread is gone, and with it the reaper's look at its snapshot, which
+        would otherwise stay open (and the log grow) until another thread of this process
+        opens a connection. Called when a slot is freed; never raises."""
+        self._ended.append(weakref.ref(pool))
+        self._wake.set()
+
+    def _reclaim(self) -> None:
+        while self._ended:
+            pool = self._ended.popleft()()
+            if pool is not None:
+                pool.reclaim()
+
     def _run(self) -> None:
         timeout: float | None = None
         while True:
@@ -139,6 +163,7 @@ class _Reaper:
             # Before the look at the slots: a snapshot begun after the look sees it set.
             self._idle = True
             try:
+                self._reclaim()
                 timeout = self._reap()
             except Exception as error:  # never let the thread die: snapshots would stay held
                 log.debug("vyre-sqlcache: ending held snapshots: %s", error)
@@ -195,11 +220,13 @@ class _Reaper:
         self._wake = threading.Event()
         self._thread = None
         self._idle = False
+        self._ended = deque()
 
 
 _reaper = _Reaper()
 watch = _reaper.watch
 paused = _reaper.paused
+thread_ended = _reaper.thread_ended
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
