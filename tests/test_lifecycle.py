@@ -344,15 +344,19 @@ EXIT_FP = DeviceFingerprint.from_parts(1, 2, "exit")
 # argv: path, how the script ends. Writes and ends at once, without flush() or close().
 EXITER = textwrap.dedent(
     """
-    import sys, threading
-    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    import atexit, sys, threading
     path, how = sys.argv[1], sys.argv[2]
-    fp = DeviceFingerprint.from_parts(1, 2, "exit")
-    cache = PipelineCache.open(path)
     def write():
         for i in range(300):
             cache.write(i.to_bytes(32, "big"), fp, b"%d" % i * 50)
-    if how == "from a thread":
+    if how == "from an atexit handler run after the library's":
+        atexit.register(write)  # registered before the import: runs after its handler
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(1, 2, "exit")
+    cache = PipelineCache.open(path)
+    if how.startswith("from an atexit"):
+        pass
+    elif how == "from a thread":
         thread = threading.Thread(target=write)
         thread.start()
         thread.join()
@@ -372,7 +376,14 @@ def written_by_exiter(path: Path) -> list[bool]:
 
 
 @pytest.mark.parametrize(
-    "how", ["the end of the script", "sys.exit", "an uncaught exception", "from a thread"]
+    "how",
+    [
+        "the end of the script",
+        "sys.exit",
+        "an uncaught exception",
+        "from a thread",
+        "from an atexit handler run after the library's",
+    ],
 )
 def test_a_normal_exit_without_close_keeps_every_write(tmp_path: Path, how: str) -> None:
     # write() returned, so the entry was promised to other processes within milliseconds;

@@ -107,7 +107,9 @@ class WriteBehind:
             full = len(self.queue) >= MAX_QUEUED_ENTRIES or self._queued_bytes >= MAX_QUEUED_BYTES
             if not full:
                 self._wake.notify()
-        if full:
+        # Once the commit at exit has run, nothing would commit a queued entry: the
+        # application's own atexit handlers that run after ours write through.
+        if full or _exiting:
             self.commit()
         elif self._thread is None or not self._thread.is_alive():
             self.start()
@@ -248,9 +250,15 @@ def _after_fork_in_child() -> None:
     _arm_for_multiprocessing()
 
 
+#: Whether the commit at exit has run: later writes are committed by their callers.
+_exiting = False
+
+
 def _commit_at_exit() -> None:
     """Commit every writer's queue: `write()` returning promised other processes the entry
     within milliseconds, and a normal exit is no crash."""
+    global _exiting
+    _exiting = True
     for writer in list(_writers):
         writer.commit_at_exit()
 
