@@ -4,11 +4,13 @@ load, threads not made by `threading`, and never waiting on another process to q
 from __future__ import annotations
 
 import _thread
+import copy
 import ctypes
 import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import textwrap
@@ -753,3 +755,26 @@ def test_a_storm_of_ctrl_c_in_one_process_leaves_no_call_failing(tmp_path: Path,
     result = run_script(CTRL_C_STORM, str(tmp_path), str(seed), timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "0 []"
+
+
+@pytest.mark.parametrize(
+    "how", [copy.copy, copy.deepcopy, pickle.dumps], ids=["copy", "deepcopy", "pickle"]
+)
+def test_a_cache_is_not_copied_or_pickled_and_stays_open(tmp_path: Path, how: Any) -> None:
+    # A shallow copy shared the pool and queue, and closed them when collected.
+    fp = DeviceFingerprint.from_parts(1, 2, "copy")
+    with PipelineCache.open(tmp_path / "cache.sqlite3") as cache:
+        cache.write(b"\1" * 32, fp, b"kept")
+        with pytest.raises(TypeError, match=r"PipelineCache\.open\(.*cache\.sqlite3"):
+            how(cache)
+        gc.collect()
+        cache.write(b"\2" * 32, fp, b"after")
+        cache.flush()
+        assert cache.read(b"\1" * 32, fp) == b"kept"
+
+
+def test_a_cache_passed_to_a_spawned_process_says_to_open_it_by_path(tmp_path: Path) -> None:
+    with PipelineCache.open(tmp_path / "cache.sqlite3") as cache:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool, pytest.raises(TypeError, match=r"PipelineCache\.open\("):
+            pool.apply(repr, (cache,))

@@ -66,6 +66,21 @@ def test_other_connections_see_a_write_once_the_thread_commits_it(
     assert wait_for(lambda: in_file(cache.path) == 1, timeout=5)
 
 
+@pytest.mark.parametrize("flushed", [True, False])
+def test_another_object_on_the_file_sees_a_write_once_committed(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, flushed: bool
+) -> None:
+    digest = os.urandom(32)
+    with PipelineCache.open(cache.path) as other:
+        assert other.read(digest, fingerprint) is None
+        cache.write(digest, fingerprint, b"from the first object")
+        if flushed:
+            cache.flush()
+            assert other.read(digest, fingerprint) == b"from the first object"
+        else:
+            assert wait_for(lambda: other.read(digest, fingerprint) is not None, timeout=5)
+
+
 def test_flush_commits_the_queue_and_close_drains_it(
     cache_path: Path, fingerprint: DeviceFingerprint
 ) -> None:

@@ -679,6 +679,25 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def __repr__(self) -> str:
         return f"PipelineCache({str(self._path)!r})"
 
+    def _not_copyable(self) -> TypeError:
+        return TypeError(
+            f"a PipelineCache cannot be copied or pickled (it holds open connections and "
+            f"threads); use the same object, or pass its path and call "
+            f"PipelineCache.open({str(self._path)!r}) in the other process"
+        )
+
+    def __copy__(self) -> PipelineCache:
+        """Raises TypeError: a copy would share, and on collection close, this one's file."""
+        raise self._not_copyable()
+
+    def __deepcopy__(self, memo: Any) -> PipelineCache:
+        """Raises TypeError (see `__copy__`)."""
+        raise self._not_copyable()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Raises TypeError: open the cache by path in the other process instead."""
+        raise self._not_copyable()
+
     @property
     def path(self) -> Path:
         """The cache file (absolute, symbolic links resolved)."""
