@@ -912,6 +912,46 @@ def test_query_stops_at_its_timeout(cache: PipelineCache) -> None:
     assert cache.query("SELECT 1 AS one")[0].rows == [(1,)]  # the connection is fine after
 
 
+@pytest.mark.parametrize(
+    "pragma",
+    [
+        "PRAGMA query_only = 1",
+        "PRAGMA locking_mode = EXCLUSIVE",
+        "PRAGMA busy_timeout = 0",
+        "PRAGMA synchronous = OFF",
+        "PRAGMA main.ignore_check_constraints = 1",
+        "SELECT 1; PRAGMA cache_size = 1",
+    ],
+)
+def test_query_refuses_a_pragma_that_sets_and_the_cache_works_on(
+    cache_path: Path, fingerprint: DeviceFingerprint, pragma: str
+) -> None:
+    # query() runs on the thread's own connection, which the cache also writes through:
+    # query_only made every later flush() fail as 'read-only', EXCLUSIVE locked every
+    # other process out for as long as the application ran.
+    with PipelineCache.open(cache_path) as cache:
+        with pytest.raises(ReadOnlyCacheError, match="may only read"):
+            cache.query(pragma)
+        cache.write(b"\1" * 32, fingerprint, b"after")
+        cache.flush()
+        with PipelineCache.open(cache_path, readonly=True) as other:
+            assert other.read(b"\1" * 32, fingerprint) == b"after"
+
+
+@pytest.mark.parametrize(
+    "pragma",
+    [
+        "PRAGMA table_info(entries)",
+        "PRAGMA main.index_list('entries')",
+        "PRAGMA integrity_check(1)",
+        "PRAGMA page_size",
+        "SELECT name FROM pragma_table_info('meta')",
+    ],
+)
+def test_query_runs_pragmas_that_read(cache: PipelineCache, pragma: str) -> None:
+    assert cache.query(pragma)[0].rows
+
+
 def test_check_repair_rebuilds_a_file_with_damaged_pages(
     cache_path: Path,
     fingerprint: DeviceFingerprint,

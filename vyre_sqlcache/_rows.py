@@ -1313,11 +1313,29 @@ def iter_query(
         yield columns, row
 
 
+#: Pragmas whose argument names what to read, not a value to set.
+_PRAGMAS_READ_WITH_AN_ARGUMENT = frozenset(
+    {
+        "foreign_key_check",
+        "foreign_key_list",
+        "index_info",
+        "index_list",
+        "index_xinfo",
+        "integrity_check",
+        "quick_check",
+        "table_info",
+        "table_list",
+        "table_xinfo",
+    }
+)
+
+
 def _read_only_rows(
     connection: apsw.Connection, sql: str, started: Callable[[list[str]], object]
 ) -> Iterator[tuple[Any, ...]]:
-    """The rows of `sql`, refusing (WriteRefused) any statement that would write and
-    ATTACH/DETACH before it runs; `started(columns)` is called as each statement begins."""
+    """The rows of `sql`, refusing (WriteRefused) any statement that would write, ATTACH,
+    DETACH and a pragma given a value before it runs; `started(columns)` is called as each
+    statement begins."""
 
     def before_each(cursor: apsw.Cursor, statement: str, bindings: Any) -> bool:
         if not cursor.is_readonly:
@@ -1330,8 +1348,14 @@ def _read_only_rows(
         return True
 
     def authorize(operation: int, *names: str | None) -> int:
-        # SQLite counts ATTACH as reading, but it creates the file it names.
-        if operation in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
+        # SQLite counts ATTACH as reading, but it creates the file it names; and a pragma
+        # given a value as reading, but it changes the connection, which the cache writes
+        # through (query_only, locking_mode, busy_timeout...).
+        if operation in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH) or (
+            operation == apsw.SQLITE_PRAGMA
+            and names[1] is not None
+            and str(names[0]).lower() not in _PRAGMAS_READ_WITH_AN_ARGUMENT
+        ):
             raise WriteRefused(sql)
         return apsw.SQLITE_OK
 
