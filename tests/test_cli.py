@@ -546,8 +546,25 @@ def test_check_finds_and_repairs_bad_entries(
         "rebuilt": False,
         "kept": 0,
         "integrity_after": None,
+        "wrong_size": [],
+        "stray_blobs": 0,
+        "wrong_totals": [],
+        "corrected": False,
         "moved_aside": None,
     }
+
+
+def test_check_reports_wrong_records_and_repair_corrects_them(cli: Cli, filled: Filled) -> None:
+    connection = apsw.Connection(str(filled.path))
+    connection.execute("UPDATE meta SET value = value + 7 WHERE name = 'blob_bytes'")
+    connection.close()
+    code, out, err = cli.run(filled.path, "check")
+    assert code == 1 and "the totals in meta are wrong (blob_bytes: recorded" in out
+    assert "'check --repair' corrects the totals" in one_error_line(err)
+    code, out, err = cli.run(filled.path, "check", "--repair")
+    assert code == 0 and out.rstrip().endswith(": corrected"), err
+    code, out, _ = cli.run(filled.path, "check", "--json")
+    assert code == 0 and json.loads(out)["wrong_totals"] == []
 
 
 def test_compact_shrinks_the_file(

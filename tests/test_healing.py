@@ -341,3 +341,68 @@ def test_check_repair_drops_an_entry_whose_text_is_not_utf8(
         cache.bundle(tmp_path / "bundle.sqlite3")
     with PipelineCache.open(tmp_path / "merged.sqlite3") as merged:
         assert merged.merge([cache_path]).added == 4
+
+
+def _edit(path: Path, sql: str) -> None:
+    """An engineer's hand edit in a SQL shell (the cache closed or open elsewhere)."""
+    raw = apsw.Connection(str(path))
+    try:
+        raw.execute(sql)
+    finally:
+        raw.close()
+
+
+# (edit, what check reports, what reads serve after the repair: of 5 entries)
+HAND_EDITS = {
+    "a recorded size off by one": (
+        "UPDATE entries SET blob_size = blob_size + 1 WHERE id IN "
+        "(SELECT id FROM entries ORDER BY id LIMIT 2)",
+        lambda r: len(r.wrong_size) == 2 and not r.bad_entries,
+        5,
+    ),
+    "rows moved off their key's id": (
+        "UPDATE entries SET id = id + 1 WHERE id = (SELECT max(id) FROM entries)",
+        lambda r: len(r.missing_blob) == 1 and r.stray_blobs == 1,
+        4,
+    ),
+    "a key changed": (
+        "UPDATE entries SET entry_key = randomblob(32) WHERE id = (SELECT min(id) FROM entries)",
+        lambda r: len(r.damaged) == 1,
+        4,
+    ),
+    "a total set by hand": (
+        "UPDATE meta SET value = 0 WHERE name = 'stored_bytes'",
+        lambda r: r.wrong_totals == (f"stored_bytes: recorded 0, counted {5 * 3200}",),
+        5,
+    ),
+    "an entry deleted without its blob": (
+        "DROP TRIGGER entries_delete_blob; "
+        "DELETE FROM entries WHERE id = (SELECT min(id) FROM entries)",
+        lambda r: r.stray_blobs == 1,
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HAND_EDITS))
+def test_check_reports_records_edited_by_hand_and_repair_puts_them_right(
+    cache_path: Path, fingerprint: DeviceFingerprint, edit: str
+) -> None:
+    # The recorded size and the totals feed the size cap; a row off its key's id is never
+    # read, and its blob's space never freed. Before, the repair dropped right bytes
+    # over a size, and could not drop a moved row ('dropped 0', exit 1 every time).
+    sql, reported, served = HAND_EDITS[edit]
+    digests = populate(cache_path, fingerprint, count=5)
+    with PipelineCache.open(cache_path, compression="off") as cache:
+        _edit(cache_path, sql)
+        found = cache.check()
+        assert reported(found) and not found.ok
+        repaired = cache.check(repair=True)
+        assert repaired.ok
+        after = cache.check()
+        assert after.ok and not after.has_wrong_records and not after.bad_entries
+        blobs = [cache.read(digest, fingerprint) for digest in digests]
+        assert sum(b == blob_of(d) for d, b in zip(digests, blobs, strict=True)) == served
+        assert all(b in (None, blob_of(d)) for d, b in zip(digests, blobs, strict=True))
+        stats = cache.stats()
+        assert (stats.entries, stats.stored_bytes) == (served, served * 3200)

@@ -174,7 +174,6 @@ HEADER_DAMAGE = {
     # offset in the file header: the bytes written there
     "write-version": (18, b"\x07"),  # SQLite opens it read-only: every write fails
     "schema-format": (47, b"\x07"),  # every statement: 'unsupported file format'
-    "user-version-zero": (60, b"\0\0\0\0"),  # NotACacheError: 'not a vyre-sqlcache cache'
     "user-version-huge": (60, struct.pack(">i", 0x7A3B_11C0)),  # SchemaTooNewError
     "user-version-negative": (60, struct.pack(">i", -3)),  # 'table entries already exists'
 }
@@ -195,6 +194,22 @@ def test_a_damaged_header_field_heals(
         cache.write(b"\1" * 32, FINGERPRINT, b"works")
         assert cache.read(b"\1" * 32, FINGERPRINT) == b"works"
     assert len(list(path.parent.glob("*.corrupt-*"))) == 1
+
+
+def test_a_user_version_zeroed_on_the_latest_schema_is_set_back_and_nothing_lost(
+    templates: dict[str, Template], tmp_path: Path
+) -> None:
+    # (it made the file "not a vyre-sqlcache cache", then moved it aside: every entry lost)
+    with PipelineCache.open(copy_of(templates["clean"], tmp_path / "sound")) as cache:
+        entries = cache.stats().entries
+    path = copy_of(templates["clean"], tmp_path / "copy")
+    overwrite(path, 60, b"\0\0\0\0")
+    with pytest.raises(CorruptCacheError, match="user_version 0"):
+        PipelineCache.open(path, readonly=True)
+    with PipelineCache.open(path, strict=True) as cache:
+        assert cache.check().ok
+        assert cache.stats().entries == entries > 0
+    assert list(path.parent.glob("*.corrupt-*")) == []
 
 
 def test_get_many_on_a_damaged_page_misses(

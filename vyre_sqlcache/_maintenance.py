@@ -447,6 +447,10 @@ class CacheMaintenance:
                 rescue = self._rescue_start(connection)
             damaged: list[str] = []
             missing: list[str] = []
+            bad_rows: list[int] = []  # row ids: a misplaced row is not found by its key
+            resized: list[tuple[int, int]] = []
+            wrong_size: list[str] = []
+            strays: list[int] = []
             checked = unreadable = kept = 0
             try:
                 for rowid in ids if progress is None else progress(ids):
@@ -459,6 +463,7 @@ class CacheMaintenance:
                             unreadable += 1
                         else:
                             damaged.append(error.entry_key.hex())
+                            bad_rows.append(rowid)
                         continue
                     except apsw.Error:
                         checked += 1
@@ -470,13 +475,21 @@ class CacheMaintenance:
                             "the zstandard package: pip install 'vyre-sqlcache[zstd]'"
                         ) from error
                     if raw is None:
-                        continue  # a blob without its entry, or deleted since the scan
+                        # A blob without its entry, or an entry deleted since the scan.
+                        strays.append(rowid)
+                        continue
                     checked += 1
-                    sound = raw.sound()
-                    if sound is None:
+                    fault = raw.fault()
+                    if fault == "no blob":
                         missing.append(raw.entry_key.hex())
-                    elif not sound:
+                        bad_rows.append(rowid)
+                    elif fault in ("bytes", "place"):
                         damaged.append(raw.entry_key.hex())
+                        bad_rows.append(rowid)
+                    elif fault == "size" and rescue is None:
+                        assert raw.decoded is not None
+                        wrong_size.append(raw.entry_key.hex())
+                        resized.append((rowid, len(raw.decoded)))
                     elif rescue is not None:
                         try:
                             _rows.insert_raw(rescue[1], raw)
@@ -498,17 +511,50 @@ class CacheMaintenance:
             finally:
                 if rescue is not None:
                     self._rescue_discard(*rescue)
-        bad = [bytes.fromhex(key) for key in damaged + missing]
+            strays = self._stray_blobs(connection, strays)
+            totals = self._wrong_totals(connection)
         dropped = 0
-        if repair and bad:
-            # Recorded as damaged in the departure record (see `explain`), not deleted.
-            dropped = self._change(
-                "dropping damaged entries",
-                lambda c: _rows.delete_entries(c, bad, time.time_ns() // 1_000_000, "damaged"),
-            )
+        corrected = False
+        if repair and (bad_rows or resized or strays or totals):
+            now = time.time_ns() // 1_000_000
+
+            def correct(c: apsw.Connection) -> int:
+                # Recorded as damaged in the departure record (see `explain`), not deleted.
+                gone = _rows.delete_rows(c, bad_rows, now, "damaged")
+                _rows.correct_records(c, resized, strays)
+                return gone
+
+            dropped = self._change("repairing entries", correct)
+            corrected = True
         return _rows.CheckReport(
-            integrity, checked, tuple(damaged), tuple(missing), unreadable, dropped
+            integrity,
+            checked,
+            tuple(damaged),
+            tuple(missing),
+            unreadable,
+            dropped,
+            wrong_size=tuple(wrong_size),
+            stray_blobs=len(strays),
+            wrong_totals=tuple(totals),
+            corrected=corrected,
         )
+
+    def _stray_blobs(self, connection: apsw.Connection, candidates: list[int]) -> list[int]:
+        """The row ids among `candidates` of blobs that have no entry (in one snapshot)."""
+        if not candidates:
+            return []
+        try:
+            with transaction(connection, "DEFERRED"):
+                return _rows.stray_blobs(connection, candidates)
+        except apsw.Error as error:
+            raise translate(error, "looking for blobs without an entry", self._path) from error
+
+    def _wrong_totals(self, connection: apsw.Connection) -> list[str]:
+        try:
+            with transaction(connection, "DEFERRED"):
+                return _rows.wrong_totals(connection)
+        except apsw.Error as error:
+            raise translate(error, "counting the entries", self._path) from error
 
     def compact(self) -> tuple[int, int]:
         """Rewrite the file without free pages (VACUUM) and truncate its write-ahead log;

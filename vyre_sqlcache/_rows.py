@@ -1371,6 +1371,76 @@ def _read_only_rows(
         connection.authorizer = previous
 
 
+def recount_totals(connection: apsw.Connection) -> None:
+    """Set the totals the triggers keep in `meta` (live entries, their sizes as written
+    and as stored) from the entries themselves."""
+    connection.execute(
+        "INSERT OR REPLACE INTO meta (name, value) "
+        f"SELECT 'entries', count(*) FROM entries WHERE {_LIVE_ENTRY} "
+        "UNION ALL SELECT 'blob_bytes', coalesce(sum(blob_size), 0) FROM entries "
+        f"WHERE {_LIVE_ENTRY} "
+        "UNION ALL SELECT 'stored_bytes', coalesce(sum(stored_size), 0) FROM entries "
+        f"WHERE {_LIVE_ENTRY}"
+    )
+
+
+def wrong_totals(connection: apsw.Connection) -> list[str]:
+    """The totals the triggers keep in `meta` that differ from a count of the live
+    entries, each as 'name: recorded N, counted M' (call in a read transaction)."""
+    row = connection.execute(
+        "SELECT count(*), coalesce(sum(blob_size), 0), coalesce(sum(stored_size), 0) "
+        f"FROM entries WHERE {_LIVE_ENTRY}"
+    ).fetchone()
+    assert row is not None
+    recorded = totals(connection)
+    return [
+        f"{name}: recorded {recorded.get(name, 'nothing')}, counted {count}"
+        for name, count in zip(("entries", "blob_bytes", "stored_bytes"), row, strict=True)
+        if recorded.get(name) != count
+    ]
+
+
+def stray_blobs(connection: apsw.Connection, candidates: Sequence[int]) -> list[int]:
+    """The row ids among `candidates` of blobs that have no entry."""
+    rows = connection.execute(
+        "SELECT id FROM blobs WHERE id IN carray(?) AND id NOT IN (SELECT id FROM entries)",
+        (apsw.carray(array("q", candidates)),),
+    )
+    return [int(rowid) for (rowid,) in rows]
+
+
+def correct_records(
+    connection: apsw.Connection, sizes: Sequence[tuple[int, int]], stray_blobs: Sequence[int]
+) -> None:
+    """Set the recorded size of entries (row id, size of their right bytes), delete blobs
+    that still have no entry, and recount the totals in `meta`."""
+    connection.executemany(
+        f"UPDATE entries SET blob_size = ?2 WHERE id = ?1 AND {_LIVE_ENTRY}", sizes
+    )
+    if stray_blobs:
+        connection.execute(
+            "DELETE FROM blobs WHERE id IN carray(?) AND id NOT IN (SELECT id FROM entries)",
+            (apsw.carray(array("q", stray_blobs)),),
+        )
+    recount_totals(connection)
+
+
+def delete_rows(connection: apsw.Connection, ids: Sequence[int], now_ms: int, reason: str) -> int:
+    """Tombstone the live entries with these row ids (whatever their keys), noting
+    `reason`; return how many."""
+    if not ids:
+        return 0
+    rowids = _tombstoned(
+        connection.execute(
+            f"INSERT OR IGNORE INTO tombstones SELECT id FROM entries "
+            f"WHERE id IN carray(?) AND {_LIVE_ENTRY} RETURNING id",
+            (apsw.carray(array("q", ids)),),
+        )
+    )
+    _explain_sql.note_reasons(connection, rowids, reason, now_ms)
+    return len(rowids)
+
+
 def integrity_check(connection: apsw.Connection) -> list[str]:
     """SQLite's `PRAGMA integrity_check` answer: ['ok'] for a sound file."""
     try:
@@ -1442,17 +1512,26 @@ class RawEntry:
 
     def sound(self) -> bool | None:
         """Whether the blob is there and matches its checksum and the entry (None: no blob)."""
+        fault = self.fault()
+        return None if fault == "no blob" else fault is None
+
+    def fault(self) -> str | None:
+        """What is wrong with the entry, or None: 'no blob'; 'bytes' (they fail their
+        checksum, or cannot be decoded); 'place' (its row id is not its key's: reads do
+        not find it there); 'size' (only its recorded size differs from its bytes, which
+        are right)."""
         if self.blob is None:
-            return None
+            return "no blob"
         rowid, algo, checksum, *_ = self.blob
         data = self.decoded
         key = self.entry_key
-        return (
-            data is not None
-            and rowid == self.entry[0] == entry_id(key)
-            and len(data) == self.blob_size
-            and _checksums.matches(str(algo), bytes(checksum), key, data)
-        )
+        if data is None or not _checksums.matches(str(algo), bytes(checksum), key, data):
+            return "bytes"
+        if not rowid == self.entry[0] == entry_id(key):
+            return "place"
+        if len(data) != self.blob_size:
+            return "size"
+        return None
 
 
 class DamagedText(apsw.CorruptError):
@@ -1548,6 +1627,15 @@ class CheckReport:
     rebuilt: bool = False
     kept: int = 0
     integrity_after: tuple[str, ...] | None = None
+    #: hex keys of entries whose bytes are right but whose recorded size is not theirs
+    wrong_size: tuple[str, ...] = ()
+    #: blobs without an entry (no read reaches them; their space is never freed)
+    stray_blobs: int = 0
+    #: the totals in `meta` that differ from the entries (the size cap counts them),
+    #: each as 'name: recorded N, counted M'
+    wrong_totals: tuple[str, ...] = ()
+    #: whether the repair corrected `wrong_size`, `stray_blobs` and `wrong_totals`
+    corrected: bool = False
 
     @property
     def sound_file(self) -> bool:
@@ -1565,4 +1653,14 @@ class CheckReport:
         dropped, or a damaged file rebuilt into a sound one."""
         if self.rebuilt:
             return self.integrity_after == ("ok",)
-        return self.sound_file and self.unreadable == 0 and len(self.bad_entries) == self.dropped
+        return (
+            self.sound_file
+            and self.unreadable == 0
+            and len(self.bad_entries) == self.dropped
+            and (self.corrected or not self.has_wrong_records)
+        )
+
+    @property
+    def has_wrong_records(self) -> bool:
+        """Whether records are wrong around right bytes: sizes, stray blobs, totals."""
+        return bool(self.wrong_size or self.stray_blobs or self.wrong_totals)

@@ -12,6 +12,7 @@ from pathlib import Path
 import apsw
 
 from ._connections import PAGE_SIZE, transaction
+from ._rows import recount_totals
 from .errors import CacheError, CorruptCacheError, NotACacheError, SchemaTooNewError
 
 __all__ = [
@@ -334,19 +335,6 @@ def _heal(connection: apsw.Connection, version: int, where: str) -> bool:
         differences.describe(),
     )
     return True
-
-
-def recount_totals(connection: apsw.Connection) -> None:
-    """Set the totals the triggers keep in `meta` (live entries, their sizes as written
-    and as stored) from the entries themselves."""
-    connection.execute(
-        "INSERT OR REPLACE INTO meta (name, value) "
-        "SELECT 'entries', count(*) FROM entries WHERE id NOT IN (SELECT id FROM tombstones) "
-        "UNION ALL SELECT 'blob_bytes', coalesce(sum(blob_size), 0) FROM entries "
-        "WHERE id NOT IN (SELECT id FROM tombstones) "
-        "UNION ALL SELECT 'stored_bytes', coalesce(sum(stored_size), 0) FROM entries "
-        "WHERE id NOT IN (SELECT id FROM tombstones)"
-    )
 
 
 def _totals_kept(connection: apsw.Connection) -> bool:

@@ -732,6 +732,10 @@ def _check(args: argparse.Namespace) -> int:
                     "rebuilt": report.rebuilt,
                     "kept": report.kept,
                     "integrity_after": report.integrity_after,
+                    "wrong_size": report.wrong_size,
+                    "stray_blobs": report.stray_blobs,
+                    "wrong_totals": report.wrong_totals,
+                    "corrected": report.corrected,
                     "moved_aside": moved,
                 }
             )
@@ -746,6 +750,21 @@ def _check(args: argparse.Namespace) -> int:
         f"checked {report.checked} entries: {len(report.damaged)} fail their checksum, "
         f"{len(report.missing_blob)} have no blob{unreadable}"
     )
+    wrong = [
+        *(
+            [f"{len(report.wrong_size)} entries record a size that is not their bytes'"]
+            if report.wrong_size
+            else []
+        ),
+        *([f"{report.stray_blobs} blobs have no entry"] if report.stray_blobs else []),
+        *(
+            [f"the totals in meta are wrong ({'; '.join(report.wrong_totals)})"]
+            if report.wrong_totals
+            else []
+        ),
+    ]
+    if wrong:
+        print(f"{'; '.join(wrong)}{': corrected' if report.corrected else ''}")
     bad = report.bad_entries
     if report.rebuilt:
         print(
@@ -764,6 +783,8 @@ def _check(args: argparse.Namespace) -> int:
         )
     elif bad and not args.repair:
         print(f"{PROG}: {len(bad)} bad entries; 'check --repair' drops them", file=sys.stderr)
+    if wrong and not report.corrected:
+        print(f"{PROG}: 'check --repair' corrects {'; '.join(wrong)}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
