@@ -189,6 +189,39 @@ def test_reads_do_not_wait_for_a_writer_holding_the_lock(
         blocker.close()
 
 
+@pytest.mark.parametrize("readonly", [True, False])
+def test_a_program_holding_the_whole_file_makes_an_open_wait_once_and_say_so(
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+    readonly: bool,
+) -> None:
+    import time
+
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError, _cachefile
+    from vyre_sqlcache import cache as cache_module
+
+    with PipelineCache.open(cache_path) as cache:
+        cache.write(digest_of("x"), fingerprint, b"kept")
+    monkeypatch.setattr(cache_module, "HEAD_WAIT_S", 0.2)
+    monkeypatch.setattr(_cachefile, "HEAD_WAIT_S", 0.2)
+    # An engineer's sqlite3 shell: exclusive locking mode keeps the lock after a read.
+    shell = apsw.Connection(str(cache_path))
+    shell.execute("PRAGMA locking_mode = EXCLUSIVE; SELECT count(*) FROM meta").fetchall()
+    try:
+        start = time.monotonic()
+        with pytest.raises(CacheBusyError, match="locking_mode=EXCLUSIVE"):
+            PipelineCache.open(cache_path, readonly=readonly)
+        # One wait (the file's head), not a second one of 10 s for the connection.
+        assert time.monotonic() - start < 8
+    finally:
+        shell.close()
+    with PipelineCache.open(cache_path, readonly=readonly) as cache:
+        assert cache.read(digest_of("x"), fingerprint) == b"kept"
+
+
 # argv: path. Leaves the process 6 spare file descriptors, then 12 threads read and
 # write; prints the errors they met and whether the cache worked on, as JSON.
 FEW_DESCRIPTORS = """

@@ -84,13 +84,13 @@ def resolve(path: str | Path) -> Path:
 #: How many bytes of a file `read_head` reads: SQLite's header.
 HEAD_BYTES = 100
 #: How long `read_head` waits for a writer of the file's first page.
-_HEAD_WAIT_S = 10.0
+HEAD_WAIT_S = 10.0
 
 
 def read_head(path: Path) -> bytes | None:
     """The first `HEAD_BYTES` of the file at `path` (fewer if it is shorter; b"" if it is
     missing or unreadable), read under SQLite's shared lock; None if a writer held the
-    file for `_HEAD_WAIT_S` (its first page may be half written).
+    file for `HEAD_WAIT_S` (its first page may be half written).
 
     Read through SQLite's own file layer, not `open()`: closing any descriptor of a file
     drops every POSIX lock this process holds on it, its SQLite connections' included
@@ -99,7 +99,7 @@ def read_head(path: Path) -> bytes | None:
     then writing the first page, under its exclusive lock; read between the two, a new
     cache looks like a damaged one.
     """
-    deadline = time.monotonic() + _HEAD_WAIT_S
+    deadline = time.monotonic() + HEAD_WAIT_S
     pause = 0.001
     while True:
         with _looking:

@@ -296,7 +296,8 @@ _TRANSLATIONS: tuple[tuple[type[apsw.Error], type[CacheError], str], ...] = (
     (
         apsw.BusyError,
         CacheBusyError,
-        "another process held the write lock too long; retry later",
+        "another process held its lock too long (the write lock, or the whole file, as "
+        "a sqlite3 shell does after PRAGMA locking_mode=EXCLUSIVE); retry later",
     ),
     (
         apsw.FullError,

@@ -29,6 +29,7 @@ import platformdirs
 from . import _codec, _explain_sql, _layers, _remote, _rows
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
+    HEAD_WAIT_S,
     CacheFile,
     FileWatch,
     has_side_files,
@@ -92,6 +93,7 @@ from .config import (
 )
 from .errors import (
     BlobTooLargeError,
+    CacheBusyError,
     CacheError,
     CacheFullError,
     CorruptCacheError,
@@ -449,6 +451,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """
         path = self._path
         head = read_head(path)
+        if head is None:
+            # (A WAL writer never locks the file itself: this is a program holding it.)
+            raise CacheBusyError(
+                f"{path} has been locked by another process for {HEAD_WAIT_S:g} s: a "
+                "program holding the whole file (a sqlite3 shell after PRAGMA "
+                "locking_mode=EXCLUSIVE, or one that took the file out of WAL mode and "
+                "writes); retry later, or end that program's session"
+            )
         if is_not_sqlite(head):
             if own or has_side_files(path) or looks_like_damaged_pages(path, head):
                 raise CorruptCacheError(f"{path} is not a SQLite database")
