@@ -222,6 +222,35 @@ def test_a_program_holding_the_whole_file_makes_an_open_wait_once_and_say_so(
         assert cache.read(digest_of("x"), fingerprint) == b"kept"
 
 
+@pytest.mark.parametrize("call", ["invalidate", "delete"])
+def test_a_change_refused_by_another_writer_says_what_it_was(
+    cache: PipelineCache, cache_path: Path, fingerprint: DeviceFingerprint, call: str
+) -> None:
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError
+    from vyre_sqlcache._connections import waiter_of
+
+    digest = digest_of("c")
+    cache.write(digest, fingerprint, b"x")
+    cache.flush()
+    waiter = waiter_of(connection_of(cache))
+    assert waiter is not None
+    waiter.timeout_ms = 50  # (10 s by default)
+    blocker = apsw.Connection(str(cache_path))
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(CacheBusyError, match=f"^{call[:-1]}ing entries failed"):
+            if call == "invalidate":
+                cache.invalidate_impacted([1], [digest], fingerprint)
+            else:
+                cache.delete_entries([fingerprint.cache_key(digest)])
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert cache.read(digest, fingerprint) == b"x"
+
+
 # argv: path. Leaves the process 6 spare file descriptors, then 12 threads read and
 # write; prints the errors they met and whether the cache worked on, as JSON.
 FEW_DESCRIPTORS = """

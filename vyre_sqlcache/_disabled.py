@@ -79,5 +79,7 @@ class DisabledCache(PipelineCache):
     def _change(self, what: str, run: Any) -> int:
         return 0
 
-    def _commit_entries(self, entries: list[NewEntry], durable: bool, extra: Any) -> None:
+    def _commit_entries(
+        self, entries: list[NewEntry], durable: bool, extra: Any, what: str = ""
+    ) -> None:
         return None

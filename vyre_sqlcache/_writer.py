@@ -51,7 +51,7 @@ class Dropped(CacheError):
 
 #: `commit(entries, durable, extra)` commits `entries` (and runs `extra` on the
 #: connection) in one transaction, synced to disk when `durable`; returns extra's result.
-Commit = Callable[[list[NewEntry], bool, Any], Any]
+Commit = Callable[[list[NewEntry], bool, Any, str], Any]
 
 
 class WriteBehind:
@@ -115,17 +115,22 @@ class WriteBehind:
             self.start()
 
     def commit(
-        self, entries: list[NewEntry] | None = None, *, durable: bool = False, extra: Any = None
+        self,
+        entries: list[NewEntry] | None = None,
+        *,
+        durable: bool = False,
+        extra: Any = None,
+        what: str = "storing entries",
     ) -> Any:
         """Commit the queue, then `entries`, and run `extra` on the connection, all in one
-        transaction; return what `extra` returned. Raises CacheError types; on error the
-        queue stays as it was."""
+        transaction (`what` it is, for errors); return what `extra` returned. Raises
+        CacheError types; on error the queue stays as it was."""
         with self._committing:
             with self._lock:
                 batch = list(self.queue.values())
             if not batch and not entries and extra is None and not durable:
                 return None
-            result = self._commit([*batch, *(entries or [])], durable, extra)
+            result = self._commit([*batch, *(entries or [])], durable, extra, what)
             with self._lock:
                 for entry in batch:
                     if self.queue.get(entry.entry_key) is entry:

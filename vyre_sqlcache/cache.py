@@ -1136,7 +1136,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         later, by the checkpoint thread."""
         if self._readonly:
             self._refuse_write()
-        changed: int = self._writer.commit(extra=run)
+        changed: int = self._writer.commit(extra=run, what=what)
         if changed:
             # Held: an exception delivered inside `Event.set` would leave its lock taken,
             # and the checkpoint thread (and every commit after) waiting on it for ever.
@@ -1182,10 +1182,15 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._writer.commit(entries)
 
     def _commit_entries(
-        self, entries: list[NewEntry], durable: bool, extra: Callable[[apsw.Connection], T] | None
+        self,
+        entries: list[NewEntry],
+        durable: bool,
+        extra: Callable[[apsw.Connection], T] | None,
+        what: str = "storing entries",
     ) -> T | None:
         """Insert `entries` and run `extra` in one transaction (synced when `durable`),
-        evicting for the cap, and once for a full disk; return what `extra` returned."""
+        evicting for the cap, and once for a full disk; return what `extra` returned.
+        `what` the transaction does names it in errors."""
         entries = self._follow_the_path(entries)
         incoming = sum(len(entry.blob) for entry in entries)
         result: T | None = None
@@ -1196,7 +1201,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             try:
                 for attempt in range(2):
                     try:
-                        with self._write_transaction(slot, "storing entries") as connection:
+                        with self._write_transaction(slot, what) as connection:
                             if entries:
                                 if self._cap_override is _UNSET:
                                     self._settle_cap(connection)
@@ -1221,7 +1226,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                             # disk does not hold every queued write back.
                             half = len(entries) // 2
                             self._commit_entries(entries[:half], False, None)
-                            return self._commit_entries(entries[half:], durable, extra)
+                            return self._commit_entries(entries[half:], durable, extra, what)
                         raise
             except READ_ERRORS as error:
                 raise translate(error, "flushing", self._path) from error
