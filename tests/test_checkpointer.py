@@ -269,6 +269,28 @@ def test_a_stream_of_durable_writes_keeps_the_log_short(
         assert len(done) < commits // 3, f"{len(done)} checkpoints for {commits} commits"
 
 
+def test_under_a_small_cap_the_log_is_kept_in_proportion(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # The log was checkpointed at 16 MiB whatever the cap, and kept its largest size: a
+    # 4 MiB cache took 25 MiB on disk (19 MiB of log) after 24 MiB of writes.
+    cap = 4 << 20
+    wal = Path(str(cache_path) + "-wal")
+    with PipelineCache.open(cache_path, max_bytes=cap, compression="off") as cache:
+        for i in range(1500):
+            cache.write(os.urandom(32), fingerprint, os.urandom(4096))
+            if i % 100 == 99:
+                cache.flush()
+        for _ in range(50):  # the next writer after a checkpoint cuts the log back
+            cache.write(os.urandom(32), fingerprint, os.urandom(4096))
+            cache.flush()
+            if wal.stat().st_size <= cap // 2:
+                break
+            time.sleep(0.1)
+        assert wal.stat().st_size <= cap // 2
+        assert cache.stats().stored_bytes <= cap
+
+
 def test_a_stream_of_large_commits_is_not_held_back_to_start_the_log_over(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:

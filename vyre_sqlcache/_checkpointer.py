@@ -130,6 +130,9 @@ CATCH_UP_PASSES = 4
 SMALL_COMMIT_PAGES = 32
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
+#: Under a small size cap the log is checkpointed (and kept) at a quarter of the cap,
+#: but at no fewer pages than this (1 MiB): a 4 MiB cache kept a 16-33 MiB log.
+MIN_CAPPED_LOG_PAGES = 64
 #: The page size the thresholds are counted in (what cache files use).
 _PAGE_BYTES = 16384
 #: SQLite's own max_page_count: no cap.
@@ -372,6 +375,8 @@ class Checkpointer:
         # last of them, as the WAL hook reported.
         self._commits = 0
         self._hook_pages = 0
+        # Pages in the log that call for a checkpoint, for the size cap (`fit_cap`).
+        self._log_pages = WAL_CHECKPOINT_PAGES
         self._purge = purge
         self._checkpoint_due = False
         self._purge_due = False
@@ -408,9 +413,9 @@ class Checkpointer:
             if space is None or not space.low:
                 if pages < self._left:
                     self._left = 0  # started over since
-                if pages > self._left + WAL_CHECKPOINT_PAGES:
+                if pages > self._left + self._log_pages:
                     self.wake()
-            elif pages > space.checkpoint_pages():
+            elif pages > min(space.checkpoint_pages(), self._log_pages):
                 # Low on space, the committing writer checkpoints (the write lock is free
                 # in the hook): a thread that lags behind busy writers lets the log grow.
                 connection.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
@@ -429,20 +434,34 @@ class Checkpointer:
         if space is None or not space.low:
             if connection in self._capped:
                 connection.pragma("max_page_count", _NO_PAGE_CAP)
-                connection.pragma("journal_size_limit", -1)
                 self._capped.discard(connection)
+            small = self._log_pages < WAL_CHECKPOINT_PAGES
+            limit = self._log_pages * int(connection.pragma("page_size")) if small else -1
+            connection.pragma("journal_size_limit", limit)
             return
         page_count = int(connection.pragma("page_count"))
         if page_count == 0:
             return  # a new file, its page size not chosen yet: the first commit sets it up
         page_size = int(connection.pragma("page_size"))
+        log_pages = min(space.checkpoint_pages(), self._log_pages)
         # The log may grow to about twice its threshold before a checkpoint lets SQLite
         # restart it: that room is not the database's.
-        log_room = 2 * space.checkpoint_pages() * page_size
+        log_room = 2 * log_pages * page_size
         room = max(0, space.free - reserve(space.total) - log_room)
         connection.pragma("max_page_count", page_count + room // page_size)
-        connection.pragma("journal_size_limit", space.checkpoint_pages() * page_size)
+        connection.pragma("journal_size_limit", log_pages * page_size)
         self._capped.add(connection)
+
+    def fit_cap(self, cap: int | None) -> None:
+        """Keep the log in proportion to a small size cap (None: none): checkpointed, and
+        cut back after, at a quarter of it (`MIN_CAPPED_LOG_PAGES` at least); from a cap of
+        64 MiB up, at `WAL_CHECKPOINT_PAGES` as without one."""
+        pages = WAL_CHECKPOINT_PAGES
+        if cap is not None:
+            pages = max(MIN_CAPPED_LOG_PAGES, min(pages, cap // (4 * _PAGE_BYTES)))
+        if pages != self._log_pages:
+            self._log_pages = pages
+            self._set_up.clear()  # each connection's limit is set again at its next commit
 
     def refit(self, connection: apsw.Connection) -> bool:
         """Look at the disk again now and set the connection's limits for it; whether its

@@ -598,6 +598,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                     )
             elif stored is not None:
                 self._cap = stored or None
+        self._checkpointer.fit_cap(self._cap)
 
     def __del__(self) -> None:
         # As a file object is: a cache dropped without close() is closed (its queue
