@@ -698,26 +698,28 @@ def test_an_interrupt_right_after_a_snapshot_begins_leaves_no_transaction(
     assert cache.read(digest, FP) == b"there"
 
 
-# argv: folder, seed. Ctrl-C every 0.05-2 ms for 3 s while this one process writes,
-# flushes, reads and invalidates; prints the errors other than KeyboardInterrupt.
-CTRL_C_STORM = textwrap.dedent(
+# argv: folder, seed, signal. The signal every 0.05-2 ms for 3 s while this one process
+# writes, flushes, reads and invalidates: SIGINT raises KeyboardInterrupt (Ctrl-C),
+# SIGTERM SystemExit (as a service's handler does); prints the other errors.
+SIGNAL_STORM = textwrap.dedent(
     """
     import os, random, signal, sys, threading, time
     from vyre_sqlcache import DeviceFingerprint, PipelineCache
-    folder, seed = sys.argv[1], int(sys.argv[2])
+    folder, seed, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    number = getattr(signal, name)
     fp = DeviceFingerprint.from_parts(1, 2, "storm")
     cache = PipelineCache.open(os.path.join(folder, "storm.sqlite3"))
     armed = False
-    def on_sigint(signum, frame):  # Ctrl-C inside the calls only, not in this harness
+    def on_signal(signum, frame):  # inside the calls only, not in this harness
         if armed:
-            raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, on_sigint)
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(143)
+    signal.signal(number, on_signal)
     stop = threading.Event()
     def sender():
         pace = random.Random(seed)
         while not stop.is_set():
             time.sleep(pace.uniform(0.00005, 0.002))
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), number)
     threading.Thread(target=sender, daemon=True).start()
     pick, errors, written, started = random.Random(seed), [], 0, time.monotonic()
     digest = lambda i: i.to_bytes(32, "big")
@@ -735,7 +737,7 @@ CTRL_C_STORM = textwrap.dedent(
             else:
                 cache.invalidate_impacted([1], [digest(pick.randrange(max(written, 1)))], fp)
             armed = False
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             armed = False
         except Exception as error:
             armed = False
@@ -748,11 +750,15 @@ CTRL_C_STORM = textwrap.dedent(
 
 
 @pytest.mark.parametrize("seed", [3, 5])
-def test_a_storm_of_ctrl_c_in_one_process_leaves_no_call_failing(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_storm_of_signals_in_one_process_leaves_no_call_failing(
+    tmp_path: Path, seed: int, name: str
+) -> None:
     # An interrupted read could leave a read lock behind on the thread's connection:
     # later flush() and invalidate_impacted() calls failed at once with CacheBusyError
-    # (SQLITE_BUSY_SNAPSHOT) although no other process was there.
-    result = run_script(CTRL_C_STORM, str(tmp_path), str(seed), timeout=60)
+    # (SQLITE_BUSY_SNAPSHOT) although no other process was there. SIGTERM turned into
+    # SystemExit by the application was not held at all.
+    result = run_script(SIGNAL_STORM, str(tmp_path), str(seed), name, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "0 []"
 
