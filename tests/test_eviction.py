@@ -68,6 +68,23 @@ def test_least_recently_used_entries_go_first(
     assert present == [True, False, False] + [True] * 7
 
 
+def test_entries_stamped_while_the_clock_was_ahead_go_first(
+    capped: PipelineCache, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Written while the clock was 10 years ahead (then set right), they outlived every
+    # entry used since: the hot set was evicted instead.
+    from vyre_sqlcache import cache as cache_module
+
+    real = cache_module._now_ms
+    monkeypatch.setattr(cache_module, "_now_ms", lambda: real() + 10 * 365 * 86_400_000)
+    future = write_slowly(capped, fingerprint, 3)
+    monkeypatch.setattr(cache_module, "_now_ms", real)
+    recent = write_slowly(capped, fingerprint, 7)
+    capped.write(os.urandom(32), fingerprint, os.urandom(BLOB))
+    assert all(capped.read(d, fingerprint) is not None for d in recent)
+    assert sum(capped.read(d, fingerprint) is None for d in future) == 2
+
+
 def test_blob_over_the_cap_is_refused(
     capped: PipelineCache, fingerprint: DeviceFingerprint
 ) -> None:

@@ -10,6 +10,7 @@ reads and writes what it decides, dictionaries included.
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -647,15 +648,39 @@ def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: 
     return evict(connection, excess + int(cap * EVICTION_SLACK), keep=set(ids))
 
 
+#: Entries last used more than this far ahead of the clock are evicted first.
+FUTURE_SLACK_MS = 86_400_000
+
+
 def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> int:
     """Delete the least-recently-used entries not in `keep` until `bytes_to_free` stored
-    bytes are freed.
+    bytes are freed (those last used more than `FUTURE_SLACK_MS` ahead of the clock
+    first).
 
     The victims are chosen in batches along the LRU index and deleted by one statement.
     Returns how many entries were deleted.
     """
     victims: array[int] = array("q")
     freed = 0
+    # Entries used "in the future" first: stamped while this host's clock was ahead (or by
+    # one whose clock is), their age is unknown, and by their stamps they would outlive
+    # everything used since.
+    ahead = time.time_ns() // 1_000_000 + FUTURE_SLACK_MS
+    cursor = connection.execute(
+        f"SELECT id, stored_size FROM entries WHERE accessed_ms > ? AND {_LIVE_ENTRY} "
+        "ORDER BY accessed_ms DESC, id",
+        (ahead,),
+    )
+    try:
+        for rowid, size in cursor:
+            if freed >= bytes_to_free:
+                break
+            if rowid not in keep:
+                victims.append(rowid)
+                freed += size
+    finally:
+        cursor.close()
+    early = set(victims)
     last: tuple[Any, ...] = (-(2**63), -(2**63))
     while freed < bytes_to_free:
         batch = connection.execute(
@@ -668,7 +693,7 @@ def evict(connection: apsw.Connection, bytes_to_free: int, keep: set[int]) -> in
             break
         for accessed, rowid, size in batch:
             last = (accessed, rowid)
-            if rowid in keep:
+            if rowid in keep or rowid in early:
                 continue
             assert isinstance(rowid, int) and isinstance(size, int)
             victims.append(rowid)
