@@ -29,6 +29,7 @@ from vyre_sqlcache import (
     PipelineCache,
     PipelineCacheKey,
     ReadOnlyCacheError,
+    SchemaTooNewError,
     _schema,
 )
 from vyre_sqlcache.cli import main
@@ -351,6 +352,19 @@ def test_merge_refuses_a_source_it_cannot_read(tmp_path: Path, cache_path: Path,
         with pytest.raises(CacheError):
             dest.merge([source])
         assert dest.get_entry(key_of(1)) == b"mine" and len(dest) == 1
+
+
+def test_merge_from_a_newer_librarys_file_says_so(tmp_path: Path, cache_path: Path) -> None:
+    source = make_source(tmp_path / "newer.sqlite3", [(1, b"x", 1)])
+    connection = apsw.Connection(str(source))
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    with (
+        PipelineCache.open(cache_path) as dest,
+        pytest.raises(SchemaTooNewError, match="merge with that version") as raised,
+    ):
+        dest.merge([source])
+    assert "cache path" not in str(raised.value)
 
 
 def test_merge_into_a_read_only_cache_is_refused(tmp_path: Path, cache_path: Path) -> None:

@@ -24,8 +24,9 @@ import pytest
 import vyre_sqlcache
 from tests.test_vyredir import make_vyre_tree, read_only, tree
 from vyre_sqlcache import DeviceFingerprint, FeatureFlags, PipelineCache, PipelineCacheKey
+from vyre_sqlcache._schema import latest_version
 from vyre_sqlcache.cli import main
-from vyre_sqlcache.errors import CacheError, ReadOnlyCacheError
+from vyre_sqlcache.errors import CacheError, ReadOnlyCacheError, SchemaTooNewError
 from vyre_sqlcache.vyredir import entry_path
 
 from .helpers import schema_file
@@ -874,6 +875,26 @@ def damage_pages(path: Path, pages: Iterable[int], page_size: int = 16384) -> No
         for page in pages:
             file.seek(page * page_size)
             file.write(os.urandom(page_size))
+
+
+def test_repair_refuses_to_rebuild_a_file_a_newer_library_upgraded_meanwhile(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # The rebuild, made with this library's migrations, put the file back to its schema
+    # under the newer library's processes: their invalidations then failed.
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(os.urandom(32), os.urandom(5000)) for _ in range(200)], fingerprint)
+        cache.flush()
+        newer = apsw.Connection(str(cache_path))
+        newer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        newer.execute(f"PRAGMA user_version = {latest_version() + 1}")
+        damage_pages(cache_path, [20, 21])
+        newer.close()
+        with pytest.raises(SchemaTooNewError, match="repair it with that version"):
+            cache.check(repair=True)
+    check = apsw.Connection(str(cache_path), flags=apsw.SQLITE_OPEN_READONLY)
+    assert check.pragma("user_version") == latest_version() + 1
+    check.close()
 
 
 def test_a_readonly_cache_never_migrates(cache_path: Path) -> None:

@@ -262,6 +262,17 @@ def test_an_unusable_layer_is_skipped_with_one_warning(
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "cache"])  # nothing moved aside
 
 
+def test_a_layer_of_a_newer_library_says_to_upgrade(
+    tmp_path: Path, cache_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It said "point it at another cache path", the advice for the cache file itself.
+    bad = _newer_schema(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vyre_sqlcache"):
+        PipelineCache.open(cache_path, layers=[bad]).close()
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "bundled by a newer vyre-sqlcache" in message and "cache path" not in message
+
+
 def test_layers_from_the_environment(
     cache_path: Path,
     fingerprint: DeviceFingerprint,

@@ -34,8 +34,15 @@ from ._codec import Codec
 from ._connections import PAGE_SIZE, connect, transaction, vacuum
 from ._layers import LAYER_SETTING
 from ._rows import NewEntry, RawEntry
-from ._schema import OLDEST_READABLE, _checked_version, latest_version, migrations, readable
-from .errors import CacheError
+from ._schema import (
+    OLDEST_READABLE,
+    _checked_version,
+    latest_version,
+    migrations,
+    readable,
+    schema_version,
+)
+from .errors import CacheError, SchemaTooNewError
 from .keys import DeviceFingerprint, FeatureFlags, PipelineCacheKey, named_entry_key
 
 __all__ = [
@@ -275,7 +282,15 @@ def source(path: Path) -> Iterator[apsw.Connection]:
     try:
         connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         with transaction(connection, "DEFERRED"):
-            version = _checked_version(connection, str(file.path))
+            try:
+                version = _checked_version(connection, str(file.path))
+            except SchemaTooNewError:
+                raise SchemaTooNewError(
+                    f"{file.path} was written by a newer vyre-sqlcache (schema version "
+                    f"{schema_version(connection)}; merge reads versions {OLDEST_READABLE} "
+                    f"to {latest_version()}): merge with that version, or upgrade this one "
+                    "(the file was not modified)"
+                ) from None
         if not readable(version):
             raise CacheError(
                 f"{file.path} has schema version {version}; merge reads versions "

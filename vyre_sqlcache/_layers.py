@@ -30,9 +30,15 @@ from . import _rows
 from ._cachefile import CacheFile, header_damage, is_not_sqlite, read_head
 from ._connections import ConnectionPool, connect, transaction
 from ._rows import Fetched
-from ._schema import OLDEST_READABLE, _checked_version, latest_version, readable
+from ._schema import (
+    OLDEST_READABLE,
+    _checked_version,
+    latest_version,
+    readable,
+    schema_version,
+)
 from .config import expand_home
-from .errors import CacheError, ReadOnlyCacheError
+from .errors import CacheError, ReadOnlyCacheError, SchemaTooNewError
 from .keys import DeviceFingerprint, entry_id
 
 __all__ = [
@@ -473,7 +479,15 @@ def _open_layer(path: Path, seen: set[Path], vfs: str | None) -> Layer | None:
         )
         hold_shared_lock(connection, file.path)
         with transaction(connection, "DEFERRED"):
-            version = _checked_version(connection, str(file.path))
+            try:
+                version = _checked_version(connection, str(file.path))
+            except SchemaTooNewError:
+                raise CacheError(
+                    f"it was bundled by a newer vyre-sqlcache (schema version "
+                    f"{schema_version(connection)}; this one reads layers of versions "
+                    f"{OLDEST_READABLE} to {latest_version()}): upgrade vyre-sqlcache, or "
+                    "bundle it with this version"
+                ) from None
         if not readable(version):
             raise CacheError(
                 f"it has schema version {version}, this vyre-sqlcache reads layers of "

@@ -35,7 +35,13 @@ from ._connections import (
 )
 from ._writer import WriteBehind
 from .config import DEFAULT_MAX_BYTES, expand_home
-from .errors import CacheError, CacheFullError, CorruptCacheError, ReadOnlyCacheError
+from .errors import (
+    CacheError,
+    CacheFullError,
+    CorruptCacheError,
+    ReadOnlyCacheError,
+    SchemaTooNewError,
+)
 from .keys import MAX_NAMESPACE_CHARS, check_text, check_u32, coerce_digest
 
 if TYPE_CHECKING:
@@ -801,8 +807,18 @@ class CacheMaintenance:
     def _rescue_start(self, live: apsw.Connection) -> tuple[Path, apsw.Connection]:
         """A new, empty cache file beside this one, with the same page size and schema, in
         an open transaction: the readable entries of a damaged file are copied into it."""
-        from ._schema import migrations
+        from ._schema import latest_version, migrations, schema_version
 
+        version = schema_version(live)
+        if version > latest_version():
+            # Rebuilt with our migrations, it would go back to our schema under the
+            # newer library's processes, whose writes need its tables.
+            raise SchemaTooNewError(
+                f"{self._path} was upgraded to schema version {version} by a newer "
+                f"vyre-sqlcache since this object opened it (this one knows versions up to "
+                f"{latest_version()}); repair it with that version: 'vyre-sqlcache check "
+                "--repair' from it (nothing was changed)"
+            )
         temporary = self._path.with_name(f"{self._path.name}.rebuild-{time.time_ns()}")
         try:
             rescue = connect(temporary, mmap=False)
