@@ -68,6 +68,23 @@ def test_open_uses_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert (tmp_path / "env.sqlite3").exists()
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_cap_from_the_environment_is_never_stored_in_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, existing: bool
+) -> None:
+    # A one-off VYRE_SQLCACHE_MAX_SIZE=1M (a test, a CI job) capped the user's cache for
+    # good: every later process without it evicted down to 1 MiB.
+    path = tmp_path / "c.sqlite3"
+    if existing:
+        PipelineCache.open(path, max_bytes=5 << 20).close()
+    monkeypatch.setenv("VYRE_SQLCACHE_MAX_SIZE", "1M")
+    with PipelineCache.open(path) as cache:
+        assert cache.max_bytes == 1 << 20
+    monkeypatch.delenv("VYRE_SQLCACHE_MAX_SIZE")
+    with PipelineCache.open(path) as cache:
+        assert cache.max_bytes == (5 << 20 if existing else DEFAULT_MAX_BYTES)
+
+
 def test_explicit_arguments_win(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VYRE_SQLCACHE_PATH", str(tmp_path / "env.sqlite3"))
     monkeypatch.setenv("VYRE_SQLCACHE_MAX_SIZE", "2M")

@@ -381,6 +381,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             )
         else:
             level = _codec.parse_compression(compression)
+        # A cap given as an argument is stored in the file for every process; one from the
+        # environment applies to the processes that set it, and is never stored.
+        store_cap = max_bytes is not _UNSET
         if max_bytes is _UNSET:
             if settings.max_bytes is not None:
                 max_bytes = check_max_bytes(settings.max_bytes, ENV_MAX_SIZE)
@@ -415,12 +418,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         try:
             try:
                 cache._check_file_bytes(own=path is None)
-                cache._first_connection(verify=verify, store_cap=max_bytes is not _UNSET)
+                cache._first_connection(verify=verify, store_cap=store_cap)
             except CorruptCacheError as error:
                 if strict or cache._readonly:
                     raise
                 move_aside(file.path, f"is damaged ({error})")
-                cache._first_connection(verify=False, store_cap=max_bytes is not _UNSET)
+                cache._first_connection(verify=False, store_cap=store_cap)
             if layer_paths:
                 cache._layers = _layers.open_layers(
                     layer_paths, cache._path, cache._books.checksum_failed, vfs
