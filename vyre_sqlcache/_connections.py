@@ -629,9 +629,16 @@ class ConnectionPool:
                     connection.close()
 
     def reclaim(self) -> None:
-        """Close the connections of threads that have ended."""
+        """End the transactions left open on the connections of threads that have ended
+        (a held snapshot, which would keep the log from starting over). Closing them is
+        left to the next connection this pool opens (`_reclaim_locked`): a close from this
+        thread, while the others follow a deleted file, could fold a log into the wrong
+        file at the wrong moment."""
         with self._lock:
-            self._reclaim_locked()
+            live = {slot.key for slot in (ref() for ref in self._slots) if slot is not None}
+            dead = [c for key, held in self._held.items() if key not in live for c in held]
+        for connection in dead:
+            end_transaction(connection)
 
     def open_connections(self) -> int:
         """How many connections the pool holds now (threads that ended are reclaimed first)."""

@@ -11,9 +11,9 @@ Beginning and ending a read transaction is most of what a small read costs in SQ
   purge) bumps `generation`, and a read whose snapshot began before it starts a new
   one: this process sees its own changes at once;
 - a thread that stops reading does not keep its snapshot: the reaper thread ends
-  snapshots held past `HOLD_S` by threads that are not in a call, and closes the
-  connections of threads that have ended, so no checkpoint waits on one for much
-  longer than `HOLD_S`;
+  snapshots held past `HOLD_S` by threads that are not in a call, and those of
+  threads that have ended, so no checkpoint waits on one for much longer than
+  `HOLD_S`;
 - any other use of the connection (a transaction, a query) ends the snapshot first.
 
 Reads in a snapshot go through blob handles where they can (`_rows.HeldReader`, kept
@@ -142,10 +142,10 @@ class _Reaper:
             self._wake.set()
 
     def thread_ended(self, pool: _Pool) -> None:
-        """Have the thread close the connections of `pool`'s ended threads: the slot of
-        an ended thread is gone, and with it the reaper's look at its snapshot, which
-        would otherwise stay open (and the log grow) until another thread of this process
-        opens a connection. Called when a slot is freed; never raises."""
+        """Have the thread end the snapshots of `pool`'s ended threads: the slot of an
+        ended thread is gone, and with it the reaper's look at its snapshot, which would
+        otherwise stay open (and the log grow) until another thread of this process opens
+        a connection. Called when a slot is freed; never raises."""
         self._ended.append(weakref.ref(pool))
         self._wake.set()
 
