@@ -634,11 +634,12 @@ class ConnectionPool:
         left to the next connection this pool opens (`_reclaim_locked`): a close from this
         thread, while the others follow a deleted file, could fold a log into the wrong
         file at the wrong moment."""
-        with self._lock:
+        with self._lock:  # (held: `_reclaim_locked` may be closing them)
             live = {slot.key for slot in (ref() for ref in self._slots) if slot is not None}
-            dead = [c for key, held in self._held.items() if key not in live for c in held]
-        for connection in dead:
-            end_transaction(connection)
+            for key, held in self._held.items():
+                if key not in live:
+                    for connection in held:
+                        end_transaction(connection)
 
     def open_connections(self) -> int:
         """How many connections the pool holds now (threads that ended are reclaimed first)."""
