@@ -388,6 +388,8 @@ class Checkpointer:
         # The look each writing connection was last set up for; those given caps.
         self._set_up: weakref.WeakKeyDictionary[apsw.Connection, int] = weakref.WeakKeyDictionary()
         self._capped: weakref.WeakSet[apsw.Connection] = weakref.WeakSet()
+        # The journal_size_limit a small cap set on each connection (see `_fit`).
+        self._limits: weakref.WeakKeyDictionary[apsw.Connection, int] = weakref.WeakKeyDictionary()
 
     def attach(self, connection: apsw.Connection) -> None:
         """Watch a writing connection: its commits may wake the thread, and on a filling
@@ -434,10 +436,16 @@ class Checkpointer:
         if space is None or not space.low:
             if connection in self._capped:
                 connection.pragma("max_page_count", _NO_PAGE_CAP)
+                connection.pragma("journal_size_limit", -1)
                 self._capped.discard(connection)
+                self._limits.pop(connection, None)
+            # Under a small cap, the log is cut back to its threshold (else SQLite's -1:
+            # never; no statement is run for a connection that is left at that).
             small = self._log_pages < WAL_CHECKPOINT_PAGES
-            limit = self._log_pages * int(connection.pragma("page_size")) if small else -1
-            connection.pragma("journal_size_limit", limit)
+            limit = self._log_pages * _PAGE_BYTES if small else -1
+            if self._limits.get(connection, -1) != limit:
+                connection.pragma("journal_size_limit", limit)
+                self._limits[connection] = limit
             return
         page_count = int(connection.pragma("page_count"))
         if page_count == 0:
@@ -451,6 +459,7 @@ class Checkpointer:
         connection.pragma("max_page_count", page_count + room // page_size)
         connection.pragma("journal_size_limit", log_pages * page_size)
         self._capped.add(connection)
+        self._limits.pop(connection, None)
 
     def fit_cap(self, cap: int | None) -> None:
         """Keep the log in proportion to a small size cap (None: none): checkpointed, and
