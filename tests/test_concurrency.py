@@ -251,6 +251,43 @@ def test_a_change_refused_by_another_writer_says_what_it_was(
     assert cache.read(digest, fingerprint) == b"x"
 
 
+def test_compact_refused_by_another_writer_waits_once(
+    cache: PipelineCache,
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It waited out the lock twice (20 s): once to purge, again to truncate the log.
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError
+    from vyre_sqlcache._connections import BusyWaiter, waiter_of
+
+    cache.write(digest_of("c"), fingerprint, b"x")
+    cache.flush()
+    waiter = waiter_of(connection_of(cache))
+    assert waiter is not None
+    waiter.timeout_ms = 100
+    waits = []
+    call = BusyWaiter.__call__
+
+    def counted(self: BusyWaiter, prior_calls: int) -> bool:
+        if prior_calls == 0:
+            waits.append(self)
+        return call(self, prior_calls)
+
+    monkeypatch.setattr(BusyWaiter, "__call__", counted)
+    blocker = apsw.Connection(str(cache_path))
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(CacheBusyError, match=r"^compacting failed"):
+            cache.compact()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert len(waits) == 1
+
+
 # argv: path. Leaves the process 6 spare file descriptors, then 12 threads read and
 # write; prints the errors they met and whether the cache worked on, as JSON.
 FEW_DESCRIPTORS = """

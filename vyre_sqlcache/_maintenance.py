@@ -587,7 +587,8 @@ class CacheMaintenance:
                 retry_busy(lambda: vacuum(connection))
                 connection.pragma("wal_checkpoint", "TRUNCATE")
             except apsw.Error as error:
-                self._truncate_log(connection)  # a failed VACUUM's log would keep the disk
+                if not isinstance(error, apsw.BusyError):  # (busy: it would wait again)
+                    self._truncate_log(connection)  # a failed VACUUM's log keeps the disk
                 raise translate(error, "compacting", self._path) from error
         return before, self._file.file_bytes()
 

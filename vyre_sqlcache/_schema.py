@@ -393,7 +393,8 @@ def prepare(connection: apsw.Connection, where: str, *, readonly: bool) -> int:
             raise CacheError(
                 f"{where} has schema version {version} and needs upgrading to "
                 f"{latest_version()}, which a read-only open does not do; open it once "
-                "for writing (without readonly=True, as a user who may write the file)"
+                "for writing, as a user who may write the file (without readonly=True; "
+                "from the command line, any command that writes, such as compact)"
             )
         return version
     # page_size only takes effect on a new, empty file; WAL mode is kept in the file.
