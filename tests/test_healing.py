@@ -406,3 +406,24 @@ def test_check_reports_records_edited_by_hand_and_repair_puts_them_right(
         assert all(b in (None, blob_of(d)) for d, b in zip(digests, blobs, strict=True))
         stats = cache.stats()
         assert (stats.entries, stats.stored_bytes) == (served, served * 3200)
+
+
+def test_check_reports_damaged_entry_pages_without_raising(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # Counting the entries for the totals met the damaged page and raised "counting the
+    # entries failed" instead of reporting the damage.
+    populate(cache_path, fingerprint, count=400)
+    raw = apsw.Connection(str(cache_path))
+    (page,) = raw.execute(
+        "SELECT pageno FROM dbstat WHERE name = 'entries' AND pagetype = 'leaf' "
+        "ORDER BY pageno LIMIT 1"
+    ).fetchone()
+    page_size = raw.pragma("page_size")
+    raw.close()
+    with open(cache_path, "r+b") as file:
+        file.seek((page - 1) * page_size + 100)
+        file.write(os.urandom(page_size - 100))
+    with PipelineCache.open(cache_path, readonly=True, strict=True) as cache:
+        report = cache.check()
+    assert not report.sound_file and not report.ok

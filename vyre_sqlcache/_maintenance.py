@@ -44,6 +44,9 @@ from .errors import (
 )
 from .keys import MAX_NAMESPACE_CHARS, check_text, check_u32, coerce_digest
 
+#: What reading a damaged page raises.
+DAMAGE_ERRORS = (apsw.CorruptError, apsw.NotADBError, apsw.IOError, UnicodeDecodeError)
+
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
@@ -552,13 +555,19 @@ class CacheMaintenance:
         try:
             with transaction(connection, "DEFERRED"):
                 return _rows.stray_blobs(connection, candidates)
+        except DAMAGE_ERRORS:
+            return []  # a damaged file: integrity_check reports it, a repair rebuilds it
         except apsw.Error as error:
             raise translate(error, "looking for blobs without an entry", self._path) from error
 
     def _wrong_totals(self, connection: apsw.Connection) -> list[str]:
+        """The totals in `meta` that differ from the entries ([] where damaged pages keep
+        them from being counted: integrity_check reports those)."""
         try:
             with transaction(connection, "DEFERRED"):
                 return _rows.wrong_totals(connection)
+        except DAMAGE_ERRORS:
+            return []
         except apsw.Error as error:
             raise translate(error, "counting the entries", self._path) from error
 
