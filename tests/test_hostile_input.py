@@ -35,6 +35,15 @@ from vyre_sqlcache.keys import entry_id
 from .helpers import connection_of
 from .vfs import dump
 
+
+def tables(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """`dump` less the checkpoint thread's own counter, which a commit of its may bump at
+    any time (`log_restarts`: under a small cap the log starts over often)."""
+    rows = dump(path)
+    rows["meta"] = [row for row in rows["meta"] if row[0] != "log_restarts"]
+    return rows
+
+
 FP = DeviceFingerprint.from_parts(0x10DE, 0x2684, "hostile")
 # Derandomized: CI sees the same examples every run (to explore, set derandomize=False
 # and raise max_examples).
@@ -108,12 +117,12 @@ def rejects_and_changes_nothing(cache: PipelineCache, call: Callable[[], object]
     (BlobTooLargeError is one) and leaves every table as it was."""
     cache.flush()  # earlier examples' queued writes reach the file first
     purged(cache)  # and the entries they invalidated or deleted are purged
-    before = dump(cache.path)
+    before = tables(cache.path)
     try:
         call()
     except (TypeError, ValueError):
         cache.flush()  # nothing queued either
-        assert dump(cache.path) == before
+        assert tables(cache.path) == before
     # Any other exception fails the test.
 
 
@@ -280,27 +289,27 @@ def test_put_many_with_a_short_item_gets_type_or_value_error(
     shared: PipelineCache, item: Any
 ) -> None:
     purged(shared)
-    before = dump(shared.path)
+    before = tables(shared.path)
     with pytest.raises((TypeError, ValueError)):
         shared.put_many([item], FP)
-    assert dump(shared.path) == before
+    assert tables(shared.path) == before
 
 
 @pytest.mark.parametrize("created_ms", [2**63, -(2**63) - 1, 10**30])
 def test_put_entry_with_an_out_of_range_time_gets_value_error(
     shared: PipelineCache, created_ms: int
 ) -> None:
-    before = dump(shared.path)
+    before = tables(shared.path)
     with pytest.raises(ValueError):
         shared.put_entry(b"\7" * 32, b"x", created_ms=created_ms)
-    assert dump(shared.path) == before
+    assert tables(shared.path) == before
 
 
 def test_blobs_over_the_limit_or_the_cap_are_refused(tmp_path: Path) -> None:
     with PipelineCache.open(tmp_path / "cache.sqlite3", max_bytes=1000) as cache:
         cache.write(b"\1" * 32, FP, b"kept")
         cache.flush()
-        before = dump(cache.path)
+        before = tables(cache.path)
         with pytest.raises(BlobTooLargeError):
             cache.write(b"\2" * 32, FP, os.urandom(1001))  # incompressible
         with pytest.raises(BlobTooLargeError):
@@ -313,7 +322,7 @@ def test_blobs_over_the_limit_or_the_cap_are_refused(tmp_path: Path) -> None:
         ):
             with pytest.raises(BlobTooLargeError, match="64 MiB"):
                 call()
-        assert dump(cache.path) == before
+        assert tables(cache.path) == before
 
 
 # -- files prepared by someone else ----------------------------------------------------------
@@ -518,13 +527,13 @@ def test_a_batch_item_of_the_wrong_shape_names_the_item_and_the_shape(
 ) -> None:
     shared.flush()
     purged(shared)
-    before = dump(shared.path)
+    before = tables(shared.path)
     good = (b"\2" * 32, b"fine") if call == "write_many" else (b"\2" * 32, b"fine", None)
     batch = [good, item]
     with pytest.raises(TypeError, match=rf"{call} items must be \(.*\) tuples; item 1 is"):
         shared.write_many(batch, FP) if call == "write_many" else shared.put_entries(batch)
     shared.flush()
-    assert dump(shared.path) == before
+    assert tables(shared.path) == before
 
 
 def test_a_released_memoryview_is_refused_by_name(shared: PipelineCache) -> None:
@@ -532,11 +541,11 @@ def test_a_released_memoryview_is_refused_by_name(shared: PipelineCache) -> None
     view.release()
     shared.flush()
     purged(shared)
-    before = dump(shared.path)
+    before = tables(shared.path)
     with pytest.raises(ValueError, match="blob is a released memoryview"):
         shared.write(b"\3" * 32, FP, view)
     shared.flush()
-    assert dump(shared.path) == before
+    assert tables(shared.path) == before
 
 
 def test_one_key_twice_in_a_batch_is_measured_once_against_the_cap(tmp_path: Path) -> None:
