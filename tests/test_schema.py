@@ -335,6 +335,11 @@ def _moved_aside(path: Path) -> list[Path]:
         "CREATE TABLE notes (x TEXT); CREATE UNIQUE INDEX notes_x ON notes (x); "
         "CREATE TRIGGER notes_t AFTER INSERT ON notes BEGIN SELECT 1; END",
         "ANALYZE",
+        # Triggers have a namespace of their own: these share names with our objects.
+        "CREATE TABLE mine (x); "
+        "CREATE TRIGGER entries_lru AFTER INSERT ON mine BEGIN SELECT 1; END; "
+        "CREATE TRIGGER META AFTER INSERT ON mine BEGIN SELECT 1; END",
+        "CREATE INDEX by_backend_nocase ON entries (backend COLLATE NOCASE, vendor DESC)",
     ],
 )
 def test_objects_an_engineer_adds_are_kept_with_every_entry(
@@ -368,6 +373,23 @@ def test_objects_an_engineer_adds_are_kept_with_every_entry(
         ),
         ("PRAGMA user_version = 0", "user_version 0"),
         ("PRAGMA user_version = 5", "user_version 5"),
+        # Named like our table, in the triggers' namespace: it refused every write.
+        (
+            "CREATE TRIGGER blobs BEFORE INSERT ON entries BEGIN SELECT RAISE(ABORT, 'no'); END",
+            "trigger blobs",
+        ),
+        # Our table named in another case: the trigger escaped, and lost every new entry.
+        (
+            "CREATE TRIGGER eat AFTER INSERT ON Blobs BEGIN DELETE FROM blobs; END",
+            "trigger eat",
+        ),
+        # A name that LIKE 'sqlite_%' took for SQLite's own: never looked at.
+        ("CREATE INDEX sqlitexevil ON entries (blob_size) WHERE blob_size > 0", "sqlitexevil"),
+        # Not UNIQUE, but its expression fails for every new row.
+        (
+            "CREATE INDEX later ON entries (CASE WHEN created_ms > {now} THEN json('x') END)",
+            "index later",
+        ),
     ],
 )
 def test_our_objects_changed_by_hand_are_rebuilt_by_a_writing_open_and_nothing_is_lost(
@@ -376,7 +398,9 @@ def test_our_objects_changed_by_hand_are_rebuilt_by_a_writing_open_and_nothing_i
     path = tmp_path / "cache.sqlite3"
     written = _filled(path, fingerprint)
     expected = _objects(path)
-    _shell(path, sql)
+    time.sleep(0.002)
+    _shell(path, sql.replace("{now}", str(time.time_ns() // 1_000_000)))
+    time.sleep(0.002)
     before = path.read_bytes()
     with pytest.raises(CorruptCacheError, match=f"{named}.*a writing open"):
         PipelineCache.open(path, readonly=True)
@@ -390,7 +414,7 @@ def test_our_objects_changed_by_hand_are_rebuilt_by_a_writing_open_and_nothing_i
         assert len(cache.entries()) == len(written) + 1
         assert cache.invalidate_impacted([1], [b"\x01" * 32], fingerprint) == 1
     assert _moved_aside(path) == []
-    assert _objects(path) - {("table", "log")} == expected
+    assert _objects(path) - {("table", "log"), ("table", "mine")} == expected
     with PipelineCache.open(path, readonly=True) as reader:
         assert reader.stats().entries == len(written)
         assert reader.read(b"\xee" * 32, fingerprint) is not None

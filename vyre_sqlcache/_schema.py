@@ -106,7 +106,7 @@ def _schema_objects(connection: apsw.Connection) -> _Schema:
     schema need not be UTF-8); comments and spacing in their SQL do not count."""
     rows = connection.execute(
         "SELECT CAST(type AS BLOB), CAST(name AS BLOB), CAST(tbl_name AS BLOB), "
-        "CAST(sql AS BLOB) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+        "CAST(sql AS BLOB) FROM sqlite_schema WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!'"
     ).fetchall()
     return frozenset(
         (bytes(t), bytes(n), bytes(b), b" ".join(_COMMENT.sub(b"", bytes(s or b"")).split()))  # type: ignore[arg-type]
@@ -167,7 +167,7 @@ def _check_not_newer(version: int, where: str) -> None:
 
 def _check_is_ours(connection: apsw.Connection, where: str) -> None:
     row = connection.execute(
-        "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+        "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!'"
     ).fetchone()
     if row is not None and row[0]:
         raise NotACacheError(
@@ -201,7 +201,7 @@ def _look(connection: apsw.Connection, where: str, *, heal: bool = False) -> tup
     latest = latest_version()
     if 0 <= version <= latest and objects == expected_schema(version):
         return version, True
-    differences = _differences(objects, version) if 0 < version <= latest else None
+    differences = _differences(objects, version, connection) if 0 < version <= latest else None
     if differences is not None and not differences.damaged:
         if heal or not (differences.rebuild or differences.drop):
             return version, False
@@ -211,9 +211,9 @@ def _look(connection: apsw.Connection, where: str, *, heal: bool = False) -> tup
         )
     if latest < version <= latest + PLAUSIBLE_VERSIONS_AHEAD:
         _check_not_newer(version, where)
-    if 0 <= version < latest and objects:
+    if version != latest and objects:
         # user_version set by hand (or damaged) on a file whose objects are the latest's.
-        found = _differences(objects, latest)
+        found = _differences(objects, latest, connection)
         if not found.damaged:
             if heal:
                 return latest, False
@@ -263,35 +263,76 @@ class _Differences:
         return "; ".join(parts)
 
 
-def _differences(objects: _Schema, version: int) -> _Differences:
-    """Compare a file's objects with those version `version` of the schema has."""
-    expected = {entry[1]: entry for entry in expected_schema(version)}
-    found = {entry[1]: entry for entry in objects}
+def _key(entry: tuple[bytes, ...]) -> tuple[bool, bytes]:
+    """A schema object's identity as SQLite sees it: triggers have a namespace of their
+    own beside tables, views and indexes, and names are compared without ASCII case."""
+    return entry[0] == b"trigger", entry[1].lower()
+
+
+def _differences(
+    objects: _Schema, version: int, connection: apsw.Connection | None = None
+) -> _Differences:
+    """Compare a file's objects with those version `version` of the schema has (with the
+    `connection`, an index added to our tables is looked into: see `_harmless_index`)."""
+    expected = {_key(entry): entry for entry in expected_schema(version)}
+    found = {_key(entry): entry for entry in objects}
     # A name of ours from another version means a wrong user_version, not a user's object.
-    reserved = expected.keys() | {entry[1] for entry in expected_schema(latest_version())}
-    tables = {name for name, entry in expected.items() if entry[0] == b"table"}
+    reserved = expected.keys() | {_key(entry) for entry in expected_schema(latest_version())}
+    tables = {entry[1].lower() for entry in expected.values() if entry[0] == b"table"}
     damaged: list[str] = []
     rebuild: list[str] = []
     drop: list[tuple[str, str]] = []
-    for name, want in expected.items():
-        have = found.get(name)
+    for key, want in expected.items():
+        have = found.get(key)
         if have == want:
             continue
-        if want[0] == b"table" or (have is not None and have[0] != want[0]):
-            damaged.append(_text(name))
+        if want[0] == b"table" or (have is not None and (have[0], have[1]) != want[:2]):
+            damaged.append(_text(want[1]))
         else:
-            rebuild.append(_text(name))
-    for name, have in found.items():
-        if name in expected:
+            rebuild.append(_text(want[1]))
+    for key, have in found.items():
+        if key in expected:
             continue
-        kind, table, sql = have[0], have[2], have[3]
-        if name in reserved or not _is_text(name):
+        kind, name, table = have[0], have[1], have[2].lower()
+        if key in reserved or not _is_text(name):
             damaged.append(_text(name))
         elif table in tables and (
-            kind == b"trigger" or (kind == b"index" and sql.upper().startswith(b"CREATE UNIQUE"))
+            kind == b"trigger"
+            or (kind == b"index" and not _harmless_index(connection, _text(name)))
         ):
             drop.append((_text(kind), _text(name)))
     return _Differences(tuple(sorted(damaged)), tuple(sorted(rebuild)), tuple(sorted(drop)))
+
+
+#: The collations every connection has.
+_BUILT_IN_COLLATIONS = frozenset({"binary", "nocase", "rtrim"})
+
+
+def _harmless_index(connection: apsw.Connection | None, name: str) -> bool:
+    """Whether an index someone added to one of our tables can never refuse our rows: not
+    UNIQUE, not partial, on plain columns with built-in collations (an expression, a
+    WHERE clause or a collation can fail every insert, with a function our connections
+    lack, say). Without a connection, none is taken as harmless."""
+    if connection is None:
+        return False
+    try:
+        columns = connection.execute(
+            "SELECT cid, coll, key FROM pragma_index_xinfo(?)", (name,)
+        ).fetchall()
+        listed = connection.execute(
+            "SELECT i.[unique], i.partial FROM sqlite_schema AS s, "
+            "pragma_index_list(s.tbl_name) AS i WHERE s.type = 'index' AND s.name = ?1 "
+            "AND i.name = s.name",
+            (name,),
+        ).fetchall()
+    except apsw.Error:
+        return False
+    if len(listed) != 1 or listed[0][0] or listed[0][1]:
+        return False
+    # Key columns: -2 is an expression; -1 the row id.
+    return all(
+        cid != -2 and str(coll).lower() in _BUILT_IN_COLLATIONS for cid, coll, key in columns if key
+    )
 
 
 def _text(raw: bytes) -> str:
@@ -316,7 +357,7 @@ def _heal(connection: apsw.Connection, version: int, where: str) -> bool:
     the triggers and UNIQUE indexes added to our tables and rebuild our views, indexes and
     triggers that are missing or changed; return whether anything was (the totals those
     triggers keep are then to be recounted). Logs what it did."""
-    differences = _differences(_schema_objects(connection), version)
+    differences = _differences(_schema_objects(connection), version, connection)
     if not (differences.rebuild or differences.drop):
         return False
     for kind, name in differences.drop:
@@ -357,7 +398,7 @@ def built_sql(version: int) -> list[tuple[str, str, str]]:
             (str(kind), str(name), str(sql))
             for kind, name, sql in connection.execute(
                 "SELECT type, name, sql FROM sqlite_schema "
-                "WHERE name NOT LIKE 'sqlite_%' AND sql IS NOT NULL ORDER BY rowid"
+                "WHERE name NOT LIKE 'sqlite!_%' ESCAPE '!' AND sql IS NOT NULL ORDER BY rowid"
             )
         ]
     finally:
