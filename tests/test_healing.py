@@ -20,6 +20,7 @@ from vyre_sqlcache import (
     PipelineCache,
 )
 from vyre_sqlcache._cachefile import KEEP_CORRUPT_COPIES, needs_check_marker
+from vyre_sqlcache.keys import entry_id
 
 from .helpers import connection_of
 
@@ -427,3 +428,35 @@ def test_check_reports_damaged_entry_pages_without_raising(
     with PipelineCache.open(cache_path, readonly=True, strict=True) as cache:
         report = cache.check()
     assert not report.sound_file and not report.ok
+
+
+@pytest.mark.parametrize("found", ["damaged", "wrong size"])
+def test_repair_leaves_an_entry_written_again_since_the_scan(
+    cache_path: Path, fingerprint: DeviceFingerprint, found: str
+) -> None:
+    # The repair acted on what the scan had found: an entry another process had written
+    # again with right bytes was dropped, or given the size of its old bytes.
+    digests = populate(cache_path, fingerprint, count=5)
+    victim = digests[2]
+    sql = (
+        "UPDATE blobs SET data = zeroblob(length(data)) WHERE id = ?"
+        if found == "damaged"
+        else "UPDATE entries SET blob_size = blob_size + 1 WHERE id = ?"
+    )
+    raw = apsw.Connection(str(cache_path))
+    raw.execute(sql, (entry_id(fingerprint.cache_key(victim)),))
+    raw.close()
+    again = os.urandom(5000)
+
+    def written_again_after_the_scan(ids: list[int]) -> Iterator[int]:
+        yield from ids
+        with PipelineCache.open(cache_path) as other:
+            other.write(victim, fingerprint, again)
+            other.flush()
+
+    with PipelineCache.open(cache_path, compression="off") as cache:
+        report = cache.check(repair=True, progress=written_again_after_the_scan)
+        assert report.bad_entries or report.wrong_size  # what the scan found
+        assert cache.read(victim, fingerprint) == again
+        after = cache.check()
+        assert after.ok and not after.wrong_size and not after.bad_entries

@@ -44,6 +44,25 @@ from .errors import (
 )
 from .keys import MAX_NAMESPACE_CHARS, check_text, check_u32, coerce_digest
 
+#: The faults of `RawEntry.fault` for which a repair drops an entry.
+_BAD_FAULTS = frozenset({"no blob", "bytes", "place"})
+
+
+def _fault_now(connection: apsw.Connection, rowid: int) -> tuple[str | None, int | None]:
+    """What is wrong with the entry of this row id now (`RawEntry.fault`, None if nothing
+    or no entry; "unreadable" where it cannot be read: left alone) and the size of its
+    right bytes."""
+    try:
+        raw = _rows.raw_entry(connection, rowid)
+    except _rows.DamagedText:
+        return "bytes", None
+    except (apsw.Error, _codec.Unavailable):
+        return "unreadable", None
+    if raw is None:
+        return None, None
+    return raw.fault(), None if raw.decoded is None else len(raw.decoded)
+
+
 #: What reading a damaged page raises.
 DAMAGE_ERRORS = (apsw.CorruptError, apsw.NotADBError, apsw.IOError, UnicodeDecodeError)
 
@@ -528,9 +547,18 @@ class CacheMaintenance:
             now = time.time_ns() // 1_000_000
 
             def correct(c: apsw.Connection) -> int:
+                # Looked at again under the write lock: another process may have written
+                # an entry again since the scan (right bytes, another size).
+                faults = {rowid: _fault_now(c, rowid) for rowid in bad_rows}
+                still_bad = [r for r, (f, _) in faults.items() if f in _BAD_FAULTS]
+                sizes = []
+                for rowid, _size in resized:
+                    fault, size = _fault_now(c, rowid)
+                    if fault == "size" and size is not None:
+                        sizes.append((rowid, size))
                 # Recorded as damaged in the departure record (see `explain`), not deleted.
-                gone = _rows.delete_rows(c, bad_rows, now, "damaged")
-                _rows.correct_records(c, resized, strays)
+                gone = _rows.delete_rows(c, still_bad, now, "damaged")
+                _rows.correct_records(c, sizes, strays)
                 return gone
 
             dropped = self._change("repairing entries", correct)
