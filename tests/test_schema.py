@@ -463,3 +463,23 @@ def test_totals_broken_by_hand_are_recounted_and_the_cap_holds(
         stored = cache.stats().stored_bytes
     assert 0 < stored <= 20_000
     assert stored == _live_stored_bytes(path)
+
+
+def test_a_writing_open_of_a_file_with_the_users_own_objects_takes_no_write_lock(
+    tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # Nothing to rebuild: such an open must not wait for another process's write lock
+    # (it began a write transaction at every open, and waited up to 10 s).
+    path = tmp_path / "cache.sqlite3"
+    written = _filled(path, fingerprint)
+    _shell(path, "CREATE INDEX my_backend ON entries (backend)")
+    blocker = apsw.Connection(str(path))
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        start = time.monotonic()
+        with PipelineCache.open(path) as cache:
+            assert all(cache.read(d, fingerprint) == b for d, b in written.items())
+        assert time.monotonic() - start < 5
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()

@@ -184,7 +184,7 @@ def _checked_version(connection: apsw.Connection, where: str, *, heal: bool = Fa
 
 def _look(connection: apsw.Connection, where: str, *, heal: bool = False) -> tuple[int, bool]:
     """The file's schema version, once its objects are those of that version, and whether
-    they are exactly those.
+    they are as they should be (exactly ours, or ours and the user's own beside them).
 
     Objects of the user's own beside ours (a table, a view, an index on our tables that is
     not UNIQUE) are left alone. With `heal` (a writing open, which then calls `_heal` in
@@ -203,8 +203,9 @@ def _look(connection: apsw.Connection, where: str, *, heal: bool = False) -> tup
         return version, True
     differences = _differences(objects, version, connection) if 0 < version <= latest else None
     if differences is not None and not differences.damaged:
-        if heal or not (differences.rebuild or differences.drop):
-            return version, False
+        work = bool(differences.rebuild or differences.drop)
+        if heal or not work:
+            return version, not work  # (the user's own objects alone: nothing to do)
         raise CorruptCacheError(
             f"{where}: {differences.describe()}; a writing open of the cache, or "
             "'vyre-sqlcache check --repair', rebuilds them (the entries are kept)"
