@@ -16,7 +16,7 @@ from typing import Any
 import apsw
 import pytest
 
-from tests.helpers import connection_of
+from tests.helpers import connection_of, run_script
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
 from vyre_sqlcache._snapshots import HOLD_READS, HOLD_S
 
@@ -299,3 +299,41 @@ def test_a_damaged_entry_read_through_the_blob_handles_is_a_miss(
             assert cache.read(digest(1), fingerprint) is None
             assert cache.read(digest(2), fingerprint) == blobs[2]
         assert cache.stats().checksum_failures == 1  # dropped at the first read
+
+
+# argv: path. A thread's slot outlives the thread in a reference cycle, and the cycle
+# collector frees it while this thread holds the reaper's wake lock (as it does inside
+# `Event.set` or `Event.wait`): the slot's callback must take no lock.
+SLOT_FREED_UNDER_A_LOCK = textwrap.dedent(
+    """
+    import gc, os, sys, threading
+    from vyre_sqlcache import PipelineCache, _snapshots
+    cache = PipelineCache.open(sys.argv[1])
+    key = os.urandom(32)
+    cache.put_entry(key, b"x" * 1000)
+    cache.flush()
+    kept = []
+    def read_and_leave_a_cycle():
+        cache.get_entry(key)
+        cycle = [cache._pool._local.slot]
+        cycle.append(cycle)
+    gc.disable()
+    thread = threading.Thread(target=read_and_leave_a_cycle)
+    thread.start()
+    thread.join()
+    with _snapshots._reaper._wake._cond:
+        gc.collect()
+    cache.close()
+    print("done")
+    """
+)
+
+
+def test_a_slot_freed_by_the_cycle_collector_under_the_reapers_lock_deadlocks_nothing(
+    cache_path: Path,
+) -> None:
+    # The callback woke the reaper with Event.set, which takes that very lock: the thread
+    # hung for ever, and with it every thread that began a snapshot after.
+    result = run_script(SLOT_FREED_UNDER_A_LOCK, str(cache_path), timeout=30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "done"

@@ -48,6 +48,7 @@ __all__ = [
     "changed",
     "current_generation",
     "end",
+    "end_ended",
     "paused",
     "thread_ended",
     "watch",
@@ -59,6 +60,9 @@ log = logging.getLogger("vyre_sqlcache")
 HOLD_S = 0.010
 #: How many reads one held snapshot serves at most.
 HOLD_READS = 64
+#: How long the reaper sleeps at most, so that it ends the snapshots of threads that have
+#: ended (noted without waking it, see `_Reaper.thread_ended`).
+IDLE_WAKE_S = 0.5
 
 _counter = itertools.count(1)
 _generation = 0
@@ -142,28 +146,34 @@ class _Reaper:
             self._wake.set()
 
     def thread_ended(self, pool: _Pool) -> None:
-        """Have the thread end the snapshots of `pool`'s ended threads: the slot of an
-        ended thread is gone, and with it the reaper's look at its snapshot, which would
-        otherwise stay open (and the log grow) until another thread of this process opens
-        a connection. Called when a slot is freed; never raises."""
+        """Note that a thread of `pool` has ended: the slot of an ended thread is gone, and
+        with it the reaper's look at its snapshot, which would otherwise stay open (and the
+        log grow) until another thread of this process opens a connection. Called from a
+        weak reference callback, which the cycle collector may run in any thread at any
+        moment, ours inside `Event.set` included: it takes no lock (an append to a deque),
+        and wakes nothing. `end_ended` ends those snapshots: this thread at its next wake
+        (within `IDLE_WAKE_S`), and the checkpoint thread before it copies the log."""
         self._ended.append(weakref.ref(pool))
-        self._wake.set()
 
-    def _reclaim(self) -> None:
+    def end_ended(self) -> None:
+        """End the snapshots of the threads noted by `thread_ended`."""
         while self._ended:
-            pool = self._ended.popleft()()
+            try:
+                pool = self._ended.popleft()()
+            except IndexError:  # (taken by another thread meanwhile)
+                return
             if pool is not None:
                 pool.reclaim()
 
     def _run(self) -> None:
         timeout: float | None = None
         while True:
-            self._wake.wait(timeout)
+            self._wake.wait(IDLE_WAKE_S if timeout is None else min(timeout, IDLE_WAKE_S))
             self._wake.clear()
             # Before the look at the slots: a snapshot begun after the look sees it set.
             self._idle = True
             try:
-                self._reclaim()
+                self.end_ended()
                 timeout = self._reap()
             except Exception as error:  # never let the thread die: snapshots would stay held
                 log.debug("vyre-sqlcache: ending held snapshots: %s", error)
@@ -227,6 +237,7 @@ _reaper = _Reaper()
 watch = _reaper.watch
 paused = _reaper.paused
 thread_ended = _reaper.thread_ended
+end_ended = _reaper.end_ended
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(

@@ -26,7 +26,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _explain_sql, _layers, _remote, _rows
+from . import _codec, _explain_sql, _layers, _remote, _rows, _snapshots
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     HEAD_WAIT_S,
@@ -1428,6 +1428,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             log.debug("vyre-sqlcache: checkpoint after a full disk failed: %s", error)
 
     def _copy_log(self) -> tuple[int, int]:
+        # An ended thread's snapshot would keep the copy from reaching the end of the log.
+        _snapshots.end_ended()
         with self._call() as slot:
             return copy_log(self._pool.main(slot))
 
