@@ -25,11 +25,14 @@ many pages for each entry written (7 for a durable write of 4 KiB) and every syn
 for its growth; a stream of large commits (groups of queued writes, large blobs) is
 mostly its own data in the log, and holding it back costs as long as copying what it
 wrote (a stream of 1 MiB blobs went 50 % slower, each RESTART's sync of the database
-taking 75-140 ms beside it). SQLite starts the log over at the first write after the
-RESTART, and only if nobody reads the log then: left to whichever writer comes next
-(another process's, say), that often failed, so the RESTART is followed at once by a
-commit of its own (`_rows.count_log_restart`). A RESTART that could not finish is tried
-again once the log has grown by another `WAL_CHECKPOINT_PAGES`.
+taking 75-140 ms beside it); it is held back only once the log holds `LOG_BOUND_FACTOR`
+times the threshold, since it never pauses for a copy to catch up (groups of queued
+writes back to back grew the log by 230 MiB a second). SQLite starts the log over at
+the first write after the RESTART, and only if nobody reads the log then: left to
+whichever writer comes next (another process's, say), that often failed, so the
+RESTART is followed at once by a commit of its own (`_rows.count_log_restart`). A
+RESTART that could not finish is tried again once the log has grown by another
+`WAL_CHECKPOINT_PAGES`.
 
 A filling disk. A log checkpointed only at 16 MiB fills a small disk by itself,
 and a database that has taken the last free byte cannot even be checkpointed:
@@ -130,6 +133,9 @@ CATCH_UP_PASSES = 4
 SMALL_COMMIT_PAGES = 32
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
+#: A log this many times its checkpoint threshold is started over whatever the commits
+#: (a stream of large ones is otherwise left to run: see "Starting the log over").
+LOG_BOUND_FACTOR = 8
 #: Under a small size cap the log is checkpointed (and kept) at a quarter of the cap,
 #: but at no fewer pages than this (1 MiB): a 4 MiB cache kept a 16-33 MiB log.
 MIN_CAPPED_LOG_PAGES = 64
@@ -541,6 +547,10 @@ class Checkpointer:
     def _checkpoint(self) -> int:
         """Copy the log, and have it start over where that is due; the pages left."""
         pages, behind = self._copy()
+        if pages > LOG_BOUND_FACTOR * self._log_pages:
+            # Large commits back to back never let a copy catch up: held back once here,
+            # or the log grows as long as they last (GiB in seconds).
+            return self._restart()
         if not restart_due(pages, behind) or pages > SMALL_COMMIT_PAGES * max(1, self._commits):
             return max(0, pages)
         return self._restart()
