@@ -628,7 +628,7 @@ class ConnectionPool:
                 with suppress(apsw.Error):
                     connection.close()
 
-    def reclaim(self) -> None:
+    def end_ended_snapshots(self) -> None:
         """End the transactions left open on the connections of threads that have ended
         (a held snapshot, which would keep the log from starting over). Closing them is
         left to the next connection this pool opens (`_reclaim_locked`): a close from this
@@ -760,7 +760,8 @@ class ConnectionPool:
 
 def _on_slot_freed(pool: weakref.ref[ConnectionPool]) -> Callable[[object], None]:
     """The weak reference callback of a pool's slots: a freed slot is an ended thread
-    (its thread-local storage gone), whose connections the snapshot reaper then closes."""
+    (its thread-local storage gone), whose snapshot the reaper then ends (see
+    `_snapshots.thread_ended`: this takes no lock)."""
 
     def freed(_: object) -> None:
         alive = pool()

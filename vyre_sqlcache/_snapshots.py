@@ -85,7 +85,7 @@ class _Reader(Protocol):
 
 
 class _Pool(Protocol):
-    def reclaim(self) -> None: ...
+    def end_ended_snapshots(self) -> None: ...
 
 
 def end(connection: apsw.Connection, reader: _Reader | None = None) -> bool:
@@ -163,7 +163,7 @@ class _Reaper:
             except IndexError:  # (taken by another thread meanwhile)
                 return
             if pool is not None:
-                pool.reclaim()
+                pool.end_ended_snapshots()
 
     def _run(self) -> None:
         timeout: float | None = None
