@@ -65,6 +65,18 @@ def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.Comp
     )
 
 
+def sql_shell(path: Any, *statements: str) -> None:
+    """What an engineer types into a SQL shell: each statement run to its end on a plain
+    connection of its own (not defensive, its own settings), the cache closed or open
+    elsewhere."""
+    connection = apsw.Connection(str(path))
+    try:
+        for statement in statements:
+            connection.execute(statement).fetchall()
+    finally:
+        connection.close()
+
+
 def connection_of(cache: PipelineCache) -> apsw.Connection:
     """This thread's main SQLite connection of `cache` (opened if needed)."""
     pool: Any = cache._pool

@@ -22,7 +22,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache._cachefile import KEEP_CORRUPT_COPIES, needs_check_marker
 from vyre_sqlcache.keys import entry_id
 
-from .helpers import connection_of
+from .helpers import connection_of, sql_shell
 
 
 def blob_of(digest: bytes) -> bytes:
@@ -344,15 +344,6 @@ def test_check_repair_drops_an_entry_whose_text_is_not_utf8(
         assert merged.merge([cache_path]).added == 4
 
 
-def _edit(path: Path, sql: str) -> None:
-    """An engineer's hand edit in a SQL shell (the cache closed or open elsewhere)."""
-    raw = apsw.Connection(str(path))
-    try:
-        raw.execute(sql)
-    finally:
-        raw.close()
-
-
 # (edit, what check reports, what reads serve after the repair: of 5 entries)
 HAND_EDITS = {
     "a recorded size off by one": (
@@ -395,7 +386,7 @@ def test_check_reports_records_edited_by_hand_and_repair_puts_them_right(
     sql, reported, served = HAND_EDITS[edit]
     digests = populate(cache_path, fingerprint, count=5)
     with PipelineCache.open(cache_path, compression="off") as cache:
-        _edit(cache_path, sql)
+        sql_shell(cache_path, sql)
         found = cache.check()
         assert reported(found) and not found.ok
         repaired = cache.check(repair=True)

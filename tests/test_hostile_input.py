@@ -32,7 +32,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache._schema import latest_version
 from vyre_sqlcache.keys import entry_id
 
-from .helpers import connection_of
+from .helpers import connection_of, sql_shell
 from .vfs import dump
 
 
@@ -336,12 +336,7 @@ def made_cache(path: Path) -> Path:
 
 def plant(path: Path, *statements: str) -> None:
     """Change a closed cache file with a plain connection (not defensive, schema trusted)."""
-    connection = apsw.Connection(str(path))
-    try:
-        for statement in statements:
-            connection.execute(statement)
-    finally:
-        connection.close()
+    sql_shell(path, *statements)
 
 
 def planted_file(path: Path) -> Path:

@@ -26,6 +26,8 @@ from vyre_sqlcache import (
 from vyre_sqlcache._connections import PAGE_SIZE
 from vyre_sqlcache._schema import latest_version, migrations
 
+from .helpers import sql_shell
+
 
 def test_migrations_are_numbered_sql_files() -> None:
     found = migrations()
@@ -300,15 +302,6 @@ def _filled(path: Path, fingerprint: DeviceFingerprint, count: int = 20) -> dict
     return written
 
 
-def _shell(path: Path, sql: str) -> None:
-    """What an engineer types into a SQL shell (a plain connection, its own settings)."""
-    connection = apsw.Connection(str(path))
-    try:
-        connection.execute(sql)
-    finally:
-        connection.close()
-
-
 def _objects(path: Path) -> set[tuple[str, str]]:
     connection = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
@@ -347,7 +340,7 @@ def test_objects_an_engineer_adds_are_kept_with_every_entry(
 ) -> None:
     path = tmp_path / "cache.sqlite3"
     written = _filled(path, fingerprint)
-    _shell(path, sql)
+    sql_shell(path, sql)
     before = _objects(path)
     with PipelineCache.open(path, readonly=True) as reader:
         assert all(reader.read(d, fingerprint) == b for d, b in written.items())
@@ -399,7 +392,7 @@ def test_our_objects_changed_by_hand_are_rebuilt_by_a_writing_open_and_nothing_i
     written = _filled(path, fingerprint)
     expected = _objects(path)
     time.sleep(0.002)
-    _shell(path, sql.replace("{now}", str(time.time_ns() // 1_000_000)))
+    sql_shell(path, sql.replace("{now}", str(time.time_ns() // 1_000_000)))
     time.sleep(0.002)
     before = path.read_bytes()
     with pytest.raises(CorruptCacheError, match=f"{named}.*a writing open"):
@@ -425,7 +418,7 @@ def test_a_changed_table_is_still_damage_named_in_the_message(
 ) -> None:
     path = tmp_path / "cache.sqlite3"
     _filled(path, fingerprint)
-    _shell(path, "ALTER TABLE entries ADD COLUMN note TEXT")
+    sql_shell(path, "ALTER TABLE entries ADD COLUMN note TEXT")
     with pytest.raises(CorruptCacheError, match="damaged or missing: entries"):
         PipelineCache.open(path, strict=True)
 
@@ -453,7 +446,7 @@ def test_totals_broken_by_hand_are_recounted_and_the_cap_holds(
     with PipelineCache.open(path, compression="off") as cache:
         cache.write(b"\1" * 32, fingerprint, b"first")
         cache.flush()
-        _shell(path, sql)  # while the cache is open: its writes then go uncounted
+        sql_shell(path, sql)  # while the cache is open: its writes then go uncounted
         for i in range(50):
             cache.write(i.to_bytes(32, "big"), fingerprint, os.urandom(1000))
     with PipelineCache.open(path, max_bytes=20_000, compression="off") as cache:
@@ -472,7 +465,7 @@ def test_a_writing_open_of_a_file_with_the_users_own_objects_takes_no_write_lock
     # (it began a write transaction at every open, and waited up to 10 s).
     path = tmp_path / "cache.sqlite3"
     written = _filled(path, fingerprint)
-    _shell(path, "CREATE INDEX my_backend ON entries (backend)")
+    sql_shell(path, "CREATE INDEX my_backend ON entries (backend)")
     blocker = apsw.Connection(str(path))
     blocker.execute("BEGIN IMMEDIATE")
     try:
