@@ -9,6 +9,7 @@ and commits made through one would be lost to the other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -314,6 +315,56 @@ def test_a_cache_deleted_while_open_is_made_again_and_keeps_what_flush_acknowled
     assert found_by_another_process(path, [before, since, after]) == [True, True, True]
     with PipelineCache.open(path) as cache:
         assert cache.check().ok and len(cache) == 3
+
+
+# argv: path, count. Opens a missing cache file, pausing (as a preempted process would)
+# just before it removes a -wal left at the path, then writes `count` blobs and flushes.
+PAUSED_OPENER = textwrap.dedent(
+    """
+    import hashlib, pathlib, sys, time
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    path, count = sys.argv[1], int(sys.argv[2])
+    unlink = pathlib.Path.unlink
+    def paused(self, *args, **kwargs):
+        if str(self) == path + "-wal" and not getattr(paused, "done", False):
+            paused.done = True
+            print("paused", flush=True)
+            time.sleep(1.5)
+        return unlink(self, *args, **kwargs)
+    pathlib.Path.unlink = paused
+    fp = DeviceFingerprint.from_parts(1, 2, "paths")
+    with PipelineCache.open(path) as cache:
+        pathlib.Path.unlink = unlink
+        for i in range(count):
+            digest = hashlib.sha256(f"child{i}".encode()).digest()
+            cache.write(digest, fp, digest * 40)
+        cache.flush()
+        print("flushed", flush=True)
+        time.sleep(1)  # the other process writes meanwhile
+    """
+)
+
+
+def test_two_processes_making_the_file_at_once_share_its_log(tmp_path: Path) -> None:
+    # The second opener found no file, then paused; the first made the file and its
+    # -wal and -shm meanwhile. Removing them (left by a deleted file, it thought) gave
+    # each process a log of its own: the other's flushed writes were lost.
+    path = tmp_path / "pipelines.sqlite3"
+    opener = child(PAUSED_OPENER, str(path), "50")
+    assert opener.stdout is not None
+    assert opener.stdout.readline().strip() == "paused", finish(opener)
+    with PipelineCache.open(path) as cache:
+        for i in range(50):
+            cache.write(digest_of("parent", i), FP, b"parent" * 100)
+        cache.flush()
+        assert opener.stdout.readline().strip() == "flushed", finish(opener)
+        for i in range(50, 100):
+            cache.write(digest_of("parent", i), FP, b"parent" * 100)
+        cache.flush()
+        assert cache.read(hashlib.sha256(b"child0").digest(), FP) is not None
+    finish(opener)
+    with PipelineCache.open(path) as cache:
+        assert cache.check().ok and len(cache) == 150
 
 
 @pytest.mark.parametrize("write_behind", [True, False])

@@ -18,6 +18,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Final
 import apsw
 
 from .config import expand_home
-from .errors import CacheError, CorruptCacheError, NotACacheError
+from .errors import CacheBusyError, CacheError, CorruptCacheError, NotACacheError
 
 __all__ = [
     "HEAD_BYTES",
@@ -41,12 +42,12 @@ __all__ = [
     "inode",
     "is_not_sqlite",
     "looks_like_damaged_pages",
+    "make_file_if_missing",
     "move_aside",
     "needs_check_marker",
     "network_file_system",
     "read_head",
     "remove_foreign_side_files",
-    "remove_orphaned_log",
     "remove_own_side_files",
     "resolve",
 ]
@@ -724,22 +725,87 @@ def remove_own_side_files(path: Path) -> None:
             side.unlink()
 
 
-def remove_orphaned_log(path: Path) -> None:
-    """Remove the -wal and -shm of `path` if its database file is gone; raises CacheError
-    if one cannot be removed."""
+def make_file_if_missing(path: Path) -> None:
+    """Make an empty cache file at `path` (SQLite fills it) if there is none, first
+    removing a -wal and -shm left at the path by a deleted file, under an exclusive lock
+    on the folder. Raises CacheError if a side file cannot be removed or the file cannot
+    be made, CacheBusyError if another process held the lock for `MAKE_WAIT_S`.
+
+    A process that found no file, then paused (preempted) before removing the side
+    files, would otherwise remove those of a file that another process made meanwhile:
+    the two would each write to a log of their own, and one's flushed writes be lost.
+    """
     if inode(path) is not None:
         return
-    for side in SIDE_FILES:
+    with _folder_locked(path.parent):
+        if inode(path) is not None:
+            return  # made by another process while this one waited
+        for side in SIDE_FILES:
+            try:
+                Path(f"{path}{side}").unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # (its folder is gone, or a file now: nothing there to pair with)
+            except OSError as error:
+                raise CacheError(
+                    f"{path} was deleted while in use, and its {side} file cannot be "
+                    f"removed: {error}; remove it to go on"
+                ) from error
+            log.info("vyre-sqlcache: removed %s%s, left by a deleted cache file", path, side)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC | _NOFOLLOW
         try:
-            Path(f"{path}{side}").unlink()
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # (its folder is gone, or a file now: nothing there to pair with)
+            os.close(os.open(path, flags, 0o644))
+        except FileExistsError:
+            pass  # made by a process that takes no lock (an older version, a sqlite3 shell)
         except OSError as error:
             raise CacheError(
-                f"{path} was deleted while in use, and its {side} file cannot be removed: "
-                f"{error}; remove it to go on"
+                f"cannot create cache file {path}: {error}; choose a writable path"
             ) from error
-        log.info("vyre-sqlcache: removed %s%s, left by a deleted cache file", path, side)
+
+
+#: How long making a missing cache file waits for another process making it.
+MAKE_WAIT_S = 10.0
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive `flock` of `folder` (none where the folder cannot be opened, or
+    without `fcntl`), held with `_looking`: a child forked meanwhile would inherit the
+    descriptor, and with it the lock, for its whole life. Raises CacheBusyError after
+    `MAKE_WAIT_S`."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | _CLOEXEC | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield  # (a folder this user may write but not list: no lock, as before)
+        return
+    try:
+        deadline = time.monotonic() + MAKE_WAIT_S
+        while True:
+            with _looking:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    yield  # a file system without flock: no lock, as before
+                    return
+                else:
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    return
+            if time.monotonic() > deadline:
+                raise CacheBusyError(
+                    f"another process has held a lock on {folder} for {MAKE_WAIT_S:g} s "
+                    "while making a cache file there; retry later, or end that process"
+                )
+            time.sleep(0.005)
+    finally:
+        os.close(fd)
 
 
 def _state(file: CacheFile) -> tuple[object, ...]:

@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 import weakref
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -37,12 +38,12 @@ from ._cachefile import (
     inode,
     is_not_sqlite,
     looks_like_damaged_pages,
+    make_file_if_missing,
     move_aside,
     needs_check_marker,
     network_file_system,
     read_head,
     remove_foreign_side_files,
-    remove_orphaned_log,
     remove_own_side_files,
 )
 from ._checkpointer import (
@@ -402,7 +403,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         if file.writable and not readonly:
             # A process still using a deleted file keeps its log at the path: SQLite
             # would pair the new file with it (and fail with a disk I/O error).
-            remove_orphaned_log(file.path)
+            make_file_if_missing(file.path)
             if not open_in_process(file.path):
                 remove_foreign_side_files(file.path)
         if not file.writable and not readonly:
@@ -423,6 +424,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 if strict or cache._readonly:
                     raise
                 move_aside(file.path, f"is damaged ({error})")
+                make_file_if_missing(file.path)
                 cache._first_connection(verify=False, store_cap=store_cap)
             if layer_paths:
                 cache._layers = _layers.open_layers(
@@ -1322,13 +1324,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
     def _open_the_path(self) -> None:
         """Locate, create if missing and migrate the file at the path, all connections
         closed; this object's connections open it from now on. Raises CacheError types."""
-        remove_orphaned_log(self._path)  # the deleted file's, now closed
         file = CacheFile.locate(self._path, create=True)
         if not file.writable:
             raise ReadOnlyCacheError(
                 f"{self._path} was replaced while open by a file this process cannot write; "
                 "make it writable or remove it"
             )
+        make_file_if_missing(self._path)  # its log is the deleted file's, now closed
         self._file = self._watch.file = file
         self._check_file_bytes(own=False)
         connection = self._connect(True, following=True)
