@@ -843,6 +843,24 @@ def test_recompress_compresses_a_raw_cache_with_dictionaries_and_back(path: Path
         assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
 
 
+def test_recompress_to_raw_keeps_the_cap_by_evicting(path: Path) -> None:
+    # Four kernels compressed fit a cap that holds two of them raw: stored raw again,
+    # they went over it (the cap counts what is on disk) and stayed over it.
+    with open_cache(path, compression="auto", max_bytes=150_000) as cache:
+        blobs = {i: kernel_text(i, 60_000) for i in range(4)}
+        for i, blob in blobs.items():
+            cache.write(digest(i), FP, blob)
+        cache.flush()
+        assert cache.stats().stored_bytes < 100_000
+    with open_cache(path, compression="off") as cache:
+        done = cache.recompress(batch=1)
+        stats = cache.stats()
+        assert stats.stored_bytes <= 150_000 and stats.evictions == done.evicted >= 2
+        kept = [i for i, blob in blobs.items() if cache.read(digest(i), FP) == blob]
+        assert len(kept) == len(cache) >= 1
+        assert all(cache.read(digest(i), FP) is None for i in set(blobs) - set(kept))
+
+
 def test_recompress_leaves_damaged_entries_for_check(path: Path) -> None:
     with open_cache(path) as cache:
         blobs = write_kernels(cache, 0, 4)

@@ -636,11 +636,15 @@ def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: 
     total = stored_bytes(connection)
     if total + incoming <= cap:
         return 0
-    row = connection.execute(
-        f"SELECT coalesce(sum(stored_size), 0) FROM entries WHERE id IN carray(?) "
-        f"AND {_LIVE_ENTRY}",
-        (apsw.carray(ids),),
-    ).fetchone()
+    row = (
+        connection.execute(
+            f"SELECT coalesce(sum(stored_size), 0) FROM entries WHERE id IN carray(?) "
+            f"AND {_LIVE_ENTRY}",
+            (apsw.carray(ids),),
+        ).fetchone()
+        if ids  # (carray refuses an empty array's buffer)
+        else None
+    )
     replaced = 0 if row is None else int(row[0])
     excess = total - replaced + incoming - cap
     if excess <= 0:
@@ -1060,6 +1064,8 @@ class Recompressed:
     damaged: int = 0
     before: int = 0
     after: int = 0
+    #: entries evicted because what was stored again no longer fitted the size cap
+    evicted: int = 0
 
 
 def recompress(

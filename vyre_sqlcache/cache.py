@@ -1030,7 +1030,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         and device with enough entries first gets a dictionary trained on them, then the
         entries are rewritten (`batch` to a transaction, so other writers go on), and the
         dictionaries no entry uses any more are deleted. With compression 'off' every
-        entry is stored raw. Entries that fail their checksum are left for `check`.
+        entry is stored raw. Entries that fail their checksum are left for `check`; where
+        the entries stored again take more room than the size cap allows, the least
+        recently used are evicted (`evicted`).
 
         Returns the entries rewritten, those left damaged, and their stored bytes before
         and after; `compact()` then gives the freed pages back to the file system.
@@ -1046,12 +1048,22 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         codec = self._codec if self._codec.enabled else None
         report = _rows.Recompressed()
 
+        def fit(connection: apsw.Connection) -> None:
+            # Stored again (raw, or at another level), entries may take more room: the cap
+            # counts what is on disk, so the least recently used make way, as for a write.
+            self._settle_cap(connection)
+            if self._cap is not None:
+                evicted = _rows.make_room(connection, array("q"), 0, self._cap)
+                report.evicted += evicted
+                self._books.evicted(evicted)
+
         def train(connection: apsw.Connection) -> int:
             trained = 0
             for scope, count in _rows.scopes(connection):
                 if count >= _codec.TRAIN_AFTER:
                     trained += _rows.train_dictionary(connection, scope, _now_ms()) is not None
             _rows.reset_dictionary_writes(connection)
+            fit(connection)
             return trained
 
         if codec is not None:
@@ -1061,7 +1073,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             chunk = ids[start : start + batch]
 
             def rewrite(connection: apsw.Connection, chunk: list[int] = chunk) -> int:
-                return _rows.recompress(connection, chunk, codec, report)
+                rewritten = _rows.recompress(connection, chunk, codec, report)
+                fit(connection)
+                return rewritten
 
             try:
                 self._change("recompressing entries", rewrite)
