@@ -184,6 +184,115 @@ def test_a_fork_while_the_main_thread_holds_ctrl_c_gives_the_child_its_own() -> 
     assert result.stdout.strip().splitlines()[-1] == "[0, 'held', 'delivered after']"
 
 
+# An alarm whose handler raises (pytest-timeout's signal method, job runners) fires at
+# random points of writes and flushes; afterwards Ctrl-C must reach the application.
+ALARMS_THEN_CTRL_C = textwrap.dedent(
+    """
+    import os, random, signal, sys, time
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    class Alarm(Exception):
+        pass
+    def ring(signum, frame):
+        raise Alarm()
+    signal.signal(signal.SIGALRM, ring)
+    application = signal.getsignal(signal.SIGINT)
+    rng = random.Random(int(sys.argv[2]))
+    fp = DeviceFingerprint.from_parts(1, 2, "alarms")
+    cache = PipelineCache.open(sys.argv[1], write_behind=False)
+    calls = 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and calls < 3000:
+        calls += 1
+        try:
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-5, 2e-3))
+            cache.write(rng.randrange(1000).to_bytes(32, "big"), fp, os.urandom(64))
+            cache.flush()
+        except Alarm:
+            pass
+        finally:
+            while True:
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    break
+                except Alarm:
+                    pass
+    outcome = []
+    for then in ("after the alarms", "after another call"):
+        try:
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.5)
+            outcome.append("swallowed " + then)
+        except KeyboardInterrupt:
+            outcome.append("delivered " + then)
+        cache.write(b"\1" * 32, fp, b"one more")
+        cache.flush()
+    outcome.append(signal.getsignal(signal.SIGINT) is application)
+    cache.close()
+    print(outcome)
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_exceptions_of_an_alarm_handler_never_leave_ctrl_c_swallowed(
+    tmp_path: Path, seed: int
+) -> None:
+    result = run_script(ALARMS_THEN_CTRL_C, str(tmp_path / "c.sqlite3"), str(seed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(
+        ["delivered after the alarms", "delivered after another call", True]
+    )
+
+
+@pytest.mark.parametrize("thread", ["vyre-sqlcache writer", "vyre-sqlcache checkpoint"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_exception_landing_in_open_as_it_starts_a_thread_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread: str, when: str
+) -> None:
+    # As an alarm handler's exception does when it lands inside `Thread.start`: before
+    # the thread ran (open() then failed with "cannot join thread before it is started"
+    # and left its connections open), or once it runs.
+    start = threading.Thread.start
+
+    def interrupted(self: threading.Thread) -> None:
+        if self.name == thread:
+            if when == "after":
+                start(self)
+            raise Interrupted()
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    path = tmp_path / "c.sqlite3"
+    with pytest.raises(Interrupted):
+        PipelineCache.open(path)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 10
+    ours = ("vyre-sqlcache writer", "vyre-sqlcache checkpoint")  # (the reaper is shared)
+    while any(t.name in ours for t in threading.enumerate()):
+        assert time.monotonic() < deadline, threading.enumerate()
+        time.sleep(0.01)
+    assert not locked_for_others(path)
+    with PipelineCache.open(path) as cache:
+        cache.write(b"\1" * 32, FP, b"after")
+        cache.flush()
+        assert cache.read(b"\1" * 32, FP) == b"after"
+
+
+def test_an_object_an_exception_cut_short_while_it_was_made_is_collected_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise Interrupted()
+
+    monkeypatch.setattr(cache_module, "WriteBehind", interrupted)
+    with pytest.raises(Interrupted):
+        PipelineCache.open(tmp_path / "c.sqlite3")
+    monkeypatch.undo()
+    gc.collect()
+    time.sleep(0.2)  # a close thread it started would have failed by now
+    assert "dropped unclosed" not in caplog.text
+
+
 def raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
     """Deliver `error` to `thread` asynchronously, as a signal handler's exception would."""
     assert thread.ident is not None

@@ -541,7 +541,12 @@ class Checkpointer:
             self._stopped = True
             thread = self._thread
         self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
+        # (`ident` is None for a thread whose start an exception cut short: never ran.)
+        if (
+            thread is not None
+            and thread.ident is not None
+            and thread is not threading.current_thread()
+        ):
             thread.join(timeout)
 
     def _checkpoint(self) -> int:

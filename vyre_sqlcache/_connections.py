@@ -200,27 +200,55 @@ def has_moved(connection: apsw.Connection) -> bool:
 
 def end_transaction(connection: apsw.Connection) -> None:
     """Roll back whatever transaction the connection has open; never raises apsw errors."""
-    if not connection.get_autocommit():
-        with suppress(apsw.Error):
+    with suppress(apsw.Error):  # (a closed connection has none)
+        if not connection.get_autocommit():
             connection.execute("ROLLBACK")
 
 
-#: Whether an `interrupts_held` block of the main thread is under way (nested blocks,
-#: a commit inside a transaction, leave the handler to it: each swap costs about 10 µs),
-#: and the application's handler it put aside.
-_holding = False
-_put_aside: Any = None
+class _Holder:
+    """SIGINT's handler while an `interrupts_held` block runs: keeps the signals for the
+    application's handler (`put_aside`), which gets them when the block ends.
+
+    An exception of another signal handler (a SIGALRM timeout) can cut a block short
+    between two of its steps, leaving this installed: once its block is over (`active`
+    False, the first thing the block's end does) it puts the application's handler back
+    and passes the signal on, so Ctrl-C is never swallowed.
+    """
+
+    def __init__(self, put_aside: Callable[[int, FrameType | None], Any]) -> None:
+        self.put_aside = put_aside
+        self.active = True
+        self.held: list[tuple[int, FrameType | None]] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.active:
+            self.held.append((signum, frame))
+            return
+        with suppress(ValueError, TypeError):
+            signal.signal(signal.SIGINT, self.put_aside)
+        self.put_aside(signum, frame)
+
+
+#: The holder of the `interrupts_held` block of the main thread under way, if any
+#: (nested blocks, a commit inside a transaction, leave the handler to it: each swap
+#: costs about 10 µs).
+_holder: _Holder | None = None
+
+
+def _holding() -> bool:
+    return _holder is not None and _holder.active
 
 
 def _interrupts_after_fork_in_child() -> None:
     """A child forked by another thread while the main thread held Ctrl-C: its main thread
     is the forking one, in no such block, so it gets the application's handler back
     (else the inherited holder would swallow every Ctrl-C of the child)."""
-    global _holding
-    if _holding:
-        _holding = False
+    global _holder
+    holder, _holder = _holder, None
+    if holder is not None and holder.active:
+        holder.active = False
         with suppress(ValueError, TypeError):
-            signal.signal(signal.SIGINT, _put_aside)
+            signal.signal(signal.SIGINT, holder.put_aside)
 
 
 if hasattr(os, "register_at_fork"):
@@ -235,32 +263,36 @@ def interrupts_held() -> Iterator[None]:
     write lock held for every process until this one exits. The signal is kept and
     delivered to the application's own handler as soon as the block has ended.
     """
-    global _holding, _put_aside
-    if _holding or threading.current_thread() is not threading.main_thread():
+    global _holder
+    if _holding() or threading.current_thread() is not threading.main_thread():
         yield  # an outer block of the main thread holds it already
         return
     previous = signal.getsignal(signal.SIGINT)
+    if isinstance(previous, _Holder):
+        previous = previous.put_aside  # left by a block cut short: see `_Holder`
     if previous is None or previous in (signal.SIG_IGN, signal.SIG_DFL):
         yield
         return
-    held: list[tuple[int, FrameType | None]] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        held.append((signum, frame))
-
+    holder = _Holder(previous)  # type: ignore[arg-type]
     try:
-        signal.signal(signal.SIGINT, hold)
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    _holding, _put_aside = True, previous
-    try:
+        # Inside the `try`: an exception landing right after the swap still ends the
+        # block, which puts the application's handler back.
+        _holder = holder
+        try:
+            signal.signal(signal.SIGINT, holder)
+        except ValueError:  # not the main interpreter
+            holder.active = False
         yield
     finally:
-        _holding, _put_aside = False, None
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(*held[0])
+        # First, before any call where another handler's exception could land.
+        holder.active = False
+        if _holder is holder:
+            _holder = None
+        with suppress(ValueError, TypeError):
+            if signal.getsignal(signal.SIGINT) is holder:
+                signal.signal(signal.SIGINT, previous)
+        if holder.held:
+            previous(*holder.held[0])  # type: ignore[operator]
 
 
 @contextmanager

@@ -176,7 +176,11 @@ class WriteBehind:
             self._stopped = True
             self._wake.notify()
             thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if (
+            thread is not None
+            and thread.ident is not None
+            and thread is not threading.current_thread()
+        ):
             thread.join(30)
 
     # -- the thread ----------------------------------------------------------------------

@@ -293,6 +293,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._reopen_due = False  # the old file is closed, the one at the path not opened
         # Read from the old file once the path named another, until committed to the new.
         self._rescued: list[NewEntry] | None = None
+        self._made = True  # (__del__ leaves alone an object an exception cut short here)
 
     # -- opening and closing -------------------------------------------------------
 
@@ -440,9 +441,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """Let go of an object that failed to open: its threads and connections end, and
         nothing more is done to the file (no bookkeeping, no checkpoint, no close by
         __del__)."""
-        self._writer.stop()
-        self._checkpointer.stop()
-        self._pool.close()
+        try:
+            self._writer.stop()
+            self._checkpointer.stop()
+        finally:
+            self._pool.close()
 
     def _check_file_bytes(self, *, own: bool) -> None:
         """Look at the file's first bytes before SQLite does (SQLite would remove the -wal of
@@ -611,9 +614,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         # may go anywhere, our own threads' locks held included, and close() takes them.
         # Not while the interpreter shuts down: its daemon threads are frozen by then,
         # and the queue was committed at exit.
-        pool = getattr(self, "_pool", None)
-        if pool is None or pool.closed or sys.is_finalizing():
-            return
+        if not getattr(self, "_made", False) or self._pool.closed or sys.is_finalizing():
+            return  # (made in part: it opened nothing yet)
         for callback in self._callbacks.values():
             callback.pin(self)
         with suppress(Exception):
