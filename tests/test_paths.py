@@ -367,6 +367,55 @@ def test_two_processes_making_the_file_at_once_share_its_log(tmp_path: Path) -> 
         assert cache.check().ok and len(cache) == 150
 
 
+# argv: path. Opens the cache, pausing (preempted) once its first connection has the
+# file and before it notes which file that is; then writes 20 blobs and flushes.
+PAUSED_IN_OPEN = textwrap.dedent(
+    """
+    import hashlib, sys, time
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    from vyre_sqlcache import cache as cache_module
+    path = sys.argv[1]
+    prepare = cache_module.prepare
+    def paused(*args, **kwargs):
+        prepare(*args, **kwargs)
+        cache_module.prepare = prepare
+        print("prepared", flush=True)
+        time.sleep(1.5)
+    cache_module.prepare = paused
+    fp = DeviceFingerprint.from_parts(1, 2, "paths")
+    with PipelineCache.open(path) as cache:
+        for i in range(20):
+            digest = hashlib.sha256(f"opener{i}".encode()).digest()
+            cache.write(digest, fp, digest * 40)
+        cache.flush()
+    """
+)
+
+
+@pytest.mark.parametrize("then", ["nothing", "another process makes it"])
+def test_a_cache_deleted_while_it_is_opened_keeps_what_flush_acknowledged(
+    tmp_path: Path, then: str
+) -> None:
+    # The opener noted the inode at the path after its connection had the file: the
+    # deleted file's, or none, so it never followed the path, and wrote on into the
+    # deleted file, where close() lost every flushed write.
+    path = tmp_path / "cache" / "pipelines.sqlite3"
+    PipelineCache.open(path).close()
+    opener = child(PAUSED_IN_OPEN, str(path))
+    assert opener.stdout is not None
+    assert opener.stdout.readline().strip() == "prepared", finish(opener)
+    remove_cache(path, "folder")
+    if then == "nothing":
+        finish(opener)
+    else:
+        with PipelineCache.open(path) as cache:
+            cache.write(digest_of("other", 0), FP, b"other")
+            cache.flush()
+            finish(opener)
+    digests = [hashlib.sha256(f"opener{i}".encode()).digest() for i in range(20)]
+    assert found_by_another_process(path, digests) == [True] * 20
+
+
 @pytest.mark.parametrize("write_behind", [True, False])
 def test_a_cache_deleted_while_open_is_made_again_at_close(
     tmp_path: Path, write_behind: bool

@@ -128,6 +128,10 @@ MAX_TRACKED_WRITES: Final = 1 << 16
 CLOCK_SLACK_MS: Final = 2000
 
 
+#: `_inode` of a cache whose file left the path as it was opened: no file has it.
+MOVED: Final = (-1, -1)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -525,6 +529,15 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             connection.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         return connection
 
+    def _inode_of(self, connection: apsw.Connection) -> tuple[int, int]:
+        """The (device, inode) of the file `connection` has open: the path's, or `MOVED`
+        where that file left the path while it was opened (deleted, or replaced), so that
+        the next commit follows the path."""
+        now = inode(self._path)  # first: a file that leaves after this, has_moved sees
+        if now is None or has_moved(connection):
+            return MOVED
+        return now
+
     def _prepare_if_new(self, connection: apsw.Connection) -> None:
         """Give a file made since this object opened its own (the first deleted while
         open; see `_follow_the_path`) the cache's schema, so that a thread's first
@@ -564,7 +577,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                     _rows.store_setting(connection, _rows.CAP_SETTING, self._cap or 0)
             self._settle_cap(connection)
             if not self._readonly:
-                self._inode = inode(self._path)
+                self._inode = self._inode_of(connection)
         except apsw.Error as error:
             connection.close()
             raise translate(error, "opening the cache", self._path) from error
@@ -1353,11 +1366,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         try:
             retry_busy(lambda: prepare(connection, str(self._path), readonly=False))
             self._settle_cap(connection)
+            opened = self._inode_of(connection)
         except apsw.Error as error:
             raise translate(error, "opening the cache again", self._path) from error
         finally:
             connection.close()
-        self._inode = inode(self._path)
+        self._inode = opened
         self._reopen_due = False
 
     def _refuse_write(self) -> None:
