@@ -227,6 +227,34 @@ def test_export_leaves_keyed_and_named_entries_out_and_changes_nothing(
         assert snapshot(connection) == before
 
 
+def test_export_gets_every_entry_while_another_process_reads_them(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A read moves an entry's access time: listed by it, newest first, the entries read
+    # during the export moved ahead of the listing, and were never exported (a backup
+    # that left out what was in use, and said nothing).
+    digests = [i.to_bytes(32, "big") for i in range(1, 301)]
+    cache.write_many([(d, d * 3) for d in digests], fingerprint)
+    cache.flush()
+    monkeypatch.setattr(vyredir, "LIST_PAGE", 10)
+    peek = PipelineCache.peek_entry
+
+    def peek_while_read(self: PipelineCache, key: bytes | str) -> bytes | None:
+        if key.endswith("0"):
+            with PipelineCache.open(self.path) as reader:  # its access times written at close
+                for digest in random.sample(digests, 10):
+                    reader.read(digest, fingerprint)
+        return peek(self, key)
+
+    monkeypatch.setattr(PipelineCache, "peek_entry", peek_while_read)
+    report = do_export(cache, tmp_path / "out")
+    assert report.exported == len(digests)
+    assert len(tree(tmp_path / "out")) == len(digests)
+
+
 def test_export_skips_damaged_entries(
     cache: PipelineCache, fingerprint: DeviceFingerprint, tmp_path: Path
 ) -> None:

@@ -270,6 +270,22 @@ class CacheMaintenance:
 
         return pages()
 
+    def _iter_by_row(self, page: int) -> Iterator[_rows.Listed]:
+        """Every live entry once, in row id order, `page` to a short read transaction: for
+        `export_dir`, which must not miss entries that are read meanwhile (a read moves an
+        entry in the `iter_entries` orders by access)."""
+        after: int | None = None
+        while True:
+
+            def read(c: apsw.Connection, after: int | None = after) -> list[_rows.Listed]:
+                return _rows.export_page(c, after, page)
+
+            rows = self._read("listing entries", read)
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1].rowid
+
     def _listing(
         self,
         backend: str | None,

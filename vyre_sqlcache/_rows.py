@@ -1480,6 +1480,36 @@ def integrity_check(connection: apsw.Connection) -> list[str]:
         return [f"integrity_check stopped: {error}"]
 
 
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """An entry as `export_page` lists it."""
+
+    rowid: int
+    entry_key: str  # lower-case hex
+    kind: str  # as `pipelines_v.kind`, but 'program' for imported entries too
+    created_ms: int
+
+
+def export_page(connection: apsw.Connection, after: int | None, limit: int) -> list[Listed]:
+    """Up to `limit` live entries in row id order, after row `after` (None: from the
+    first). Keyset pagination on the primary key: reading or rewriting an entry does not
+    move it, so an entry that stays is listed exactly once."""
+    columns = (
+        "SELECT id, lower(hex(entry_key)), namespace IS NOT NULL, key_version IS NOT NULL, "
+        "created_ms FROM entries"
+    )
+    if after is None:
+        rows = connection.execute(f"{columns} WHERE {_LIVE_ENTRY} ORDER BY id LIMIT ?", (limit,))
+    else:
+        rows = connection.execute(
+            f"{columns} WHERE id > ? AND {_LIVE_ENTRY} ORDER BY id LIMIT ?", (after, limit)
+        )
+    return [
+        Listed(int(i), str(k), "named" if named else "keyed" if keyed else "program", int(c))
+        for i, k, named, keyed, c in rows
+    ]
+
+
 def live_ids(connection: apsw.Connection, ids: Iterable[int] | None, since_ms: int) -> list[int]:
     """The row ids of live entries among `ids`, or (`ids` None) of those created from
     `since_ms` on."""

@@ -493,8 +493,8 @@ def export_dir(
     again), never cut short.
     """
     report = ExportReport()
-    # By last access: the pages come from an index, with no sort of the whole table.
-    rows = cache.iter_entries(sort="accessed", page=LIST_PAGE)
+    # By row id: no sort, and reads meanwhile do not move an entry (as by access time).
+    rows = cache._iter_by_row(LIST_PAGE)
     root.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
@@ -519,13 +519,13 @@ def export_dir(
 
         try:
             for row in progress(rows, len(cache), "exporting"):
-                if row["kind"] == "keyed":
+                if row.kind == "keyed":
                     report.keyed += 1
                     continue
-                if row["kind"] == "named":
+                if row.kind == "named":
                     report.named += 1
                     continue
-                key = str(row["entry_key"])
+                key = row.entry_key
                 try:
                     data = cache.peek_entry(key)
                 except CorruptCacheError:
@@ -538,7 +538,7 @@ def export_dir(
                     where = str(root / key[:2])
                     report.refused[where] = report.refused.get(where, 0) + 1
                     continue
-                batch.add(folder, f"{key}.bin", data, int(row["created_ms"]))
+                batch.add(folder, f"{key}.bin", data, row.created_ms)
                 report.exported += 1
                 if len(batch) >= EXPORT_BATCH_ENTRIES or batch.bytes >= EXPORT_BATCH_BYTES:
                     batch.commit()
