@@ -32,6 +32,8 @@ from vyre_sqlcache.vyredir import (
     write_atomic,
 )
 
+from .helpers import run_script
+
 BASE_MS = 1_700_000_000_000
 
 
@@ -198,6 +200,42 @@ def test_import_skips_and_reports_what_is_not_an_entry(
 def test_scan_of_a_missing_folder_is_a_cache_error(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="is not a folder"):
         scan(tmp_path / "nope")
+
+
+# argv: cache path, vyre folder, limit of open files. Imports under that limit.
+IMPORT_UNDER_A_LIMIT = """
+import resource, sys
+from vyre_sqlcache import CacheError, PipelineCache
+from vyre_sqlcache.vyredir import import_dir
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+with PipelineCache.open(sys.argv[1]) as cache:
+    try:
+        report = import_dir(cache, __import__("pathlib").Path(sys.argv[2]), note=lambda n: None)
+        print(report.imported, report.skipped)
+    except CacheError as error:
+        print("CacheError", error)
+"""
+
+
+@pytest.mark.parametrize("limit", [64, 20])
+def test_import_under_a_low_limit_of_open_files_imports_all_or_says_why(
+    tmp_path: Path, fingerprint: DeviceFingerprint, limit: int
+) -> None:
+    # A descriptor a folder (256 of them) made every folder past the limit "skipped",
+    # with exit status 0; macOS allows 256 by default.
+    programs = make_vyre_tree(tmp_path / "vyre", fingerprint, 700)
+    folders = {fingerprint.cache_key(d).hex()[:2] for d in programs}
+    assert len(folders) > 200
+    result = run_script(
+        IMPORT_UNDER_A_LIMIT, str(tmp_path / "c.sqlite3"), str(tmp_path / "vyre"), str(limit)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout.strip()
+    if limit == 64:
+        assert out == f"{len(programs)} 0"
+    else:  # too few for the cache itself and a file: one clear error, not skips
+        assert out == f"{len(programs)} 0" or ("ulimit -n" in out and "CacheError" in out), out
 
 
 def test_export_leaves_keyed_and_named_entries_out_and_changes_nothing(
@@ -406,8 +444,8 @@ def deadline(seconds: float) -> Iterator[None]:
         (_file_to_link, 4),
         (_file_to_hard_link, 4),
         (_file_to_fifo, 4),
-        # the folder scanned is read through its descriptor: its own files, not the link's
-        (_folder_to_link, 5),
+        # a folder is opened again to be read, never through a link: its file is skipped
+        (_folder_to_link, 4),
     ],
 )
 def test_import_reads_only_the_files_it_scanned(

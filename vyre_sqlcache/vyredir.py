@@ -109,13 +109,28 @@ def _why(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+#: Errors that say the process has too many files open: no file's fault, so they stop
+#: the command instead of skipping one file after another.
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def _out_of_descriptors(error: OSError, root: Path) -> CacheError:
+    return CacheError(
+        f"cannot read the vyre cache folder {root}: {_why(error)}; raise this process's "
+        "limit of open files (`ulimit -n`) and run it again (what was imported stays)"
+    )
+
+
 class _Tree:
-    """A vyre directory cache opened for reading: the root's and each folder's descriptor."""
+    """A vyre directory cache opened for reading: the root's descriptor, and the one of
+    the folder being read (a descriptor a folder would need 257 of them: more than
+    macOS allows by default)."""
 
     def __init__(self, root: Path, stack: ExitStack) -> None:
         self.root = root
         self._stack = stack
-        self._folders: dict[str, int] = {}
+        self._identities: dict[str, tuple[int, int]] = {}  # each folder as scanned
+        self._open: tuple[str, int] | None = None  # the folder being read
         try:
             self._fd = self._keep(os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC))
         except OSError as error:
@@ -123,10 +138,16 @@ class _Tree:
                 f"{root} is not a folder that can be read ({_why(error)}); give the root of "
                 "a vyre pipeline cache"
             ) from error
+        stack.callback(self._close_folder)
 
     def _keep(self, fd: int) -> int:
         self._stack.callback(os.close, fd)
         return fd
+
+    def _close_folder(self) -> None:
+        if self._open is not None:
+            os.close(self._open[1])
+            self._open = None
 
     def scan(self, note: Note) -> tuple[list[DirEntry], int]:
         found: list[DirEntry] = []
@@ -146,37 +167,72 @@ class _Tree:
                     skip(where, "not a folder named by two lowercase hex digits")
                     continue
                 try:
-                    fd = self._keep(os.open(folder.name, _FOLDER_FLAGS, dir_fd=self._fd))
-                    opened = os.fstat(fd)
-                    scanned = folder.stat(follow_symlinks=False)
+                    fd = os.open(folder.name, _FOLDER_FLAGS, dir_fd=self._fd)
                 except OSError as error:
+                    if error.errno in _OUT_OF_DESCRIPTORS:
+                        raise _out_of_descriptors(error, self.root) from error
                     skip(where, f"cannot be opened as a folder: {_why(error)}")
                     continue
-                if (opened.st_dev, opened.st_ino) != (scanned.st_dev, scanned.st_ino):
-                    skip(where, "was replaced by another folder since it was scanned")
-                    continue
-                self._folders[folder.name] = fd
-                with os.scandir(fd) as inside:
-                    items = sorted(inside, key=lambda e: e.name)
-                for item in items:
-                    entry = _entry(item, where)
-                    if isinstance(entry, str):
-                        skip(where / item.name, entry)
-                    else:
-                        found.append(entry)
+                try:
+                    opened = os.fstat(fd)
+                    scanned = folder.stat(follow_symlinks=False)
+                    if (opened.st_dev, opened.st_ino) != (scanned.st_dev, scanned.st_ino):
+                        skip(where, "was replaced by another folder since it was scanned")
+                        continue
+                    self._identities[folder.name] = (opened.st_dev, opened.st_ino)
+                    with os.scandir(fd) as inside:
+                        items = sorted(inside, key=lambda e: e.name)
+                    for item in items:  # (their stat goes through `fd`)
+                        entry = _entry(item, where)
+                        if isinstance(entry, str):
+                            skip(where / item.name, entry)
+                        else:
+                            found.append(entry)
+                finally:
+                    os.close(fd)
+        except CacheError:
+            raise
         except OSError as error:
             raise CacheError(f"cannot read the vyre cache folder {self.root}: {error}") from error
         return found, skipped
+
+    def _folder(self, name: str) -> int | str:
+        """The descriptor of a scanned folder (opened again, one at a time: files are read
+        in the scan's order), or why it cannot be read. Raises CacheError when the
+        process is out of descriptors."""
+        if self._open is not None and self._open[0] == name:
+            return self._open[1]
+        self._close_folder()
+        try:
+            fd = os.open(name, _FOLDER_FLAGS, dir_fd=self._fd)
+        except OSError as error:
+            if error.errno in _OUT_OF_DESCRIPTORS:
+                raise _out_of_descriptors(error, self.root) from error
+            return f"its folder cannot be opened: {_why(error)}"
+        self._open = (name, fd)
+        try:
+            info = os.fstat(fd)
+        except OSError as error:
+            return f"its folder cannot be looked at: {_why(error)}"
+        if (info.st_dev, info.st_ino) != self._identities.get(name):
+            return "its folder was replaced by another folder since it was scanned"
+        return fd
 
     def read(self, item: DirEntry) -> tuple[bytes, int] | str:
         """The bytes and modification time (ms) of a scanned file, or why it was not read.
 
         Opened relative to its folder's descriptor with O_NOFOLLOW, so a link swapped in
-        since the scan is refused, and checked to be the very file scanned.
+        since the scan is refused, and checked to be the very file scanned. Raises
+        CacheError when the process is out of descriptors.
         """
+        folder = self._folder(item.folder)
+        if isinstance(folder, str):
+            return folder
         try:
-            fd = os.open(item.name, _READ_FLAGS, dir_fd=self._folders[item.folder])
+            fd = os.open(item.name, _READ_FLAGS, dir_fd=folder)
         except OSError as error:
+            if error.errno in _OUT_OF_DESCRIPTORS:
+                raise _out_of_descriptors(error, self.root) from error
             return f"cannot be opened: {_why(error)}"
         try:
             info = os.fstat(fd)
@@ -509,6 +565,12 @@ def export_dir(
                 try:
                     fd = os.open(name, _FOLDER_FLAGS, dir_fd=top)
                 except OSError as error:
+                    if error.errno in _OUT_OF_DESCRIPTORS:
+                        raise CacheError(
+                            f"cannot export to {root}: {_why(error)}; an export keeps each "
+                            "of up to 256 folders open: raise this process's limit of open "
+                            "files (`ulimit -n`, 300 or more) and export again"
+                        ) from error
                     if error.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     folders[name] = None  # a link or a file: refused
