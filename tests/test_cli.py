@@ -1356,6 +1356,90 @@ def test_sql_stops_on_ctrl_c(filled: Filled) -> None:
     assert err == b"vyre-sqlcache: interrupted\n"
 
 
+@pytest.mark.parametrize(("ending", "status"), [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_end_an_export_as_ctrl_c_does(
+    cache_path: Path, fingerprint: DeviceFingerprint, tmp_path: Path, ending: str, status: int
+) -> None:
+    # Killed outright, export-dir left 1,700-1,900 temporary files that no later run
+    # removed (and import-dir then listed each as skipped), with no message.
+    with PipelineCache.open(cache_path) as cache:
+        for _ in range(20):
+            cache.write_many([(os.urandom(32), os.urandom(100)) for _ in range(1000)], fingerprint)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vyre_sqlcache", "--path", str(cache_path), "export-dir", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out.exists() and any(out.rglob("*.bin*"))):
+            time.sleep(0.005)
+        process.send_signal(getattr(signal, ending))
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    if process.returncode == 0:
+        pytest.skip("the export ended before the signal came")  # (a very fast disk)
+    assert process.returncode == status, err
+    assert err == f"vyre-sqlcache: ended by {ending}\n".encode()
+    assert [p.name for p in out.rglob("*") if ".tmp." in p.name] == []
+
+
+@pytest.mark.parametrize("argv", [["ls", "--json"], ["info"], ["put", KEY, "-"]])
+def test_a_closed_standard_output_is_said_before_anything_is_done(
+    cache_path: Path, argv: list[str]
+) -> None:
+    PipelineCache.open(cache_path).close()
+    done = subprocess.run(
+        [sys.executable, "-m", "vyre_sqlcache", "--path", str(cache_path), *argv],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode().startswith("vyre-sqlcache: standard output is closed;")
+    with PipelineCache.open(cache_path) as cache:
+        assert len(cache) == 0
+
+
+def test_a_closed_standard_input_is_said(cache_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vyre_sqlcache", "--path", str(cache_path), "put", KEY, "-"],
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr
+        == b"vyre-sqlcache: standard input is closed; give a file, or pipe the bytes in\n"
+    )
+
+
+def test_output_the_encoding_cannot_hold_is_escaped_not_a_failure(filled: Filled) -> None:
+    # An ASCII-only stdout (PYTHONIOENCODING=ascii, a C locale): a non-ASCII path in the
+    # report made a command that had done its work exit 2, as a usage error.
+    path = filled.path.parent / "caché.sqlite3"
+    done = subprocess.run(
+        [sys.executable, "-m", "vyre_sqlcache", "--path", str(path), "put", KEY, "-"],
+        input=b"bytes",
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    info = subprocess.run(
+        [sys.executable, "-m", "vyre_sqlcache", "--path", str(path), "info"],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        timeout=60,
+    )
+    assert info.returncode == 0, info.stderr
+    assert b"cach\\xe9" in info.stdout
+
+
 def test_export_dir_refuses_a_linked_folder(cli: Cli, filled: Filled, tmp_path: Path) -> None:
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -5,20 +5,24 @@ or otherwise written) for the commands that only look: `info`, `ls`, `get`, `sql
 `check` without `--repair` and `export-dir`.
 
 Exit status: 0 success; 1 not found, check failed or a cache error; 2 usage; 130
-interrupted. Every error is one line on stderr, `vyre-sqlcache: ...`.
+interrupted (Ctrl-C); 143 and 129 ended by SIGTERM and SIGHUP, which end a command as
+Ctrl-C does. Every error is one line on stderr, `vyre-sqlcache: ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -580,6 +584,8 @@ def _read_blob(name: str, *, what: str = "an entry") -> bytes:
     accepted, and never more than that (and a byte) is read."""
     too_large = f"over the {MAX_BLOB_BYTES}-byte limit of {what}"
     if name == "-":
+        if sys.stdin is None:
+            raise Failure("standard input is closed; give a file, or pipe the bytes in")
         data = vyredir.read_bounded(sys.stdin.fileno())
         if len(data) > MAX_BLOB_BYTES:
             raise Failure(f"standard input holds more than {MAX_BLOB_BYTES} bytes, {too_large}")
@@ -1422,12 +1428,65 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Signals that end a command as Ctrl-C does (its cleanup runs), with status 128 + signal.
+_ENDING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+class _Ended:
+    """Which ending signal (`_ENDING_SIGNALS`) arrived, if one did."""
+
+    signum: int | None = None
+
+
+def _end_as_ctrl_c(signum: int, frame: object) -> None:
+    """Turn SIGTERM or SIGHUP (`timeout`, systemd, a closed terminal) into Ctrl-C: the
+    library holds Ctrl-C where a transaction must end first, and every command cleans up
+    after it (temporary files of export-dir, bundle, copy, check --repair)."""
+    _Ended.signum = signum
+    if not callable(signal.getsignal(signal.SIGINT)):
+        raise KeyboardInterrupt  # Ctrl-C ignored (started in the background): no hold
+    signal.raise_signal(signal.SIGINT)
+
+
+def _prepare_streams() -> None:
+    """Standard streams a command can rely on: a closed stderr is discarded (errors
+    would go to stdout instead), and output that the encoding cannot hold is escaped
+    (never a failure after the work is done)."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            with suppress(ValueError):
+                stream.reconfigure(errors="backslashreplace")
+
+
+def console() -> int:
+    """The `vyre-sqlcache` program: `main`, with SIGTERM and SIGHUP ending a command as
+    Ctrl-C does (status 143 and 129)."""
+    if threading.current_thread() is threading.main_thread():
+        for name in _ENDING_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+                signal.signal(number, _end_as_ctrl_c)
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 failed, 2 usage, 130 Ctrl-C)."""
+    """Run the command line; return the exit status (0 ok, 1 failed, 2 usage, 130 Ctrl-C,
+    and with `console`, 143 SIGTERM and 129 SIGHUP)."""
+    _prepare_streams()
     try:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else 2
+    if sys.stdout is None:
+        print(
+            f"{PROG}: standard output is closed; redirect it instead (> /dev/null to "
+            "discard what the command prints); nothing was done",
+            file=sys.stderr,
+        )
+        return 1
+    _Ended.signum = None
     try:
         return int(args.handler(args))
     except UsageError as error:
@@ -1449,6 +1508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if _Ended.signum is not None:
+            name = signal.Signals(_Ended.signum).name
+            print(f"{PROG}: ended by {name}", file=sys.stderr)
+            return 128 + _Ended.signum
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 

@@ -478,8 +478,10 @@ class _Batch:
 
     def add(self, folder: int, name: str, data: bytes, mtime_ms: int) -> None:
         temporary = f"{name}.tmp.{os.getpid()}.{next(_counter)}"
-        fd = os.open(temporary, _WRITE_FLAGS, 0o666, dir_fd=folder)
+        # Noted first: an interrupt landing as the file is made (it may show as the call
+        # raising) must not leave it behind; a name of this process's, it is ours to remove.
         self._pending.append((folder, temporary, name))
+        fd = os.open(temporary, _WRITE_FLAGS, 0o666, dir_fd=folder)
         try:
             view = memoryview(data)
             while view:
