@@ -695,3 +695,36 @@ def test_a_copy_of_a_damaged_cache_names_the_cache_not_the_copy(
     ):
         cache.copy(out)
     assert not out.exists()
+
+
+def test_ctrl_c_stops_a_merge_at_once_and_keeps_nothing_of_its_source(tmp_path: Path) -> None:
+    # Held until the source's transaction committed, Ctrl-C was said ("interrupted",
+    # status 130) only after every entry had been merged.
+    fp = DeviceFingerprint.from_parts(1, 2, "merge")
+    source = tmp_path / "source.sqlite3"
+    with PipelineCache.open(source, max_bytes=None) as cache:
+        for _ in range(30):
+            cache.write_many([(os.urandom(32), os.urandom(1000)) for _ in range(1000)], fp)
+    into = tmp_path / "into.sqlite3"
+    PipelineCache.open(into).close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vyre_sqlcache", "merge", str(source), "--into", str(into)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # well past starting and importing
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[11]) + int(fields[12]) >= 1.0 * ticks or process.poll() is not None:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err == b"vyre-sqlcache: interrupted\n"
+    with PipelineCache.open(into, readonly=True) as cache:
+        assert len(cache) == 0

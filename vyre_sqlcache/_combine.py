@@ -31,7 +31,7 @@ import apsw
 from . import _codec, _rows
 from ._cachefile import CacheFile, has_side_files, header_damage, is_not_sqlite, read_head
 from ._codec import Codec
-from ._connections import PAGE_SIZE, connect, transaction, vacuum
+from ._connections import PAGE_SIZE, connect, stop_if_interrupted, transaction, vacuum
 from ._layers import LAYER_SETTING
 from ._rows import NewEntry, RawEntry
 from ._schema import (
@@ -392,6 +392,7 @@ def merge_from(
     with transaction(source, "DEFERRED"):
         ids, _complete = _rows.readable_ids(source)
         for rowid in ids:
+            stop_if_interrupted()  # (a source may take seconds: nothing of it stays)
             raw = _raw(source, rowid)
             entry = None if raw is None else _new_entry(raw)
             if entry is None:

@@ -60,6 +60,7 @@ __all__ = [
     "interrupts_held",
     "open_in_process",
     "retry_busy",
+    "stop_if_interrupted",
     "transaction",
     "translate",
     "vacuum",
@@ -237,6 +238,16 @@ _holder: _Holder | None = None
 
 def _holding() -> bool:
     return _holder is not None and _holder.active
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt now if Ctrl-C came during the `interrupts_held` block under
+    way, instead of at its end: a long transaction's safe point (it rolls back), so that
+    Ctrl-C stops a merge at once instead of being said after its commit."""
+    holder = _holder
+    if holder is not None and holder.active and holder.held:
+        holder.held.clear()  # raised here, not again at the block's end
+        raise KeyboardInterrupt
 
 
 def _interrupts_after_fork_in_child() -> None:
