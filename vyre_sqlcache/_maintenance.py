@@ -63,6 +63,8 @@ def _fault_now(connection: apsw.Connection, rowid: int) -> tuple[str | None, int
     return raw.fault(), None if raw.decoded is None else len(raw.decoded)
 
 
+#: How long `compact` tries to truncate the log while other checkpoints copy it.
+COMPACT_TRUNCATE_WAIT_S = 5.0
 #: What reading a damaged page raises.
 DAMAGE_ERRORS = (apsw.CorruptError, apsw.NotADBError, apsw.IOError, UnicodeDecodeError)
 
@@ -638,7 +640,14 @@ class CacheMaintenance:
                 if shortfall is not None:
                     raise CacheFullError(f"compacting {self._path}: {shortfall}")
                 retry_busy(lambda: vacuum(connection))
-                connection.pragma("wal_checkpoint", "TRUNCATE")
+                # The VACUUM's log wakes the checkpoint thread (others' too): while one of
+                # them copies, SQLite answers a TRUNCATE busy at once, without waiting.
+                deadline = time.monotonic() + COMPACT_TRUNCATE_WAIT_S
+                while connection.pragma("wal_checkpoint", "TRUNCATE")[0]:
+                    if time.monotonic() > deadline:
+                        log.info("vyre-sqlcache: %s: the log is in use; not truncated", self._path)
+                        break
+                    time.sleep(0.01)
             except apsw.Error as error:
                 if not isinstance(error, apsw.BusyError):  # (busy: it would wait again)
                     self._truncate_log(connection)  # a failed VACUUM's log keeps the disk
