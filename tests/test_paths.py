@@ -862,6 +862,36 @@ def test_a_path_that_is_not_utf8_is_refused_with_a_reason(tmp_path: Path) -> Non
     assert list(folder.iterdir()) == []
 
 
+# argv: path. Writes and flushes one blob.
+IN_AN_ASCII_LOCALE = textwrap.dedent(
+    """
+    import os, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    with PipelineCache.open(sys.argv[1]) as cache:
+        cache.write(bytes(32), DeviceFingerprint.from_parts(1, 2, "paths"), b"locale")
+        cache.flush()
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux file names are bytes")
+def test_a_utf8_path_opens_in_a_process_whose_locale_is_ascii(tmp_path: Path) -> None:
+    # Python decodes the path's bytes as ASCII with escapes there (LC_ALL=C without UTF-8
+    # mode): the name was refused as "not UTF-8", though its bytes are.
+    path = tmp_path / "café" / "pipelines.sqlite3"
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", IN_AN_ASCII_LOCALE, os.fsencode(path)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.listdir(path.parent) == ["pipelines.sqlite3"]  # no file at another name
+    with PipelineCache.open(path) as cache:
+        assert cache.read(bytes(32), FP) == b"locale"
+
+
 @pytest.mark.parametrize("then", ["close", "flush", "read"])
 def test_a_document_renamed_over_an_open_cache_is_never_written(tmp_path: Path, then: str) -> None:
     # The old file's -wal is still at the path after the rename: a connection opened

@@ -46,10 +46,12 @@ __all__ = [
     "move_aside",
     "needs_check_marker",
     "network_file_system",
+    "os_name",
     "read_head",
     "remove_foreign_side_files",
     "remove_own_side_files",
     "resolve",
+    "sqlite_name",
 ]
 
 log = logging.getLogger("vyre_sqlcache")
@@ -80,6 +82,26 @@ def resolve(path: str | Path) -> Path:
             f"cannot resolve the relative path {path}: the current folder no longer exists; "
             "give an absolute path, or change to an existing folder first"
         ) from error
+
+
+def sqlite_name(path: str | Path) -> str:
+    """The name to give SQLite for `path`: the str whose UTF-8 is the path's bytes on
+    disk. apsw passes SQLite UTF-8, and Python makes the bytes with the locale's encoding
+    (in a C locale without UTF-8 mode, ASCII with escapes): `str(path)` would name
+    another file, or none. Raises CacheError for a path whose bytes are not UTF-8."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CacheError(
+            f"the path of cache file {os.fsdecode(raw)!r} holds bytes that are not UTF-8, "
+            "and SQLite opens UTF-8 paths only; choose another path or rename the folder"
+        ) from error
+
+
+def os_name(name: str) -> str:
+    """The path for `os` functions of a file SQLite names `name` (`sqlite_name` undone)."""
+    return os.fsdecode(name.encode("utf-8", "surrogateescape"))
 
 
 #: How many bytes of a file `read_head` reads: SQLite's header.
@@ -115,7 +137,7 @@ def _read_locked(path: Path) -> bytes | None:
     """`read_head`'s one try: the bytes, or None while a writer holds the file."""
     flags = [apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_READONLY, 0]
     try:
-        file = apsw.VFSFile("", str(path), flags)
+        file = apsw.VFSFile("", sqlite_name(path), flags)
     except apsw.Error:
         return b""
     try:
@@ -494,13 +516,7 @@ class CacheFile:
         made, or a path SQLite cannot open (too long, or not UTF-8).
         """
         resolved = resolve(path)
-        try:
-            str(resolved).encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise CacheError(
-                f"the path of cache file {resolved!r} holds bytes that are not UTF-8, and "
-                "SQLite opens UTF-8 paths only; choose another path or rename the folder"
-            ) from error
+        sqlite_name(resolved)  # (raises for bytes that are not UTF-8)
         longest = longest_path()
         length = len(os.fsencode(resolved))
         if length > longest:

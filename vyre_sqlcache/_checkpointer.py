@@ -75,6 +75,7 @@ from dataclasses import dataclass
 import apsw
 
 from . import _rows
+from ._cachefile import os_name
 from ._connections import waiter_of
 
 try:
@@ -199,7 +200,7 @@ def compact_shortfall(connection: apsw.Connection) -> str | None:
     the disk. Raises apsw errors.
     """
     try:
-        info = os.statvfs(os.path.dirname(connection.filename) or ".")
+        info = os.statvfs(os.path.dirname(os_name(connection.filename)) or ".")
     except (OSError, ValueError):
         return None
     page_size = int(connection.pragma("page_size"))
@@ -274,7 +275,7 @@ class _SpaceWatch:
             self._checked = now
             self._logged = 0
         try:
-            info = os.statvfs(os.path.dirname(filename) or ".")
+            info = os.statvfs(os.path.dirname(os_name(filename)) or ".")
         except (OSError, ValueError):
             looked = None
         else:
@@ -284,7 +285,7 @@ class _SpaceWatch:
                 # No file may grow past it: to the database, the room left below it is
                 # free space as a disk's is (the log is kept within a part of it).
                 try:
-                    free = min(free, max(0, largest - os.path.getsize(filename)))
+                    free = min(free, max(0, largest - os.path.getsize(os_name(filename))))
                 except OSError:
                     free = min(free, largest)
                 total = min(total, largest)

@@ -36,7 +36,7 @@ import apsw
 import apsw.bestpractice
 
 from . import (
-    _cachefile,  # noqa: F401  (its fork hook must run after ours)
+    _cachefile,  # (also: its fork hook must run after ours)
     _rows,
     _snapshots,
 )
@@ -103,7 +103,7 @@ def connect(
     flags = apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
     if not readonly:
         flags |= apsw.SQLITE_OPEN_CREATE
-    name = str(path)
+    name = _cachefile.sqlite_name(path)
     if immutable:
         name = Path(path).as_uri() + "?immutable=1"
         flags |= apsw.SQLITE_OPEN_URI

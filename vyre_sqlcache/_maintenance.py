@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import apsw
 
 from . import _codec, _combine, _layers, _rows
-from ._cachefile import SIDE_FILES, cache_part, move_aside, needs_check_marker
+from ._cachefile import SIDE_FILES, cache_part, move_aside, needs_check_marker, os_name
 from ._checkpointer import compact_shortfall
 from ._connections import (
     READ_ERRORS,
@@ -831,7 +831,7 @@ class CacheMaintenance:
         for path in paths:
             evicted = report.evicted
             with _combine.source(path) as connection:
-                if Path(connection.filename) == self._path:
+                if Path(os_name(connection.filename)) == self._path:
                     raise CacheError(f"{path} is this cache itself; nothing to merge")
 
                 def admit(target: apsw.Connection, source: apsw.Connection = connection) -> int:
