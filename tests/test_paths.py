@@ -862,7 +862,7 @@ def test_a_path_that_is_not_utf8_is_refused_with_a_reason(tmp_path: Path) -> Non
     assert list(folder.iterdir()) == []
 
 
-# argv: path. Writes and flushes one blob.
+# argv: path, copy's path. Writes and flushes one blob, then copies the cache.
 IN_AN_ASCII_LOCALE = textwrap.dedent(
     """
     import os, sys
@@ -870,6 +870,7 @@ IN_AN_ASCII_LOCALE = textwrap.dedent(
     with PipelineCache.open(sys.argv[1]) as cache:
         cache.write(bytes(32), DeviceFingerprint.from_parts(1, 2, "paths"), b"locale")
         cache.flush()
+        cache.copy(sys.argv[2])
     """
 )
 
@@ -879,17 +880,19 @@ def test_a_utf8_path_opens_in_a_process_whose_locale_is_ascii(tmp_path: Path) ->
     # Python decodes the path's bytes as ASCII with escapes there (LC_ALL=C without UTF-8
     # mode): the name was refused as "not UTF-8", though its bytes are.
     path = tmp_path / "café" / "pipelines.sqlite3"
+    copied = path.with_name("copié.sqlite3")  # (VACUUM INTO got the name as text, too)
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     done = subprocess.run(
-        [sys.executable, "-c", IN_AN_ASCII_LOCALE, os.fsencode(path)],
+        [sys.executable, "-c", IN_AN_ASCII_LOCALE, os.fsencode(path), os.fsencode(copied)],
         capture_output=True,
         env=env,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert os.listdir(path.parent) == ["pipelines.sqlite3"]  # no file at another name
-    with PipelineCache.open(path) as cache:
-        assert cache.read(bytes(32), FP) == b"locale"
+    assert sorted(os.listdir(path.parent)) == [copied.name, path.name]  # none at other names
+    for name in (path, copied):
+        with PipelineCache.open(name) as cache:
+            assert cache.read(bytes(32), FP) == b"locale"
 
 
 @pytest.mark.parametrize("then", ["close", "flush", "read"])

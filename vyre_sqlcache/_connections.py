@@ -152,7 +152,7 @@ def vacuum(connection: apsw.Connection, into: Path | None = None) -> None:
         if into is None:
             connection.execute("VACUUM")
         else:
-            connection.execute("VACUUM INTO ?", (str(into),))
+            connection.execute("VACUUM INTO ?", (_cachefile.sqlite_name(into),))
     finally:
         connection.set_progress_handler(None)
         connection.pragma("temp_store", "MEMORY")

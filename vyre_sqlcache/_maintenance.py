@@ -32,6 +32,7 @@ from ._connections import (
     transaction,
     translate,
     vacuum,
+    waiter_of,
 )
 from ._writer import WriteBehind
 from .config import DEFAULT_MAX_BYTES, expand_home
@@ -635,24 +636,42 @@ class CacheMaintenance:
                     with transaction(connection):
                         if _rows.purge(connection) == 0:
                             break
-                self._truncate_log(connection)  # its space counts as free for the VACUUM
+                # Its space counts as free for the VACUUM (a reader may keep it: no wait).
+                self._truncate_log_within(connection, 0)
                 shortfall = compact_shortfall(connection)
                 if shortfall is not None:
                     raise CacheFullError(f"compacting {self._path}: {shortfall}")
                 retry_busy(lambda: vacuum(connection))
-                # The VACUUM's log wakes the checkpoint thread (others' too): while one of
-                # them copies, SQLite answers a TRUNCATE busy at once, without waiting.
-                deadline = time.monotonic() + COMPACT_TRUNCATE_WAIT_S
-                while connection.pragma("wal_checkpoint", "TRUNCATE")[0]:
-                    if time.monotonic() > deadline:
-                        log.info("vyre-sqlcache: %s: the log is in use; not truncated", self._path)
-                        break
-                    time.sleep(0.01)
+                self._truncate_log_within(connection, COMPACT_TRUNCATE_WAIT_S)
             except apsw.Error as error:
                 if not isinstance(error, apsw.BusyError):  # (busy: it would wait again)
                     self._truncate_log(connection)  # a failed VACUUM's log keeps the disk
                 raise translate(error, "compacting", self._path) from error
         return before, self._file.file_bytes()
+
+    def _truncate_log_within(self, connection: apsw.Connection, seconds: float) -> bool:
+        """Truncate the log, trying for up to `seconds`; whether it was. SQLite answers
+        busy at once while another checkpoint copies (the VACUUM's log wakes the
+        checkpoint threads), and after a whole busy timeout (10 s) a try that a reader
+        of an older snapshot holds up: so each try gives up at once."""
+        waiter = waiter_of(connection)
+        deadline = time.monotonic() + seconds
+        try:
+            if waiter is not None:
+                waiter.patient = False
+            while True:
+                try:
+                    if not connection.pragma("wal_checkpoint", "TRUNCATE")[0]:
+                        return True
+                except apsw.BusyError:
+                    pass
+                if time.monotonic() >= deadline:
+                    log.info("vyre-sqlcache: %s: the log is in use; not truncated", self._path)
+                    return False
+                time.sleep(0.01)
+        finally:
+            if waiter is not None:
+                waiter.patient = True
 
     # -- bundle and merge ------------------------------------------------------------------
 

@@ -193,6 +193,8 @@ class _Tree:
         except CacheError:
             raise
         except OSError as error:
+            if error.errno in _OUT_OF_DESCRIPTORS:
+                raise _out_of_descriptors(error, self.root) from error
             raise CacheError(f"cannot read the vyre cache folder {self.root}: {error}") from error
         return found, skipped
 
