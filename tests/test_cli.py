@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -1356,12 +1357,27 @@ def test_sql_stops_on_ctrl_c(filled: Filled) -> None:
     assert err == b"vyre-sqlcache: interrupted\n"
 
 
-@pytest.mark.parametrize(("ending", "status"), [("SIGTERM", 143), ("SIGHUP", 129)])
+@pytest.mark.parametrize(
+    ("ending", "times", "status", "said"),
+    [
+        ("SIGTERM", 1, 143, "ended by SIGTERM"),
+        ("SIGHUP", 1, 129, "ended by SIGHUP"),
+        ("SIGTERM", 2, 143, "ended by SIGTERM"),
+        ("SIGINT", 2, 130, "interrupted"),
+    ],
+)
 def test_sigterm_and_sighup_end_an_export_as_ctrl_c_does(
-    cache_path: Path, fingerprint: DeviceFingerprint, tmp_path: Path, ending: str, status: int
+    cache_path: Path,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    ending: str,
+    times: int,
+    status: int,
+    said: str,
 ) -> None:
     # Killed outright, export-dir left 1,700-1,900 temporary files that no later run
-    # removed (and import-dir then listed each as skipped), with no message.
+    # removed (and import-dir then listed each as skipped), with no message; a second
+    # signal stopped the removal of the temporary files part way.
     with PipelineCache.open(cache_path) as cache:
         for _ in range(20):
             cache.write_many([(os.urandom(32), os.urandom(100)) for _ in range(1000)], fingerprint)
@@ -1375,14 +1391,16 @@ def test_sigterm_and_sighup_end_an_export_as_ctrl_c_does(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (out.exists() and any(out.rglob("*.bin*"))):
             time.sleep(0.005)
-        process.send_signal(getattr(signal, ending))
+        for _ in range(times):
+            process.send_signal(getattr(signal, ending))
+            time.sleep(0.001)
         _, err = process.communicate(timeout=30)
     finally:
         process.kill()
     if process.returncode == 0:
         pytest.skip("the export ended before the signal came")  # (a very fast disk)
     assert process.returncode == status, err
-    assert err == f"vyre-sqlcache: ended by {ending}\n".encode()
+    assert err == f"vyre-sqlcache: {said}\n".encode()
     assert [p.name for p in out.rglob("*") if ".tmp." in p.name] == []
 
 
@@ -1535,6 +1553,28 @@ def test_sql_json_refuses_a_write_before_printing_anything(
     assert out == "" and "only reads the cache" in err
     with PipelineCache.open(cache_path, readonly=True) as cache:
         assert len(cache) == 3
+
+
+@pytest.mark.parametrize("page", [1, 7, 1000])
+def test_iter_keys_lists_each_entry_once_though_others_read_and_rewrite_meanwhile(
+    cache_path: Path, fingerprint: DeviceFingerprint, page: int
+) -> None:
+    digests = [os.urandom(32) for _ in range(40)]
+    with PipelineCache.open(cache_path) as cache:
+        cache.write_many([(d, b"first") for d in digests], fingerprint)
+        cache.put_named("ns", "a name", b"named")
+        cache.flush()
+        listed = []
+        for row in cache.iter_keys(page=page):
+            listed.append(row)
+            cache.read(random.choice(digests), fingerprint)  # a read moves no entry
+            cache.write(random.choice(digests), fingerprint, b"again")  # nor a rewrite
+            cache.flush()
+        wanted = {fingerprint.cache_key(d).hex() for d in digests}
+        assert sorted(r.entry_key for r in listed if r.kind == "program") == sorted(wanted)
+        assert [r.kind for r in listed].count("named") == 1 and len(listed) == 41
+        with pytest.raises(ValueError, match="page must be"):
+            cache.iter_keys(page=0)
 
 
 def test_iter_entries_reads_pages_in_short_transactions(cache_path: Path) -> None:

@@ -293,6 +293,49 @@ def test_an_object_an_exception_cut_short_while_it_was_made_is_collected_quietly
     assert "dropped unclosed" not in caplog.text
 
 
+# One thread forks (each child ends at once) while another opens, writes and closes.
+FORKS_WHILE_OPENING = textwrap.dedent(
+    """
+    import faulthandler, os, sys, threading, time
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang: every thread's stack
+    path, seconds = sys.argv[1], float(sys.argv[2])
+    fp = DeviceFingerprint.from_parts(1, 2, "forks")
+    PipelineCache.open(path).close()
+    stop = time.monotonic() + seconds
+    def forks():
+        while time.monotonic() < stop:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+    def opens():
+        while time.monotonic() < stop:
+            with PipelineCache.open(path) as cache:
+                cache.write(os.urandom(32), fp, b"x")
+    threads = [threading.Thread(target=forks), threading.Thread(target=opens)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with PipelineCache.open(path) as cache:
+        print(len(cache) > 0)
+    """
+)
+
+
+def test_a_fork_while_another_thread_opens_a_cache_leaves_every_lock_usable(
+    tmp_path: Path,
+) -> None:
+    # A cache object made between a fork's before and after hooks was "released" by the
+    # after hook without having been locked: the error ended the loop, and every other
+    # object kept its locks taken, so the next write or fork hung for ever.
+    result = run_script(FORKS_WHILE_OPENING, str(tmp_path / "c.sqlite3"), "6", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "True"
+    assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
+
+
 def raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
     """Deliver `error` to `thread` asynchronously, as a signal handler's exception would."""
     assert thread.ident is not None

@@ -819,6 +819,9 @@ def _folder_locked(folder: Path) -> Iterator[None]:
                     f"another process has held a lock on {folder} for {MAKE_WAIT_S:g} s "
                     "while making a cache file there; retry later, or end that process"
                 )
+            from ._connections import stop_if_interrupted  # (it imports this module)
+
+            stop_if_interrupted()  # nothing is done yet: Ctrl-C need not wait for the lock
             time.sleep(0.005)
     finally:
         os.close(fd)

@@ -492,6 +492,10 @@ class Slot:
 
 
 _pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+# Held from before a fork to after it: a pool made meanwhile would be forked with its
+# connections open, and resumed without having been paused.
+_registering = threading.Lock()
+_forked: list[ConnectionPool] = []  # the pools the fork's before hook paused
 
 
 class ConnectionPool:
@@ -512,7 +516,8 @@ class ConnectionPool:
         self._resume = threading.Condition(self._lock)
         self._paused = False
         self.closed = False
-        _pools.add(self)
+        with _registering:
+            _pools.add(self)
         self._slot_freed = _on_slot_freed(weakref.ref(self))
 
     # -- calls ---------------------------------------------------------------------
@@ -820,18 +825,28 @@ def open_in_process(path: Path) -> bool:
 
 
 def _before_fork() -> None:
+    _registering.acquire()
+    _forked.clear()
     for pool in list(_pools):
         pool._before_fork()
+        _forked.append(pool)
 
 
 def _after_fork_in_parent() -> None:
-    for pool in list(_pools):
-        pool._after_fork_in_parent()
+    try:
+        for pool in _forked:
+            pool._after_fork_in_parent()
+    finally:
+        _forked.clear()
+        _registering.release()
 
 
 def _after_fork_in_child() -> None:
+    global _registering
+    _registering = threading.Lock()
     for pool in list(_pools):
         pool._after_fork_in_child()
+    _forked.clear()
 
 
 if hasattr(os, "register_at_fork"):

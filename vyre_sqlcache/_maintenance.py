@@ -273,21 +273,30 @@ class CacheMaintenance:
 
         return pages()
 
-    def _iter_by_row(self, page: int) -> Iterator[_rows.Listed]:
-        """Every live entry once, in row id order, `page` to a short read transaction: for
-        `export_dir`, which must not miss entries that are read meanwhile (a read moves an
-        entry in the `iter_entries` orders by access)."""
-        after: int | None = None
-        while True:
+    def iter_keys(self, *, page: int = ENTRY_PAGE) -> Iterator[_rows.Listed]:
+        """Every entry once, as (`entry_key` hex, `kind`, `created_ms`), in the file's own
+        order, `page` to a short read transaction: the cheapest listing, and one that
+        reads or rewrites by other processes meanwhile do not disturb (an entry read
+        meanwhile moves in the orders by access of `iter_entries`). Raises ValueError
+        for a bad `page`, CacheError types if reading fails."""
+        if isinstance(page, bool) or not isinstance(page, int) or page < 1:
+            raise ValueError(f"page must be a whole number of rows above 0, got {page!r}")
+        self._before_inspection()
 
-            def read(c: apsw.Connection, after: int | None = after) -> list[_rows.Listed]:
-                return _rows.export_page(c, after, page)
+        def pages() -> Iterator[_rows.Listed]:
+            after: int | None = None
+            while True:
 
-            rows = self._read("listing entries", read)
-            yield from rows
-            if len(rows) < page:
-                return
-            after = rows[-1].rowid
+                def read(c: apsw.Connection, after: int | None = after) -> list[_rows.Listed]:
+                    return _rows.export_page(c, after, page)
+
+                rows = self._read("listing entries", read)
+                yield from rows
+                if len(rows) < page:
+                    return
+                after = rows[-1].rowid
+
+        return pages()
 
     def _listing(
         self,

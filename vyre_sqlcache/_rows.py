@@ -1482,11 +1482,13 @@ def integrity_check(connection: apsw.Connection) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Listed:
-    """An entry as `export_page` lists it."""
+    """An entry as `PipelineCache.iter_keys` lists it."""
 
     rowid: int
-    entry_key: str  # lower-case hex
-    kind: str  # as `pipelines_v.kind`, but 'program' for imported entries too
+    #: the entry key, lower-case hex
+    entry_key: str
+    #: 'keyed', 'named', or 'program' (stored by program digest, or imported)
+    kind: str
     created_ms: int
 
 

@@ -72,7 +72,8 @@ class WriteBehind:
         self.settled = False
         self._thread: threading.Thread | None = None
         self._reset_locks()
-        _writers.add(self)
+        with _registering:
+            _writers.add(self)
 
     def _reset_locks(self) -> None:
         self._lock = threading.Lock()  # guards the queue
@@ -241,21 +242,36 @@ class WriteBehind:
 
 
 _writers: weakref.WeakSet[WriteBehind] = weakref.WeakSet()
+# Held from before a fork to after it: another thread's writer made meanwhile would be
+# forked unlocked, and "released" afterwards without having been locked (which raised,
+# and left every writer after it locked for ever).
+_registering = threading.Lock()
+_forked: list[WriteBehind] = []  # the writers the fork's before hook locked
 
 
 def _before_fork() -> None:
+    _registering.acquire()
+    _forked.clear()
     for writer in list(_writers):
         writer._before_fork()
+        _forked.append(writer)
 
 
 def _after_fork_in_parent() -> None:
-    for writer in list(_writers):
-        writer._after_fork_in_parent()
+    try:
+        for writer in _forked:
+            writer._after_fork_in_parent()
+    finally:
+        _forked.clear()
+        _registering.release()
 
 
 def _after_fork_in_child() -> None:
+    global _registering
+    _registering = threading.Lock()
     for writer in list(_writers):
         writer._after_fork_in_child()
+    _forked.clear()
     _arm_for_multiprocessing()
 
 

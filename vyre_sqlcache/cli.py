@@ -1433,17 +1433,30 @@ _ENDING_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
 class _Ended:
-    """Which ending signal (`_ENDING_SIGNALS`) arrived, if one did."""
+    """How the command is being ended, if it is: by Ctrl-C, or by the signal named."""
 
+    interrupted = False
     signum: int | None = None
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """SIGINT's handler in `console`: the first ends the command (KeyboardInterrupt);
+    later ones are ignored, so that they do not cut the cleanup short (an export's
+    temporary files) nor print a traceback over the message."""
+    if not _Ended.interrupted:
+        _Ended.interrupted = True
+        raise KeyboardInterrupt
 
 
 def _end_as_ctrl_c(signum: int, frame: object) -> None:
     """Turn SIGTERM or SIGHUP (`timeout`, systemd, a closed terminal) into Ctrl-C: the
     library holds Ctrl-C where a transaction must end first, and every command cleans up
     after it (temporary files of export-dir, bundle, copy, check --repair)."""
+    if _Ended.interrupted or _Ended.signum is not None:
+        return  # the command is ending already
     _Ended.signum = signum
     if not callable(signal.getsignal(signal.SIGINT)):
+        _Ended.interrupted = True
         raise KeyboardInterrupt  # Ctrl-C ignored (started in the background): no hold
     signal.raise_signal(signal.SIGINT)
 
@@ -1463,12 +1476,24 @@ def _prepare_streams() -> None:
 def console() -> int:
     """The `vyre-sqlcache` program: `main`, with SIGTERM and SIGHUP ending a command as
     Ctrl-C does (status 143 and 129)."""
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt_once)
         for name in _ENDING_SIGNALS:
             number = getattr(signal, name, None)
             if number is not None and signal.getsignal(number) == signal.SIG_DFL:
                 signal.signal(number, _end_as_ctrl_c)
-    return main()
+    status = main()
+    if main_thread:
+        # The command is done: a signal arriving as Python exits (which puts the default
+        # handlers back) would end the process by that signal, not with `status`.
+        for name in ("SIGINT", *_ENDING_SIGNALS):
+            number = getattr(signal, name, None)
+            if number is not None:
+                with suppress(ValueError, OSError):
+                    signal.signal(number, signal.SIG_IGN)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1486,7 +1511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    _Ended.signum = None
+    _Ended.interrupted, _Ended.signum = False, None
     try:
         return int(args.handler(args))
     except UsageError as error:

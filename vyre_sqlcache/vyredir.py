@@ -554,7 +554,7 @@ def export_dir(
     """
     report = ExportReport()
     # By row id: no sort, and reads meanwhile do not move an entry (as by access time).
-    rows = cache._iter_by_row(LIST_PAGE)
+    rows = cache.iter_keys(page=LIST_PAGE)
     root.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
