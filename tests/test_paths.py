@@ -32,7 +32,7 @@ from vyre_sqlcache import _connections as connections_module
 from vyre_sqlcache import cache as cache_module
 from vyre_sqlcache._cachefile import LONGEST_SUFFIX_BYTES
 
-from .helpers import flush_once_recovered, locked_for_others
+from .helpers import flush_once_recovered, locked_for_others, run_script
 
 FP = DeviceFingerprint.from_parts(1, 2, "paths")
 
@@ -1057,3 +1057,40 @@ def test_a_path_that_is_not_one_is_refused_by_name(
     with pytest.raises(error, match=r"^path "):
         PipelineCache.open(given)
     assert list(tmp_path.iterdir()) == []
+
+
+CTRL_C_WHILE_THE_FOLDER_IS_LOCKED = textwrap.dedent(
+    """
+    import fcntl, os, signal, sys, threading, time
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    path = sys.argv[1]
+    fp = DeviceFingerprint.from_parts(1, 2, "paths")
+    cache = PipelineCache.open(path)
+    cache.write(bytes(32), fp, b"before")
+    cache.flush()
+    for side in ("", "-wal", "-shm"):
+        os.unlink(path + side)
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+    fcntl.flock(folder, fcntl.LOCK_EX)  # another program's, for long
+    cache.write(bytes([1]) * 32, fp, b"after the deletion")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    try:
+        cache.flush()
+        print("flushed")
+    except KeyboardInterrupt:
+        print("interrupted", round(time.monotonic() - start) < 5)
+    fcntl.flock(folder, fcntl.LOCK_UN)
+    cache.flush()
+    print(cache.read(bytes([1]) * 32, fp) == b"after the deletion")
+    cache.close()
+    """
+)
+
+
+def test_ctrl_c_need_not_wait_for_another_programs_lock_on_the_folder(tmp_path: Path) -> None:
+    # The cache's file is made again under an flock of its folder; Ctrl-C was held for
+    # the whole wait for that lock (10 s) when another program held it.
+    result = run_script(CTRL_C_WHILE_THE_FOLDER_IS_LOCKED, str(tmp_path / "c.sqlite3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["interrupted True", "True"]
