@@ -158,9 +158,23 @@ def test_a_user_without_a_home_folder_gets_errors_that_say_what_to_set(
         assert cache.get_named("ns", "name") == b"works"
 
 
-def test_a_blank_path_variable_is_no_path() -> None:
-    # As the other variables are read: blank is unset, not a file named " ".
-    assert Settings.from_environment({"VYRE_SQLCACHE_PATH": "  "}).path is None
+@pytest.mark.parametrize(
+    "name",
+    [
+        "VYRE_SQLCACHE_PATH",
+        "VYRE_SQLCACHE_MAX_SIZE",
+        "VYRE_SQLCACHE_COMPRESSION",
+        "VYRE_SQLCACHE_DISABLE",
+        "VYRE_SQLCACHE_LAYERS",
+        "VYRE_SQLCACHE_LOG_MISSES",
+        "VYRE_SQLCACHE_REMOTE",
+    ],
+)
+@pytest.mark.parametrize("blank", ["", "  ", "\t"])
+def test_a_blank_variable_is_unset(name: str, blank: str) -> None:
+    # Each variable alike: blank is unset (the size and compression refused " ", while
+    # the path and the switch took it for unset), not a file named " ".
+    assert Settings.from_environment({name: blank}) == Settings()
 
 
 def test_a_zero_cap_from_the_environment_says_what_the_variable_allows(

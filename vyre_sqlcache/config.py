@@ -94,14 +94,14 @@ class Settings:
         """Read the VYRE_SQLCACHE_* variables; raise ValueError naming a malformed one."""
         env = os.environ if environ is None else environ
         path = env.get(ENV_PATH, "").strip() or None
-        size = env.get(ENV_MAX_SIZE)
+        size = env.get(ENV_MAX_SIZE, "").strip()  # blank, as each variable: unset
         disable = env.get(ENV_DISABLE, "").strip().lower()
         if disable not in _TRUE | _FALSE:
             raise ValueError(f"{ENV_DISABLE} must be 1 or 0 (or true/false), got {disable!r}")
         log_misses = env.get(ENV_LOG_MISSES, "").strip().lower()
         if log_misses not in _TRUE | _FALSE:
             raise ValueError(f"{ENV_LOG_MISSES} must be 1 or 0 (or true/false), got {log_misses!r}")
-        compression = env.get(ENV_COMPRESSION) or None
+        compression = env.get(ENV_COMPRESSION, "").strip() or None
         if compression is not None:
             check_compression(compression, name=ENV_COMPRESSION)
         from ._remote_settings import remote_from_environment
