@@ -1357,6 +1357,13 @@ def test_sql_stops_on_ctrl_c(filled: Filled) -> None:
     assert err == b"vyre-sqlcache: interrupted\n"
 
 
+def default_handling(name: str) -> None:
+    """In a child: the default action for signal `name`. A test run under nohup (or in the
+    background) passes SIGHUP (or SIGINT) on ignored, and the command line leaves an
+    ignored signal ignored, as nohup means."""
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("ending", "times", "status", "said"),
     [
@@ -1386,6 +1393,7 @@ def test_sigterm_and_sighup_end_an_export_as_ctrl_c_does(
         [sys.executable, "-m", "vyre_sqlcache", "--path", str(cache_path), "export-dir", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=lambda: default_handling(ending),
     )
     try:
         deadline = time.monotonic() + 60
