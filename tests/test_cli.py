@@ -1761,3 +1761,18 @@ def test_get_to_a_path_that_cannot_be_a_file_says_which(
         assert code == 1 and f"cannot write {target[where]}: " in line and ".tmp" not in line
     else:
         assert code == 2 and "is a folder or empty; give a file" in line
+
+
+def test_more_ctrl_c_are_ignored_while_a_command_ends_and_end_it_again_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vyre_sqlcache import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "ENDING_S", 0.2)
+    monkeypatch.setattr(cli_module._Ended, "interrupted", False)
+    with pytest.raises(KeyboardInterrupt):
+        cli_module._interrupt_once(signal.SIGINT, None)
+    cli_module._interrupt_once(signal.SIGINT, None)  # the cleanup goes on
+    time.sleep(0.3)
+    with pytest.raises(KeyboardInterrupt):  # a command that still runs ends again
+        cli_module._interrupt_once(signal.SIGINT, None)

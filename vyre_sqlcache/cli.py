@@ -1432,19 +1432,26 @@ def _parser() -> argparse.ArgumentParser:
 _ENDING_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
+#: How long after the first Ctrl-C (or SIGTERM) more are ignored while the command ends.
+ENDING_S = 2.0
+
+
 class _Ended:
     """How the command is being ended, if it is: by Ctrl-C, or by the signal named."""
 
     interrupted = False
     signum: int | None = None
+    at = 0.0  # when the first came (time.monotonic)
 
 
 def _interrupt_once(signum: int, frame: object) -> None:
     """SIGINT's handler in `console`: the first ends the command (KeyboardInterrupt);
-    later ones are ignored, so that they do not cut the cleanup short (an export's
-    temporary files) nor print a traceback over the message."""
-    if not _Ended.interrupted:
-        _Ended.interrupted = True
+    more within `ENDING_S` are ignored, so that they do not cut the cleanup short (an
+    export's temporary files) nor print a traceback over the message. One after that
+    ends it again, should the command still run."""
+    now = time.monotonic()
+    if not _Ended.interrupted or now - _Ended.at > ENDING_S:
+        _Ended.interrupted, _Ended.at = True, now
         raise KeyboardInterrupt
 
 
@@ -1452,12 +1459,14 @@ def _end_as_ctrl_c(signum: int, frame: object) -> None:
     """Turn SIGTERM or SIGHUP (`timeout`, systemd, a closed terminal) into Ctrl-C: the
     library holds Ctrl-C where a transaction must end first, and every command cleans up
     after it (temporary files of export-dir, bundle, copy, check --repair)."""
-    if _Ended.interrupted or _Ended.signum is not None:
+    now = time.monotonic()
+    if (_Ended.interrupted or _Ended.signum is not None) and now - _Ended.at <= ENDING_S:
         return  # the command is ending already
     _Ended.signum = signum
     if not callable(signal.getsignal(signal.SIGINT)):
-        _Ended.interrupted = True
+        _Ended.interrupted, _Ended.at = True, now
         raise KeyboardInterrupt  # Ctrl-C ignored (started in the background): no hold
+    _Ended.at = now
     signal.raise_signal(signal.SIGINT)
 
 
