@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import apsw
 import apsw.bestpractice
@@ -54,6 +54,7 @@ __all__ = [
     "PAGE_SIZE",
     "READ_ERRORS",
     "ConnectionPool",
+    "ForkRegistry",
     "Slot",
     "connect",
     "has_moved",
@@ -491,11 +492,76 @@ class Slot:
         return [c for c in (self.main, self.large) if c is not None]
 
 
-_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
-# Held from before a fork to after it: a pool made meanwhile would be forked with its
-# connections open, and resumed without having been paused.
-_registering = threading.Lock()
-_forked: list[ConnectionPool] = []  # the pools the fork's before hook paused
+class Forkable(Protocol):
+    def _before_fork(self) -> None: ...
+    def _after_fork_in_parent(self) -> None: ...
+    def _after_fork_in_child(self) -> None: ...
+
+
+F = TypeVar("F", bound=Forkable)
+
+
+class ForkRegistry(Generic[F]):
+    """The live objects of a kind that prepare for every fork (weakly held), and the hooks
+    that run their `_before_fork` and after-fork methods.
+
+    Nothing joins between a fork's before and after hooks: an object made meanwhile in
+    another thread would be forked unprepared, and "released" afterwards without having
+    been locked (which raised, and left every object after it locked for ever). The
+    after hooks release exactly the objects the before hook prepared.
+    """
+
+    def __init__(self) -> None:
+        self._members: weakref.WeakSet[F] = weakref.WeakSet()
+        self._joining = threading.Lock()  # held from before a fork to after it
+        self._prepared: list[F] = []
+
+    def add(self, member: F) -> None:
+        with self._joining:
+            self._members.add(member)
+
+    def __iter__(self) -> Iterator[F]:
+        return iter(list(self._members))
+
+    def before_fork(self) -> None:
+        self._joining.acquire()
+        self._prepared.clear()
+        for member in list(self._members):
+            member._before_fork()
+            self._prepared.append(member)
+
+    def after_fork_in_parent(self) -> None:
+        try:
+            for member in self._prepared:
+                member._after_fork_in_parent()
+        finally:
+            self._prepared.clear()
+            self._joining.release()
+
+    def after_fork_in_child(self) -> None:
+        self._joining = threading.Lock()
+        for member in list(self._members):
+            member._after_fork_in_child()
+        self._prepared.clear()
+
+    def register_at_fork(self, after_in_child: Callable[[], None] | None = None) -> None:
+        """Run the hooks at every fork (`after_in_child` too, after this one's)."""
+        if not hasattr(os, "register_at_fork"):
+            return
+
+        def in_child() -> None:
+            self.after_fork_in_child()
+            if after_in_child is not None:
+                after_in_child()
+
+        os.register_at_fork(
+            before=self.before_fork,
+            after_in_parent=self.after_fork_in_parent,
+            after_in_child=in_child,
+        )
+
+
+_pools: ForkRegistry[ConnectionPool] = ForkRegistry()
 
 
 class ConnectionPool:
@@ -516,8 +582,7 @@ class ConnectionPool:
         self._resume = threading.Condition(self._lock)
         self._paused = False
         self.closed = False
-        with _registering:
-            _pools.add(self)
+        _pools.add(self)
         self._slot_freed = _on_slot_freed(weakref.ref(self))
 
     # -- calls ---------------------------------------------------------------------
@@ -821,40 +886,10 @@ def _on_slot_freed(pool: weakref.ref[ConnectionPool]) -> Callable[[object], None
 
 def open_in_process(path: Path) -> bool:
     """Whether a pool of this process has connections to `path` open, or may open them."""
-    return any(not pool.closed and pool._path == path for pool in list(_pools))
+    return any(not pool.closed and pool._path == path for pool in _pools)
 
 
-def _before_fork() -> None:
-    _registering.acquire()
-    _forked.clear()
-    for pool in list(_pools):
-        pool._before_fork()
-        _forked.append(pool)
-
-
-def _after_fork_in_parent() -> None:
-    try:
-        for pool in _forked:
-            pool._after_fork_in_parent()
-    finally:
-        _forked.clear()
-        _registering.release()
-
-
-def _after_fork_in_child() -> None:
-    global _registering
-    _registering = threading.Lock()
-    for pool in list(_pools):
-        pool._after_fork_in_child()
-    _forked.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+_pools.register_at_fork()
 
 
 class BusyWaiter:

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from . import _connections  # noqa: F401  (its fork hooks must be registered before ours)
+from ._connections import ForkRegistry  # (its fork hooks are registered before ours)
 from ._rows import NewEntry
 from .errors import CacheError
 
@@ -72,8 +70,7 @@ class WriteBehind:
         self.settled = False
         self._thread: threading.Thread | None = None
         self._reset_locks()
-        with _registering:
-            _writers.add(self)
+        _writers.add(self)
 
     def _reset_locks(self) -> None:
         self._lock = threading.Lock()  # guards the queue
@@ -241,38 +238,7 @@ class WriteBehind:
         self._thread = None
 
 
-_writers: weakref.WeakSet[WriteBehind] = weakref.WeakSet()
-# Held from before a fork to after it: another thread's writer made meanwhile would be
-# forked unlocked, and "released" afterwards without having been locked (which raised,
-# and left every writer after it locked for ever).
-_registering = threading.Lock()
-_forked: list[WriteBehind] = []  # the writers the fork's before hook locked
-
-
-def _before_fork() -> None:
-    _registering.acquire()
-    _forked.clear()
-    for writer in list(_writers):
-        writer._before_fork()
-        _forked.append(writer)
-
-
-def _after_fork_in_parent() -> None:
-    try:
-        for writer in _forked:
-            writer._after_fork_in_parent()
-    finally:
-        _forked.clear()
-        _registering.release()
-
-
-def _after_fork_in_child() -> None:
-    global _registering
-    _registering = threading.Lock()
-    for writer in list(_writers):
-        writer._after_fork_in_child()
-    _forked.clear()
-    _arm_for_multiprocessing()
+_writers: ForkRegistry[WriteBehind] = ForkRegistry()
 
 
 #: Whether the commit at exit has run: later writes are committed by their callers.
@@ -284,7 +250,7 @@ def _commit_at_exit() -> None:
     within milliseconds, and a normal exit is no crash."""
     global _exiting
     _exiting = True
-    for writer in list(_writers):
+    for writer in _writers:
         writer.commit_at_exit()
 
 
@@ -320,9 +286,4 @@ _arm_for_multiprocessing()
 
 # Registered after the connection pool's hooks (this module imports after it), so this
 # before-hook runs first: the queue is committed before the pool closes its connections.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+_writers.register_at_fork(after_in_child=_arm_for_multiprocessing)
