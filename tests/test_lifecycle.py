@@ -936,3 +936,14 @@ def test_a_cache_passed_to_a_spawned_process_says_to_open_it_by_path(tmp_path: P
         context = multiprocessing.get_context("spawn")
         with context.Pool(1) as pool, pytest.raises(TypeError, match=r"PipelineCache\.open\("):
             pool.apply(repr, (cache,))
+
+
+def test_ending_a_transaction_of_a_closed_connection_raises_nothing(tmp_path: Path) -> None:
+    # An interrupted close left a transaction's generator ending on a closed connection:
+    # get_autocommit raised ConnectionClosedError there ("Exception ignored in ...").
+    from vyre_sqlcache._connections import end_transaction
+
+    connection = apsw.Connection(str(tmp_path / "c.sqlite3"))
+    connection.execute("BEGIN")
+    connection.close()
+    end_transaction(connection)
