@@ -218,7 +218,7 @@ with PipelineCache.open(sys.argv[1]) as cache:
 """
 
 
-@pytest.mark.parametrize("limit", [64, 20])
+@pytest.mark.parametrize("limit", [64, 8, 6])
 def test_import_under_a_low_limit_of_open_files_imports_all_or_says_why(
     tmp_path: Path, fingerprint: DeviceFingerprint, limit: int
 ) -> None:
@@ -234,8 +234,8 @@ def test_import_under_a_low_limit_of_open_files_imports_all_or_says_why(
     out = result.stdout.strip()
     if limit == 64:
         assert out == f"{len(programs)} 0"
-    else:  # too few for the cache itself and a file: one clear error, not skips
-        assert out == f"{len(programs)} 0" or ("ulimit -n" in out and "CacheError" in out), out
+    else:  # too few for the cache and a folder or two: one clear error, not skips
+        assert out.startswith("CacheError") and "ulimit -n" in out, out
 
 
 def test_export_leaves_keyed_and_named_entries_out_and_changes_nothing(

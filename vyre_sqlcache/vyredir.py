@@ -134,6 +134,8 @@ class _Tree:
         try:
             self._fd = self._keep(os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC))
         except OSError as error:
+            if error.errno in _OUT_OF_DESCRIPTORS:
+                raise _out_of_descriptors(error, root) from error
             raise CacheError(
                 f"{root} is not a folder that can be read ({_why(error)}); give the root of "
                 "a vyre pipeline cache"
