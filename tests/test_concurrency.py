@@ -75,6 +75,29 @@ def test_readers_and_writers_in_threads(
     assert cache.stats().hits == 50 * 200
 
 
+@pytest.mark.parametrize("reads", [50, 3_000])
+def test_every_hit_of_many_threads_is_counted(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, reads: int
+) -> None:
+    # Hits are noted without a lock and counted in batches (past 4,096 pending): none
+    # may be lost between threads, in this object's counters or in the file's totals.
+    digests = [digest_of("hit", i) for i in range(20)]
+    cache.write_many([(d, blob_of(d)) for d in digests], fingerprint)
+    cache.flush()
+
+    def read(index: int) -> None:
+        for i in range(reads):
+            assert cache.read(digests[(index + i) % len(digests)], fingerprint) is not None
+            if i % 997 == 0:
+                cache.stats()  # counting while other threads note hits
+
+    assert run_threads(4, read) == []
+    stats = cache.stats()
+    assert (stats.hits, stats.total_hits) == (4 * reads, 4 * reads)
+    cache.flush()  # the hits reach the file with the next write transaction
+    assert cache.stats().total_hits == 4 * reads
+
+
 def test_connections_of_ended_threads_are_closed(
     cache: PipelineCache, fingerprint: DeviceFingerprint
 ) -> None:

@@ -614,6 +614,37 @@ class ConnectionPool:
                 self.reopen(slot)
         return slot
 
+    def enter_held(self) -> Slot | None:
+        """This thread's slot, entered as `enter()` enters it, if its held snapshot and its
+        reader can serve one more read now (see `held_cursor`); None, with nothing entered,
+        where `enter()` and `held_cursor()` must look. The common read's short way in."""
+        slot: Slot | None = getattr(self._local, "slot", None)
+        if slot is None or slot.reader is None:
+            return None
+        slot.busy = True
+        if self._paused or self.closed:
+            slot.busy = False
+            return None
+        slot.lock.acquire()
+        # Read under the lock: the reaper ends a snapshot only while holding it.
+        main, since, reader = slot.main, slot.held_since, slot.reader
+        if (
+            main is not None
+            and since
+            and reader is not None
+            and reader.since == since
+            and slot.held_reads < _snapshots.HOLD_READS
+            and slot.held_generation == _snapshots.current_generation()
+            and time.monotonic() - since < _snapshots.HOLD_S
+            and not main.get_autocommit()
+            and main.txn_state() != apsw.SQLITE_TXN_WRITE
+        ):
+            slot.held_reads += 1
+            return slot
+        slot.busy = False
+        slot.lock.release()
+        return None
+
     def reopen(self, slot: Slot) -> None:
         """Close a slot's connections (ending any transaction left open); the slot opens
         new ones on next use."""

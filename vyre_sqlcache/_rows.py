@@ -277,6 +277,7 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
 
 #: How every zstd frame the cache stores begins (compressed entries are never magicless).
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_default_hasher, _DEFAULT_BYTES = _checksums.default_hasher, _checksums.DEFAULT_BYTES
 
 
 class HeldReader:
@@ -367,16 +368,22 @@ class HeldReader:
         read, a small raw blob, costs a third less.
         """
         checksum, data = self._checksum, self._data
-        if checksum is None or data is None or not self.usable or not self._moved(rowid):
+        if checksum is None or data is None or not self.usable:
+            return None
+        try:  # (`_moved`, inline: this is the common read)
+            checksum.reopen(rowid)
+            data.reopen(rowid)
+        except apsw.Error:
+            self._disarm()
             return None
         if data.length() > LARGE_BLOB_BYTES:
             return None
         digest = checksum.read()
-        if len(digest) != _checksums.DEFAULT_BYTES:
+        if len(digest) != _DEFAULT_BYTES:
             return None
         blob = data.read()
         if blob[:4] != _ZSTD_MAGIC:
-            hasher = _checksums.default_hasher(entry_key)
+            hasher = _default_hasher(entry_key)
             hasher.update(blob)
             if hasher.digest() == digest:
                 return blob

@@ -782,7 +782,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
         Raises TypeError/ValueError for bad arguments; a damaged entry is a miss.
         """
-        fp = check_fingerprint(fingerprint)
+        fp = (
+            fingerprint
+            if type(fingerprint) is DeviceFingerprint
+            else check_fingerprint(fingerprint)
+        )
         entry_key = fp.cache_key(program_digest)
         blob = self._load(entry_key)
         if blob is None:
@@ -877,8 +881,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
         Raises TypeError for bad arguments; a damaged entry is a miss.
         """
-        key = check_key(key)
-        fp = check_fingerprint(fingerprint)
+        key = key if type(key) is PipelineCacheKey else check_key(key)
+        fp = (
+            fingerprint
+            if type(fingerprint) is DeviceFingerprint
+            else check_fingerprint(fingerprint)
+        )
         entry_key = key.entry_key(fp)
         blob = self._load(entry_key)
         if blob is None:
@@ -1479,12 +1487,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if queued is not None:
                 self._books.hit(entry_id(entry_key))
                 return queued.blob
-        slot = self._pool.enter()
+        held = None if self._watch.active else self._pool.enter_held()
+        slot = self._pool.enter() if held is None else held
         try:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
             else:
-                blob = self._read_held(slot, entry_key)
+                blob = self._read_held(slot, entry_key, begun=held is not None)
                 if blob is not None:
                     return blob
             fetched = self._fetch(slot, entry_key, held=True)
@@ -1497,14 +1506,20 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         finally:
             self._pool.leave(slot)
 
-    def _read_held(self, slot: Slot, entry_key: bytes) -> bytes | None:
+    def _read_held(self, slot: Slot, entry_key: bytes, *, begun: bool = False) -> bytes | None:
         """The common read in few steps: `entry_key`'s blob through the held snapshot's
         blob handles, verified, its hit counted; None, with nothing counted, for the full
-        read to look (see `HeldReader.verified`)."""
+        read to look (see `HeldReader.verified`). `begun`: the slot came from
+        `enter_held`, its snapshot and reader ready."""
         try:
-            self._pool.held_cursor(slot)
-            rowid = entry_id(entry_key)
-            blob = self._pool.held_reader(slot).verified(entry_key, rowid)
+            if begun:
+                reader = slot.reader
+                assert reader is not None
+            else:
+                self._pool.held_cursor(slot)
+                reader = self._pool.held_reader(slot)
+            rowid = int.from_bytes(entry_key[:8], "big", signed=True)  # (entry_id, inline)
+            blob = reader.verified(entry_key, rowid)
         except apsw.Error:
             return None  # the full read meets it again, and says so
         if blob is not None and self._books.hit(rowid) and not self._readonly:

@@ -178,7 +178,11 @@ class DeviceFingerprint:
 
         Raises TypeError/ValueError if `program_digest` is not 32 bytes (or 64 hex chars).
         """
-        digest = coerce_digest("program_digest", program_digest)
+        digest = (
+            program_digest
+            if type(program_digest) is bytes and len(program_digest) == HASH_BYTES
+            else coerce_digest("program_digest", program_digest)
+        )
         return blake3.blake3(_DIRECTORY_KEY_DOMAIN + digest + self._key_suffix).digest()
 
     def cache_keys(self, program_digests: Iterable[bytes | str]) -> list[bytes]:
