@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import apsw
@@ -121,29 +122,32 @@ def freeze(cache: PipelineCache) -> None:
     cache._checkpointer.stop()
 
 
-def count_checkpoints(monkeypatch: Any) -> list[None]:
-    """A list that gains an item each time a cache's background thread checkpoints."""
+def count_checkpoints(monkeypatch: Any, path: Path) -> list[None]:
+    """A list that gains an item each time the background thread of a cache of `path`
+    checkpoints (caches that earlier tests left to the collector may checkpoint too)."""
     done: list[None] = []
     original = PipelineCache._copy_log
 
     def counting(cache: PipelineCache) -> tuple[int, int]:
         copied = original(cache)
-        done.append(None)
+        if cache.path == path.resolve():
+            done.append(None)
         return copied
 
     monkeypatch.setattr(PipelineCache, "_copy_log", counting)
     return done
 
 
-def count_log_restarts(monkeypatch: Any) -> list[int]:
-    """A list that gains, each time a cache's background thread has the log start over,
-    the pages that RESTART left (0: done)."""
+def count_log_restarts(monkeypatch: Any, path: Path) -> list[int]:
+    """A list that gains, each time the background thread of a cache of `path` has the
+    log start over, the pages that RESTART left (0: done)."""
     left: list[int] = []
     original = PipelineCache._restart_log
 
     def counting(cache: PipelineCache) -> int:
         pages = original(cache)
-        left.append(pages)
+        if cache.path == path.resolve():
+            left.append(pages)
         return pages
 
     monkeypatch.setattr(PipelineCache, "_restart_log", counting)

@@ -76,7 +76,7 @@ def test_after_a_checkpoint_small_writes_wake_no_thread(
     # SQLite reuses a grown log from its start without shrinking the file: the log's
     # page count, not its file size, says when a checkpoint is due.
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
-    done = count_checkpoints(monkeypatch)
+    done = count_checkpoints(monkeypatch, cache_path)
     with PipelineCache.open(cache_path) as cache:
         write_until_checkpointed(cache, fingerprint, 20, 100_000)
         time.sleep(0.3)  # let a checkpoint woken by the last write finish
@@ -94,7 +94,7 @@ def test_a_small_log_runs_no_checkpoint(
 ) -> None:
     # The thread is started when a cache that may write opens (it also purges
     # tombstoned entries), but a small log never wakes it to checkpoint.
-    done = count_checkpoints(monkeypatch)
+    done = count_checkpoints(monkeypatch, cache_path)
     with PipelineCache.open(cache_path) as cache:
         cache.write(os.urandom(32), fingerprint, b"small")
         cache.flush()
@@ -238,8 +238,8 @@ def test_a_stream_of_durable_writes_keeps_the_log_short(
     # beside the reader, with no restart; after, at most about 330 and 1,300 on a machine
     # whose two cores were kept busy, with about 30 restarts.
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
-    done = count_checkpoints(monkeypatch)
-    restarts = count_log_restarts(monkeypatch)
+    done = count_checkpoints(monkeypatch, cache_path)
+    restarts = count_log_restarts(monkeypatch, cache_path)
     wal = Path(str(cache_path) + "-wal")
     stop = threading.Event()
     commits = 600
@@ -299,8 +299,8 @@ def test_a_stream_of_large_commits_is_not_held_back_to_start_the_log_over(
     # A 1 MiB blob commits about 70 pages: such a stream is mostly its own data in the
     # log, and holding it back for a RESTART would cost as long as copying it.
     monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
-    done = count_checkpoints(monkeypatch)
-    restarts = count_log_restarts(monkeypatch)
+    done = count_checkpoints(monkeypatch, cache_path)
+    restarts = count_log_restarts(monkeypatch, cache_path)
     blob = os.urandom(1 << 20)
     with PipelineCache.open(cache_path, compression="off") as cache:
         for i in range(40):
