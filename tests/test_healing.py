@@ -18,6 +18,7 @@ from vyre_sqlcache import (
     DeviceFingerprint,
     NotACacheError,
     PipelineCache,
+    PipelineCacheKey,
 )
 from vyre_sqlcache._cachefile import KEEP_CORRUPT_COPIES, needs_check_marker
 from vyre_sqlcache.keys import entry_id
@@ -181,6 +182,33 @@ def test_damage_met_in_use_is_a_miss_and_heals_at_the_next_open(
         cache.write(digests[0], fingerprint, b"again")
     assert len(aside(cache_path)) == 1
     assert not needs_check_marker(cache_path).exists()
+
+
+def test_damage_met_by_a_batch_read_costs_only_the_damaged_entry(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # get_many reads its keys with one statement; damage that fails the statement must
+    # not turn the sound entries of the batch into misses.
+    keys = [
+        PipelineCacheKey(bytes([i]) * 32, bytes([i]) * 32, 0, (64, 1, 1), 0, "vulkan")
+        for i in range(20)
+    ]
+    blobs = [os.urandom(100_000 if i == 7 else 3_000) for i in range(20)]
+    with PipelineCache.open(cache_path, compression="off") as cache:
+        cache.put_many(list(zip(keys, blobs, strict=True)), fingerprint)
+    raw = apsw.Connection(str(cache_path))
+    # Entry 7 is the only one large enough for overflow pages: break its chain.
+    (page,) = raw.execute(
+        "SELECT min(pageno) FROM dbstat WHERE name = 'blobs' AND pagetype = 'overflow'"
+    ).fetchone()
+    page_size = raw.pragma("page_size")
+    raw.close()
+    with open(cache_path, "r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(bytes(page_size))
+    with PipelineCache.open(cache_path) as cache:
+        got = cache.get_many(keys, fingerprint)
+    assert got == [None if i == 7 else blob for i, blob in enumerate(blobs)]
 
 
 def test_damage_met_by_many_reads_is_logged_once(

@@ -91,6 +91,14 @@ _SELECT_BLOB = (
     f"FROM blobs WHERE id = ?1 AND {_LIVE.format('?1')}"
 )
 
+#: `_SELECT_BLOB` of many rows (`carray` of row ids), each with its id first.
+_SELECT_BLOBS = (
+    "SELECT id, CAST(checksum_algo AS BLOB), checksum, "
+    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, CAST(codec AS BLOB), "
+    "dict_id, raw_size "
+    f"FROM blobs WHERE id IN carray(?1) AND {_LIVE_ENTRY}"
+)
+
 _INSERT_ENTRY = """
 INSERT INTO entries (
     id, entry_key, key_version, shader_hash, layout_hash, push_constant_size,
@@ -244,9 +252,29 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
     # fetchall, not fetchone: running the statement to its end resets it, so no read
     # transaction stays open between calls.
     rows = cursor.execute(_SELECT_BLOB, (rowid,)).fetchall()
-    if not rows:
-        return None
-    raw_algo, checksum, data, raw_codec, dict_id, raw_size = rows[0]
+    return _fetched(cursor, large, entry_key, rowid, rows[0]) if rows else None
+
+
+def fetch_many(cursor: apsw.Cursor, large: Any, entry_keys: list[bytes]) -> list[Fetched | None]:
+    """`fetch` of each of `entry_keys`, by one statement (a batch of misses costs one
+    look, not one each); raises apsw errors."""
+    if not entry_keys:
+        return []  # (and carray refuses an empty array's buffer)
+    ids = entry_ids_of(entry_keys)
+    # Run to its end (the dict takes every row) before any large blob is opened.
+    rows = {row[0]: row[1:] for row in cursor.execute(_SELECT_BLOBS, (apsw.carray(ids),))}
+    found: list[Fetched | None] = []
+    for key, rowid in zip(entry_keys, ids, strict=True):
+        row = rows.get(rowid)
+        found.append(None if row is None else _fetched(cursor, large, key, rowid, row))
+    return found
+
+
+def _fetched(
+    cursor: apsw.Cursor, large: Any, entry_key: bytes, rowid: int, row: Sequence[Any]
+) -> Fetched | None:
+    """The `Fetched` of a row `_SELECT_BLOB` read (None: it cannot be decoded here)."""
+    raw_algo, checksum, data, raw_codec, dict_id, raw_size = row
     algo = _text(raw_algo)
     codec = None if raw_codec is None else _text(raw_codec)
     if data is None:
@@ -261,18 +289,18 @@ def fetch(cursor: apsw.Cursor, large: Any, entry_key: bytes) -> Fetched | None:
         finally:
             blob.close()
     if codec is None:
-        return Fetched(algo, checksum, data)  # type: ignore[arg-type]
+        return Fetched(algo, checksum, data)
     connection = cursor.connection
     try:
-        decoded = decode(connection, codec, dict_id, raw_size, data)  # type: ignore[arg-type]
+        decoded = decode(connection, codec, dict_id, raw_size, data)
     except _codec.Unavailable:
         _warn_unavailable()
         return None
     except _codec.DecodeError as error:
         log.debug("vyre-sqlcache: entry %s cannot be decoded: %s", entry_key.hex(), error)
-        return Fetched(algo, checksum, b"", damaged=True)  # type: ignore[arg-type]
+        return Fetched(algo, checksum, b"", damaged=True)
     used = None if dict_id is None else (connection.filename, int(dict_id))
-    return Fetched(algo, checksum, decoded, dictionary=used)  # type: ignore[arg-type]
+    return Fetched(algo, checksum, decoded, dictionary=used)
 
 
 #: How every zstd frame the cache stores begins (compressed entries are never magicless).

@@ -1602,7 +1602,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             try:
                 with transaction(connection, "DEFERRED"):
                     cursor = connection.cursor()
-                    fetched = [self._fetch(slot, k, cursor) for k in entry_keys]
+                    try:
+                        fetched = _rows.fetch_many(
+                            cursor, lambda: self._pool.large(slot), entry_keys
+                        )
+                    except apsw.Error as error:
+                        # Damage somewhere: key by key, so that it costs only its entries.
+                        log.debug("vyre-sqlcache: a batch read of %s: %s", self._path, error)
+                        fetched = [self._fetch(slot, k, cursor) for k in entry_keys]
             except apsw.Error as error:
                 # A read that met damage may leave COMMIT failing: the reads are done.
                 log.debug("vyre-sqlcache: ending a read of %s: %s", self._path, error)
