@@ -144,9 +144,9 @@ def count_log_restarts(monkeypatch: Any, path: Path) -> list[int]:
     left: list[int] = []
     original = PipelineCache._restart_log
 
-    def counting(cache: PipelineCache) -> int:
-        pages = original(cache)
-        if cache.path == path.resolve():
+    def counting(cache: PipelineCache, ready: Any) -> int | None:
+        pages = original(cache, ready)
+        if pages is not None and cache.path == path.resolve():
             left.append(pages)
         return pages
 

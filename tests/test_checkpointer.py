@@ -18,6 +18,7 @@ import pytest
 
 from vyre_sqlcache import DeviceFingerprint, PipelineCache
 from vyre_sqlcache import _checkpointer as checkpointer
+from vyre_sqlcache import cache as cache_module
 from vyre_sqlcache._checkpointer import FULL_DISK_STEP_ENTRIES, FullDiskEviction
 from vyre_sqlcache._maintenance import COMPACT_TRUNCATE_WAIT_S
 
@@ -328,6 +329,51 @@ def test_large_commits_back_to_back_keep_the_log_bounded(
     # Checkpointed at 2 MiB, started over past 8 thresholds (16 MiB) whatever the commits;
     # it grew past 70 MiB before.
     assert largest < 48 << 20, f"the log grew to {largest >> 20} MiB"
+
+
+def frames_not_copied(path: Path) -> int:
+    """Frames of the log not yet copied into the database, from the WAL index in `-shm`:
+    its header's mxFrame (offset 16) less the checkpoint's nBackfill (offset 96), both
+    native-endian u32 (SQLite's file format documents the layout)."""
+    header = Path(f"{path}-shm").read_bytes()[:100]
+    return int.from_bytes(header[16:20], sys.byteorder) - int.from_bytes(
+        header[96:100], sys.byteorder
+    )
+
+
+def test_a_group_committed_before_the_hold_is_copied_without_it(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread decides on a RESTART from a copy that found the log caught up, then holds
+    # this object's writes back for it. A group committed in between (a bulk install's
+    # next one) was copied under the hold: every write waited for it, 100-250 ms a group
+    # of 64 MiB (an invalidation right after a 1 GiB install took 50-57 ms, not 1.4-1.9).
+    monkeypatch.setattr(checkpointer, "WAL_CHECKPOINT_PAGES", 64)
+    under_hold: list[int] = []
+    original_restart = cache_module.restart_log
+
+    def restart(connection: apsw.Connection) -> int:
+        under_hold.append(frames_not_copied(cache_path))
+        return original_restart(connection)
+
+    monkeypatch.setattr(cache_module, "restart_log", restart)
+    original_copy = PipelineCache._copy_log
+    group = [(os.urandom(32), os.urandom(64 << 10)) for _ in range(40)]  # ~170 pages
+
+    def copy_then_a_group(cache: PipelineCache) -> tuple[int, int]:
+        copied = original_copy(cache)
+        if group:
+            cache.write_many([group.pop() for _ in range(len(group))], fingerprint)
+        return copied
+
+    monkeypatch.setattr(PipelineCache, "_copy_log", copy_then_a_group)
+    with PipelineCache.open(cache_path, compression="off") as cache:
+        deadline = time.monotonic() + 30
+        while (group or not under_hold) and time.monotonic() < deadline:
+            cache.write(os.urandom(32), fingerprint, os.urandom(4096))
+            cache.flush()  # small durable commits: a RESTART is due after each copy
+    assert not group and under_hold, "no RESTART after the group"
+    assert max(under_hold) <= checkpointer.caught_up_pages(), under_hold
 
 
 _DURABLE_WRITER = """

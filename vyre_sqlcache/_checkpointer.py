@@ -18,7 +18,9 @@ durable writes), and each commit would append to it, which costs more to sync th
 writing over old pages. So the thread copies with PASSIVE passes until fewer than
 `caught_up_pages()` were committed during one (at most `CATCH_UP_PASSES` of them), then
 holds the cache object's own commits back for a moment and copies those with a RESTART
-checkpoint, which waits up to `RESTART_WAIT_S` for readers (held snapshots end within
+checkpoint (if more than `caught_up_pages()` were committed between that copy and the
+hold, a bulk install's next group say, it lets go and copies them first, up to
+`RESTART_TRIES` times), which waits up to `RESTART_WAIT_S` for readers (held snapshots end within
 `_snapshots.HOLD_S`) and for another process's writer; the next commit starts the log
 over. That is for streams of small commits (`SMALL_COMMIT_PAGES`), where the log holds
 many pages for each entry written (7 for a durable write of 4 KiB) and every sync pays
@@ -71,6 +73,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import apsw
 
@@ -88,6 +91,7 @@ __all__ = [
     "FULL_DISK_EVICTION_S",
     "FULL_DISK_STEP_ENTRIES",
     "LOW_SPACE_BYTES",
+    "RESTART_TRIES",
     "RESTART_WAIT_S",
     "SMALL_COMMIT_PAGES",
     "SPACE_REFRESH_S",
@@ -134,6 +138,9 @@ CATCH_UP_PASSES = 4
 SMALL_COMMIT_PAGES = 32
 #: The fewest pages a short log is checkpointed at.
 MIN_CHECKPOINT_PAGES = 4
+#: Copies (without holding the writes back) of what was committed between a copy and the
+#: hold for a RESTART, at most, before the RESTART copies the rest under the hold.
+RESTART_TRIES = 3
 #: A log this many times its checkpoint threshold is started over whatever the commits
 #: (a stream of large ones is otherwise left to run: see "Starting the log over").
 LOG_BOUND_FACTOR = 8
@@ -366,11 +373,12 @@ class Checkpointer:
     def __init__(
         self,
         copy: Callable[[], tuple[int, int]],
-        restart: Callable[[], int],
+        restart: Callable[[Callable[[], bool]], int | None],
         purge: Callable[[], bool] | None = None,
     ) -> None:
         """`copy` copies the log as `copy_log` does, returning what it returns; `restart`
-        holds the writes back and runs `restart_log`, returning the pages it left; `purge`
+        holds the writes back and, if the predicate it is given then holds, runs
+        `restart_log`, returning the pages it left (None: it did not run); `purge`
         deletes one batch of tombstoned entries and returns whether any may be left; all
         raise apsw or cache errors."""
         self._copy = copy
@@ -556,10 +564,31 @@ class Checkpointer:
         if pages > LOG_BOUND_FACTOR * self._log_pages:
             # Large commits back to back never let a copy catch up: held back once here,
             # or the log grows as long as they last (GiB in seconds).
-            return self._restart()
+            return self._restart_after(pages, tries=1)
         if not restart_due(pages, behind) or pages > SMALL_COMMIT_PAGES * max(1, self._commits):
             return max(0, pages)
-        return self._restart()
+        return self._restart_after(pages)
+
+    def _restart_after(self, pages: int, tries: int = RESTART_TRIES) -> int:
+        """Hold the writes back and start the log over, the copy that saw `pages` being the
+        last. What was committed after that copy is copied first without the hold (up to
+        `tries` - 1 copies; the last try restarts whatever came): a bulk install's next
+        group, committed between the copy and the hold, was copied under it, holding
+        every write of this object back for 100-250 ms a group."""
+        for attempt in range(1, tries + 1):
+            left = self._restart(partial(self._caught_up, pages, attempt == tries))
+            if left is not None:
+                return left
+            pages, _ = self._copy()
+        raise AssertionError("the last try restarts")  # (unreachable)
+
+    def _caught_up(self, seen: int, anyway: bool) -> bool:
+        """Whether this object committed at most `caught_up_pages()` pages since a copy saw
+        `seen` in the log (or `anyway`). Asked under the hold, where none of its commits
+        runs to change what the WAL hook last reported."""
+        latest = self._hook_pages
+        grown = latest if latest < seen else latest - seen
+        return anyway or grown <= caught_up_pages()
 
     def _run(self) -> None:
         try:

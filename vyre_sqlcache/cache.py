@@ -1473,11 +1473,15 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         with self._call() as slot:
             return copy_log(self._pool.main(slot))
 
-    def _restart_log(self) -> int:
+    def _restart_log(self, ready: Callable[[], bool]) -> int | None:
         # The copy ran beside this object's writes, whose pages it left behind: with them
-        # held back, copy those and have the next write start the log over.
-        with self._writer.held(), self._call() as slot:
-            return restart_log(self._pool.main(slot))
+        # held back, copy those and have the next write start the log over (unless the
+        # checkpointer finds too much was committed since: None, nothing done).
+        with self._writer.held():
+            if not ready():
+                return None
+            with self._call() as slot:
+                return restart_log(self._pool.main(slot))
 
     # -- internals: reading ----------------------------------------------------------
 
