@@ -1491,39 +1491,54 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if queued is not None:
                 self._books.hit(entry_id(entry_key))
                 return queued.blob
-        held = None if self._watch.active else self._pool.enter_held()
-        slot = self._pool.enter() if held is None else held
+        slot = None if self._watch.active else self._pool.enter_held()
+        if slot is not None:
+            # The common read, in few steps: the thread's held snapshot serves it.
+            try:
+                rowid = int.from_bytes(entry_key[:8], "big", signed=True)  # (entry_id, inline)
+                try:
+                    # (enter_held returns only a slot whose reader is ready)
+                    blob = slot.reader.verified(entry_key, rowid)  # type: ignore[union-attr]
+                except apsw.Error:
+                    blob = None  # the full read meets it again, and says so
+                if blob is None:
+                    return self._load_in(slot, entry_key)
+                if self._books.hit(rowid) and not self._readonly:
+                    self._write_bookkeeping(self._pool.main(slot), wait=False)
+                return blob
+            finally:
+                self._pool.leave(slot)
+        slot = self._pool.enter()
         try:
             if self._watch.active:
                 self._reopened_if_changed(slot, now=False)
             else:
-                blob = self._read_held(slot, entry_key, begun=held is not None)
+                blob = self._read_held(slot, entry_key)
                 if blob is not None:
                     return blob
-            fetched = self._fetch(slot, entry_key, held=True)
-            if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
-                fetched = self._fetch(slot, entry_key, held=True)
-            if fetched is None and self._layers:
-                # The snapshot the miss was read in is held: the masks are read in it too.
-                return self._from_layers(slot, entry_key, slot.cursor)
-            return self._verified(slot, entry_key, fetched)
+            return self._load_in(slot, entry_key)
         finally:
             self._pool.leave(slot)
 
-    def _read_held(self, slot: Slot, entry_key: bytes, *, begun: bool = False) -> bytes | None:
+    def _load_in(self, slot: Slot, entry_key: bytes) -> bytes | None:
+        """The full read of `entry_key` in the entered `slot` (the held snapshot's statement,
+        then the layers), counted as a hit or a miss."""
+        fetched = self._fetch(slot, entry_key, held=True)
+        if fetched is None and self._watch.active and self._reopened_if_changed(slot, now=True):
+            fetched = self._fetch(slot, entry_key, held=True)
+        if fetched is None and self._layers:
+            # The snapshot the miss was read in is held: the masks are read in it too.
+            return self._from_layers(slot, entry_key, slot.cursor)
+        return self._verified(slot, entry_key, fetched)
+
+    def _read_held(self, slot: Slot, entry_key: bytes) -> bytes | None:
         """The common read in few steps: `entry_key`'s blob through the held snapshot's
-        blob handles, verified, its hit counted; None, with nothing counted, for the full
-        read to look (see `HeldReader.verified`). `begun`: the slot came from
-        `enter_held`, its snapshot and reader ready."""
+        blob handles (its snapshot begun anew where due), verified, its hit counted; None,
+        with nothing counted, for the full read to look (see `HeldReader.verified`)."""
         try:
-            if begun:
-                reader = slot.reader
-                assert reader is not None
-            else:
-                self._pool.held_cursor(slot)
-                reader = self._pool.held_reader(slot)
-            rowid = int.from_bytes(entry_key[:8], "big", signed=True)  # (entry_id, inline)
-            blob = reader.verified(entry_key, rowid)
+            self._pool.held_cursor(slot)
+            rowid = entry_id(entry_key)
+            blob = self._pool.held_reader(slot).verified(entry_key, rowid)
         except apsw.Error:
             return None  # the full read meets it again, and says so
         if blob is not None and self._books.hit(rowid) and not self._readonly:
