@@ -336,6 +336,46 @@ def test_a_fork_while_another_thread_opens_a_cache_leaves_every_lock_usable(
     assert "Exception ignored" not in result.stderr, result.stderr[-3000:]
 
 
+FORKED_COUNTS = textwrap.dedent(
+    """
+    import os, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    path = sys.argv[1]
+    fp = DeviceFingerprint.from_parts(1, 2, "counts")
+    digests = [bytes([i]) * 32 for i in range(20)]
+    cache = PipelineCache.open(path)
+    cache.write_many([(d, b"x" * 100) for d in digests], fp)
+    cache.flush()
+    for i in range(500):
+        cache.read(digests[i % 20], fp)
+    for i in range(50):
+        cache.read(os.urandom(32), fp)
+    pid = os.fork()
+    if pid == 0:
+        for i in range(100):
+            cache.read(digests[i % 20], fp)
+        cache.read(os.urandom(32), fp)
+        cache.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    for i in range(10):
+        cache.read(digests[i % 20], fp)
+    cache.close()
+    with PipelineCache.open(path) as cache:
+        stats = cache.stats()
+        print(stats.total_hits, stats.total_misses)
+    """
+)
+
+
+def test_a_forked_child_does_not_write_its_parents_counts_again(tmp_path: Path) -> None:
+    # The child inherited the hits and misses its parent had not written yet and wrote
+    # them too: 500 hits and 50 misses counted twice in the file's totals.
+    result = run_script(FORKED_COUNTS, str(tmp_path / "c.sqlite3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["610", "51"], result.stderr[-3000:]
+
+
 def raise_in(thread: threading.Thread, error: type[BaseException]) -> None:
     """Deliver `error` to `thread` asynchronously, as a signal handler's exception would."""
     assert thread.ident is not None

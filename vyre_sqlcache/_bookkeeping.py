@@ -121,6 +121,11 @@ class Bookkeeping:
     def _after_fork_in_child(self) -> None:
         # A thread that held the lock at the fork (folding, say) is gone in the child.
         self._lock = threading.Lock()
+        # The parent writes what it had not written yet; written here too, the file's
+        # totals counted those hits and misses twice. This object's counters keep them.
+        self._fold()
+        self._touched = Counter()
+        self._unwritten_misses = 0
 
 
 _all: weakref.WeakSet[Bookkeeping] = weakref.WeakSet()
