@@ -84,20 +84,14 @@ PURGE_BATCH = 256
 # One statement a read-hit; a large blob is left out of the row.
 # Text read back from a file may be damaged into invalid UTF-8: it is read as bytes and
 # decoded leniently (a mangled algorithm name then fails the checksum like any damage).
-_SELECT_BLOB = (
-    "SELECT CAST(checksum_algo AS BLOB), checksum, "
+_BLOB_COLUMNS = (
+    "CAST(checksum_algo AS BLOB), checksum, "
     f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, CAST(codec AS BLOB), "
-    "dict_id, raw_size "
-    f"FROM blobs WHERE id = ?1 AND {_LIVE.format('?1')}"
+    "dict_id, raw_size"
 )
-
+_SELECT_BLOB = f"SELECT {_BLOB_COLUMNS} FROM blobs WHERE id = ?1 AND {_LIVE.format('?1')}"
 #: `_SELECT_BLOB` of many rows (`carray` of row ids), each with its id first.
-_SELECT_BLOBS = (
-    "SELECT id, CAST(checksum_algo AS BLOB), checksum, "
-    f"CASE WHEN length(data) <= {LARGE_BLOB_BYTES} THEN data END, CAST(codec AS BLOB), "
-    "dict_id, raw_size "
-    f"FROM blobs WHERE id IN carray(?1) AND {_LIVE_ENTRY}"
-)
+_SELECT_BLOBS = f"SELECT id, {_BLOB_COLUMNS} FROM blobs WHERE id IN carray(?1) AND {_LIVE_ENTRY}"
 
 _INSERT_ENTRY = """
 INSERT INTO entries (
