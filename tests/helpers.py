@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,20 @@ def sql_shell(path: Any, *statements: str) -> None:
             connection.execute(statement).fetchall()
     finally:
         connection.close()
+
+
+def overwrite_page(path: Path, page_sql: str, data: Callable[[int], bytes], at: int = 0) -> None:
+    """Damage one page of a cache file at rest: `data(page_size)` written at offset `at`
+    of the page whose number `page_sql` gives (run on a plain connection)."""
+    connection = apsw.Connection(str(path))
+    try:
+        (page,) = connection.execute(page_sql).fetchone()
+        page_size = int(connection.pragma("page_size"))
+    finally:
+        connection.close()
+    with open(path, "r+b") as file:
+        file.seek((page - 1) * page_size + at)
+        file.write(data(page_size))
 
 
 def connection_of(cache: PipelineCache) -> apsw.Connection:

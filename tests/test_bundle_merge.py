@@ -35,7 +35,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache.cli import main
 
 from .corpus_blobs import blobs
-from .helpers import back_to_schema, run_script, schema_file
+from .helpers import back_to_schema, overwrite_page, run_script, schema_file
 
 
 def key_of(n: int) -> bytes:
@@ -679,15 +679,12 @@ def test_a_copy_of_a_damaged_cache_names_the_cache_not_the_copy(
     fp = DeviceFingerprint.from_parts(1, 2, "copy")
     with PipelineCache.open(cache_path) as cache:
         cache.write_many([(os.urandom(32), os.urandom(3000)) for _ in range(200)], fp)
-    connection = apsw.Connection(str(cache_path))
-    (root,) = connection.execute(
-        "SELECT rootpage FROM sqlite_schema WHERE name = 'blobs'"
-    ).fetchone()
-    page = connection.pragma("page_size")
-    connection.close()
-    with open(cache_path, "r+b") as file:  # an interior page of `blobs`, overwritten
-        file.seek((root - 1) * page + 100)
-        file.write(os.urandom(page - 200))
+    overwrite_page(  # an interior page of `blobs`, overwritten
+        cache_path,
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'blobs'",
+        lambda size: os.urandom(size - 200),
+        at=100,
+    )
     out = tmp_path / "copy.sqlite3"
     with (
         PipelineCache.open(cache_path, readonly=True) as cache,

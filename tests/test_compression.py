@@ -34,7 +34,7 @@ from vyre_sqlcache import (
 )
 from vyre_sqlcache.config import DEFAULT_COMPRESSION, ENV_COMPRESSION
 
-from .helpers import run_script
+from .helpers import overwrite_page, run_script
 from .vfs import dump
 
 zstandard = pytest.importorskip("zstandard")
@@ -926,15 +926,12 @@ def test_a_rebuild_keeps_compressed_entries_and_their_dictionaries(path: Path) -
         cache.write(digest(900), FP, os.urandom(3000))
         stored = cache.stats().stored_bytes
     # damage a page of the entries table's LRU index: the file fails integrity_check
-    connection = apsw.Connection(str(path))
-    page_size = connection.pragma("page_size")
-    ((root,),) = connection.execute(
-        "SELECT rootpage FROM sqlite_schema WHERE name = 'entries_lru'"
-    ).fetchall()
-    connection.close()
-    with open(path, "r+b") as file:
-        file.seek((root - 1) * page_size + 8)
-        file.write(b"\xff" * 64)
+    overwrite_page(
+        path,
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'entries_lru'",
+        lambda size: b"\xff" * 64,
+        at=8,
+    )
     with open_cache(path) as cache:
         report = cache.check(repair=True)
         assert report.rebuilt and report.ok and report.kept == len(blobs) + 1

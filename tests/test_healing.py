@@ -23,7 +23,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache._cachefile import KEEP_CORRUPT_COPIES, needs_check_marker
 from vyre_sqlcache.keys import entry_id
 
-from .helpers import connection_of, sql_shell
+from .helpers import connection_of, overwrite_page, sql_shell
 
 
 def blob_of(digest: bytes) -> bytes:
@@ -145,15 +145,12 @@ def test_damaged_copies_do_not_pile_up(cache_path: Path) -> None:
 
 def damage_btree_page(path: Path) -> None:
     """Overwrite an interior page of the `blobs` table with garbage."""
-    connection = apsw.Connection(str(path))
-    page_size = connection.pragma("page_size")
-    (root,) = connection.execute(
-        "SELECT rootpage FROM sqlite_schema WHERE name = 'blobs'"
-    ).fetchone()
-    connection.close()
-    with open(path, "r+b") as file:
-        file.seek((root - 1) * page_size + 100)
-        file.write(os.urandom(page_size - 200))
+    overwrite_page(
+        path,
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'blobs'",
+        lambda size: os.urandom(size - 200),
+        at=100,
+    )
 
 
 def test_verify_moves_a_file_failing_quick_check_aside(
@@ -196,16 +193,12 @@ def test_damage_met_by_a_batch_read_costs_only_the_damaged_entry(
     blobs = [os.urandom(100_000 if i == 7 else 3_000) for i in range(20)]
     with PipelineCache.open(cache_path, compression="off") as cache:
         cache.put_many(list(zip(keys, blobs, strict=True)), fingerprint)
-    raw = apsw.Connection(str(cache_path))
     # Entry 7 is the only one large enough for overflow pages: break its chain.
-    (page,) = raw.execute(
-        "SELECT min(pageno) FROM dbstat WHERE name = 'blobs' AND pagetype = 'overflow'"
-    ).fetchone()
-    page_size = raw.pragma("page_size")
-    raw.close()
-    with open(cache_path, "r+b") as file:
-        file.seek((page - 1) * page_size)
-        file.write(bytes(page_size))
+    overwrite_page(
+        cache_path,
+        "SELECT min(pageno) FROM dbstat WHERE name = 'blobs' AND pagetype = 'overflow'",
+        bytes,
+    )
     with PipelineCache.open(cache_path) as cache:
         got = cache.get_many(keys, fingerprint)
     assert got == [None if i == 7 else blob for i, blob in enumerate(blobs)]
@@ -434,16 +427,13 @@ def test_check_reports_damaged_entry_pages_without_raising(
     # Counting the entries for the totals met the damaged page and raised "counting the
     # entries failed" instead of reporting the damage.
     populate(cache_path, fingerprint, count=400)
-    raw = apsw.Connection(str(cache_path))
-    (page,) = raw.execute(
+    overwrite_page(
+        cache_path,
         "SELECT pageno FROM dbstat WHERE name = 'entries' AND pagetype = 'leaf' "
-        "ORDER BY pageno LIMIT 1"
-    ).fetchone()
-    page_size = raw.pragma("page_size")
-    raw.close()
-    with open(cache_path, "r+b") as file:
-        file.seek((page - 1) * page_size + 100)
-        file.write(os.urandom(page_size - 100))
+        "ORDER BY pageno LIMIT 1",
+        lambda size: os.urandom(size - 100),
+        at=100,
+    )
     with PipelineCache.open(cache_path, readonly=True, strict=True) as cache:
         report = cache.check()
     assert not report.sound_file and not report.ok

@@ -30,7 +30,7 @@ from vyre_sqlcache import (
 from vyre_sqlcache.config import ENV_LAYERS
 
 from .corpus_blobs import blobs
-from .helpers import back_to_schema, schema_file, without_mask_copies
+from .helpers import back_to_schema, overwrite_page, schema_file, without_mask_copies
 
 Items = list[tuple[bytes, bytes]]
 
@@ -575,15 +575,12 @@ def test_a_rebuilt_user_file_keeps_its_layer_masks(
         cache.write_many(items(10, 20), fingerprint)
         assert cache.invalidate_impacted([1, 1], [digest(0), digest(1)], fingerprint) == 2
     # Damage a page of the LRU index: the file fails integrity_check and is rebuilt.
-    connection = apsw.Connection(str(cache_path))
-    page_size = connection.pragma("page_size")
-    ((root,),) = connection.execute(
-        "SELECT rootpage FROM sqlite_schema WHERE name = 'entries_lru'"
-    ).fetchall()
-    connection.close()
-    with open(cache_path, "r+b") as file:
-        file.seek((root - 1) * page_size + 8)
-        file.write(b"\xff" * 64)
+    overwrite_page(
+        cache_path,
+        "SELECT rootpage FROM sqlite_schema WHERE name = 'entries_lru'",
+        lambda size: b"\xff" * 64,
+        at=8,
+    )
     with PipelineCache.open(cache_path, layers=[layer]) as cache:
         report = cache.check(repair=True)
         assert report.rebuilt and report.ok
