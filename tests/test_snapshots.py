@@ -321,7 +321,7 @@ SLOT_FREED_UNDER_A_LOCK = textwrap.dedent(
     thread = threading.Thread(target=read_and_leave_a_cycle)
     thread.start()
     thread.join()
-    with _snapshots._reaper._wake._cond:
+    with _snapshots._reaper._lock:
         gc.collect()
     cache.close()
     print("done")
@@ -332,8 +332,9 @@ SLOT_FREED_UNDER_A_LOCK = textwrap.dedent(
 def test_a_slot_freed_by_the_cycle_collector_under_the_reapers_lock_deadlocks_nothing(
     cache_path: Path,
 ) -> None:
-    # The callback woke the reaper with Event.set, which takes that very lock: the thread
-    # hung for ever, and with it every thread that began a snapshot after.
+    # The callback woke the reaper with Event.set, which took the lock of the Event the
+    # collector ran under: the thread hung for ever, and with it every thread that began
+    # a snapshot after. It takes no lock (the reaper's own, held here, included).
     result = run_script(SLOT_FREED_UNDER_A_LOCK, str(cache_path), timeout=30)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "done"

@@ -80,6 +80,7 @@ import apsw
 from . import _rows
 from ._cachefile import os_name
 from ._connections import waiter_of
+from ._wakeup import Wakeup
 
 try:
     import resource
@@ -395,7 +396,7 @@ class Checkpointer:
         self._purge = purge
         self._checkpoint_due = False
         self._purge_due = False
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import apsw
 
+from ._wakeup import Wakeup
+
 if TYPE_CHECKING:
     from ._connections import Slot
 
@@ -117,7 +119,7 @@ class _Reaper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         self._thread: threading.Thread | None = None
         # Set by the thread before it looks at the slots and sleeps with nothing due.
         self._idle = False
@@ -227,7 +229,7 @@ class _Reaper:
             slot.watched = False
         self._lock = threading.Lock()
         self._slots = weakref.WeakSet()
-        self._wake = threading.Event()
+        self._wake = Wakeup()
         self._thread = None
         self._idle = False
         self._ended = deque()
