@@ -77,10 +77,9 @@ from functools import partial
 
 import apsw
 
-from . import _rows
+from . import _rows, _wakeup
 from ._cachefile import os_name
 from ._connections import waiter_of
-from ._wakeup import Wakeup
 
 try:
     import resource
@@ -396,7 +395,7 @@ class Checkpointer:
         self._purge = purge
         self._checkpoint_due = False
         self._purge_due = False
-        self._wake = Wakeup()
+        self._wake = _wakeup.Wakeup()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -542,7 +541,7 @@ class Checkpointer:
                 self._thread = threading.Thread(
                     target=self._run, name="vyre-sqlcache checkpoint", daemon=True
                 )
-                self._thread.start()
+                _wakeup.start(self._thread)
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:

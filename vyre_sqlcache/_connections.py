@@ -454,8 +454,10 @@ _slot_keys = itertools.count(1)
 
 class Slot:
     """One thread's connections to a cache file: the main one, its reusable cursor, and
-    one without memory mapping for large blobs. `busy` is set and `lock` held while a
-    call runs. `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
+    one without memory mapping for large blobs. `busy` is set while a call runs, under
+    `lock` (the snapshot reaper's look at a slot not busy is under it too: held for a
+    call's whole length, an exception landing before the call's `try` left it taken for
+    good). `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
     `held_generation` describe the main connection's held read snapshot."""
 
     __slots__ = (
@@ -481,7 +483,7 @@ class Slot:
         self.cursor: apsw.Cursor | None = None
         self.large: apsw.Connection | None = None
         self.busy = False
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.held_since = 0.0
         self.held_reads = 0
         self.held_generation = 0
@@ -594,12 +596,13 @@ class ConnectionPool:
             slot = self._local.slot = Slot()
             with self._lock:
                 self._slots.append(weakref.ref(slot, self._slot_freed))
-        slot.busy = True
+        with slot.lock:
+            slot.busy = True
         if self._paused or self.closed:
             slot.busy = False
             self._wait_for_resume()
-            slot.busy = True
-        slot.lock.acquire()
+            with slot.lock:
+                slot.busy = True
         main = slot.main
         if main is not None:
             state = main.txn_state()
@@ -621,12 +624,11 @@ class ConnectionPool:
         slot: Slot | None = getattr(self._local, "slot", None)
         if slot is None or slot.reader is None:
             return None
-        slot.busy = True
+        with slot.lock:  # (the reaper ends a snapshot only under it, if not busy)
+            slot.busy = True
         if self._paused or self.closed:
             slot.busy = False
             return None
-        slot.lock.acquire()
-        # Read under the lock: the reaper ends a snapshot only while holding it.
         main, since, reader = slot.main, slot.held_since, slot.reader
         if (
             main is not None
@@ -642,7 +644,6 @@ class ConnectionPool:
             slot.held_reads += 1
             return slot
         slot.busy = False
-        slot.lock.release()
         return None
 
     def reopen(self, slot: Slot) -> None:
@@ -663,10 +664,9 @@ class ConnectionPool:
     def leave(slot: Slot) -> None:
         """End a call begun by `enter()`."""
         slot.busy = False
-        slot.lock.release()
 
     def _wait_for_resume(self) -> None:
-        with self._resume:
+        with self._lock:  # (not the Condition: see `_wakeup`)
             while self._paused and not self.closed:
                 self._resume.wait()
         if self.closed:
@@ -849,13 +849,13 @@ class ConnectionPool:
 
     def resume(self) -> None:
         """Let calls run again after `quiesce()`."""
-        with self._resume:
+        with self._lock:  # (not the Condition: see `_wakeup`)
             self._paused = False
             self._resume.notify_all()
 
     def close(self) -> None:
         """Refuse new calls, let other threads' calls end, close every connection; idempotent."""
-        with self._resume:
+        with self._lock:  # (not the Condition: see `_wakeup`)
             self.closed = True
             self._resume.notify_all()
         if not self.quiesce():

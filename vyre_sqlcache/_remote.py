@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import _remote_format
+from . import _remote_format, _wakeup
 from ._remote_settings import (
     ENV_REMOTE,
     ENV_REMOTE_KEY,
@@ -333,7 +333,7 @@ class RemoteTier:
             if self._thread is not None or self._stopped:
                 return
             self._thread = thread
-        thread.start()
+        _wakeup.start(thread)
 
     def _take(self, limit_entries: int = 128, limit_bytes: int = 8 << 20) -> list[NewEntry]:
         """Up to a batch of queued entries (called with the lock held)."""

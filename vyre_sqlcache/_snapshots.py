@@ -33,13 +33,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 import apsw
 
-from ._wakeup import Wakeup
+from . import _wakeup
 
 if TYPE_CHECKING:
     from ._connections import Slot
@@ -119,7 +118,7 @@ class _Reaper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._slots: weakref.WeakSet[Slot] = weakref.WeakSet()
-        self._wake = Wakeup()
+        self._wake = _wakeup.Wakeup()
         self._thread: threading.Thread | None = None
         # Set by the thread before it looks at the slots and sleeps with nothing due.
         self._idle = False
@@ -139,7 +138,7 @@ class _Reaper:
                     thread = self._thread = threading.Thread(
                         target=self._run, name="vyre-sqlcache snapshots", daemon=True
                     )
-                    thread.start()
+                    _wakeup.start(thread)
             self._wake.set()
         elif self._idle:
             # A sleeping thread with something due wakes by itself, and every snapshot
@@ -196,11 +195,15 @@ class _Reaper:
                 if now < due:
                     next_due = due if next_due is None else min(next_due, due)
                     continue
-                # The slot's owner holds this lock for the whole of each call.
+                # The slot's owner marks each call busy under this lock: a slot not busy
+                # while it is held begins no call until the snapshot is ended.
                 if not slot.lock.acquire(blocking=False):
                     next_due = now + HOLD_S if next_due is None else min(next_due, now + HOLD_S)
                     continue
                 try:
+                    if slot.busy:
+                        next_due = now + HOLD_S if next_due is None else min(next_due, now + HOLD_S)
+                        continue
                     main = slot.main
                     if slot.held_since == since:
                         slot.held_since = 0.0
@@ -210,11 +213,11 @@ class _Reaper:
                     slot.lock.release()
         return None if next_due is None else max(0.0, next_due - time.monotonic()) + 0.0005
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Keep the thread from ending snapshots while the block closes connections."""
-        with self._lock:
-            yield
+    def paused(self) -> AbstractContextManager[bool]:
+        """Keep the thread from ending snapshots while the `with` block closes connections.
+        (The lock itself, not a generator holding it: an exception of a signal handler
+        landing as a generator's `__enter__` returns leaves its lock taken.)"""
+        return self._lock
 
     def before_fork(self) -> None:
         # The thread takes slot locks only while holding this one: none is held at fork.
@@ -229,7 +232,7 @@ class _Reaper:
             slot.watched = False
         self._lock = threading.Lock()
         self._slots = weakref.WeakSet()
-        self._wake = Wakeup()
+        self._wake = _wakeup.Wakeup()
         self._thread = None
         self._idle = False
         self._ended = deque()

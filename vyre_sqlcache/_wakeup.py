@@ -1,17 +1,50 @@
-"""How a caller's thread wakes a background thread of this package.
+"""How a caller's thread starts and wakes a background thread of this package, safe
+against an exception of a signal handler (an alarm's timeout) landing in the caller's
+thread at any step.
 
-Not `threading.Event`: its `set()` takes a Python-level lock through
-`Condition.__enter__`, and an exception of a signal handler (an alarm's timeout)
-landing in the caller's thread right after that lock is taken leaves it taken for
-good. The background thread then waits for it forever, and so does the caller at its
-next wake-up (a commit's WAL hook wakes the checkpoint thread; a read wakes the
-snapshot reaper). `queue.SimpleQueue.put` is one C call that holds no lock a signal
-handler can strand (the queue module documents it as safe in signal handlers).
+Waking is not `threading.Event`: its `set()` takes a Python-level lock through
+`Condition.__enter__`, and such an exception landing right after that lock is taken
+leaves it taken for good. The background thread then waits for it forever, and so does
+the caller at its next wake-up (a commit's WAL hook wakes the checkpoint thread; a read
+wakes the snapshot reaper). `queue.SimpleQueue.put` is one C call that holds no lock a
+signal handler can strand (the queue module documents it as safe in signal handlers).
+Starting is `Thread.start` with the signals held: see `start`.
 """
 
 from __future__ import annotations
 
 import queue
+import signal
+import threading
+
+#: Signals a thread gets for what it did itself: blocked, they would kill the process
+#: without a word (and without faulthandler's traceback).
+_SYNCHRONOUS = {
+    getattr(signal, name)
+    for name in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGTRAP", "SIGSYS")
+    if hasattr(signal, name)
+}
+
+
+def start(thread: threading.Thread) -> None:
+    """Start `thread` with the calling thread's asynchronous signals held meanwhile (and
+    blocked in the new thread for good: Python runs handlers in the main thread only).
+
+    `Thread.start` waits on a `threading.Event`: a handler's exception landing inside it
+    left the new thread's start lock taken (the thread never ran, and stayed listed) or
+    raised RuntimeError("release unlocked lock") instead of itself. A signal that comes
+    while held is handled right after. Raises what `Thread.start` raises."""
+    if not hasattr(signal, "pthread_sigmask"):
+        thread.start()
+        return
+    # Asked before the try, changed inside it: an exception right after either call
+    # leaves the mask as it was.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS)
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class Wakeup:

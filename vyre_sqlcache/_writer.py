@@ -22,10 +22,11 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
+from . import _wakeup
 from ._connections import ForkRegistry  # (its fork hooks are registered before ours)
 from ._rows import NewEntry
 from .errors import CacheError
@@ -136,11 +137,10 @@ class WriteBehind:
                         self._queued_bytes -= len(entry.blob)
             return result
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """No commit of this queue runs in the block (one under way is waited for)."""
-        with self._committing:
-            yield
+    def held(self) -> AbstractContextManager[bool]:
+        """No commit of this queue runs in the `with` block (one under way is waited for).
+        (The lock itself: see `_snapshots.paused`.)"""
+        return self._committing
 
     def commit_at_exit(self) -> None:
         """Commit what is queued as the process ends; a failure is logged, never raised.
@@ -190,7 +190,7 @@ class WriteBehind:
             if self._stopped or (self._thread is not None and self._thread.is_alive()):
                 return
             thread = threading.Thread(target=self._run, name="vyre-sqlcache writer", daemon=True)
-            thread.start()
+            _wakeup.start(thread)
             self._thread = thread
 
     def _run(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _explain_sql, _layers, _remote, _rows, _snapshots
+from . import _codec, _explain_sql, _layers, _remote, _rows, _snapshots, _wakeup
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     HEAD_WAIT_S,
@@ -632,9 +632,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         for callback in self._callbacks.values():
             callback.pin(self)
         with suppress(Exception):
-            threading.Thread(
-                target=_close_dropped, args=(self,), name="vyre-sqlcache close", daemon=True
-            ).start()
+            _wakeup.start(
+                threading.Thread(
+                    target=_close_dropped, args=(self,), name="vyre-sqlcache close", daemon=True
+                )
+            )
         with suppress(Exception):  # an error filter raises it; the close is under way
             warnings.warn(
                 f"unclosed cache {self._path}", ResourceWarning, stacklevel=2, source=self
@@ -1237,6 +1239,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         entries = self._follow_the_path(entries)
         incoming = sum(len(entry.blob) for entry in entries)
         result: T | None = None
+        split = False
         with self._call() as slot, interrupts_held():
             connection = self._writing_connection(slot)
             if durable:
@@ -1265,11 +1268,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                             )
                             continue
                         if attempt and len(entries) > 1:
-                            # A group larger than the disk's room: in halves, so a full
-                            # disk does not hold every queued write back.
-                            half = len(entries) // 2
-                            self._commit_entries(entries[:half], False, None)
-                            return self._commit_entries(entries[half:], durable, extra, what)
+                            split = True
+                            break
                         raise
             except READ_ERRORS as error:
                 raise translate(error, "flushing", self._path) from error
@@ -1277,6 +1277,12 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                 if durable:
                     with suppress(apsw.Error):
                         connection.pragma("synchronous", "NORMAL")
+        if split:
+            # A group larger than the disk's room: in halves, so a full disk does not
+            # hold every queued write back (each a call of its own: calls never nest).
+            half = len(entries) // 2
+            self._commit_entries(entries[:half], False, None)
+            return self._commit_entries(entries[half:], durable, extra, what)
         if self._remote is not None and entries:
             self._remote.upload(entries)  # queued for the shared tier; never blocks or raises
         changes = len(entries) + (result if isinstance(result, int) else 0)
