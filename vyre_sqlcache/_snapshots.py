@@ -151,7 +151,7 @@ class _Reaper:
         with it the reaper's look at its snapshot, which would otherwise stay open (and the
         log grow) until another thread of this process opens a connection. Called from a
         weak reference callback, which the cycle collector may run in any thread at any
-        moment, ours inside `Event.set` included: it takes no lock (an append to a deque),
+        moment, ours holding one of our locks included: it takes no lock (an append to a deque),
         and wakes nothing. `end_ended` ends those snapshots: this thread at its next wake
         (within `IDLE_WAKE_S`), and the checkpoint thread before it copies the log."""
         self._ended.append(weakref.ref(pool))

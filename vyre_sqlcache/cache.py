@@ -1183,10 +1183,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._refuse_write()
         changed: int = self._writer.commit(extra=run, what=what)
         if changed:
-            # Held: an exception delivered inside `Event.set` would leave its lock taken,
-            # and the checkpoint thread (and every commit after) waiting on it for ever.
-            with interrupts_held():
-                self._checkpointer.purge_soon()
+            self._checkpointer.purge_soon()
         return changed
 
     def _purge_batch(self) -> bool:
