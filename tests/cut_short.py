@@ -100,6 +100,10 @@ CALLS: dict[str, Callable[[PipelineCache, str, int], object]] = {
     "flush": lambda cache, path, i: cache.flush(),
     "get": lambda cache, path, i: cache.get(key(i), FP),
     "put": lambda cache, path, i: cache.put(key(i), FP, b"cut %d" % i),
+    "put_many": lambda cache, path, i: cache.put_many([(key(i), b"cut %d" % i)], FP),
+    "get_many": lambda cache, path, i: cache.get_many([key(i), key(10**7 + i)], FP),
+    "delete": lambda cache, path, i: cache.delete(key(10**6 + i), FP),
+    "stats": lambda cache, path, i: cache.stats(),
     "workload": lambda cache, path, i: workload(cache, 10**6 + i),
 }
 

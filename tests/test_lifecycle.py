@@ -255,6 +255,10 @@ CUT_SHORT = "import sys\nfrom tests.cut_short import main\nsys.exit(main(*sys.ar
         ("flush", "flush"),
         ("get", "get"),
         ("put", "put"),
+        ("put_many", "put_many"),
+        ("get_many", "get_many"),
+        ("delete", "delete"),
+        ("stats", "stats"),
         ("_start", "workload"),  # waking the checkpoint thread
         ("watch", "workload"),  # waking the snapshot reaper
     ],
