@@ -454,10 +454,10 @@ _slot_keys = itertools.count(1)
 
 class Slot:
     """One thread's connections to a cache file: the main one, its reusable cursor, and
-    one without memory mapping for large blobs. `busy` is set while a call runs, under
-    `lock` (the snapshot reaper's look at a slot not busy is under it too: held for a
-    call's whole length, an exception landing before the call's `try` left it taken for
-    good). `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
+    one without memory mapping for large blobs. `busy` is set while a call runs, and set
+    under `lock`, which the snapshot reaper holds while it ends the snapshot of a slot
+    not busy. (Not held for the whole call: an exception landing before the call's `try`
+    left it taken for good.) `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
     `held_generation` describe the main connection's held read snapshot."""
 
     __slots__ = (

@@ -64,7 +64,7 @@ class Wakeup:
         """Wait until `set()` is called (or has been since the last `clear()`), or for
         `timeout` seconds; whether it was. Follow it with `clear()`."""
         try:
-            self._calls.get(timeout=timeout)
+            self._calls.get(timeout=None if timeout is None else max(0.0, timeout))
         except queue.Empty:
             return False
         return True
