@@ -96,12 +96,9 @@ def overwrite_page(path: Path, page_sql: str, data: Callable[[int], bytes], at: 
 def connection_of(cache: PipelineCache) -> apsw.Connection:
     """This thread's main SQLite connection of `cache` (opened if needed)."""
     pool: Any = cache._pool
-    slot = pool.enter()
-    try:
+    with pool.call() as slot:
         connection: apsw.Connection = pool.main(slot)
         return connection
-    finally:
-        pool.leave(slot)
 
 
 def flush_once_recovered(cache: PipelineCache) -> None:

@@ -273,6 +273,61 @@ def test_an_alarm_at_any_step_of_a_call_leaves_every_lock_and_thread_usable(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
+#: A read whose entry an alarm cuts short right after the slot is marked busy (as
+#: `enter_held` asks for the change counter), then the thread idles, as an application
+#: that caught its timeout does. Prints whether the log could start over at once (the
+#: reaper ended the thread's snapshot) and how long a close() from another thread took.
+ALARM_IN_A_READS_ENTRY = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    import apsw
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    class Timeout(Exception):
+        pass
+    def ring(signum, frame):
+        raise Timeout()
+    signal.signal(signal.SIGALRM, ring)
+    fp = DeviceFingerprint.from_parts(1, 2, "entry")
+    cache = PipelineCache.open(sys.argv[1])
+    cache.write(b"\1" * 32, fp, b"A" * 4000)
+    cache.flush()
+    cache.read(b"\1" * 32, fp)  # a held snapshot
+    landed = []
+    def alarm(frame, event, arg):
+        if event == "return" and frame.f_back.f_code.co_name == "enter_held":
+            landed.append(True)
+            os.kill(os.getpid(), signal.SIGALRM)
+    def tracer(frame, event, arg):
+        return alarm if frame.f_code.co_name == "current_generation" else None
+    sys.settrace(tracer)
+    try:
+        cache.read(b"\1" * 32, fp)
+    except Timeout:
+        pass
+    finally:
+        sys.settrace(None)
+    time.sleep(0.2)
+    plain = apsw.Connection(sys.argv[1])
+    busy = plain.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
+    plain.close()
+    started = time.monotonic()
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    closer.join()
+    print(landed == [True], busy, time.monotonic() - started < 5)
+    """
+)
+
+
+def test_an_alarm_landing_as_a_read_marks_its_call_leaves_no_mark(tmp_path: Path) -> None:
+    # The mark stayed: the reaper left the idle thread's snapshot alone (the log could
+    # not start over: busy), and a close() from another thread waited its 20 s for a
+    # call that had ended.
+    result = run_script(ALARM_IN_A_READS_ENTRY, str(tmp_path / "c.sqlite3"), timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "0", "True"]
+
+
 @pytest.mark.parametrize("thread", ["vyre-sqlcache writer", "vyre-sqlcache checkpoint"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_an_exception_landing_in_open_as_it_starts_a_thread_leaves_nothing_behind(

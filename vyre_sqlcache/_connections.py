@@ -451,13 +451,20 @@ def _descriptor_limit() -> int | str:
 
 _slot_keys = itertools.count(1)
 
+#: Numbers each call's busy mark, so that only that call's `finally` clears it (a call's
+#: generator finalized late, by the cycle collector in another thread, leaves a later
+#: call's mark alone).
+next_call = itertools.count(1).__next__
+
 
 class Slot:
     """One thread's connections to a cache file: the main one, its reusable cursor, and
-    one without memory mapping for large blobs. `busy` is set while a call runs, and set
-    under `lock`, which the snapshot reaper holds while it ends the snapshot of a slot
-    not busy. (Not held for the whole call: an exception landing before the call's `try`
-    left it taken for good.) `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
+    one without memory mapping for large blobs. `busy` is set while a call runs (to its
+    number), under `lock`, which the snapshot reaper holds while it ends the snapshot of
+    a slot not busy; the call clears it in a `finally` that takes no other step first, so
+    that an exception landing anywhere (a signal handler's) never leaves it set. (A lock
+    held for the whole call was left taken by one landing before the call's `try`.)
+    `held_since` (monotonic seconds, 0.0 for none), `held_reads` and
     `held_generation` describe the main connection's held read snapshot."""
 
     __slots__ = (
@@ -482,7 +489,7 @@ class Slot:
         self.main: apsw.Connection | None = None
         self.cursor: apsw.Cursor | None = None
         self.large: apsw.Connection | None = None
-        self.busy = False
+        self.busy = 0  # the number of the call under way, 0 for none
         self.lock = threading.Lock()
         self.held_since = 0.0
         self.held_reads = 0
@@ -569,9 +576,10 @@ _pools: ForkRegistry[ConnectionPool] = ForkRegistry()
 class ConnectionPool:
     """Per-thread connections to one file, opened on first use by `opener(mmap)`.
 
-    A call runs between `enter()` and `leave()`. `quiesce()` stops new calls, waits
-    for those of other threads and closes every connection; it runs before every
-    fork (both sides then reopen on their next call) and in `close()`.
+    A call runs in `call()` (or `enter()` inside a `try` whose `finally` clears the
+    mark). `quiesce()` stops new calls, waits for those of other threads and closes
+    every connection; it runs before every fork (both sides then reopen on their next
+    call) and in `close()`.
     """
 
     def __init__(self, opener: Callable[[bool], apsw.Connection], path: Path) -> None:
@@ -589,20 +597,38 @@ class ConnectionPool:
 
     # -- calls ---------------------------------------------------------------------
 
-    def enter(self) -> Slot:
-        """This thread's slot, marked busy; raises CacheError once the pool is closed."""
+    def slot(self) -> Slot:
+        """This thread's slot (made on its first use), not marked."""
         slot: Slot | None = getattr(self._local, "slot", None)
         if slot is None:
             slot = self._local.slot = Slot()
             with self._lock:
                 self._slots.append(weakref.ref(slot, self._slot_freed))
+        return slot
+
+    @contextmanager
+    def call(self) -> Iterator[Slot]:
+        """One call's use of this thread's connections: the slot, entered (see `enter`)
+        for the block. Raises CacheError once the pool is closed."""
+        slot, call = self.slot(), next_call()
+        try:
+            self.enter(slot, call)
+            yield slot
+        finally:
+            if slot.busy == call:
+                slot.busy = 0
+
+    def enter(self, slot: Slot, call: int) -> None:
+        """Mark this thread's `slot` busy with `call` (from `next_call()`), for a call that
+        clears the mark in a `finally` around this (`if slot.busy == call: slot.busy =
+        0`, no function call first). Raises CacheError once the pool is closed."""
         with slot.lock:
-            slot.busy = True
+            slot.busy = call
         if self._paused or self.closed:
-            slot.busy = False
+            slot.busy = 0
             self._wait_for_resume()
             with slot.lock:
-                slot.busy = True
+                slot.busy = call
         main = slot.main
         if main is not None:
             state = main.txn_state()
@@ -615,20 +641,19 @@ class ConnectionPool:
                 # of this thread inside a transaction or a statement: a snapshot kept open
                 # would block checkpoints and make every later write fail as busy.
                 self.reopen(slot)
-        return slot
 
-    def enter_held(self) -> Slot | None:
-        """This thread's slot, entered as `enter()` enters it, if its held snapshot and its
-        reader can serve one more read now (see `held_cursor`); None, with nothing entered,
-        where `enter()` and `held_cursor()` must look. The common read's short way in."""
-        slot: Slot | None = getattr(self._local, "slot", None)
-        if slot is None or slot.reader is None:
-            return None
+    def enter_held(self, slot: Slot, call: int) -> bool:
+        """Enter `slot` as `enter()` does if its held snapshot and its reader can serve one
+        more read now (see `held_cursor`); whether it did (if not, the slot is left not
+        marked, and `enter()` and `held_cursor()` must look). The common read's short way
+        in; the same `finally` clears the mark."""
+        if slot.reader is None:
+            return False
         with slot.lock:  # (the reaper ends a snapshot only under it, if not busy)
-            slot.busy = True
+            slot.busy = call
         if self._paused or self.closed:
-            slot.busy = False
-            return None
+            slot.busy = 0
+            return False
         main, since, reader = slot.main, slot.held_since, slot.reader
         if (
             main is not None
@@ -642,9 +667,9 @@ class ConnectionPool:
             and main.txn_state() != apsw.SQLITE_TXN_WRITE
         ):
             slot.held_reads += 1
-            return slot
-        slot.busy = False
-        return None
+            return True
+        slot.busy = 0
+        return False
 
     def reopen(self, slot: Slot) -> None:
         """Close a slot's connections (ending any transaction left open); the slot opens
@@ -659,11 +684,6 @@ class ConnectionPool:
             end_transaction(connection)
             with suppress(apsw.Error):
                 connection.close(True)
-
-    @staticmethod
-    def leave(slot: Slot) -> None:
-        """End a call begun by `enter()`."""
-        slot.busy = False
 
     def _wait_for_resume(self) -> None:
         with self._lock:  # (not the Condition: see `_wakeup`)

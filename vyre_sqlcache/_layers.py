@@ -223,11 +223,8 @@ class Layer:
         self._warned = False
         self.path = file.path
         self.pool = ConnectionPool(self._connect, file.path)
-        slot = self.pool.enter()
-        try:
+        with self.pool.call() as slot:
             self.pool.adopt(slot, first)
-        finally:
-            self.pool.leave(slot)
 
     def _connect(self, mmap: bool) -> apsw.Connection:
         connection = connect(
@@ -245,8 +242,7 @@ class Layer:
     def fetch(self, entry_keys: Sequence[bytes]) -> list[Fetched | None]:
         """The stored blobs of these keys (None where absent), unverified, from one
         snapshot; a layer that cannot be read gives misses."""
-        slot = self.pool.enter()
-        try:
+        with self.pool.call() as slot:
             connection = self.pool.main(slot)
             cursor = self.pool.cursor(slot)
             found: list[Fetched | None] = []
@@ -260,8 +256,6 @@ class Layer:
             except apsw.Error as error:
                 self.failed(error)
             return found + [None] * (len(entry_keys) - len(found))
-        finally:
-            self.pool.leave(slot)
 
     def failed(self, error: apsw.Error) -> None:
         """Report a read of this layer that failed (a miss): once as a warning, then at
@@ -279,14 +273,12 @@ class Layer:
 
     def fetch_one(self, entry_key: bytes) -> Fetched | None:
         """`fetch` of one key."""
-        slot = self.pool.enter()
-        try:
-            return _rows.fetch(self.pool.cursor(slot), lambda: self.pool.large(slot), entry_key)
-        except apsw.Error as error:
-            self.failed(error)
-            return None
-        finally:
-            self.pool.leave(slot)
+        with self.pool.call() as slot:
+            try:
+                return _rows.fetch(self.pool.cursor(slot), lambda: self.pool.large(slot), entry_key)
+            except apsw.Error as error:
+                self.failed(error)
+                return None
 
     def owner(self, entry_key: bytes) -> bytes | None:
         """The key of the row `entry_key` maps to in this layer, or None."""
@@ -302,14 +294,12 @@ class Layer:
         return self._run(run, [])
 
     def _run(self, run: Callable[[apsw.Connection], _T], default: _T) -> _T:
-        slot = self.pool.enter()
-        try:
-            return run(self.pool.main(slot))
-        except apsw.Error as error:
-            self.failed(error)
-            return default
-        finally:
-            self.pool.leave(slot)
+        with self.pool.call() as slot:
+            try:
+                return run(self.pool.main(slot))
+            except apsw.Error as error:
+                self.failed(error)
+                return default
 
     def close(self) -> None:
         self.pool.close()
