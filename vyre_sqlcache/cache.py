@@ -1487,7 +1487,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if queued is not None:
                 self._books.hit(entry_id(entry_key))
                 return queued.blob
-        # (The pool's `call()`, spelled out: a generator costs a tenth of this read.)
+        # (The pool's `call()`, spelled out: no generator on the common read's path.)
         slot, call = self._pool.slot(), next_call()
         try:
             if not self._watch.active and self._pool.enter_held(slot, call):
