@@ -45,7 +45,7 @@ class Sweep:
         self.seen = 0
         self.inside: FrameType | None = None
         self.done = False
-        self.where = ""  # of the last exception raised
+        self.where = ""  # of the last signal sent
 
     def arm(self) -> None:
         self.at += 1
