@@ -624,6 +624,17 @@ def test_compact_recompress_stores_every_entry_again(
         stored = cache.stats().stored_bytes
         assert all(cache.read(d, fingerprint) == b for d, b in blobs.items())
     assert (stored < raw / 4) if compressed else (stored == raw)
+    # at the same setting again, no entry gets smaller: all are kept as they are
+    code, out, err = cli.run(cache_path, "compact", "--recompress", "--compression", setting)
+    assert code == 0, err
+    expected = "kept as they were (no smaller)"
+    assert (
+        ("recompressed 0 entries" in out and f"; 60 {expected}" in out)
+        if compressed
+        else ("recompressed 60 entries" in out and expected not in out)
+    )
+    with PipelineCache.open(cache_path, readonly=True) as cache:
+        assert cache.stats().stored_bytes == stored
 
 
 def test_compact_compression_without_recompress_is_a_usage_error(

@@ -34,6 +34,7 @@ from vyre_sqlcache import (
 )
 from vyre_sqlcache.config import DEFAULT_COMPRESSION, ENV_COMPRESSION
 
+from .corpus_blobs import blobs as corpus_blobs
 from .helpers import overwrite_page, run_script
 from .vfs import dump
 
@@ -832,9 +833,11 @@ def test_recompress_compresses_a_raw_cache_with_dictionaries_and_back(path: Path
         assert used >= len(blobs)
         assert all(cache.read(digest(i), FP) == b for i, b in blobs.items())
         assert cache.stats().stored_bytes == done.after
-        # again: a new dictionary replaces the old, which nothing uses any more
-        cache.recompress()
-        assert rows(path, "SELECT id FROM dictionaries") == [(2,)]
+        # again: no entry gets smaller, so all stay as they are, and the new dictionary,
+        # which none took, goes
+        again = cache.recompress()
+        assert (again.rewritten, again.kept) == (0, len(blobs) + 1)
+        assert rows(path, "SELECT id FROM dictionaries") == [(1,)]
     with open_cache(path, compression="off") as cache:
         done = cache.recompress()
         assert done.after == raw_total
@@ -861,13 +864,35 @@ def test_recompress_to_raw_keeps_the_cap_by_evicting(path: Path) -> None:
         assert all(cache.read(digest(i), FP) is None for i in set(blobs) - set(kept))
 
 
+@pytest.mark.parametrize("cap", [None, 1_000_000])
+def test_recompress_at_the_same_setting_never_grows_the_cache(path: Path, cap: int | None) -> None:
+    # Retrained on the newest entries only, a scope's new dictionary fits the older
+    # families of kernels worse: rewriting every entry with it took 963 KB of the corpus
+    # to 1.2 MB, and under a 1 MB cap evicted 219 entries.
+    kernels = corpus_blobs(1050)
+    with open_cache(path, max_bytes=cap) as cache:
+        for i, blob in enumerate(kernels):
+            cache.put_named("triton", f"k{i}", blob)
+        cache.flush()
+        before = cache.stats()
+        done = cache.recompress()
+        after = cache.stats()
+        assert after.stored_bytes + after.dictionary_bytes <= (
+            before.stored_bytes + before.dictionary_bytes
+        )
+        assert done.evicted == 0 and after.entries == before.entries
+        assert done.after <= done.before
+        assert all(cache.get_named("triton", f"k{i}") == blob for i, blob in enumerate(kernels))
+
+
 def test_recompress_leaves_damaged_entries_for_check(path: Path) -> None:
     with open_cache(path) as cache:
         blobs = write_kernels(cache, 0, 4)
     damage(path, "blobs", rowid_of(2), 10)
     with open_cache(path) as cache:
         done = cache.recompress()
-        assert (done.rewritten, done.damaged) == (3, 1)
+        # at the same setting the others gain nothing and stay as they are
+        assert (done.rewritten, done.kept, done.damaged) == (0, 3, 1)
         assert sum(cache.read(digest(i), FP) == b for i, b in blobs.items()) == 3
 
 
@@ -955,6 +980,49 @@ def test_the_cap_is_checked_against_the_compressed_size(path: Path, write_behind
         with pytest.raises(BlobTooLargeError, match=r"300000 bytes.*stored.*size cap of 100000"):
             cache.write(digest(2), FP, random.Random(2).randbytes(3 * cap))
         assert cache.read(digest(2), FP) is None
+
+
+def write_namespaces(cache: PipelineCache, namespaces: int, each: int, size: int = 3000) -> None:
+    """`each` kernels in each of `namespaces` namespaces (a scope each), flushed."""
+    for n in range(namespaces):
+        for i in range(each):
+            cache.put_named(f"ns{n}", f"k{i}", kernel_text(n * 1000 + i, size))
+        cache.flush()
+        stats = cache.stats()
+        assert stats.stored_bytes + stats.dictionary_bytes <= (cache.max_bytes or 2**62)
+
+
+def test_dictionaries_of_many_scopes_share_an_eighth_of_the_cap(path: Path) -> None:
+    # Each namespace is a scope that trains after 32 writes and again after 256 more: 12 of
+    # them once took 1.5 MiB of dictionaries under a 1 MiB cap, which then held one entry
+    # (compression off: 145) and stayed over the cap.
+    cap = 1 << 20
+    each = _codec.TRAIN_AFTER * (1 + _codec.RETRAIN_FACTOR) + 12
+    held = {}
+    for compression in ("off", "auto"):
+        path.unlink(missing_ok=True)
+        with PipelineCache.open(path, max_bytes=cap, compression=compression) as cache:
+            write_namespaces(cache, 12, each)
+            stats = cache.stats()
+            assert stats.dictionary_bytes <= cap // _codec.DICTIONARY_SHARE
+            held[compression] = stats.entries
+            assert cache.get_named("ns11", f"k{each - 1}") == kernel_text(11_000 + each - 1, 3000)
+    assert held["auto"] > 2 * held["off"]
+
+
+def test_dictionaries_over_the_cap_of_an_older_file_make_way(path: Path) -> None:
+    # Without a cap every scope keeps its dictionary; under a cap set later, they may
+    # take more than the cap allows, and the entries that use them are evicted first.
+    with PipelineCache.open(path, compression="auto") as cache:
+        write_namespaces(cache, 10, _codec.TRAIN_AFTER + 4)
+        assert cache.stats().dictionary_bytes == 10 * _codec.DICTIONARY_BYTES
+    cap = _codec.MIN_CAP_FOR_DICTIONARY
+    with PipelineCache.open(path, compression="auto", max_bytes=cap) as cache:
+        cache.put_named("new", "k", kernel_text(99, 3000))
+        cache.flush()
+        stats = cache.stats()
+        assert stats.stored_bytes + stats.dictionary_bytes <= cap
+        assert cache.get_named("new", "k") == kernel_text(99, 3000)
 
 
 def test_without_compression_the_raw_size_meets_the_cap(path: Path) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "CODEC_ZSTD",
     "DEFAULT_LEVEL",
     "DICTIONARY_BYTES",
+    "DICTIONARY_SHARE",
     "MAX_LEVEL",
     "MIN_LEVEL",
     "Codec",
@@ -81,10 +82,14 @@ DICTIONARY_BYTES: Final = 64 * 1024
 #: kernels helps another much less (softmax blobs: 10.9x with a softmax dictionary,
 #: 4.9x with a matmul one), so later dictionaries follow what the cache now holds.
 TRAIN_AFTER: Final = 32
+#: Under a size cap, the dictionaries of every scope together take at most this
+#: fraction of it (1/8): each scope of a file (a backend on a device, or a namespace)
+#: trains its own, and twelve namespaces once took 1.5 MiB of a 1 MiB cap.
+DICTIONARY_SHARE: Final = 8
 #: No dictionary is trained under a size cap below this: one takes `DICTIONARY_BYTES`
 #: of it for good, more than it saves there (under a 140 KB cap a dictionary left 6
 #: entries where raw storage kept 19).
-MIN_CAP_FOR_DICTIONARY: Final = 8 * DICTIONARY_BYTES
+MIN_CAP_FOR_DICTIONARY: Final = DICTIONARY_SHARE * DICTIONARY_BYTES
 RETRAIN_FACTOR: Final = 8
 RETRAINS: Final = 2
 #: Training samples: the scope's most recent entries, each cut to its first bytes

@@ -35,6 +35,7 @@ __all__ = [
     "blob_bytes",
     "bump",
     "delete_entries",
+    "dictionary_room",
     "drop",
     "drop_unused_dictionaries",
     "evict",
@@ -622,6 +623,9 @@ def _newest_that_fit(
     cap would have evicted the older ones as the newer came. They leave the same way:
     evicted, any earlier version in the file with them (never kept as stale bytes).
     """
+    # Dictionaries may take their share of the cap (more only in a file written without
+    # this cap, where eviction then drops those no entry uses: see `make_room`).
+    cap -= min(totals_value(connection, "dictionary_bytes"), cap // _codec.DICTIONARY_SHARE)
     if sum(len(e.data) for e in encoded) <= cap:
         return entries, encoded, 0
     kept: list[int] = []
@@ -678,7 +682,12 @@ def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: 
     excess = total - replaced + incoming - cap
     if excess <= 0:
         return 0
-    return evict(connection, excess + int(cap * EVICTION_SLACK), keep=set(ids))
+    evicted = evict(connection, excess + int(cap * EVICTION_SLACK), keep=set(ids))
+    if stored_bytes(connection) - replaced + incoming > cap:
+        # Entries alone could not make room: dictionaries trained without this cap (or
+        # under a larger one) take more than their share; those no entry uses now go.
+        drop_unused_dictionaries(connection, keep_newest=True)
+    return evicted
 
 
 #: Entries last used more than this far ahead of the clock are evicted first.
@@ -979,7 +988,7 @@ def _count_writes(
     ).fetchone()
     writes = 0 if row is None else int(row[0])
     if cap is not None and cap < _codec.MIN_CAP_FOR_DICTIONARY:
-        return False
+        return False  # not even one fits the share: no training, no backoff
     if state.newest is not None and state.dictionary is None:
         due = _codec.TRAIN_AFTER  # the newest is damaged: replace it
     elif state.count <= _codec.RETRAINS:
@@ -994,7 +1003,11 @@ def _count_writes(
     failures = min(totals_value(connection, failures_name), _MAX_BACKOFF)
     if writes < due * _codec.RETRAIN_FACTOR**failures:
         return False
-    added = train_dictionary(connection, scope, now_ms) is not None
+    # No room in the dictionaries' share of the cap counts as a training that gave none:
+    # the next try waits as long (room may come as entries of other scopes leave).
+    added = (
+        dictionary_room(connection, cap) and train_dictionary(connection, scope, now_ms) is not None
+    )
     connection.execute("UPDATE meta SET value = 0 WHERE name = ?", (name,))
     if added:
         connection.execute("DELETE FROM meta WHERE name = ?", (failures_name,))
@@ -1095,14 +1108,17 @@ class Recompressed:
     after: int = 0
     #: entries evicted because what was stored again no longer fitted the size cap
     evicted: int = 0
+    #: entries left as they were: stored again, they would not have been smaller
+    kept: int = 0
 
 
 def recompress(
     connection: apsw.Connection, ids: Sequence[int], codec: Codec | None, into: Recompressed
 ) -> int:
     """Store the entries `ids` again as `codec` decides now, each with its scope's current
-    dictionary; add what was done to `into` and return how many were rewritten. Entries
-    that cannot be decoded or fail their checksum are left as they are (`into.damaged`)."""
+    dictionary, where that is smaller than what is stored (with no `codec`: raw, always);
+    add what was done to `into` and return how many were rewritten. Entries that cannot be
+    decoded or fail their checksum are left as they are (`into.damaged`)."""
     if codec is not None and not codec.enabled:
         codec = None
     current: dict[Scope, Dictionary | None] = {}
@@ -1137,6 +1153,11 @@ def recompress(
         if codec is not None and scope not in current:
             current[scope] = current_dictionary(connection, scope)
         encoded = Encoded(blob) if codec is None else codec.encode(blob, current[scope])
+        if codec is not None and len(encoded.data) >= len(data):  # type: ignore[arg-type]
+            # A dictionary trained on the newest entries may suit older kernels worse
+            # than the one they were stored with (the corpus grew by a quarter).
+            into.kept += 1
+            continue
         connection.execute(
             "UPDATE blobs SET data = ?, codec = ?, dict_id = ?, raw_size = ? WHERE id = ?",
             (
@@ -1157,10 +1178,28 @@ def recompress(
     return rewritten
 
 
+def dictionary_room(connection: apsw.Connection, cap: int | None) -> bool:
+    """Whether one more dictionary fits in the share of `cap` that dictionaries may take
+    (`_codec.DICTIONARY_SHARE`), once those no entry needs any more are deleted."""
+    if cap is None:
+        return True
+    room = cap // _codec.DICTIONARY_SHARE - _codec.DICTIONARY_BYTES
+    if totals_value(connection, "dictionary_bytes") <= room:
+        return True
+    # (A scan of every blob's dictionary id: only when the share is full, and a scope
+    # that finds no room waits as after a failed training.)
+    drop_unused_dictionaries(connection, keep_newest=True)
+    return totals_value(connection, "dictionary_bytes") <= room
+
+
 def drop_unused_dictionaries(connection: apsw.Connection, *, keep_newest: bool) -> int:
-    """Delete the dictionaries no blob uses (but each scope's newest, if `keep_newest`);
-    return how many."""
-    newest = "AND id NOT IN (SELECT max(id) FROM dictionaries GROUP BY backend, vendor, device)"
+    """Delete the dictionaries no blob uses (but, if `keep_newest`, the newest of each scope
+    that has entries: its next writes use it); return how many."""
+    newest = (
+        "AND id NOT IN (SELECT max(d.id) FROM dictionaries AS d WHERE EXISTS "
+        "(SELECT 1 FROM entries AS e WHERE e.backend IS d.backend AND e.vendor IS d.vendor "
+        f"AND e.device IS d.device AND e.{_LIVE_ENTRY}) GROUP BY d.backend, d.vendor, d.device)"
+    )
     connection.execute(
         "DELETE FROM dictionaries WHERE id NOT IN "
         f"(SELECT dict_id FROM blobs WHERE dict_id IS NOT NULL) {newest if keep_newest else ''}"

@@ -1050,12 +1050,13 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
     def recompress(self, *, batch: int = 64) -> _rows.Recompressed:
         """Store every entry again as this object's compression decides now: each backend
-        and device with enough entries first gets a dictionary trained on them, then the
-        entries are rewritten (`batch` to a transaction, so other writers go on), and the
-        dictionaries no entry uses any more are deleted. With compression 'off' every
-        entry is stored raw. Entries that fail their checksum are left for `check`; where
-        the entries stored again take more room than the size cap allows, the least
-        recently used are evicted (`evicted`).
+        and device with enough entries first gets a dictionary trained on them (while the
+        dictionaries' share of the size cap has room), then each entry is rewritten where
+        that makes it smaller (`batch` to a transaction, so other writers go on; `kept`
+        counts the others), and the dictionaries no entry uses any more are deleted. With
+        compression 'off' every entry is stored raw. Entries that fail their checksum are
+        left for `check`; where the entries stored again take more room than the size cap
+        allows, the least recently used are evicted (`evicted`).
 
         Returns the entries rewritten, those left damaged, and their stored bytes before
         and after; `compact()` then gives the freed pages back to the file system.
@@ -1082,8 +1083,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
         def train(connection: apsw.Connection) -> int:
             trained = 0
-            for scope, count in _rows.scopes(connection):
-                if count >= _codec.TRAIN_AFTER:
+            self._settle_cap(connection)
+            # The largest scopes first, while the dictionaries' share of the cap has room.
+            for scope, count in sorted(_rows.scopes(connection), key=lambda sc: -sc[1]):
+                if count >= _codec.TRAIN_AFTER and _rows.dictionary_room(connection, self._cap):
                     trained += _rows.train_dictionary(connection, scope, _now_ms()) is not None
             _rows.reset_dictionary_writes(connection)
             fit(connection)
@@ -1108,9 +1111,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                     "the zstandard package: pip install 'vyre-sqlcache[zstd]' (each entry "
                     "is rewritten whole or not at all)"
                 ) from error
+        # Also a scope's new dictionary that no entry took (none got smaller with it).
         self._change(
             "deleting unused dictionaries",
-            lambda c: _rows.drop_unused_dictionaries(c, keep_newest=codec is not None),
+            lambda c: _rows.drop_unused_dictionaries(c, keep_newest=False),
         )
         return report
 

@@ -801,10 +801,11 @@ def _compact(args: argparse.Namespace) -> int:
     with _opened(args, write=True, **options) as cache:
         if args.recompress:
             done = cache.recompress()
+            kept = f"; {done.kept} kept as they were (no smaller)" if done.kept else ""
             damaged = f"; {done.damaged} damaged left for `check --repair`" if done.damaged else ""
             print(
                 f"recompressed {done.rewritten} entries ({cache.stats().compression}): "
-                f"{_bytes(done.before)} -> {_bytes(done.after)} stored{damaged}"
+                f"{_bytes(done.before)} -> {_bytes(done.after)} stored{kept}{damaged}"
             )
         before, after = cache.compact()
     print(f"compacted {cache.path}: {_bytes(before)} -> {_bytes(after)}")
