@@ -1,19 +1,20 @@
 """Cut a call short at each of its steps in turn with a signal whose handler raises (an
 alarm's timeout), and check what is left.
 
-    python -m tests.cut_short PATH FUNCTION CALL [ROUNDS]
+    python -m tests.cut_short PATH FUNCTION[+c] CALL [ROUNDS]
 
 Each round makes `CALL` (one of `CALLS`) on a cache at PATH and sends this process
 SIGALRM, whose handler raises `Interrupted`, at one return inside the first `FUNCTION`
-it runs (a frame of that name): the first return in the first round, the second in the
-next, and so on, until a round's `FUNCTION` returns fewer times (every step had its
-turn) or ROUNDS (default 400) have run. Python's tracing gives those returns,
-`Condition.__enter__` returning with its lock taken included; the handler runs at once,
-or where the signal was held, once it is let through. After each round the same cache
-object (a new one after `open` and `close`) must write, read back and flush, have an
-idle snapshot ended by the reaper (so that the log can start over), close, fork a child,
-and open again with every flushed write. Prints `points problems`, and each problem on
-a line of its own. Hangs where a lock was left taken: run it with a timeout.
+it runs (a frame of that name; with `+c`, returns from C functions count too): the first
+return in the first round, the second in the next, and so on, until a round's `FUNCTION`
+returns fewer times (every step had its turn) or ROUNDS (default 400) have run.
+Python's tracing gives those returns, `Condition.__enter__` returning with its lock taken
+included; the handler runs at once, or where the signal was held, once it is let through.
+After each round the same cache object (a new one after `open` and `close`) must write,
+read back and flush, have an idle snapshot ended by the reaper (so that the log can start
+over), close, fork a child, and open again with every flushed write. Prints `points
+problems`, and each problem on a line of its own. Hangs where a lock was left taken: run
+it with a timeout.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ class Interrupted(Exception):
 
 
 class Sweep:
-    """Sends SIGALRM at the `at`-th return inside the next frame named `function`."""
+    """Sends SIGALRM at the `at`-th return inside the next frame named `function` (with
+    `c_calls`, returns from C functions too: a signal that arrives during one is handled
+    as it returns, before its result is stored)."""
 
-    def __init__(self, function: str) -> None:
+    def __init__(self, function: str, *, c_calls: bool = False) -> None:
         self.function = function
+        self.c_calls = c_calls
         self.at = 0
         self.seen = 0
         self.inside: FrameType | None = None
@@ -51,7 +55,32 @@ class Sweep:
         self.at += 1
         self.seen = 0
         self.inside = None
-        sys.settrace(self._call)
+        if self.c_calls:
+            sys.setprofile(self._profile)
+        else:
+            sys.settrace(self._call)
+
+    def disarm(self) -> None:
+        sys.settrace(None)
+        sys.setprofile(None)
+
+    def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
+        if self.inside is None:
+            if event == "call" and frame.f_code.co_name == self.function:
+                self.inside = frame
+        elif event == "return" and frame is self.inside:
+            self._return(frame, event, arg)
+        elif event in ("return", "c_return"):
+            self._step(frame if event == "return" else None, frame)
+
+    def _step(self, returning: FrameType | None, frame: FrameType) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            code = frame.f_code
+            what = code.co_name if returning is not None else "a C call in " + code.co_name
+            self.where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {what}"
+            self.disarm()
+            os.kill(os.getpid(), signal.SIGALRM)  # (its handler raises here, if let through)
 
     def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
         if self.inside is not None:
@@ -67,14 +96,9 @@ class Sweep:
         if frame is self.inside:
             self.done = self.seen < self.at  # every return in it had its turn
             self.inside = None
-            sys.settrace(None)
+            self.disarm()
             return None
-        self.seen += 1
-        if self.seen == self.at:
-            code = frame.f_code
-            self.where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
-            sys.settrace(None)
-            os.kill(os.getpid(), signal.SIGALRM)  # (its handler raises here, if let through)
+        self._step(frame, frame)
         return self._return
 
 
@@ -128,7 +152,7 @@ def ring(signum: int, frame: FrameType | None) -> None:
 
 def main(path: str, function: str, call: str, rounds: int) -> int:
     signal.signal(signal.SIGALRM, ring)
-    sweep = Sweep(function)
+    sweep = Sweep(function.removesuffix("+c"), c_calls=function.endswith("+c"))
     problems = 0
 
     def problem(*what: object) -> None:
@@ -155,7 +179,7 @@ def main(path: str, function: str, call: str, rounds: int) -> int:
         except BaseException as error:  # anything but the handler's own exception
             problem("raised", repr(error), traceback.format_exc(limit=-4))
         finally:
-            sys.settrace(None)
+            sweep.disarm()
         kept = [b"flushed %d" % i, b"queued %d" % i, b"cut %d" % i]
         try:
             if call in ("open", "close"):

@@ -273,6 +273,58 @@ def test_an_alarm_at_any_step_of_a_call_leaves_every_lock_and_thread_usable(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
 
+#: A forked child's first read opens its connection; an alarm cuts it short at each step
+#: in turn (C calls included: a signal that arrives during one is handled as it returns),
+#: one child a step, and the child must read again. Prints the steps; exits 1 at a failure.
+ALARM_AS_A_CHILD_OPENS_ITS_CONNECTION = textwrap.dedent(
+    """
+    import os, signal, sys
+    from tests.cut_short import FP, Interrupted, Sweep, key, ring
+    from vyre_sqlcache import PipelineCache
+    signal.signal(signal.SIGALRM, ring)
+    cache = PipelineCache.open(sys.argv[1])
+    cache.put(key(1), FP, b"kept")
+    cache.flush()
+    sweep = Sweep("main", c_calls=True)
+    for step in range(1, 3000):
+        pid = os.fork()
+        if pid == 0:
+            sweep.at = step - 1
+            sweep.arm()
+            try:
+                cache.get(key(1), FP)
+            except Interrupted:
+                pass
+            finally:
+                sweep.disarm()
+            if sweep.done:
+                os._exit(3)
+            try:
+                got = cache.get(key(1), FP)
+            except BaseException as error:
+                print("step", step, sweep.where, repr(error), flush=True)
+                os._exit(1)
+            os._exit(0 if got == b"kept" else 2)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 3:
+            break
+        if code:
+            print("step", step, "exit", code, flush=True)
+            sys.exit(1)
+    print(step - 1, "steps")
+    """
+)
+
+
+def test_an_alarm_as_a_connection_opens_leaves_it_usable(tmp_path: Path) -> None:
+    # Landing as the connection's cursor was made, after the connection was kept: every
+    # later read of the object raised AssertionError (a probe's storm of alarms: 7,561).
+    result = run_script(ALARM_AS_A_CHILD_OPENS_ITS_CONNECTION, str(tmp_path / "c.sqlite3"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert int(result.stdout.split()[-2]) > 50  # (the sweep reached the connection's opening)
+
+
 #: A read whose entry an alarm cuts short right after the slot is marked busy (as
 #: `enter_held` asks for the change counter), then the thread idles, as an application
 #: that caught its timeout does. Prints whether the log could start over at once (the

@@ -697,8 +697,11 @@ class ConnectionPool:
         if slot.held_since:
             self.release(slot)
         if slot.main is None:
-            slot.main = self._open(slot, mmap=True)
-            slot.cursor = slot.main.cursor()
+            # The cursor first: an exception landing between the two (an alarm's, handled
+            # as a C call returns) must not leave a connection without its cursor.
+            main = self._open(slot, mmap=True)
+            slot.cursor = main.cursor()
+            slot.main = main
         return slot.main
 
     def cursor(self, slot: Slot) -> apsw.Cursor:
