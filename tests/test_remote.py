@@ -27,7 +27,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from benchmarks.corpus import DEFAULT_TARBALL, unpack
-from tests.helpers import forget_missing_redis_warning, remote_decode, remote_header, remote_value
+from tests.helpers import (
+    forget_missing_redis_warning,
+    remote_decode,
+    remote_header,
+    remote_value,
+    run_script,
+)
 from tests.redis_server import RedisServer, free_port
 from vyre_sqlcache import (
     DeviceFingerprint,
@@ -663,11 +669,25 @@ def test_remote_variables_are_read() -> None:
         ({"timeout_s": 0}, "timeout_s"),
         ({"max_blob_bytes": 0}, "max_blob_bytes"),
         ({"queue_entries": 0}, "queue_entries"),
+        ({"prefix": ""}, "prefix must be text of 1 to 200 characters, got ''"),
     ],
 )
 def test_remote_settings_are_validated(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RemoteSettings("redis://127.0.0.1:6379/0", **fields)
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_blank_remote_variables_count_as_unset(blank: str) -> None:
+    # A blank prefix gave bare-hex names, which `remote rm --all` then took for ours
+    # (another application's sha256-named key was deleted); a blank key raised.
+    env = {
+        "VYRE_SQLCACHE_REMOTE": "redis://127.0.0.1:1/0",
+        "VYRE_SQLCACHE_REMOTE_PREFIX": blank,
+        "VYRE_SQLCACHE_REMOTE_KEY": blank,
+    }
+    remote = Settings.from_environment(env).remote
+    assert remote is not None and (remote.prefix, remote.key) == (PREFIX, None)
 
 
 def test_without_redis_py_an_argument_raises_and_the_environment_warns_once(
@@ -732,6 +752,53 @@ def test_cli_remote_ping_ls_rm_and_info(
     assert "VYRE_SQLCACHE_REMOTE" in capsys.readouterr().err
     dead = f"redis://127.0.0.1:{free_port()}/0"
     assert main(["remote", "ping", "--url", dead]) == 1
+
+
+def test_cli_remote_rm_all_with_a_url_keeps_to_the_environments_prefix(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With --url and no VYRE_SQLCACHE_REMOTE, the prefix variable was ignored: the default
+    # prefix's entries (another team's) were deleted and the team's own kept.
+    client = redis_server.client()
+    ours, theirs = "team-a:" + "cc" * 32, PREFIX + "bb" * 32
+    client.set(ours, b"x")
+    client.set(theirs, b"y")
+    monkeypatch.delenv("VYRE_SQLCACHE_REMOTE", raising=False)
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE_PREFIX", "team-a:")
+    assert main(["remote", "ls", "--url", redis_server.url]) == 0
+    assert capsys.readouterr().out.split() == ["cc" * 32, "1"]
+    assert main(["remote", "rm", "--all", "--yes", "--url", redis_server.url]) == 0
+    assert "1 entries deleted" in capsys.readouterr().out
+    assert (client.exists(ours), client.exists(theirs)) == (0, 1)
+
+
+def test_a_prefix_is_matched_as_written_not_as_a_pattern(redis_server: RedisServer) -> None:
+    # `ci?:` listed (and `rm --all` would have deleted) the entries of `ci1:`.
+    client = redis_server.client()
+    for prefix, fill in (("ci1:", "11"), ("ci?:", "22"), ("c[i]*:", "33"), ("ci\\:", "44")):
+        client.set(prefix + fill * 32, b"v")
+    for prefix, fill in (("ci?:", "22"), ("c[i]*:", "33"), ("ci\\:", "44")):
+        tier = RemoteTier(RemoteSettings(redis_server.url, prefix=prefix))
+        try:
+            assert list(tier.scan()) == [(bytes.fromhex(fill * 32), 1)]
+        finally:
+            tier.close()
+
+
+def test_remote_ls_pages_through_many_entries(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    pipe = client.pipeline(transaction=False)
+    names = {i.to_bytes(32, "big") for i in range(2500)}
+    for name in names:
+        pipe.set(PREFIX + name.hex(), b"12345")
+    pipe.execute()
+    tier = RemoteTier(RemoteSettings(redis_server.url))
+    try:
+        found = list(tier.scan())
+    finally:
+        tier.close()
+    assert len(found) == len(names) and {k for k, _ in found} == names
+    assert {size for _, size in found} == {5}
 
 
 def test_remote_tier_is_a_public_client(redis_server: RedisServer) -> None:
@@ -958,6 +1025,70 @@ def test_a_full_server_refusing_uploads_still_serves_reads(
         assert found == [d * 64 for d in digests]
         oom = [r for r in caplog.records if "OOM" in r.getMessage()]
         assert len(oom) == 1
+
+
+#: An alarm whose handler raises, at each step of a remote read in turn (C calls included),
+#: then a read of another key, which must be a hit with its own bytes. Prints: steps, how
+#: many raised, how many were swallowed (a miss instead), errors, refused values, and the
+#: connections the server has at the end.
+ALARM_AT_EACH_STEP_OF_A_REMOTE_READ = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import redis
+    from tests.cut_short import FP, Interrupted, Sweep, ring
+    from vyre_sqlcache import PipelineCache, RemoteSettings
+    url, folder = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGALRM, ring)
+    digests = [i.to_bytes(32, "big") for i in range(1, 3001)]
+    with PipelineCache.open(os.path.join(folder, "a.sqlite3"), remote=url) as a:
+        for start in range(0, len(digests), 500):
+            a.write_many([(d, d * 4) for d in digests[start : start + 500]], FP)
+            a.flush()
+            while a.stats().remote.uploads < start + 500:
+                time.sleep(0.01)
+    b = PipelineCache.open(
+        os.path.join(folder, "b.sqlite3"), remote=RemoteSettings(url, mode="read-only")
+    )
+    sweep = Sweep("_guarded", c_calls=True)
+    raised = swallowed = 0
+    step = 0
+    while not sweep.done and step < 1400:
+        step += 1
+        sweep.arm()
+        try:
+            got = b.read(digests[step], FP)
+            if got is None and sweep.where:
+                swallowed += 1
+        except Interrupted:
+            raised += 1
+        finally:
+            sweep.disarm()
+        again = digests[-step]  # another key: its reply must be its own
+        if b.read(again, FP) != again * 4:
+            print("step", step, sweep.where, "then a miss", b.stats().remote, flush=True)
+            sys.exit(1)
+    remote = b.stats().remote
+    clients = len(redis.Redis.from_url(url).client_list())
+    print(step, raised, swallowed, remote.errors, remote.rejected, clients)
+    b.close()
+    """
+)
+
+
+def test_an_alarm_at_any_step_of_a_remote_read_is_raised_and_leaves_the_tier_sound(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Landing between redis-py sending a GET and reading its reply, it left the reply on
+    # the connection for the next GET (another entry's value: refused, a miss); landing
+    # before redis-py took the connection back, it left the connection taken (100 such and
+    # the tier was dead for the life of the object); and an application's exception (a
+    # timeout's, raised by its signal handler) was swallowed as a remote error.
+    result = run_script(ALARM_AT_EACH_STEP_OF_A_REMOTE_READ, redis_server.url, str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    steps, raised, swallowed, errors, rejected, clients = map(int, result.stdout.split()[-6:])
+    assert steps > 100 and raised > 100
+    assert (swallowed, errors, rejected) == (0, 0, 0)
+    assert clients <= 3
 
 
 def test_ctrl_c_during_a_probe_leaves_the_breaker_able_to_close(

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import signal
 import threading
 import time
 import weakref
@@ -245,9 +247,7 @@ class RemoteTier:
                     misses[i] = blob
                 return misses
         names = [self.name(key) for key in entry_keys]
-        values = self._guarded(
-            "reading", lambda c: c.mget(names) if len(names) > 1 else [c.get(names[0])]
-        )
+        values = self._guarded("reading", lambda c: _values(c, names))
         if values is None:
             return misses
         found: list[bytes | None] = []
@@ -460,8 +460,10 @@ class RemoteTier:
         if checked and not self._breaker.allow():
             return None
         redis = _redis()
+        client = None
         try:
-            result = call(self._client_now(kind))
+            client = self._client_now(kind)
+            result = call(client)
         except redis.exceptions.TimeoutError as error:
             self._failed(what, "timeouts", error, at_once=True)
             return None
@@ -494,13 +496,27 @@ class RemoteTier:
             self._failed(what, "errors", error, at_once=once, once=once)
             return None
         except Exception as error:  # never fatal: a cache may only miss
+            self._drop_client(kind, client)
+            if _from_a_signal_handler(error):
+                self._breaker.abandon()  # the application's (a timeout's), not the server's
+                raise
             self._failed(what, "errors", error, at_once=False)
             return None
         except BaseException:
+            self._drop_client(kind, client)
             self._breaker.abandon()  # Ctrl-C: the probe, if this was one, never answered
             raise
         self._breaker.succeeded()
         return result
+
+    def _drop_client(self, kind: str, client: Any) -> None:
+        """Make the next call of `kind` use a new client: an exception that is not the
+        server's answer may have landed between redis-py sending a command and reading
+        its reply (which the connection, back in its pool, would give the next command)
+        or before it took the connection back (100 such, and the pool had none left)."""
+        with self._client_lock:
+            if client is not None and self._clients.get(kind) is client:
+                del self._clients[kind]  # (closed when the last call using it ends)
 
     def _failed(
         self, what: str, counter: str, error: BaseException, *, at_once: bool, once: bool = False
@@ -559,26 +575,37 @@ class RemoteTier:
         return time.perf_counter() - start
 
     def scan(self) -> Iterator[tuple[bytes, int]]:
-        """(entry key, value bytes) of every entry under this prefix; raises CacheError."""
-        pattern = self.settings.prefix.replace("\\", "\\\\").replace("*", "\\*") + "*"
-        names: list[bytes] = self._direct(lambda c: list(c.scan_iter(match=pattern, count=1000)))
-        skip = len(self.settings.prefix.encode())
-        for start in range(0, len(names), 1000):
-            chunk = names[start : start + 1000]
+        """(entry key, value bytes) of every entry under this prefix, a page of SCAN at a
+        time; raises CacheError."""
+        # Every character the server's glob gives a meaning to is escaped: a prefix
+        # `ci?:` matched `ci1:`'s entries.
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", self.settings.prefix) + "*"
+        prefix = self.settings.prefix.encode()
+        cursor = 0
+        while True:
 
-            def sizes(client: Any, chunk: list[bytes] = chunk) -> list[int]:
+            def page(client: Any, at: int = cursor) -> tuple[int, list[bytes]]:
+                found = client.scan(at, match=pattern, count=1000)
+                return int(found[0]), list(found[1])
+
+            cursor, names = self._direct(page)
+            names = [name for name in names if name.startswith(prefix)]
+
+            def sizes(client: Any, chunk: list[bytes] = names) -> list[int]:
                 pipe = client.pipeline(transaction=False)
                 for name in chunk:
                     pipe.strlen(name)
                 return [int(size) for size in pipe.execute()]
 
-            for name, size in zip(chunk, self._direct(sizes), strict=True):
+            for name, size in zip(names, self._direct(sizes) if names else [], strict=True):
                 try:
-                    entry_key = bytes.fromhex(name[skip:].decode("ascii"))
+                    entry_key = bytes.fromhex(name[len(prefix) :].decode("ascii"))
                 except ValueError:
                     continue  # not one of ours
                 if len(entry_key) == 32:
                     yield entry_key, size
+            if not cursor:
+                return
 
     def delete(self, entry_keys: Sequence[bytes]) -> int:
         """Delete these entries from the remote; how many were there. Raises CacheError."""
@@ -592,6 +619,37 @@ class RemoteTier:
         # The parent sends its own queue on its own socket; the child starts afresh.
         self._reset()
         self._breaker.reset_after_fork()
+
+
+def _values(client: Any, names: list[str]) -> list[bytes | None]:
+    """The values of these Redis keys, in one round trip; raises redis' InvalidResponse
+    for a reply of another shape (another command's, left on the connection)."""
+    values = client.mget(names) if len(names) > 1 else [client.get(names[0])]
+    if not isinstance(values, list) or len(values) != len(names):
+        raise _redis().exceptions.InvalidResponse(f"a reply of another shape: {values!r:.80}")
+    if not all(value is None or isinstance(value, bytes) for value in values):
+        raise _redis().exceptions.InvalidResponse("a reply holding values that are not strings")
+    return values
+
+
+def _from_a_signal_handler(error: BaseException) -> bool:
+    """Whether `error` came out of a Python signal handler (an application's timeout that
+    interrupted a remote call): it is the application's to see, not a remote error."""
+    handlers = set()
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (ValueError, OSError):
+            continue
+        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+        if code is not None:
+            handlers.add(code)
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code in handlers:
+            return True
+        trace = trace.tb_next
+    return False
 
 
 _tiers: weakref.WeakSet[RemoteTier] = weakref.WeakSet()

@@ -97,8 +97,12 @@ class RemoteSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"remote {name} must be a whole number from {low} to {high}")
-        if not isinstance(self.prefix, str) or len(self.prefix) > 200:
-            raise ValueError("remote prefix must be text of at most 200 characters")
+        if not isinstance(self.prefix, str) or not 1 <= len(self.prefix) <= 200:
+            # Empty, the entries' names would be bare hex, which `remote rm --all` cannot
+            # tell from another application's keys.
+            raise ValueError(
+                f"remote prefix must be text of 1 to 200 characters, got {self.prefix!r:.80}"
+            )
 
     def __repr__(self) -> str:
         return f"RemoteSettings({self.where!r}, mode={self.mode!r}, signed={self.key is not None})"
@@ -158,7 +162,7 @@ def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
             raise ValueError(f"{ENV_REMOTE_MODE} must be one of {', '.join(MODES)}, got {mode!r}")
         values["mode"] = mode
     key = env.get(ENV_REMOTE_KEY)
-    if key:
+    if key is not None and key.strip():  # (blanks are unset, as for every variable)
         if len(key.encode()) < MIN_KEY_BYTES:
             raise ValueError(
                 f"{ENV_REMOTE_KEY} must be at least {MIN_KEY_BYTES} bytes (a long random "
@@ -184,7 +188,7 @@ def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
         if not 1 <= values["max_blob_bytes"] <= 64 << 20:
             raise ValueError(f"{ENV_REMOTE_MAX_BLOB} must be from 1 byte to 64M, got {size!r}")
     prefix = env.get(ENV_REMOTE_PREFIX)
-    if prefix is not None:
+    if prefix is not None and prefix.strip():
         values["prefix"] = prefix
     try:
         return RemoteSettings(**values)

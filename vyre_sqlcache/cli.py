@@ -438,13 +438,16 @@ def _info(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace) -> int:
     try:
-        configured = Settings.from_environment().remote
-        url = args.url or (None if configured is None else configured.url)
-        if url is None:
+        # The environment's settings (its prefix above all, which `rm --all` empties), with
+        # --url standing for VYRE_SQLCACHE_REMOTE.
+        env = dict(os.environ)
+        if args.url:
+            env["VYRE_SQLCACHE_REMOTE"] = args.url
+        configured = Settings.from_environment(env).remote
+        if configured is None:
             raise Failure("no remote: give --url redis://HOST:PORT/DB or set VYRE_SQLCACHE_REMOTE")
-        prefix = RemoteSettings(url).prefix if configured is None else configured.prefix
         # A command waits for answers: the cache's short read timeout is for hot paths.
-        tier = RemoteTier(RemoteSettings(url, prefix=prefix, timeout_s=5.0))
+        tier = RemoteTier(RemoteSettings(configured.url, prefix=configured.prefix, timeout_s=5.0))
     except (ValueError, ImportError) as error:
         raise Failure(str(error)) from error
     try:
