@@ -20,6 +20,7 @@ thread and no client (made again on first use); the parent keeps and sends its o
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import logging
 import os
@@ -196,6 +197,10 @@ class RemoteTier:
     def __init__(self, settings: RemoteSettings) -> None:
         """Check that redis-py is importable (ImportError naming the extra if not)."""
         _redis()
+        # Imported here, not by the upload thread's first connection (a host name is
+        # encoded with it): a fork while that import held its module lock left the lock
+        # taken in the child, whose every connection then waited for it for ever.
+        codecs.lookup("idna")
         self.settings = settings
         self._key = settings.key
         self._breaker = _Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
