@@ -684,6 +684,33 @@ def test_the_buffer_is_bounded_while_the_file_is_locked(
     assert logged == [fp.cache_key(d).hex() for d in reversed(digests[-10:])]
 
 
+def test_a_failed_write_keeps_the_newest_misses(cache_path: Path) -> None:
+    # Other threads refilled the buffer while its write failed: the rows put back pushed
+    # the newest misses out instead of being dropped as the oldest.
+    fp = DeviceFingerprint.from_parts(1, 2, "x")
+    PipelineCache.open(cache_path).close()
+    log = _explain.MissLog()
+    old = [i.to_bytes(32, "big") for i in range(10)]
+    new = [i.to_bytes(32, "big") for i in range(100, 100 + _explain.MISS_BUFFER)]
+    for key in old:
+        log.record("get", key, fp)
+    connection = apsw.Connection(str(cache_path))
+
+    def refill_then_fail(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        for key in new:
+            log.record("get", key, fp)
+        return False  # the statement is aborted: the write fails
+
+    connection.exec_trace = refill_then_fail
+    with pytest.raises(apsw.ExecTraceAbort):
+        log.write(connection)
+    connection.exec_trace = None
+    log.write(connection)
+    connection.close()
+    logged = [bytes(k) for (k,) in rows(cache_path, "SELECT entry_key FROM misses ORDER BY seq")]
+    assert logged == new
+
+
 def test_a_due_buffer_is_written_by_a_miss(cache_path: Path) -> None:
     fp = DeviceFingerprint.from_parts(1, 2, "x")
     with PipelineCache.open(cache_path, log_misses=True) as cache:

@@ -343,7 +343,11 @@ class MissLog:
             _explain_sql.record_misses(connection, rows)
         except BaseException:
             with self._lock:
-                self._rows.extendleft(reversed(rows[-(MISS_BUFFER - len(self._rows)) :]))
+                # Back in front of what was missed meanwhile, as far as there is room: the
+                # oldest are the ones dropped (a full deque drops from the far end).
+                room = MISS_BUFFER - len(self._rows)
+                if room > 0:
+                    self._rows.extendleft(reversed(rows[-room:]))
             raise
 
     def _after_fork_in_child(self) -> None:
