@@ -8,11 +8,13 @@ and `compile_like_triton` makes them in the same order with a kernel's real file
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -517,27 +519,54 @@ def test_a_stored_kernel_whose_file_cannot_be_written_out_is_a_miss(
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a tmpfs")
-def test_a_full_folder_of_written_out_files_is_a_miss(
-    env: Path, kernels: list[Kernel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("room", ["small from the start", "filled meanwhile"])
+def test_a_small_or_full_folder_of_written_out_files_gives_way_to_the_temporary_folder(
+    env: Path,
+    kernels: list[Kernel],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    room: str,
 ) -> None:
-    # The folder files are written out to is small (a container's 64 MB /dev/shm): a
-    # full one made get_group raise ENOSPC into Triton's compile.
-    key, metadata, files = kernels[0]
-    compile_like_triton(key, metadata, files)
-    fresh_triton_process()
+    # The folder files are written out to is memory-backed, and a container's /dev/shm
+    # is 64 MB: once full, `put` raised ENOSPC into Triton's compile, and the part it had
+    # written stayed behind (get_group had made a full folder a miss, every time).
+    disk = tmp_path / "tmp"
+    disk.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
     small = tmp_path / "small"
     small.mkdir()
+    size = "8m" if room == "small from the start" else f"{(vt.MIN_FREE_MEMORY_BYTES >> 20) + 8}m"
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(small))
+    caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
     try:
-        (small / "filler").write_bytes(b"\0" * (60 << 10))
-        monkeypatch.setenv("XDG_RUNTIME_DIR", str(small))
-        manager = vt.CacheManager(key)
-        assert manager.get_group(metadata) is None
-        assert manager.get_file(next(iter(files))) is None
+        if room == "filled meanwhile":
+            key, metadata, files = kernels[0]
+            assert not compile_like_triton(key, metadata, files)
+            assert vt.materialised_folder().parent.parent == small
+            fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+                os.posix_fallocate(fd, 0, free - (64 << 10))
+            finally:
+                os.close(fd)
+        for key, metadata, files in kernels:
+            compile_like_triton(key, metadata, files)  # raises nothing; checks every file
+        if room == "filled meanwhile":
+            assert vt.materialised_folder().parent.parent == disk
+        else:  # passed over for /dev/shm or the temporary folder
+            assert small not in vt.materialised_folder().parents
+        fresh_triton_process()
+        assert all(compile_like_triton(key, metadata, files) for key, metadata, files in kernels)
+        left = [p for p in [*small.rglob("*"), *disk.rglob("*")] if ".tmp." in p.name]
+        assert left == []
+        moved = [r for r in caplog.records if "from now on" in r.getMessage()]
+        assert len(moved) == (room == "filled meanwhile")
     finally:
         fresh_triton_process()
         subprocess.run(["umount", "-l", str(small)], capture_output=True)

@@ -87,14 +87,31 @@ def _root_name() -> str:
     return f"vyre-sqlcache-triton-{os.getuid()}"
 
 
-def _private_root() -> Path:
+#: A memory-backed folder with less room than this is passed over for the temporary
+#: folder: Docker gives a container a /dev/shm of 64 MiB, which a process's kernels fill.
+MIN_FREE_MEMORY_BYTES = 128 << 20
+
+
+def _free_bytes(folder: str) -> int:
+    try:
+        found = os.statvfs(folder)
+    except OSError:
+        return 0
+    return found.f_bavail * found.f_frsize
+
+
+def _private_root(*, memory: bool = True) -> Path:
     """The folder that holds every process's folder: in `$XDG_RUNTIME_DIR`, else
-    `/dev/shm`, else the temporary folder (memory-backed where possible: the files are
-    a per-process copy, never the cache). Made 0700 and checked to be ours, so another
+    `/dev/shm` (with `MIN_FREE_MEMORY_BYTES` free), else the temporary folder
+    (memory-backed where possible: the files are a per-process copy, never the cache;
+    not `memory`: the temporary folder). Made 0700 and checked to be ours, so another
     user cannot plant it; if it is not ours, a fresh private temporary folder."""
-    bases = [os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm", tempfile.gettempdir()]
+    disk = tempfile.gettempdir()
+    bases = [os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm", disk] if memory else [disk]
     for base in bases:
         if not base or not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+            continue
+        if base != disk and _free_bytes(base) < MIN_FREE_MEMORY_BYTES:
             continue
         root = Path(base) / _root_name()
         with contextlib.suppress(FileExistsError):
@@ -182,6 +199,10 @@ class _Process:
         #: files held by live managers, stored at exit if no group claimed them
         self.orphans: dict[int, weakref.finalize[Any, Any]] = {}
         self.exit_registered = False
+        #: folders left for one on disk once theirs was full: (folder, lock, owner pid),
+        #: removed at exit (the paths handed out in them stay good until then)
+        self.retired: list[tuple[Path, int | None, int]] = []
+        self.on_disk = False
 
     # -- the cache ------------------------------------------------------------------
 
@@ -247,8 +268,8 @@ class _Process:
                 os.environ["TRITON_CACHE_DIR"] = str(self.folder)
             return self.folder
 
-    def make_folder(self) -> Path:
-        root = _private_root()
+    def make_folder(self, *, memory: bool = True) -> Path:
+        root = _private_root(memory=memory)
         folder = root / f"{os.getpid()}-{secrets.token_hex(4)}"
         folder.mkdir(mode=0o700)
         fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -259,7 +280,37 @@ class _Process:
         _sweep(root, keep=folder)
         return folder
 
+    def move_to_disk(self, error: OSError) -> bool:
+        """Go on in a new folder in the temporary folder once this one is full (a small
+        memory-backed one); whether there was one to go to."""
+        with self.lock:
+            if self.on_disk:
+                return False
+            self.on_disk = True
+            if self.folder is not None:
+                self.retired.append((self.folder, self.lock_fd, self.owner_pid))
+                self.lock_fd = None
+            old = self.folder
+            self.folder = self.make_folder(memory=False)
+            if old is not None and os.environ.get("TRITON_CACHE_DIR") == str(old):
+                os.environ["TRITON_CACHE_DIR"] = str(self.folder)
+            log.warning(
+                "vyre-sqlcache: writing Triton's files out to %s failed (%s); they go to %s "
+                "from now on",
+                old,
+                error,
+                self.folder,
+            )
+            return True
+
     def remove_folder(self) -> None:
+        for folder, fd, owner in self.retired:
+            if owner == os.getpid():
+                shutil.rmtree(folder, ignore_errors=True)
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        self.retired = []
         if self.folder is not None and self.owner_pid == os.getpid():
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
@@ -274,10 +325,13 @@ class _Process:
         `TRITON_CACHE_DIR`, or makes its own. The cache object stays: the library
         reopens its connections in the child."""
         self.lock = threading.RLock()
-        if self.lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.lock_fd)  # the parent still holds the lock
+        for fd in [self.lock_fd, *(fd for _, fd, _ in self.retired)]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # the parent still holds the lock
         self.lock_fd = None
+        self.retired = []
+        self.on_disk = False
         self.folder = None
         self.files = {}
         self.groups = {}
@@ -290,9 +344,11 @@ class _Process:
         rename); unless `replace`, a file already there is kept (whoever wrote it wrote
         the same bytes: every file under a key is made from that key)."""
         _plain("file name", name)
-        for attempt in range(2):
+        remade = False
+        while True:
             folder = self.folder_now() / key
             path = folder / name
+            temporary: Path | None = None
             try:
                 if not replace and path.exists():
                     return str(path)
@@ -304,11 +360,17 @@ class _Process:
                 return str(path)
             except FileNotFoundError:
                 # The folder went away (its owner ended): make our own, once.
-                if attempt:
+                if remade:
                     raise
+                remade = True
                 with self.lock:
                     self.folder = None
-        raise AssertionError("unreachable")
+            except OSError as error:
+                if temporary is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temporary)  # (a part written into a full folder)
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.move_to_disk(error):
+                    raise
 
 
 _PROCESS = _Process()
