@@ -261,6 +261,11 @@ CUT_SHORT = "import sys\nfrom tests.cut_short import main\nsys.exit(main(*sys.ar
         ("stats", "stats"),
         ("_start", "workload"),  # waking the checkpoint thread
         ("watch", "workload"),  # waking the snapshot reaper
+        # and as a C function returns (a signal arriving during it is handled then)
+        ("close+c", "close"),
+        ("flush+c", "flush"),
+        ("get_many+c", "get_many"),
+        ("delete+c", "delete"),
     ],
 )
 def test_an_alarm_at_any_step_of_a_call_leaves_every_lock_and_thread_usable(
