@@ -1010,6 +1010,21 @@ def test_dictionaries_of_many_scopes_share_an_eighth_of_the_cap(path: Path) -> N
     assert held["auto"] > 2 * held["off"]
 
 
+def test_a_group_that_trains_a_dictionary_stays_under_the_cap(path: Path) -> None:
+    # A group of writes near the cap's size kept what fitted beside the dictionaries it
+    # found, then trained another in the same transaction: 12 KB over the cap (seen in CI).
+    cap = 1 << 20
+    with open_cache(path, max_bytes=cap) as cache:
+        for device in range(3):
+            fp = DeviceFingerprint.from_parts(0x10DE, device, "550.54.14")
+            first = device * 1000
+            blobs = [(digest(i), kernel_text(i, 16 * 1024)) for i in range(first, first + 250)]
+            cache.write_many(blobs, fp)
+            stats = cache.stats()
+            assert stats.stored_bytes + stats.dictionary_bytes <= cap
+            assert cache.read(*blobs[-1][:1], fp) == blobs[-1][1]
+
+
 def test_dictionaries_over_the_cap_of_an_older_file_make_way(path: Path) -> None:
     # Without a cap every scope keeps its dictionary; under a cap set later, they may
     # take more than the cap allows, and the entries that use them are evicted first.

@@ -578,7 +578,9 @@ def insert(
     ]
     evicted = 0
     if cap is not None:
-        entries, encoded, evicted = _newest_that_fit(connection, entries, encoded, cap)
+        entries, encoded, evicted = _newest_that_fit(
+            connection, entries, encoded, cap, trains=codec is not None
+        )
         if not entries:
             return evicted
     ids = array("q", (entry.rowid for entry in entries))
@@ -604,7 +606,9 @@ def insert(
             for scope, count in written.items()
         ]
         if cap is not None and any(trained):
-            evicted += make_room(connection, ids, 0, cap)  # the cap counts dictionaries too
+            # The cap counts dictionaries too; the group is in place now (passed as
+            # `ids`, its rows counted as replaced by nothing, it made room for none).
+            evicted += make_room(connection, array("q"), 0, cap, keep=ids)
     return evicted
 
 
@@ -614,7 +618,11 @@ def _by_rowid(params: tuple[tuple[Any, ...], tuple[Any, ...]]) -> int:
 
 
 def _newest_that_fit(
-    connection: apsw.Connection, entries: list[NewEntry], encoded: list[Encoded], cap: int
+    connection: apsw.Connection,
+    entries: list[NewEntry],
+    encoded: list[Encoded],
+    cap: int,
+    trains: bool,
 ) -> tuple[list[NewEntry], list[Encoded], int]:
     """The newest of `entries` that fit under `cap` together, and how many of the others
     were evicted at once.
@@ -624,8 +632,12 @@ def _newest_that_fit(
     evicted, any earlier version in the file with them (never kept as stale bytes).
     """
     # Dictionaries may take their share of the cap (more only in a file written without
-    # this cap, where eviction then drops those no entry uses: see `make_room`).
-    cap -= min(totals_value(connection, "dictionary_bytes"), cap // _codec.DICTIONARY_SHARE)
+    # this cap, where eviction then drops those no entry uses: see `make_room`); where
+    # this group may train one (`trains`), the whole share, as it is trained after the
+    # group is stored (a group that filled the rest went over the cap by the new one).
+    share = cap // _codec.DICTIONARY_SHARE
+    dictionaries = min(totals_value(connection, "dictionary_bytes"), share)
+    cap -= share if trains and cap >= _codec.MIN_CAP_FOR_DICTIONARY else dictionaries
     if sum(len(e.data) for e in encoded) <= cap:
         return entries, encoded, 0
     kept: list[int] = []
@@ -660,9 +672,15 @@ def _newest_that_fit(
     return [entries[i] for i in kept], [encoded[i] for i in kept], len(dropped)
 
 
-def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: int) -> int:
+def make_room(
+    connection: apsw.Connection,
+    ids: array[int],
+    incoming: int,
+    cap: int,
+    keep: Iterable[int] = (),
+) -> int:
     """Evict so that inserting `incoming` stored bytes under row `ids` keeps the stored
-    bytes (blobs as stored, and dictionaries) under `cap`.
+    bytes (blobs as stored, and dictionaries) under `cap`, never evicting `keep`.
 
     Returns how many entries were evicted.
     """
@@ -682,7 +700,7 @@ def make_room(connection: apsw.Connection, ids: array[int], incoming: int, cap: 
     excess = total - replaced + incoming - cap
     if excess <= 0:
         return 0
-    evicted = evict(connection, excess + int(cap * EVICTION_SLACK), keep=set(ids))
+    evicted = evict(connection, excess + int(cap * EVICTION_SLACK), keep={*ids, *keep})
     if stored_bytes(connection) - replaced + incoming > cap:
         # Entries alone could not make room: dictionaries trained without this cap (or
         # under a larger one) take more than their share; those no entry uses now go.
