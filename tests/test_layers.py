@@ -30,7 +30,13 @@ from vyre_sqlcache import (
 from vyre_sqlcache.config import ENV_LAYERS
 
 from .corpus_blobs import blobs
-from .helpers import back_to_schema, overwrite_page, schema_file, without_mask_copies
+from .helpers import (
+    back_to_schema,
+    overwrite_page,
+    run_script,
+    schema_file,
+    without_mask_copies,
+)
 
 Items = list[tuple[bytes, bytes]]
 
@@ -615,3 +621,59 @@ def test_a_layer_with_damaged_pages_reads_right_or_misses_and_warns_once(
     assert None in got and any(g is not None for g in got)
     failures = [r for r in caplog.records if "reading layer" in r.getMessage()]
     assert len(failures) == 1
+
+
+#: A layer bundled, read through a cache, then cut short in place by another path to the
+#: same file (argv[2]: the writable path; argv[1]: the one the cache reads, which a
+#: read-only bind mount may make immutable), and read again. Prints the hits after.
+LAYER_CUT_SHORT_IN_PLACE = textwrap.dedent(
+    """
+    import os, sys
+    from vyre_sqlcache import DeviceFingerprint, PipelineCache
+    fp = DeviceFingerprint.from_parts(0x10DE, 0x2684, "550.54.14")
+    seen, writable, folder = sys.argv[1:4]
+    with PipelineCache.open(os.path.join(folder, "u.sqlite3"), layers=[seen]) as cache:
+        before = sum(cache.read(bytes([i]) * 32, fp) is not None for i in range(100))
+        assert before == 100, before
+        os.truncate(writable, 4096)
+        after = [cache.read(bytes([i]) * 32, fp) for i in range(100)]
+        wrong = sum(a is not None and a != bytes([i]) * 20000 for i, a in enumerate(after))
+        print("after", sum(a is not None for a in after), "wrong", wrong)
+    """
+)
+
+
+def bundled_layer(folder: Path) -> Path:
+    with PipelineCache.open(folder / "ci.sqlite3") as ci:
+        fp = DeviceFingerprint.from_parts(0x10DE, 0x2684, "550.54.14")
+        ci.write_many([(bytes([i]) * 32, bytes([i]) * 20000) for i in range(100)], fp)
+        ci.flush()
+        ci.bundle(folder / "app.layer")
+    return folder / "app.layer"
+
+
+@pytest.mark.parametrize("where", ["a writable folder", "a read-only bind mount"])
+def test_a_layer_cut_short_in_place_is_a_miss_never_a_crash(tmp_path: Path, where: str) -> None:
+    # Read through a memory map, a layer truncated in place (`cp` of a smaller one over
+    # it) killed the process with SIGBUS: held in exclusive locking mode (as `bundle`
+    # writes layers), SQLite never looked at its size again; on a read-only mount it was
+    # opened immutable, yet the host could still change it.
+    source = tmp_path / "src"
+    source.mkdir()
+    layer = bundled_layer(source)
+    seen = layer
+    if where == "a read-only bind mount":
+        mounted = tmp_path / "ro"
+        mounted.mkdir()
+        bind = subprocess.run(["mount", "--bind", str(source), str(mounted)], capture_output=True)
+        if bind.returncode != 0:
+            pytest.skip(f"cannot bind-mount here: {bind.stderr!r}")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True)
+        seen = mounted / layer.name
+    try:
+        result = run_script(LAYER_CUT_SHORT_IN_PLACE, str(seen), str(layer), str(tmp_path))
+    finally:
+        if seen != layer:
+            subprocess.run(["umount", "-l", str(seen.parent)], capture_output=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split()[-2:] == ["wrong", "0"]  # (misses, or verified bytes)

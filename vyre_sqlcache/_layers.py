@@ -232,7 +232,7 @@ class Layer:
             readonly=True,
             query_only=True,
             immutable=self.file.immutable,
-            mmap=mmap and self.file.mappable,
+            mmap=mmap and _mappable(self.file),
             vfs=self._vfs,
             pool=self.pool,
         )
@@ -406,6 +406,19 @@ class Layers:
             layer.close()
 
 
+def _mappable(file: CacheFile) -> bool:
+    """Whether a layer may be read through a memory map: not where SQLite stops looking at
+    its size (opened immutable, or held in exclusive locking mode: a layer in
+    rollback-journal mode, as `bundle` writes them). A layer cut short in place (`cp` of a
+    smaller one over it; the host side of a read-only bind mount) then killed the process
+    with SIGBUS at the next read of a page past its new end; read with `pread`, that is a
+    damaged layer, a miss."""
+    if file.immutable or not file.mappable:
+        return False
+    head = read_head(file.path)
+    return head is not None and head[18:19] == b"\x02"
+
+
 def hold_shared_lock(connection: apsw.Connection, path: Path) -> None:
     """Keep the shared lock of a layer in rollback-journal mode (as `bundle` writes
     them) from the first read on, instead of taking and dropping it (two fcntl calls
@@ -464,7 +477,7 @@ def _open_layer(path: Path, seen: set[Path], vfs: str | None) -> Layer | None:
             readonly=True,
             query_only=True,
             immutable=file.immutable,
-            mmap=file.mappable,
+            mmap=_mappable(file),
             vfs=vfs,
         )
         hold_shared_lock(connection, file.path)
