@@ -677,3 +677,28 @@ def test_a_layer_cut_short_in_place_is_a_miss_never_a_crash(tmp_path: Path, wher
             subprocess.run(["umount", "-l", str(seen.parent)], capture_output=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split()[-2:] == ["wrong", "0"]  # (misses, or verified bytes)
+
+
+def test_cli_rm_reaches_a_layer_entry(
+    tmp_path: Path,
+    make_layer: Callable[..., Path],
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `rm` deleted only keys it found in the user's file: a layer's entry was "no entry"
+    # (status 1) and stayed served, though `delete_entries` reaches layers.
+    from vyre_sqlcache.cli import main
+
+    pairs = [(digest(n), b"layer %d" % n) for n in range(3)]
+    layer = make_layer("app.layer", pairs)
+    user = tmp_path / "user.sqlite3"
+    PipelineCache.open(user).close()
+    monkeypatch.setenv(ENV_LAYERS, str(layer))
+    key = fingerprint.cache_key(digest(1)).hex()
+    missing = os.urandom(32).hex()
+    assert main(["rm", "--path", str(user), key, missing]) == 1
+    out, err = capsys.readouterr()
+    assert "removed 1 entry" in out and missing in err and key not in err
+    with PipelineCache.open(user) as cache:
+        assert [cache.read(d, fingerprint) for d, _ in pairs] == [b"layer 0", None, b"layer 2"]

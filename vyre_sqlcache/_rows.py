@@ -578,9 +578,7 @@ def insert(
     ]
     evicted = 0
     if cap is not None:
-        entries, encoded, evicted = _newest_that_fit(
-            connection, entries, encoded, cap, trains=codec is not None
-        )
+        entries, encoded, evicted = _newest_that_fit(connection, entries, encoded, cap)
         if not entries:
             return evicted
     ids = array("q", (entry.rowid for entry in entries))
@@ -601,8 +599,9 @@ def insert(
     connection.executemany(_INSERT_BLOB, [p[1] for p in params])
     if codec is not None:
         written = Counter(entry.scope for entry in entries)
+        group = sum(len(e.data) for e in encoded)
         trained = [
-            _count_writes(connection, scope, count, states[scope], now_ms, cap)
+            _count_writes(connection, scope, count, states[scope], now_ms, cap, group)
             for scope, count in written.items()
         ]
         if cap is not None and any(trained):
@@ -622,7 +621,6 @@ def _newest_that_fit(
     entries: list[NewEntry],
     encoded: list[Encoded],
     cap: int,
-    trains: bool,
 ) -> tuple[list[NewEntry], list[Encoded], int]:
     """The newest of `entries` that fit under `cap` together, and how many of the others
     were evicted at once.
@@ -632,12 +630,8 @@ def _newest_that_fit(
     evicted, any earlier version in the file with them (never kept as stale bytes).
     """
     # Dictionaries may take their share of the cap (more only in a file written without
-    # this cap, where eviction then drops those no entry uses: see `make_room`); where
-    # this group may train one (`trains`), the whole share, as it is trained after the
-    # group is stored (a group that filled the rest went over the cap by the new one).
-    share = cap // _codec.DICTIONARY_SHARE
-    dictionaries = min(totals_value(connection, "dictionary_bytes"), share)
-    cap -= share if trains and cap >= _codec.MIN_CAP_FOR_DICTIONARY else dictionaries
+    # this cap, where eviction then drops those no entry uses: see `make_room`).
+    cap -= min(totals_value(connection, "dictionary_bytes"), cap // _codec.DICTIONARY_SHARE)
     if sum(len(e.data) for e in encoded) <= cap:
         return entries, encoded, 0
     kept: list[int] = []
@@ -994,6 +988,7 @@ def _count_writes(
     state: _ScopeState,
     now_ms: int,
     cap: int | None = None,
+    group: int = 0,
 ) -> bool:
     """Count `count` writes to `scope`; train its next dictionary when they are due (not
     under a `cap` too small for one: see `_codec.MIN_CAP_FOR_DICTIONARY`). Whether a
@@ -1024,7 +1019,8 @@ def _count_writes(
     # No room in the dictionaries' share of the cap counts as a training that gave none:
     # the next try waits as long (room may come as entries of other scopes leave).
     added = (
-        dictionary_room(connection, cap) and train_dictionary(connection, scope, now_ms) is not None
+        dictionary_room(connection, cap, beside=group)
+        and train_dictionary(connection, scope, now_ms) is not None
     )
     connection.execute("UPDATE meta SET value = 0 WHERE name = ?", (name,))
     if added:
@@ -1196,12 +1192,13 @@ def recompress(
     return rewritten
 
 
-def dictionary_room(connection: apsw.Connection, cap: int | None) -> bool:
+def dictionary_room(connection: apsw.Connection, cap: int | None, beside: int = 0) -> bool:
     """Whether one more dictionary fits in the share of `cap` that dictionaries may take
-    (`_codec.DICTIONARY_SHARE`), once those no entry needs any more are deleted."""
+    (`_codec.DICTIONARY_SHARE`), and beside the `beside` stored bytes of the group of
+    writes just stored (which eviction keeps), once those no entry needs are deleted."""
     if cap is None:
         return True
-    room = cap // _codec.DICTIONARY_SHARE - _codec.DICTIONARY_BYTES
+    room = min(cap // _codec.DICTIONARY_SHARE, cap - beside) - _codec.DICTIONARY_BYTES
     if totals_value(connection, "dictionary_bytes") <= room:
         return True
     # (A scan of every blob's dictionary id: only when the share is full, and a scope

@@ -633,6 +633,12 @@ def _rm(args: argparse.Namespace) -> int:
     with _opened(args, write=True) as cache:
         present = {row["entry_key"] for row in cache.entries(entry_keys=keys)}
         removed = cache.delete_entries([k for k in keys if k in present])
+        # The others may be in a read-only layer: deleting them there hides them (one
+        # key a call, to know which were found).
+        for key in keys:
+            if key not in present and cache.delete_entries([key]):
+                present.add(key)
+                removed += 1
         if removed:
             cache.flush()
     print(f"removed {removed} {'entry' if removed == 1 else 'entries'}")
