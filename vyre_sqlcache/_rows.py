@@ -605,8 +605,9 @@ def insert(
             for scope, count in written.items()
         ]
         if cap is not None and any(trained):
-            # The cap counts dictionaries too; the group is in place now (passed as
-            # `ids`, its rows counted as replaced by nothing, it made room for none).
+            # The cap counts dictionaries too. The group is in place now: kept, not
+            # passed as rows about to be replaced (their bytes were then subtracted as
+            # if gone, and the eviction came out too small).
             evicted += make_room(connection, array("q"), 0, cap, keep=ids)
     return evicted
 
