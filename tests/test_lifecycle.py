@@ -338,11 +338,8 @@ ALARM_IN_A_READS_ENTRY = textwrap.dedent(
     """
     import os, signal, sys, threading, time
     import apsw
+    from tests.cut_short import Interrupted, ring
     from vyre_sqlcache import DeviceFingerprint, PipelineCache
-    class Timeout(Exception):
-        pass
-    def ring(signum, frame):
-        raise Timeout()
     signal.signal(signal.SIGALRM, ring)
     fp = DeviceFingerprint.from_parts(1, 2, "entry")
     cache = PipelineCache.open(sys.argv[1])
@@ -359,7 +356,7 @@ ALARM_IN_A_READS_ENTRY = textwrap.dedent(
     sys.settrace(tracer)
     try:
         cache.read(b"\1" * 32, fp)
-    except Timeout:
+    except Interrupted:
         pass
     finally:
         sys.settrace(None)
