@@ -67,6 +67,17 @@ __all__ = [
     "vacuum",
 ]
 
+_getsignal: Callable[[int], Any]
+_setsignal: Callable[[int, Any], Any]
+try:
+    # The C functions under `signal`'s: those convert each handler to an enum through a
+    # ValueError for a function, 13 of the 16 µs a held block cost (every commit has one).
+    import _signal  # type: ignore[import-not-found]
+
+    _getsignal, _setsignal = _signal.getsignal, _signal.signal
+except ImportError:  # not CPython
+    _getsignal, _setsignal = signal.getsignal, signal.signal
+
 log = logging.getLogger("vyre_sqlcache")
 
 T = TypeVar("T")
@@ -232,8 +243,7 @@ class _Holder:
 
 
 #: The holder of the `interrupts_held` block of the main thread under way, if any
-#: (nested blocks, a commit inside a transaction, leave the handler to it: each swap
-#: costs about 10 µs).
+#: (nested blocks, a commit inside a transaction, leave the handler to it).
 _holder: _Holder | None = None
 
 
@@ -279,19 +289,19 @@ def interrupts_held() -> Iterator[None]:
     if _holding() or threading.current_thread() is not threading.main_thread():
         yield  # an outer block of the main thread holds it already
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = _getsignal(signal.SIGINT)
     if isinstance(previous, _Holder):
         previous = previous.put_aside  # left by a block cut short: see `_Holder`
     if previous is None or previous in (signal.SIG_IGN, signal.SIG_DFL):
         yield
         return
-    holder = _Holder(previous)  # type: ignore[arg-type]
+    holder = _Holder(previous)
     try:
         # Inside the `try`: an exception landing right after the swap still ends the
         # block, which puts the application's handler back.
         _holder = holder
         try:
-            signal.signal(signal.SIGINT, holder)
+            _setsignal(signal.SIGINT, holder)
         except ValueError:  # not the main interpreter
             holder.active = False
         yield
@@ -301,10 +311,10 @@ def interrupts_held() -> Iterator[None]:
         if _holder is holder:
             _holder = None
         with suppress(ValueError, TypeError):
-            if signal.getsignal(signal.SIGINT) is holder:
-                signal.signal(signal.SIGINT, previous)
+            if _getsignal(signal.SIGINT) is holder:
+                _setsignal(signal.SIGINT, previous)
         if holder.held:
-            previous(*holder.held[0])  # type: ignore[operator]
+            previous(*holder.held[0])
 
 
 @contextmanager
