@@ -268,7 +268,8 @@ def test_a_full_upload_queue_drops_and_counts_without_blocking(
             # What the failing thread took before the breaker opened is counted unsent;
             # everything else that is not queued was dropped.
             assert remote.queue_drops >= 40 - remote.unsent - 2 * 4 and remote.queued <= 2 * 4
-            assert remote.uploads == 0 and remote.breaker == "open"
+            assert remote.uploads == 0 and remote.upload_breaker == "open"
+            assert remote.breaker == "closed"  # reads were never refused
             assert len(a) == 40  # the local file has every write
 
 
@@ -465,6 +466,9 @@ def test_authentication_errors_log_one_warning(
             assert remote is not None and remote.errors >= 10
         warnings = [r for r in caplog.records if r.name == "vyre_sqlcache"]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        # The server's words and what to do (redis-py 8's repr kept only the class name).
+        assert "Authentication required" in caplog.text
+        assert "redis://:PASSWORD@host" in caplog.text
         assert "s3cret" not in caplog.text
         # With the password in the URL it works.
         good = f"redis://:s3cret-pass@127.0.0.1:{server.port}/0"
@@ -1078,6 +1082,116 @@ def test_a_full_server_refusing_uploads_still_serves_reads(
         assert found == [d * 64 for d in digests]
         oom = [r for r in caplog.records if "OOM" in r.getMessage()]
         assert len(oom) == 1
+
+
+def test_another_tools_keys_under_the_prefix_are_misses_not_failures(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A hash at an entry's name: GET answered WRONGTYPE, taken for a failing server, so
+    # three reads of it opened the breaker and the next read of a good entry missed; and
+    # `remote ls` / `rm --all` failed on STRLEN of another tool's list under the prefix.
+    good, foreign = os.urandom(32), os.urandom(32)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as a:
+        a.write(good, fingerprint, b"shared" * 50)
+        uploaded(a, 1)
+    client = redis_server.client()
+    client.hset(PREFIX + fingerprint.cache_key(foreign).hex(), "field", "value")
+    client.rpush(PREFIX + "jobs", "a", "b")
+    with PipelineCache.open(tmp_path / "b.sqlite3", remote=redis_server.url) as b:
+        for _ in range(4):
+            assert b.read(foreign, fingerprint) is None
+        assert b.read(good, fingerprint) == b"shared" * 50
+        remote = b.stats().remote
+        assert remote is not None and remote.breaker == "closed" and remote.hits == 1
+    url = ["--url", redis_server.url]
+    assert main(["remote", "ls", *url]) == 0
+    assert fingerprint.cache_key(good).hex() in capsys.readouterr().out
+    assert main(["remote", "rm", "--all", "--yes", *url]) == 0
+    assert "1 " in capsys.readouterr().out
+    assert sorted(client.keys(PREFIX + "*")) == sorted(
+        [(PREFIX + "jobs").encode(), (PREFIX + fingerprint.cache_key(foreign).hex()).encode()]
+    )
+
+
+def test_a_server_refusing_writes_for_want_of_replicas_is_still_read(
+    tmp_path: Path,
+    fingerprint: DeviceFingerprint,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # NOREPLICAS (like MISCONF, or a value over proto-max-bulk-len) refuses uploads only:
+    # three refused uploads opened the one breaker, and reads of what the server held
+    # stopped too.
+    digests = [os.urandom(32) for _ in range(5)]
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as a:
+        for digest in digests:
+            a.write(digest, fingerprint, digest * 8)
+        uploaded(a, len(digests))
+    redis_server.client().config_set("min-replicas-to-write", 1)
+    caplog.set_level(logging.WARNING, logger="vyre_sqlcache")
+    with PipelineCache.open(tmp_path / "b.sqlite3", remote=redis_server.url) as b:
+        for _ in range(5):
+            b.write(os.urandom(32), fingerprint, b"refused" * 10)
+            b.flush()
+            wait_for(lambda: (b.stats().remote or pytest.fail()).queued == 0)
+        refused = b.stats().remote
+        assert refused is not None and refused.unsent == 5 and refused.uploads == 0
+        assert [b.read(d, fingerprint) for d in digests] == [d * 8 for d in digests]
+        remote = b.stats().remote
+        assert remote is not None and remote.breaker == "closed" and remote.hits == 5
+    said = [r.getMessage() for r in caplog.records if r.name == "vyre_sqlcache"]
+    assert len(said) == 1 and "NOREPLICAS" in said[0], said
+
+
+def test_uploads_the_server_stored_are_counted_when_others_in_the_batch_were_refused(
+    tmp_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # A full server stores some SETs of a pipeline and refuses the rest: all were counted
+    # unsent (0 uploads), while another cache was served the stored ones.
+    with RedisServer(tmp_path / "full", "--maxmemory", "2mb") as server:
+        with PipelineCache.open(tmp_path / "a.sqlite3", remote=server.url) as a:
+            for _ in range(60):
+                a.write(os.urandom(32), fingerprint, os.urandom(40_000))
+            a.flush()
+            wait_for(lambda: (a.stats().remote or pytest.fail()).queued == 0)
+            remote = a.stats().remote
+        stored = len(remote_keys(server))
+        assert remote is not None and 0 < stored < 60
+        assert (remote.uploads, remote.unsent) == (stored, 60 - stored)
+
+
+def test_reads_the_remote_does_not_answer_are_misses(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+) -> None:
+    # They changed no counter: a hit rate worked out from hits and misses looked perfect
+    # through an outage.
+    tier = settings(redis_server, breaker_cooldown_s=60)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=tier) as cache:
+        redis_server.kill()
+        for _ in range(5):
+            assert cache.read(os.urandom(32), fingerprint) is None
+        keys = [make_key() for _ in range(3)]
+        assert cache.get_many(keys, fingerprint) == [None] * 3
+        remote = cache.stats().remote
+        assert remote is not None and remote.breaker == "open"
+        assert (remote.hits, remote.misses) == (0, 8)
+
+
+def test_the_client_speaks_resp2_without_a_handshake(
+    tmp_path: Path, redis_server: RedisServer, fingerprint: DeviceFingerprint
+) -> None:
+    # redis-py 8 speaks RESP3 by default: a HELLO round trip on every new connection.
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as cache:
+        assert cache.read(os.urandom(32), fingerprint) is None
+        clients = redis_server.client().client_list()
+    ours = [c for c in clients if c.get("cmd") != "client|list"]
+    assert ours and all(c["resp"] == "2" for c in ours), clients
 
 
 #: An alarm whose handler raises, at each step of a remote read in turn (C calls included),

@@ -10,8 +10,13 @@ breaker stops asking a server that failed `breaker_failures` times in a row (or 
 out once) until `breaker_cooldown_s` has passed; then one call probes it.
 
 redis-py is imported only when a tier is made (the `remote` extra). Its client is
-built with short connect and socket timeouts, no retries and no handshake beyond the
-connection itself, so a dead server costs one timeout, not redis-py's 4 s of retries.
+built with short connect and socket timeouts, no retries and RESP2 (no HELLO round trip
+on connecting), so a dead server costs one timeout, not redis-py's 4 s of retries.
+
+Reads and uploads have a breaker each: a server that refuses writes (full, a replica,
+too few replicas, a value over its bulk length) is still read. Only a failure to get an
+answer (a timeout, a connection refused or dropped) or a refused login counts towards a
+breaker; an error the server answers with is counted and logged once, by its kind.
 
 Fork: the child must not share the parent's socket or thread. A hook registered with
 `os.register_at_fork` gives every tier in the child a new lock, an empty queue, no
@@ -100,6 +105,8 @@ class RemoteStats:
     #: writes whose upload failed (an error, or still queued when close() gave up)
     unsent: int
     queued: int
+    #: the upload thread's breaker: 'open' while it waits before sending again
+    upload_breaker: str = "closed"
 
 
 class _Breaker:
@@ -177,6 +184,9 @@ def make_client(settings: RemoteSettings, socket_timeout: float) -> Any:
         retry_on_timeout=False,
         health_check_interval=0,
         client_name=None,
+        # RESP3, redis-py 8's default, costs a HELLO round trip on every new connection
+        # (a URL's `?protocol=3` still wins).
+        protocol=2,
         **_no_setinfo(redis),
     )
 
@@ -204,6 +214,7 @@ class RemoteTier:
         self.settings = settings
         self._key = settings.key
         self._breaker = _Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
+        self._upload_breaker = _Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
         self._warned: set[str] = set()
         self._counts: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "errors", "timeouts", "rejected", "bytes_down", "bytes_up",
@@ -253,7 +264,8 @@ class RemoteTier:
                 return misses
         names = [self.name(key) for key in entry_keys]
         values = self._guarded("reading", lambda c: _values(c, names))
-        if values is None:
+        if values is None:  # not asked (the breaker is open) or no answer: misses too
+            self._count("misses", len(names))
             return misses
         found: list[bytes | None] = []
         limit = self.settings.max_blob_bytes
@@ -381,27 +393,37 @@ class RemoteTier:
             for e in batch
         ]
 
-        def send(client: Any) -> int:
+        def send(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
             for name, value in values:
                 pipe.set(name, value)
-            pipe.execute()
-            return sum(len(v) for _, v in values)
+            # Each SET's own result: a full server refuses some of a pipeline and stores
+            # the rest, which are shared (and counted) all the same.
+            return list(pipe.execute(raise_on_error=False))
 
         while True:
-            if not self._breaker.allow():
+            if not self._upload_breaker.allow():
                 if self._stopped:
                     self._count("unsent", len(values))
                     return
                 time.sleep(min(0.05, self.settings.breaker_cooldown_s))
                 continue
-            sent = self._guarded("uploading", send, checked=False, kind="upload")
+            largest = max(len(v) for _, v in values)
+            count = f"{len(values)} entries" if len(values) > 1 else "an entry"
+            what = f"uploading {count} (the largest {largest:,} bytes) to"
+            results = self._guarded(what, send, checked=False, kind="upload")
+            if results is None:
+                results = [None] * len(values)
+            stored = [r is True for r in results]
+            refused = next((r for r in results if isinstance(r, Exception)), None)
+            if refused is not None:
+                self._refused(what, refused)
             with self._lock:
-                if sent is None:
-                    self._counts["unsent"] += len(values)
-                else:
-                    self._counts["uploads"] += len(values)
-                    self._counts["bytes_up"] += sent
+                self._counts["unsent"] += stored.count(False)
+                self._counts["uploads"] += stored.count(True)
+                self._counts["bytes_up"] += sum(
+                    len(v) for (_, v), ok in zip(values, stored, strict=True) if ok
+                )
             return
 
     def close(self) -> None:
@@ -461,8 +483,9 @@ class RemoteTier:
         self, what: str, call: Callable[[Any], Any], *, checked: bool = True, kind: str = "read"
     ) -> Any:
         """`call(client)`'s result, or None after any error (counted, logged, fed to the
-        breaker) or while the breaker is open; never raises."""
-        if checked and not self._breaker.allow():
+        breaker of `kind`) or while that breaker is open; never raises."""
+        breaker = self._upload_breaker if kind == "upload" else self._breaker
+        if checked and not breaker.allow():
             return None
         redis = _redis()
         client = None
@@ -470,49 +493,46 @@ class RemoteTier:
             client = self._client_now(kind)
             result = call(client)
         except redis.exceptions.TimeoutError as error:
-            self._failed(what, "timeouts", error, at_once=True)
-            return None
-        except (redis.exceptions.ReadOnlyError, redis.exceptions.NoPermissionError) as error:
-            # The server answered: the connection is fine, this user may not do it.
-            self._breaker.succeeded()
-            self._count("errors")
-            self._warn_once(
-                type(error).__name__,
-                f"{what} {self.settings.where} refused ({type(error).__name__}): {error}; "
-                "further refusals are counted, not logged",
-            )
+            self._failed(breaker, what, "timeouts", error, at_once=True)
             return None
         except redis.exceptions.AuthenticationError as error:
-            self._failed(what, "errors", error, at_once=True, once=True)
+            self._failed(breaker, what, "errors", error, at_once=True, once=True)
             return None
         except redis.exceptions.ResponseError as error:
-            if isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("OOM"):
-                # A full server (maxmemory, noeviction) refuses writes and still reads:
-                # counted and logged once, never a reason to stop asking it.
-                self._breaker.succeeded()
-                self._count("errors")
-                self._warn_once(
-                    "OOM",
-                    f"{what} {self.settings.where} refused (OOM): {error}; the server is full, "
-                    "further refusals are counted, not logged",
-                )
-                return None
-            once = str(error).startswith(("NOAUTH", "WRONGPASS", "NOPERM", "READONLY"))
-            self._failed(what, "errors", error, at_once=once, once=once)
+            if _is_login_refused(error):
+                self._failed(breaker, what, "errors", error, at_once=True, once=True)
+            else:
+                breaker.succeeded()  # the server answered: asking it again is fine
+                self._refused(what, error)
             return None
         except Exception as error:  # never fatal: a cache may only miss
             self._drop_client(kind, client)
             if _from_a_signal_handler(error):
-                self._breaker.abandon()  # the application's (a timeout's), not the server's
+                breaker.abandon()  # the application's (a timeout's), not the server's
                 raise
-            self._failed(what, "errors", error, at_once=False)
+            self._failed(breaker, what, "errors", error, at_once=False)
             return None
         except BaseException:
             self._drop_client(kind, client)
-            self._breaker.abandon()  # Ctrl-C: the probe, if this was one, never answered
+            breaker.abandon()  # Ctrl-C: the probe, if this was one, never answered
             raise
-        self._breaker.succeeded()
+        breaker.succeeded()
         return result
+
+    def _refused(self, what: str, error: Exception) -> None:
+        """Count and log (once for each kind: OOM, READONLY, WRONGTYPE...) an error the
+        server answered a command with."""
+        self._count("errors")
+        # redis-py's classes of known codes drop the code from the text (OOM, READONLY);
+        # for the others (NOREPLICAS, MISCONF...) it is the text's first word.
+        kind = type(error).__name__
+        if kind == "ResponseError":
+            kind = str(error).split(" ", 1)[0]
+        self._warn_once(
+            kind,
+            f"{what} {self.settings.where} refused: {_described(error)}; further refusals "
+            "of this kind are counted, not logged",
+        )
 
     def _drop_client(self, kind: str, client: Any) -> None:
         """Make the next call of `kind` use a new client: an exception that is not the
@@ -524,19 +544,27 @@ class RemoteTier:
                 del self._clients[kind]  # (closed when the last call using it ends)
 
     def _failed(
-        self, what: str, counter: str, error: BaseException, *, at_once: bool, once: bool = False
+        self,
+        breaker: _Breaker,
+        what: str,
+        counter: str,
+        error: BaseException,
+        *,
+        at_once: bool,
+        once: bool = False,
     ) -> None:
         self._count(counter)
-        before = self._breaker.state
-        self._breaker.failed(at_once=at_once)
-        message = f"{what} {self.settings.where} failed: {error!r}"
+        before = breaker.state
+        breaker.failed(at_once=at_once)
+        message = f"{what} {self.settings.where} failed: {_described(error)}"
         if once:
             self._warn_once(type(error).__name__, message)
-        elif before != "open" and self._breaker.state == "open":
+        elif before != "open" and breaker.state == "open":
             log.warning(
-                "vyre-sqlcache: %s; not asking the remote for %.1f s (local cache only)",
+                "vyre-sqlcache: %s; not %s the remote for %.1f s",
                 message,
-                self._breaker._cooldown,
+                "sending to" if breaker is self._upload_breaker else "asking",
+                breaker._cooldown,
             )
         else:
             log.debug("vyre-sqlcache: %s", message)
@@ -560,6 +588,7 @@ class RemoteTier:
             mode=self.settings.mode,
             breaker=self._breaker.state,
             queued=queued,
+            upload_breaker=self._upload_breaker.state,
             **counts,
         )
 
@@ -594,20 +623,18 @@ class RemoteTier:
                 return int(found[0]), list(found[1])
 
             cursor, names = self._direct(page)
-            names = [name for name in names if name.startswith(prefix)]
+            # Only names of entries: another tool's keys under a shared prefix (a list, a
+            # hash) made the STRLEN below fail the whole listing (WRONGTYPE).
+            keys = [key for key in map(_entry_key_of, names, [prefix] * len(names)) if key]
 
-            def sizes(client: Any, chunk: list[bytes] = names) -> list[int]:
+            def sizes(client: Any, chunk: list[bytes] = keys) -> list[Any]:
                 pipe = client.pipeline(transaction=False)
-                for name in chunk:
-                    pipe.strlen(name)
-                return [int(size) for size in pipe.execute()]
+                for key in chunk:
+                    pipe.strlen(self.name(key))
+                return list(pipe.execute(raise_on_error=False))
 
-            for name, size in zip(names, self._direct(sizes) if names else [], strict=True):
-                try:
-                    entry_key = bytes.fromhex(name[len(prefix) :].decode("ascii"))
-                except ValueError:
-                    continue  # not one of ours
-                if len(entry_key) == 32:
+            for entry_key, size in zip(keys, self._direct(sizes) if keys else [], strict=True):
+                if isinstance(size, int):  # (an error: not a string, so not an entry)
                     yield entry_key, size
             if not cursor:
                 return
@@ -626,15 +653,58 @@ class RemoteTier:
         self._breaker.reset_after_fork()
 
 
+def _entry_key_of(name: bytes, prefix: bytes) -> bytes | None:
+    """The entry key a Redis key under `prefix` names, or None if it is not an entry's."""
+    hexed = name[len(prefix) :]
+    if not name.startswith(prefix) or len(hexed) != 64:
+        return None
+    try:
+        return bytes.fromhex(hexed.decode("ascii"))
+    except ValueError:
+        return None
+
+
 def _values(client: Any, names: list[str]) -> list[bytes | None]:
     """The values of these Redis keys, in one round trip; raises redis' InvalidResponse
     for a reply of another shape (another command's, left on the connection)."""
-    values = client.mget(names) if len(names) > 1 else [client.get(names[0])]
+    # MGET for one key too: GET of a key holding another type (another tool's hash under
+    # the prefix) fails with WRONGTYPE, where MGET answers nil, a miss.
+    values = client.mget(names)
     if not isinstance(values, list) or len(values) != len(names):
         raise _redis().exceptions.InvalidResponse(f"a reply of another shape: {values!r:.80}")
     if not all(value is None or isinstance(value, bytes) for value in values):
         raise _redis().exceptions.InvalidResponse("a reply holding values that are not strings")
     return values
+
+
+def _described(error: BaseException) -> str:
+    """`error`'s class and the server's text (redis-py 8's repr keeps only the class), with
+    what to do where a login was refused."""
+    text = f"{type(error).__name__}: {error}"
+    hint = _HINTS.get(type(error).__name__)
+    if hint is not None:
+        text += f" ({hint})"
+    elif _is_login_refused(error):
+        text += (
+            " (give the password in the URL, redis://:PASSWORD@host, or "
+            "redis://USER:PASSWORD@host for an ACL user)"
+        )
+    return text
+
+
+_HINTS: Final = {
+    "OutOfMemoryError": "OOM: the server is full; it is still read. Raise its maxmemory, or "
+    "let it evict (maxmemory-policy allkeys-lru)",
+    "ReadOnlyError": "READONLY: a replica; it is still read. Send uploads to the primary",
+}
+
+
+def _is_login_refused(error: BaseException) -> bool:
+    """Whether the server refused this client's login (no or a wrong password)."""
+    if type(error).__name__ == "AuthenticationError":
+        return True
+    text = str(error)
+    return text.startswith(("NOAUTH", "WRONGPASS")) or "authenticated" in text
 
 
 def _from_a_signal_handler(error: BaseException) -> bool:
