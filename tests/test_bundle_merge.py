@@ -640,6 +640,28 @@ def test_cli_refuses_to_write_over_the_cache_itself_in_one_line(
     assert file_state(path) == before
 
 
+@pytest.mark.parametrize("command", ["bundle", "copy"])
+def test_cli_force_through_a_link_replaces_the_file_it_names(
+    tmp_path: Path,
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]],
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # A backup path that is a link to another disk: the link was replaced by a new file
+    # beside it, and the file it names, the backup, silently kept its old contents.
+    path, rows = populated
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / "real.sqlite3").write_bytes(b"the old backup")
+    link = tmp_path / "backup.sqlite3"
+    link.symlink_to(backups / "real.sqlite3")
+    assert main(["--path", str(path), command, "-o", str(link), "--force"]) == 0
+    assert str(backups / "real.sqlite3") in capsys.readouterr().out
+    assert link.is_symlink()
+    with PipelineCache.open(backups / "real.sqlite3", readonly=True) as copy:
+        assert len(copy) == len(rows)
+
+
 def test_cli_bundle_and_merge(
     tmp_path: Path,
     populated: tuple[Path, list[tuple[str, str, int, bytes]]],

@@ -799,11 +799,16 @@ class CacheMaintenance:
         return cache_part(expand_home(os.fspath(path)).absolute(), self._path)
 
     def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
-        """The absolute path of a file to write (`kind` names it in errors); raises
+        """The absolute path of a file to write (through a link, the file it names; `kind`
+        names it in errors); raises
         ValueError if it is the cache or one of its side files, CacheError for a folder,
         a device, FIFO or socket, a missing folder or a log beside it, FileExistsError if
         it exists and may not be replaced."""
         target = expand_home(os.fspath(out), name="out").absolute()
+        if target.is_symlink():
+            # The file the link names is the one replaced, as `get -o` writes: replacing
+            # the link left a backup reached through it (on another disk, say) stale.
+            target = target.resolve()
         part = self.own_file(target)
         if part is not None:
             raise ValueError(f"out ({target}) is {part}; give another file")
