@@ -202,6 +202,13 @@ CALLS: dict[str, Callable[[PipelineCache, Draw], object]] = {
         b"\7" * 32, b"x", created_ms=draw(created_ms)
     ),
     "delete_entries": lambda c, draw: c.delete_entries(draw(st.one_of(junk, st.lists(digests)))),
+    "delete_where.vendor": lambda c, draw: c.delete_where(vendor=draw(u32s)),
+    "delete_where.backend": lambda c, draw: c.delete_where(backend=draw(junk)),
+    "delete_where.kind": lambda c, draw: c.delete_where(kind=draw(junk)),
+    "delete_where.flags": lambda c, draw: c.delete_where(flags=draw(u32s)),
+    "delete_where.program_digests": lambda c, draw: c.delete_where(
+        program_digests=draw(st.one_of(junk, st.lists(digests)))
+    ),
     "check_entry": lambda c, draw: c.check_entry(draw(digests)),
 }
 

@@ -702,3 +702,34 @@ def test_cli_rm_reaches_a_layer_entry(
     assert "removed 1 entry" in out and missing in err and key not in err
     with PipelineCache.open(user) as cache:
         assert [cache.read(d, fingerprint) for d, _ in pairs] == [b"layer 0", None, b"layer 2"]
+
+
+def test_filtered_invalidation_reaches_the_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `invalidate --device/--all/...` listed the user's file only: a layer's matching
+    # entries stayed served, and the command said nothing of them.
+    from vyre_sqlcache.cli import main
+
+    one, other = (DeviceFingerprint.from_parts(0x10DE, device, "550") for device in (1, 2))
+    source = tmp_path / "ci.sqlite3"
+    with PipelineCache.open(source) as ci:
+        ci.write_many(items(0, 4), one)
+        ci.write_many(items(4, 2), other)
+        ci.bundle(tmp_path / "app.layer")
+    user = tmp_path / "user.sqlite3"
+    with PipelineCache.open(user) as cache:
+        cache.write_many(items(10, 1), one)
+        cache.write_many(items(0, 1, salt=1), one)  # a key the layer has too: counted once
+    monkeypatch.setenv(ENV_LAYERS, str(tmp_path / "app.layer"))
+    with PipelineCache.open(user) as cache, pytest.raises(ValueError, match="everything=True"):
+        cache.delete_where()
+    assert main(["invalidate", "--path", str(user), "--device", "0x1"]) == 0
+    assert "invalidated 5 entries" in capsys.readouterr().out
+    with PipelineCache.open(user) as cache:
+        assert [cache.read(d, one) for d, _ in items(0, 4) + items(10, 1)] == [None] * 5
+        assert [cache.read(d, other) for d, _ in items(4, 2)] == [b for _, b in items(4, 2)]
+    assert main(["invalidate", "--path", str(user), "--all"]) == 0
+    assert "invalidated 2 entries" in capsys.readouterr().out
+    with PipelineCache.open(user) as cache:
+        assert [cache.read(d, other) for d, _ in items(4, 2)] == [None, None]

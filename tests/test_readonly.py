@@ -92,6 +92,7 @@ def test_readonly_reads_and_refuses_writes(stored: Path, fingerprint: DeviceFing
             lambda: cache.invalidate_impacted([1], [DIGEST], fp),
             lambda: cache.put_entry(bytes(32), b"x"),
             lambda: cache.delete_entries([bytes(32)]),
+            lambda: cache.delete_where(everything=True),
         ]
         for call in calls:
             with pytest.raises(ReadOnlyCacheError, match=r"read-only \(readonly=True\)"):

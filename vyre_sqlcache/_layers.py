@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from os import PathLike, fspath
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import apsw
 
@@ -284,7 +284,7 @@ class Layer:
         """The key of the row `entry_key` maps to in this layer, or None."""
         return self._run(lambda c: _rows.owner(c, entry_key), None)
 
-    def find(self, sql: str, params: tuple[object, ...]) -> list[Found]:
+    def find(self, sql: str, params: tuple[object, ...] | dict[str, Any]) -> list[Found]:
         """(entry key, checksum) of the rows a statement selects ([] if unreadable)."""
 
         def run(connection: apsw.Connection) -> list[Found]:
@@ -387,6 +387,17 @@ class Layers:
             apsw.carray(tuple(entry_keys)),
         )
         return [found for layer in self.layers for found in layer.find(_BY_KEYS, params)]
+
+    def matching(self, entry_filter: _rows.EntryFilter) -> list[Found]:
+        """(entry key, checksum) of every live layer entry that `entry_filter` selects (a
+        layer's `pipelines_v` has every column a filter names: layers are of schema 6 on)."""
+        where, params = entry_filter.where()
+        sql = (
+            "SELECT e.entry_key, b.checksum FROM entries e JOIN blobs b ON b.id = e.id "
+            f"WHERE lower(hex(e.entry_key)) IN (SELECT entry_key FROM pipelines_v {where}) "
+            f"AND {_LIVE}"
+        )
+        return [found for layer in self.layers for found in layer.find(sql, params)]
 
     def impacted(self, digests: Sequence[bytes], fingerprint: DeviceFingerprint) -> list[Found]:
         """(entry key, checksum) of the layer entries `invalidate_impacted` reaches."""

@@ -93,6 +93,12 @@ class CacheMaintenance:
 
         def delete_entries(self, entry_keys: Iterable[bytes | str]) -> int: ...
 
+        def _delete(self, keys: list[bytes], found: list[_layers.Found]) -> int: ...
+
+        def _refuse_write(self) -> None: ...
+
+        _layers: _layers.Layers
+
         def _read(
             self,
             what: str,
@@ -297,6 +303,50 @@ class CacheMaintenance:
                 after = rows[-1].rowid
 
         return pages()
+
+    def delete_where(
+        self,
+        *,
+        backend: str | None = None,
+        vendor: int | None = None,
+        device: int | None = None,
+        flags: int = 0,
+        min_size: int | None = None,
+        created_before_ms: int | None = None,
+        key_version: int | None = None,
+        kind: str | None = None,
+        program_digests: Iterable[bytes | str] | None = None,
+        namespace: str | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Delete every entry that matches all the filters given (those of `entries()`),
+        in the user's file and, hidden for this user as `delete_entries` hides them, in
+        its layers; return how many distinct entries went.
+
+        Raises ValueError if no filter is given and `everything` is False,
+        TypeError/ValueError naming a bad filter, ReadOnlyCacheError on a read-only cache.
+        """
+        entry_filter, _ = self._listing(
+            backend, vendor, device, flags, min_size, created_before_ms, key_version, kind,
+            program_digests, None, "created", None, namespace=namespace,
+        )  # fmt: skip
+        if self._readonly:
+            self._refuse_write()  # also where nothing matches
+        if entry_filter == _rows.EntryFilter() and not everything:
+            raise ValueError(
+                "no filter given: pass one (backend=, vendor=, ...), or everything=True to "
+                "delete every entry"
+            )
+        keys = self._read(
+            "listing entries",
+            lambda c: [
+                bytes.fromhex(row["entry_key"]) for row in _rows.list_entries(c, entry_filter)
+            ],
+        )
+        found = []
+        if self._layers:
+            found = self._layers.matching(entry_filter) + self._layers.with_keys(keys)
+        return self._delete(keys, found) if keys or found else 0
 
     def _listing(
         self,

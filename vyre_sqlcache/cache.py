@@ -981,15 +981,22 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         keys = [coerce_digest(f"entry_keys[{i}]", k) for i, k in enumerate(entry_keys)]
         if not keys:
             return 0
+        return self._delete(keys, self._layers.with_keys(keys) if self._layers else [])
+
+    def _delete(self, keys: list[bytes], found: list[_layers.Found]) -> int:
+        """Tombstone the user's entries of `keys` and hide the layer entries `found`, in one
+        transaction; return how many distinct entries went."""
         if self._remote is not None:
             # As invalidations: the shared tier keeps its copy, this object fetches it no
             # more (README "Sharing a cache"); else the next read would bring it back.
-            self._remote.fence(keys)
-        found = self._layers.with_keys(keys) if self._layers else []
+            self._remote.fence([*keys, *(key for key, _ in found)])
         now = _now_ms()
         return self._change(
             "deleting entries",
-            lambda c: _layers.mask(c, found, now) + _rows.delete_entries(c, keys, now),
+            lambda c: (
+                _layers.mask(c, found, now)
+                + (_rows.delete_entries(c, keys, now) if keys else 0)  # (carray refuses [])
+            ),
         )
 
     def check_entry(self, entry_key: bytes | str) -> bool | None:

@@ -688,8 +688,7 @@ def _invalidate(args: argparse.Namespace) -> int:
                 "--program-digests, or --all"
             )
         with _opened(args, write=True) as cache:
-            keys = [row["entry_key"] for row in cache.entries(**filters, program_digests=digests)]
-            removed = cache.delete_entries(keys)
+            removed = cache.delete_where(**filters, program_digests=digests, everything=args.all)
             cache.flush()
     print(f"invalidated {removed} {'entry' if removed == 1 else 'entries'}")
     return 0
