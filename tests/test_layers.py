@@ -733,3 +733,32 @@ def test_filtered_invalidation_reaches_the_layers(
     assert "invalidated 2 entries" in capsys.readouterr().out
     with PipelineCache.open(user) as cache:
         assert [cache.read(d, other) for d, _ in items(4, 2)] == [None, None]
+
+
+def test_cli_get_serves_a_layer_entry_until_it_is_removed(
+    tmp_path: Path,
+    make_layer: Callable[..., Path],
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `get` looked in the user's file only: "no entry" for a key that every read, and
+    # `explain`, served from a layer.
+    from vyre_sqlcache.cli import main
+
+    layer = make_layer("app.layer", [(digest(0), b"from the layer")])
+    user = tmp_path / "user.sqlite3"
+    PipelineCache.open(user).close()
+    monkeypatch.setenv(ENV_LAYERS, str(layer))
+    key = fingerprint.cache_key(digest(0)).hex()
+    out = tmp_path / "out.bin"
+    assert main(["get", "--path", str(user), key, "-o", str(out)]) == 0
+    assert out.read_bytes() == b"from the layer"
+    with PipelineCache.open(user) as cache:
+        assert cache.peek_entry(key) is None  # the file's own entries only, as documented
+        assert cache.peek_entry(key, layers=True) == b"from the layer"
+        assert cache.stats().hits == 0
+    assert main(["rm", "--path", str(user), key]) == 0
+    capsys.readouterr()
+    assert main(["get", "--path", str(user), key, "-o", str(out)]) == 1
+    assert "no entry" in capsys.readouterr().err

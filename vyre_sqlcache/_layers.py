@@ -351,11 +351,17 @@ class Layers:
 
     def load_one(self, key: bytes, masked: Callable[[bytes, bytes], bool]) -> Lookup | None:
         """`load` of one key: the read path's own, without the batch's lists."""
+        found = self.peek(key, masked)
+        if found is not None:
+            with self._lock:
+                self.hits += 1
+        return found
+
+    def peek(self, key: bytes, masked: Callable[[bytes, bytes], bool]) -> Lookup | None:
+        """`load_one` without counting a hit."""
         for number, layer in enumerate(self.layers):
             got = layer.fetch_one(key)
             if got is not None and self._sound(layer, key, got) and not masked(key, got.checksum):
-                with self._lock:
-                    self.hits += 1
                 return Lookup(got.data, number)
         return None
 

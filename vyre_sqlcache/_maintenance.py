@@ -97,6 +97,8 @@ class CacheMaintenance:
 
         def _refuse_write(self) -> None: ...
 
+        def _masks(self, cursor: apsw.Cursor | None) -> Callable[[bytes, bytes], bool]: ...
+
         _layers: _layers.Layers
 
         def _read(
@@ -498,9 +500,10 @@ class CacheMaintenance:
 
         return rows()
 
-    def peek_entry(self, entry_key: bytes | str) -> bytes | None:
+    def peek_entry(self, entry_key: bytes | str, *, layers: bool = False) -> bytes | None:
         """The blob of the entry with this entry key, or None if there is none, read
-        without counting a hit or changing anything.
+        without counting a hit or changing anything; with `layers`, one the file lacks is
+        looked up in the layers as a read does (what the user's file hides is not served).
 
         Raises CorruptCacheError if its bytes fail their checksum (the entry is left as
         it is), CacheError types if it cannot be read.
@@ -509,7 +512,11 @@ class CacheMaintenance:
         key = coerce_digest("entry_key", entry_key)
         with self._call() as slot:
             try:
-                fetched = _rows.fetch(self._pool.cursor(slot), lambda: self._pool.large(slot), key)
+                cursor = self._pool.cursor(slot)
+                fetched = _rows.fetch(cursor, lambda: self._pool.large(slot), key)
+                if fetched is None and layers and self._layers:
+                    found = self._layers.peek(key, self._masks(cursor))
+                    return None if found is None else found.data
                 if fetched is None or _rows.verify(key, fetched):
                     return None if fetched is None else fetched.data
                 if _rows.owner(self._pool.main(slot), key) != key:

@@ -539,7 +539,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     with _opened(args) as cache:
-        blob = cache.peek_entry(args.key)
+        blob = cache.peek_entry(args.key, layers=True)
         part = None if args.output == "-" else cache.own_file(args.output)
     if blob is None:
         raise Failure(f"no entry with key {args.key}")
