@@ -662,6 +662,23 @@ def test_cli_force_through_a_link_replaces_the_file_it_names(
         assert len(copy) == len(rows)
 
 
+@pytest.mark.parametrize("command", ["bundle", "copy"])
+def test_cli_says_why_a_folder_refuses_the_file(
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]],
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # /sys refuses a new file even to root: "unable to open database: <a temporary name>"
+    # named neither the cause nor the folder.
+    path, _ = populated
+    assert main(["--path", str(path), command, "-o", "/sys/vyre-test.sqlite3"]) == 1
+    err = capsys.readouterr().err
+    # (the reason is the system's: permission denied, or a read-only file system)
+    assert "in the folder /sys;" in err and "a folder this user can write" in err, err
+    assert "vyre-test.sqlite3." not in err  # no temporary name
+    assert not [name for name in os.listdir("/sys") if "vyre-test" in name]
+
+
 def test_cli_bundle_and_merge(
     tmp_path: Path,
     populated: tuple[Path, list[tuple[str, str, int, bytes]]],

@@ -815,6 +815,16 @@ class CacheMaintenance:
         nothing is left at `target` if it raises (CacheError types)."""
         temporary = target.with_name(f".{target.name}.{kind}-{os.getpid()}-{time.time_ns()}")
         try:
+            # Made here, empty (SQLite writes into an empty file as into a new one): where
+            # the folder refuses it, SQLite's "unable to open database" said neither why
+            # nor which folder.
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except OSError as error:
+            raise CacheError(
+                f"cannot write the {kind} {target}: {error.strerror or error} in the folder "
+                f"{target.parent}; give a path in a folder this user can write"
+            ) from error
+        try:
             report = self._read(
                 f"writing the {kind}",
                 lambda connection: write(connection, temporary),
