@@ -144,6 +144,9 @@ RESTART_TRIES = 3
 #: A log this many times its checkpoint threshold is started over whatever the commits
 #: (a stream of large ones is otherwise left to run: see "Starting the log over").
 LOG_BOUND_FACTOR = 8
+#: A log that has grown past its threshold is cut back to this many times it when it
+#: starts over (under a small cap: to the threshold itself).
+LOG_KEEP_FACTOR = 2
 #: Under a small size cap the log is checkpointed (and kept) at a quarter of the cap,
 #: but at no fewer pages than this (1 MiB): a 4 MiB cache kept a 16-33 MiB log.
 MIN_CAPPED_LOG_PAGES = 64
@@ -375,12 +378,17 @@ class Checkpointer:
         copy: Callable[[], tuple[int, int]],
         restart: Callable[[Callable[[], bool]], int | None],
         purge: Callable[[], bool] | None = None,
+        where: str = "the cache",
     ) -> None:
         """`copy` copies the log as `copy_log` does, returning what it returns; `restart`
         holds the writes back and, if the predicate it is given then holds, runs
         `restart_log`, returning the pages it left (None: it did not run); `purge`
         deletes one batch of tombstoned entries and returns whether any may be left; all
-        raise apsw or cache errors."""
+        raise apsw or cache errors. `where` names the cache in warnings."""
+        self._where = where
+        # Whether a warning said the log could not be started over (said again only once
+        # it has been).
+        self._held_back = False
         self._copy = copy
         self._restart = restart
         # The pages the last checkpoint left in a log it could not have started over: a
@@ -451,13 +459,11 @@ class Checkpointer:
         if space is None or not space.low:
             if connection in self._capped:
                 connection.pragma("max_page_count", _NO_PAGE_CAP)
-                connection.pragma("journal_size_limit", -1)
                 self._capped.discard(connection)
                 self._limits.pop(connection, None)
-            # Under a small cap, the log is cut back to its threshold (else SQLite's -1:
-            # never; no statement is run for a connection that is left at that).
-            small = self._log_pages < WAL_CHECKPOINT_PAGES
-            limit = self._log_pages * _PAGE_BYTES if small else -1
+            # SQLite's -1 never cuts a log back: one that a reader left open elsewhere
+            # held for a minute (825 MB) kept its size until the cache closed.
+            limit = self.log_limit_bytes()
             if self._limits.get(connection, -1) != limit:
                 connection.pragma("journal_size_limit", limit)
                 self._limits[connection] = limit
@@ -564,7 +570,9 @@ class Checkpointer:
         if pages > LOG_BOUND_FACTOR * self._log_pages:
             # Large commits back to back never let a copy catch up: held back once here,
             # or the log grows as long as they last (GiB in seconds).
-            return self._restart_after(pages, tries=1)
+            left = self._restart_after(pages, tries=1)
+            self._say_if_held_back(pages, left)
+            return left
         if not restart_due(pages, behind) or pages > SMALL_COMMIT_PAGES * max(1, self._commits):
             return max(0, pages)
         return self._restart_after(pages)
@@ -581,6 +589,32 @@ class Checkpointer:
                 return left
             pages, _ = self._copy()
         raise AssertionError("the last try restarts")  # (unreachable)
+
+    def _say_if_held_back(self, pages: int, left: int) -> None:
+        """Warn (once until it is started over) that a log of `pages` could not be started
+        over: the restart found someone else still in it (`left` pages). Nothing of the
+        cache's own does that for long: a read transaction left open elsewhere does."""
+        if left and not self._held_back:
+            self._held_back = True
+            log.warning(
+                "vyre-sqlcache: the write-ahead log of %s has grown to %d MiB and cannot be "
+                "started over: another connection keeps a read transaction open in it (a "
+                "sqlite3 shell left inside BEGIN, say). It grows with every write until that "
+                "transaction ends; then it is cut back to %d MiB.",
+                self._where,
+                pages * _PAGE_BYTES >> 20,
+                self.log_limit_bytes() >> 20,
+            )
+        elif not left and self._held_back:
+            self._held_back = False
+            log.info("vyre-sqlcache: the write-ahead log of %s started over", self._where)
+
+    def log_limit_bytes(self) -> int:
+        """What a log is cut back to when it starts over (`journal_size_limit`), off a
+        filling disk: twice its checkpoint threshold (a log kept at a quarter of a small
+        cap, at that)."""
+        small = self._log_pages < WAL_CHECKPOINT_PAGES
+        return self._log_pages * _PAGE_BYTES * (1 if small else LOG_KEEP_FACTOR)
 
     def _caught_up(self, seen: int, anyway: bool) -> bool:
         """Whether this object committed at most `caught_up_pages()` pages since a copy saw

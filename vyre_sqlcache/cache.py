@@ -274,6 +274,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._callbacks["_copy_log"],
             self._callbacks["_restart_log"],
             self._callbacks["_purge_batch"],
+            where=str(file.path),
         )
         self._pool = ConnectionPool(self._callbacks["_connect"], file.path)
         wal = Path(f"{file.path}-wal")
