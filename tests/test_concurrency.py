@@ -274,6 +274,38 @@ def test_a_change_refused_by_another_writer_says_what_it_was(
     assert cache.read(digest, fingerprint) == b"x"
 
 
+def test_a_flush_behind_a_refused_background_commit_waits_once(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A program holding the write lock (Python's sqlite3 with an implicit transaction
+    # never committed): the writer thread's commit waited out the busy timeout, then the
+    # flush() that had waited for it waited as long again, 20 s where 10 s were said.
+    import time
+
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError, _connections
+
+    monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 2000)
+    digest = digest_of("behind")
+    with PipelineCache.open(cache_path) as cache:
+        blocker = apsw.Connection(str(cache_path))
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            cache.write(digest, fingerprint, b"queued")
+            time.sleep(0.2)  # the thread's commit is waiting for the lock now
+            start = time.monotonic()
+            with pytest.raises(CacheBusyError, match="held its lock too long"):
+                cache.flush()
+            assert time.monotonic() - start < 3.0  # (waiting twice: 3.8 s)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        cache.write(digest_of("after"), fingerprint, b"next")  # said once, not again here
+        cache.flush()
+        assert cache.read(digest, fingerprint) == b"queued"
+
+
 def test_compact_refused_by_another_writer_waits_once(
     cache: PipelineCache,
     cache_path: Path,

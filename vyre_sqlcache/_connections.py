@@ -961,9 +961,9 @@ class BusyWaiter:
     gives up at once while not `patient` or once the pool closes (so close() never waits
     out someone else's lock)."""
 
-    def __init__(self, pool: ConnectionPool, timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    def __init__(self, pool: ConnectionPool, timeout_ms: int | None = None) -> None:
         self.pool = pool
-        self.timeout_ms = timeout_ms
+        self.timeout_ms = BUSY_TIMEOUT_MS if timeout_ms is None else timeout_ms
         self.patient = True
         self._deadline = 0.0
 

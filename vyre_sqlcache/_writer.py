@@ -29,7 +29,7 @@ from typing import Any
 from . import _wakeup
 from ._connections import ForkRegistry  # (its fork hooks are registered before ours)
 from ._rows import NewEntry
-from .errors import CacheError
+from .errors import CacheBusyError, CacheError
 
 __all__ = ["GROUP_DELAY_S", "MAX_QUEUED_BYTES", "MAX_QUEUED_ENTRIES", "Dropped", "WriteBehind"]
 
@@ -64,6 +64,11 @@ class WriteBehind:
         self.queue: dict[bytes, NewEntry] = {}
         self._queued_bytes = 0
         self._error: CacheError | None = None
+        # Commits that gave up on another process's lock, and the last one's error.
+        self._busy = 0
+        self._busy_error: CacheBusyError | None = None
+        # The busy error a waiting call raised already: the thread does not keep it too.
+        self._busy_told: CacheBusyError | None = None
         self._stopped = False
         # Set by the cache's close() before its last commit: later writes raise.
         self._refusing: str | None = None
@@ -124,12 +129,26 @@ class WriteBehind:
         """Commit the queue, then `entries`, and run `extra` on the connection, all in one
         transaction (`what` it is, for errors); return what `extra` returned. Raises
         CacheError types; on error the queue stays as it was."""
+        busy = self._busy
         with self._committing:
+            if self._busy != busy and self._busy_error is not None:
+                # The commit this call waited for waited out another process's lock for
+                # the whole busy timeout: waiting as long again doubled what a flush()
+                # promised (10 s). Said here, so not again by the next call.
+                self._busy_told = told = self._busy_error
+                if self._error is told:
+                    self._error = None
+                raise CacheBusyError(str(told))
             with self._lock:
                 batch = list(self.queue.values())
             if not batch and not entries and extra is None and not durable:
                 return None
-            result = self._commit([*batch, *(entries or [])], durable, extra, what)
+            try:
+                result = self._commit([*batch, *(entries or [])], durable, extra, what)
+            except CacheBusyError as error:
+                self._busy += 1
+                self._busy_error = error
+                raise
             with self._lock:
                 for entry in batch:
                     if self.queue.get(entry.entry_key) is entry:
@@ -208,7 +227,8 @@ class WriteBehind:
             except Dropped:
                 return  # not a failure: the queue is the close's to commit
             except CacheError as error:
-                self._error = error
+                if error is not self._busy_told:
+                    self._error = error
                 log.warning("vyre-sqlcache: committing queued writes failed: %s", error)
                 pause = min(max(pause * 4, 0.05), 2.0)
             except BaseException as error:  # never let the thread die silently
