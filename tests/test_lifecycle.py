@@ -1125,3 +1125,32 @@ def test_ending_a_transaction_of_a_closed_connection_raises_nothing(tmp_path: Pa
     connection.execute("BEGIN")
     connection.close()
     end_transaction(connection)
+
+
+def test_a_process_at_its_thread_limit_keeps_a_working_cache(
+    tmp_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At RLIMIT_NPROC (or out of memory) Thread.start raises RuntimeError: open() raised
+    # it (a file left behind), and so did the first read (the snapshot reaper's start).
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name.startswith("vyre-sqlcache"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    path = tmp_path / "cache.sqlite3"
+    digests = [os.urandom(32) for _ in range(3)]
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with PipelineCache.open(path) as cache:
+        for digest in digests:
+            cache.write(digest, fingerprint, digest * 4)
+        assert [cache.read(d, fingerprint) for d in digests] == [d * 4 for d in digests]
+        cache.flush()
+        assert cache.invalidate_impacted([1, 0, 0], digests, fingerprint) == 1
+    monkeypatch.undo()
+    with PipelineCache.open(path) as cache:
+        assert [cache.read(d, fingerprint) for d in digests] == [
+            None,
+            *(d * 4 for d in digests[1:]),
+        ]

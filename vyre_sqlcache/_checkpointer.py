@@ -544,10 +544,18 @@ class Checkpointer:
             if self._stopped:
                 return
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
+                thread = threading.Thread(
                     target=self._run, name="vyre-sqlcache checkpoint", daemon=True
                 )
-                _wakeup.start(self._thread)
+                try:
+                    _wakeup.start(thread)
+                except _wakeup.CannotStart as error:
+                    # The next commit past the threshold tries again; close() checkpoints.
+                    _wakeup.cannot_start(
+                        "the log is checkpointed at close() only (it grows meanwhile)", error
+                    )
+                    return
+                self._thread = thread
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -350,7 +350,12 @@ class RemoteTier:
             if self._thread is not None or self._stopped:
                 return
             self._thread = thread
-        _wakeup.start(thread)
+        try:
+            _wakeup.start(thread)
+        except _wakeup.CannotStart as error:
+            with self._lock:
+                self._thread = None  # the next upload tries again; the entries stay queued
+            _wakeup.cannot_start("uploads to the shared tier wait in their queue", error)
 
     def _take(self, limit_entries: int = 128, limit_bytes: int = 8 << 20) -> list[NewEntry]:
         """Up to a batch of queued entries (called with the lock held)."""

@@ -138,7 +138,20 @@ class _Reaper:
                     thread = self._thread = threading.Thread(
                         target=self._run, name="vyre-sqlcache snapshots", daemon=True
                     )
-                    _wakeup.start(thread)
+                    try:
+                        _wakeup.start(thread)
+                    except _wakeup.CannotStart as error:
+                        # Read on: the thread's own next read ends a stale snapshot, and
+                        # a later read tries to start the reaper again.
+                        self._thread = None
+                        self._slots.discard(slot)
+                        slot.watched = False
+                        _wakeup.cannot_start(
+                            "a snapshot a thread holds is ended by its next read, not after "
+                            "10 ms (checkpoints wait for it)",
+                            error,
+                        )
+                        return
             self._wake.set()
         elif self._idle:
             # A sleeping thread with something due wakes by itself, and every snapshot

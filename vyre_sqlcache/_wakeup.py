@@ -13,9 +13,14 @@ Starting is `Thread.start` with the signals held: see `start`.
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
+
+from .errors import CacheError
+
+log = logging.getLogger("vyre_sqlcache")
 
 #: Signals a thread gets for what it did itself: blocked, they would kill the process
 #: without a word (and without faulthandler's traceback).
@@ -26,6 +31,21 @@ _SYNCHRONOUS = {
 }
 
 
+class CannotStart(CacheError):
+    """A thread could not be started: the process is at its limit of threads (RLIMIT_NPROC,
+    `ulimit -u`) or of memory. Each caller goes on without its thread."""
+
+
+_said: set[str] = set()
+
+
+def cannot_start(what: str, error: CannotStart) -> None:
+    """Warn, once a process for each `what`, that its thread could not start."""
+    if what not in _said:
+        _said.add(what)
+        log.warning("vyre-sqlcache: %s; %s", error, what)
+
+
 def start(thread: threading.Thread) -> None:
     """Start `thread` with the calling thread's asynchronous signals held meanwhile (and
     blocked in the new thread for good: Python runs handlers in the main thread only).
@@ -33,18 +53,31 @@ def start(thread: threading.Thread) -> None:
     `Thread.start` waits on a `threading.Event`: a handler's exception landing inside it
     left the new thread's start lock taken (the thread never ran, and stayed listed) or
     raised RuntimeError("release unlocked lock") instead of itself. A signal that comes
-    while held is handled right after. Raises what `Thread.start` raises."""
+    while held is handled right after. Raises CannotStart where the system refuses a
+    thread, else what `Thread.start` raises."""
     if not hasattr(signal, "pthread_sigmask"):
-        thread.start()
+        _start(thread)
         return
     # Asked before the try, changed inside it: an exception right after either call
     # leaves the mask as it was.
     before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS)
-        thread.start()
+        _start(thread)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _start(thread: threading.Thread) -> None:
+    try:
+        thread.start()
+    except RuntimeError as error:
+        if "can't start new thread" not in str(error):
+            raise
+        raise CannotStart(
+            f"cannot start the thread {thread.name!r} ({error}): the process is at its "
+            "limit of threads (ulimit -u) or of memory"
+        ) from error
 
 
 class Wakeup:

@@ -116,7 +116,11 @@ class WriteBehind:
         if full or _exiting:
             self.commit()
         elif self._thread is None or not self._thread.is_alive():
-            self.start()
+            try:
+                self.start()
+            except _wakeup.CannotStart as error:
+                _wakeup.cannot_start("writes are committed by their callers", error)
+                self.commit()
 
     def commit(
         self,

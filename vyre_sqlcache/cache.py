@@ -589,7 +589,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         with self._pool.call() as slot:
             self._pool.adopt(slot, connection)
         if self._write_behind and not self._readonly:
-            self._writer.start()
+            try:
+                self._writer.start()
+            except _wakeup.CannotStart as error:  # the first write tries again
+                _wakeup.cannot_start("writes are committed by their callers", error)
         if not self._readonly:
             # Started here, not by the first call that needs it: a thread started from a
             # caller's thread could be left half-started by an asynchronous exception
