@@ -9,6 +9,7 @@ processes, the second one in a fresh process that checks what the first flushed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -321,6 +322,31 @@ def test_a_copy_or_bundle_onto_a_full_disk_says_what_it_needs(
             raised.value
         )
     assert os.listdir(small_disk) == []
+
+
+@pytest.mark.parametrize("method", ["copy", "bundle"])
+def test_a_copy_or_bundle_onto_a_disk_without_inodes_says_so(tmp_path: Path, method: str) -> None:
+    # Free bytes, no free inodes: it said "give a path in a folder this user can write".
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "few-inodes"
+    folder.mkdir()
+    options = "size=8m,nr_inodes=16"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with contextlib.suppress(OSError):
+            for i in range(64):
+                (folder / f"f{i}").touch()
+        path = tmp_path / "pipelines.sqlite3"
+        with PipelineCache.open(path) as cache:
+            cache.write(b"\1" * 32, FP, b"entry")
+            with pytest.raises(CacheFullError, match=r"no free inodes") as raised:
+                getattr(cache, method)(folder / "out.sqlite3")
+        assert "can write" not in str(raised.value)
+        assert not [name for name in os.listdir(folder) if "out.sqlite3" in name]
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
 
 
 # argv: cache, folder. export-dir under a file size limit below one entry's file.

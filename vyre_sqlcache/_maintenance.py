@@ -10,6 +10,7 @@ migration, no hits or access times, no marker files.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -820,6 +821,12 @@ class CacheMaintenance:
             # nor which folder.
             os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFullError(
+                    f"cannot write the {kind} {target}: no room for a new file in the folder "
+                    f"{target.parent} ({error.strerror}: no free space, or no free inodes, "
+                    "`df -i`); free some, or write it elsewhere"
+                ) from error
             raise CacheError(
                 f"cannot write the {kind} {target}: {error.strerror or error} in the folder "
                 f"{target.parent}; give a path in a folder this user can write"
