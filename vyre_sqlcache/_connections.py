@@ -605,6 +605,19 @@ class ConnectionPool:
         _pools.add(self)
         self._slot_freed = _on_slot_freed(weakref.ref(self))
 
+    def writing_here(self) -> bool:
+        """Whether a connection of this pool is inside a write transaction now: this
+        process holds the write lock (another thread's call, or a transaction an
+        asynchronous exception left open until its generator is collected)."""
+        for ref in list(self._slots):
+            slot = ref()
+            connection = None if slot is None else slot.main
+            if connection is not None:
+                with suppress(apsw.Error):
+                    if connection.txn_state() == apsw.SQLITE_TXN_WRITE:
+                        return True
+        return False
+
     # -- calls ---------------------------------------------------------------------
 
     def slot(self) -> Slot:

@@ -56,8 +56,15 @@ Commit = Callable[[list[NewEntry], bool, Any, str], Any]
 class WriteBehind:
     """The queue of one cache object and the thread that commits it."""
 
-    def __init__(self, commit: Commit, before_fork: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        commit: Commit,
+        before_fork: Callable[[], None] | None = None,
+        writing_here: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._commit = commit
+        # Whether this process holds the write lock itself (see `commit`).
+        self._writing_here = writing_here
         # Run before every fork under the commit lock, after the queue is committed.
         self._before_fork_hook = before_fork
         #: Entries waiting to be committed, by entry key: read it, change it only here.
@@ -135,10 +142,12 @@ class WriteBehind:
         CacheError types; on error the queue stays as it was."""
         busy = self._busy
         with self._committing:
-            if self._busy != busy and self._busy_error is not None:
+            if self._busy != busy and self._busy_error is not None and not self._writing_here():
                 # The commit this call waited for waited out another process's lock for
                 # the whole busy timeout: waiting as long again doubled what a flush()
-                # promised (10 s). Said here, so not again by the next call.
+                # promised (10 s). Said here, so not again by the next call. Not where
+                # this process holds the lock itself: a transaction an exception left
+                # open is let go once its generator is collected, during the wait.
                 self._busy_told = told = self._busy_error
                 if self._error is told:
                     self._error = None

@@ -285,7 +285,9 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._codec = _codec.Codec(None)
         self._write_behind = write_behind
         self._writer = WriteBehind(
-            self._callbacks["_commit_entries"], self._callbacks["_follow_before_fork"]
+            self._callbacks["_commit_entries"],
+            self._callbacks["_follow_before_fork"],
+            self._pool.writing_here,
         )
         self._layers = _layers.Layers((), self._books.checksum_failed)
         self._remote: _remote.RemoteTier | None = None
