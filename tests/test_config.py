@@ -94,6 +94,29 @@ def test_explicit_arguments_win(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert not (tmp_path / "env.sqlite3").exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "argument"),
+    [
+        ("VYRE_SQLCACHE_PATH", "~nosuchuser-here/x", {}),  # the path is given
+        ("VYRE_SQLCACHE_MAX_SIZE", "bogus", {"max_bytes": 1 << 30}),
+        ("VYRE_SQLCACHE_COMPRESSION", "bogus", {"compression": "off"}),
+        ("VYRE_SQLCACHE_LOG_MISSES", "bogus", {"log_misses": False}),
+        ("VYRE_SQLCACHE_REMOTE", "http://not-redis", {"remote": None}),
+        ("VYRE_SQLCACHE_LAYERS", "~nosuchuser-here/x", {"layers": []}),
+    ],
+)
+def test_an_explicit_argument_wins_over_a_malformed_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, argument: Any
+) -> None:
+    # Every variable was read and checked, also one the argument replaced: the open failed
+    # with a ValueError naming a variable it did not use.
+    monkeypatch.setenv(variable, value)
+    with PipelineCache.open(tmp_path / "c.sqlite3", **argument) as cache:
+        cache.write(b"\1" * 32, DeviceFingerprint.from_parts(1, 2, "x"), b"blob")
+    with pytest.raises(ValueError, match=variable):
+        PipelineCache.open(tmp_path / "d.sqlite3" if argument else None)
+
+
 def test_default_cap_is_one_gib(cache: PipelineCache) -> None:
     assert cache.max_bytes == DEFAULT_MAX_BYTES == 1 << 30
 
@@ -184,3 +207,10 @@ def test_a_zero_cap_from_the_environment_says_what_the_variable_allows(
     with pytest.raises(ValueError, match="VYRE_SQLCACHE_MAX_SIZE must be from 1 byte") as raised:
         PipelineCache.open(tmp_path / "c.sqlite3")
     assert "None" not in str(raised.value)  # a variable cannot say None
+
+
+def test_spaces_around_layer_paths_are_not_part_of_them(tmp_path: Path) -> None:
+    # "a.layer: b.layer" looked for " b.layer", as VYRE_SQLCACHE_PATH is stripped.
+    value = f"{tmp_path / 'a.layer'}{os.pathsep} {tmp_path / 'b.layer'} "
+    settings = Settings.from_environment({"VYRE_SQLCACHE_LAYERS": value})
+    assert settings.layers == (tmp_path / "a.layer", tmp_path / "b.layer")

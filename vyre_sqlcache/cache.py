@@ -382,7 +382,18 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         (cannot open: a folder, a file with several hard links, no permission),
         ImportError (a `remote` argument without the `remote` extra installed).
         """
-        settings = Settings.from_environment()
+        # Explicit arguments win: their variables are not read (a malformed one is no
+        # reason to refuse an open that does not use it). A remote URL still takes the
+        # environment's mode, key and timeout.
+        given = {
+            "path": path is not None,
+            "max_bytes": max_bytes is not _UNSET,
+            "compression": compression is not _UNSET,
+            "layers": layers is not None,
+            "log_misses": log_misses is not None,
+            "remote": remote is None or isinstance(remote, _remote.RemoteSettings),
+        }
+        settings = Settings.from_environment(ignore={name for name, yes in given.items() if yes})
         if log_misses is not None and not isinstance(log_misses, bool):
             raise TypeError(f"log_misses must be True, False or None, got {log_misses!r}")
         if compression is _UNSET:

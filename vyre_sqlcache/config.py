@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +73,16 @@ def parse_size(text: str, *, name: str = "size") -> int:
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
+#: The variable of each field `Settings.from_environment` may be told to ignore.
+_VARIABLES = {
+    "path": ENV_PATH,
+    "max_bytes": ENV_MAX_SIZE,
+    "compression": ENV_COMPRESSION,
+    "layers": ENV_LAYERS,
+    "log_misses": ENV_LOG_MISSES,
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the environment asks for; None where it says nothing."""
@@ -90,31 +100,40 @@ class Settings:
     log_misses: bool = False
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the VYRE_SQLCACHE_* variables; raise ValueError naming a malformed one."""
+    def from_environment(
+        cls, environ: Mapping[str, str] | None = None, *, ignore: Collection[str] = ()
+    ) -> Settings:
+        """Read the VYRE_SQLCACHE_* variables, but those of the fields named in `ignore`
+        (given explicitly: they win, so they are not read, and their variables may be
+        anything); raise ValueError naming a malformed one."""
         env = os.environ if environ is None else environ
-        path = env.get(ENV_PATH, "").strip() or None
-        size = env.get(ENV_MAX_SIZE, "").strip()  # blank, as each variable: unset
-        disable = env.get(ENV_DISABLE, "").strip().lower()
+        skipped = {_VARIABLES[field] for field in ignore if field in _VARIABLES}
+
+        def get(name: str) -> str:
+            return "" if name in skipped else env.get(name, "")
+
+        path = get(ENV_PATH).strip() or None
+        size = get(ENV_MAX_SIZE).strip()  # blank, as each variable: unset
+        disable = get(ENV_DISABLE).strip().lower()
         if disable not in _TRUE | _FALSE:
             raise ValueError(f"{ENV_DISABLE} must be 1 or 0 (or true/false), got {disable!r}")
-        log_misses = env.get(ENV_LOG_MISSES, "").strip().lower()
+        log_misses = get(ENV_LOG_MISSES).strip().lower()
         if log_misses not in _TRUE | _FALSE:
             raise ValueError(f"{ENV_LOG_MISSES} must be 1 or 0 (or true/false), got {log_misses!r}")
-        compression = env.get(ENV_COMPRESSION, "").strip() or None
+        compression = get(ENV_COMPRESSION).strip() or None
         if compression is not None:
             check_compression(compression, name=ENV_COMPRESSION)
         from ._remote_settings import remote_from_environment
 
         return cls(
-            remote=remote_from_environment(env),
+            remote=None if "remote" in ignore else remote_from_environment(env),
             path=None if path is None else expand_home(path, name=ENV_PATH),
             max_bytes=None if not size else parse_size(size, name=ENV_MAX_SIZE),
             disabled=disable in _TRUE,
             compression=compression,
             layers=tuple(
-                expand_home(part, name=ENV_LAYERS)
-                for part in env.get(ENV_LAYERS, "").split(os.pathsep)
+                expand_home(part.strip(), name=ENV_LAYERS)
+                for part in get(ENV_LAYERS).split(os.pathsep)
                 if part.strip()
             ),
             log_misses=log_misses in _TRUE,
