@@ -1182,6 +1182,31 @@ def test_demo_on_a_cache_at_its_cap_uses_a_temporary_file(cli: Cli, cache_path: 
     assert state(cache_path) == before  # every entry, access time, hit and counter
 
 
+def test_demo_counts_the_room_as_the_cap_does(
+    cli: Cli, cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # The room was counted in the blobs' own bytes, the dictionaries left out, where the
+    # cap counts bytes as stored and the dictionaries: a compressed cache whose cap had
+    # the blobs' bytes plus the demo's lost every entry to the demo's eviction.
+    from vyre_sqlcache import _cli_demo
+
+    words = [os.urandom(3).hex().encode() for _ in range(400)]
+    pick = random.Random(5)
+    with PipelineCache.open(cache_path, max_bytes=None) as cache:
+        for _ in range(40):
+            cache.write(os.urandom(32), fingerprint, b" ".join(pick.choices(words, k=80)))
+        cache.flush()
+        blob_bytes = cache.stats().blob_bytes
+    demo_bytes = _cli_demo.Workload(seed=1, count=300).total_bytes
+    with PipelineCache.open(cache_path, max_bytes=blob_bytes + demo_bytes):
+        pass
+    before = state(cache_path)
+    code, out, err = cli.run(cache_path, "demo", "--seed", "1")
+    assert code == 0, err
+    assert "runs on a temporary file" in out and "300 intact" in out
+    assert state(cache_path) == before
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_demo_with_room_leaves_entries_and_counters_as_they_were(
     cli: Cli, cache_path: Path, keep: bool
@@ -1210,7 +1235,7 @@ def test_demo_on_the_default_path_leaves_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     default = tmp_path / "cache-home" / "vyre" / "pipelines.sqlite3"
     assert f"cache: {default}" in result.stdout and "300 intact" in result.stdout
-    assert not default.exists()
+    assert not default.parent.exists()  # nor the folder it made (an empty one was left)
 
 
 # -- import-dir and check --repair tell what really happened --------------------------------------

@@ -811,6 +811,27 @@ def test_cli_remote_ping_ls_rm_and_info(
     assert main(["remote", "ping", "--url", dead]) == 1
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_demo_uploads_to_a_shared_tier_only_what_it_keeps(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    keep: bool,
+) -> None:
+    # It uploaded its made-up entries to the team's Redis and left them there, though it
+    # removed them locally.
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", redis_server.url)
+    path = tmp_path / "user.sqlite3"
+    argv = ["--path", str(path), "demo", "--count", "20", *(["--keep"] if keep else [])]
+    assert main(argv) == 0, capsys.readouterr().err
+    if keep:
+        wait_for(lambda: len(remote_keys(redis_server)) == 20)  # (invalidating stays local)
+    else:
+        time.sleep(0.3)
+        assert remote_keys(redis_server) == []
+
+
 def test_cli_remote_rm_all_with_a_url_keeps_to_the_environments_prefix(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -959,22 +959,35 @@ def _demo(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "big")
     workload = demo.Workload(seed=seed, count=args.count)
     created = not _path(args).exists()
-    with _opened(args, write=True, create=True) as cache:
+    folder_made = not _path(args).parent.exists()
+    # Uncompressed, so that its bytes are known (the room below) and it trains no
+    # dictionary, and kept from a shared tier unless kept at all (the team's Redis would
+    # hold the made-up entries).
+    options: dict[str, Any] = {"compression": "off"}
+    if not args.keep:
+        options["remote"] = None
+    with _opened(args, write=True, create=True, **options) as cache:
         path = cache.path
         before = cache.stats()
         cap = cache.max_bytes
-        room = cap is None or before.blob_bytes + workload.total_bytes <= cap
+        # The cap counts bytes as stored and the dictionaries: where those and the demo's
+        # bytes pass it, the oldest entries (the user's) would be evicted.
+        held = before.stored_bytes + before.dictionary_bytes
+        room = cap is None or held + workload.total_bytes <= cap
         print(f"cache: {path}")
         if room:
             outcome, after, removed = _run_demo(cache, workload, keep=args.keep)
             left = len(cache)
     if created and (not room or not args.keep):
-        # The demo made the file: leave none behind, as there was none.
+        # The demo made the file (and its folder): leave none behind, as there was none.
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if folder_made:
+            with suppress(OSError):
+                path.parent.rmdir()
     if not room:
         print(
-            f"the cache holds {_mb(before.blob_bytes)} of blobs under its size cap of "
+            f"the cache holds {_mb(held)} as stored under its size cap of "
             f"{_mb(cap)}: the demo's {_mb(workload.total_bytes)} would evict entries, so the "
             "demo runs on a temporary file and leaves the cache as it is"
         )
