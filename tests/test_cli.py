@@ -1795,6 +1795,8 @@ def test_get_to_a_path_that_cannot_be_a_file_says_which(
     assert out == ""
     if where == "a missing folder":
         assert code == 1 and f"cannot write {target[where]}: " in line and ".tmp" not in line
+    elif where == "empty":
+        assert code == 2 and "argument -o/--output: is empty; give the path" in line
     else:
         assert code == 2 and "is a folder or empty; give a file" in line
 
@@ -1812,3 +1814,42 @@ def test_more_ctrl_c_are_ignored_while_a_command_ends_and_end_it_again_after(
     time.sleep(0.3)
     with pytest.raises(KeyboardInterrupt):  # a command that still runs ends again
         cli_module._interrupt_once(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["export-dir", ""], "DIR"),  # wrote 11 folders of files into the current folder
+        (["import-dir", "  "], "DIR"),  # read the current folder
+        (["put", "ab" * 32, ""], "FILE"),
+        (["invalidate", "--program-digests", ""], "--program-digests"),
+        (["merge", ""], "SRC"),
+        (["copy", "-o", "-"], "-o/--output"),  # wrote a file named "-"
+        (["bundle", "-o", "-"], "-o/--output"),
+        (["copy", "-o", ""], "-o/--output"),
+        (["get", "ab" * 32, "-o", ""], "-o/--output"),
+    ],
+)
+def test_an_empty_path_or_stdout_where_a_file_is_written_is_a_usage_error(
+    cli: Cli,
+    filled: Filled,
+    cache_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    named: str,
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = state(cache_path)
+    code, out, err = cli.run(cache_path, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1, (code, out, err)
+    assert f"argument {named}:" in err and "Traceback" not in err
+    assert state(cache_path) == before and os.listdir(work) == []
+
+
+def test_an_empty_cache_path_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--path", "", "info"]) == 2  # it said "... or None for the default", exit 1
+    err = capsys.readouterr().err
+    assert "argument --path: is empty" in err and "None" not in err

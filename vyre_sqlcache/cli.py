@@ -93,6 +93,33 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _named(what: str) -> Callable[[str], str]:
+    """An argparse type for the path of `what`: refuses an empty or blank one (a shell's
+    unset "$OUT" made `export-dir ""` write into the current folder)."""
+
+    def named(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty; give the path of {what}")
+        return text
+
+    return named
+
+
+def _written(what: str) -> Callable[[str], str]:
+    """`_named`, also refusing `-`: `what` is a database written beside its path and renamed
+    into place, never to standard output (a file named `-` appeared)."""
+
+    def written(text: str) -> str:
+        if text == "-":
+            raise argparse.ArgumentTypeError(
+                f"'-' (standard output): {what} is a file written and renamed into place; "
+                "give its path"
+            )
+        return _named(what)(text)
+
+    return written
+
+
 def _u32(text: str) -> int:
     """A u32 from decimal or 0x hex: `4318`, `0x10de`."""
     try:
@@ -1176,14 +1203,22 @@ def _parser() -> argparse.ArgumentParser:
         version=f"%(prog)s {__version__} (SQLite {PipelineCache.sqlite_version()}, "
         f"schema {SCHEMA_VERSION})",
     )
-    parser.add_argument("--path", metavar="FILE", default=None, help=path_help)
+    parser.add_argument(
+        "--path", type=_named("the cache file"), metavar="FILE", default=None, help=path_help
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Any, text: str, **extra: Any) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text, **extra)
         sub.set_defaults(handler=handler)
         # Also after the command (`info --path X`); SUPPRESS keeps one given before it.
-        sub.add_argument("--path", metavar="FILE", default=argparse.SUPPRESS, help=path_help)
+        sub.add_argument(
+            "--path",
+            type=_named("the cache file"),
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help=path_help,
+        )
         return sub
 
     def json_option(sub: argparse.ArgumentParser) -> None:
@@ -1233,11 +1268,23 @@ def _parser() -> argparse.ArgumentParser:
 
     get = command("get", _get, "write the blob of an entry to a file")
     get.add_argument("key", type=_entry_key, metavar="KEY", help="the entry key (64 hex)")
-    get.add_argument("-o", "--output", required=True, metavar="FILE", help="file, or - for stdout")
+    get.add_argument(
+        "-o",
+        "--output",
+        type=_named("the file to write"),
+        required=True,
+        metavar="FILE",
+        help="file, or - for stdout",
+    )
 
     put = command("put", _put, "store a file's bytes (64 MiB at most) under a bare entry key")
     put.add_argument("key", type=_entry_key, metavar="KEY", help="the entry key (64 hex)")
-    put.add_argument("file", metavar="FILE", help="a regular file, or - for standard input")
+    put.add_argument(
+        "file",
+        type=_named("the file to read"),
+        metavar="FILE",
+        help="a regular file, or - for standard input",
+    )
 
     rm = command("rm", _rm, "delete entries by entry key")
     rm.add_argument("keys", type=_entry_key, nargs="+", metavar="KEY")
@@ -1254,7 +1301,10 @@ def _parser() -> argparse.ArgumentParser:
     filters(invalidate)
     invalidate.add_argument("--key-version", type=_u32, metavar="N", help="key format version N")
     invalidate.add_argument(
-        "--program-digests", type=Path, metavar="FILE", help="entries of these programs"
+        "--program-digests",
+        type=lambda text: Path(_named("the file of program digests")(text)),
+        metavar="FILE",
+        help="entries of these programs",
     )
     invalidate.add_argument(
         "--revision", metavar="TEXT", help="driver revision of the device's fingerprint"
@@ -1307,7 +1357,14 @@ def _parser() -> argparse.ArgumentParser:
         "write the entries that match into a read-only layer file to ship (see "
         "VYRE_SQLCACHE_LAYERS); every entry verified, the file vacuumed",
     )
-    bundle.add_argument("-o", "--output", required=True, metavar="FILE", help="the layer file")
+    bundle.add_argument(
+        "-o",
+        "--output",
+        type=_written("the layer file"),
+        required=True,
+        metavar="FILE",
+        help="the layer file",
+    )
     filters(bundle)
     bundle.add_argument(
         "--driver", metavar="REVISION", help="only entries of this driver revision string"
@@ -1324,7 +1381,14 @@ def _parser() -> argparse.ArgumentParser:
         "write a snapshot of the whole cache into a new file, safe while processes use "
         "the cache (a file copy then is torn)",
     )
-    copy.add_argument("-o", "--output", required=True, metavar="FILE", help="the new file")
+    copy.add_argument(
+        "-o",
+        "--output",
+        type=_written("the copy"),
+        required=True,
+        metavar="FILE",
+        help="the new file",
+    )
     copy.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     merge = command(
@@ -1333,9 +1397,19 @@ def _parser() -> argparse.ArgumentParser:
         "admit the entries of other cache files (only read) into a cache: every entry "
         "verified, the newest created wins, the cap holds",
     )
-    merge.add_argument("sources", nargs="+", metavar="SRC", help="cache files to merge from")
     merge.add_argument(
-        "--into", metavar="DST", default=None, help="the cache to merge into (default: --path)"
+        "sources",
+        type=_named("a cache to merge from"),
+        nargs="+",
+        metavar="SRC",
+        help="cache files to merge from",
+    )
+    merge.add_argument(
+        "--into",
+        type=_named("the cache to merge into"),
+        metavar="DST",
+        default=None,
+        help="the cache to merge into (default: --path)",
     )
 
     explain = command(
@@ -1403,7 +1477,7 @@ def _parser() -> argparse.ArgumentParser:
         "import a vyre directory cache (<2 hex>/<64 hex>.bin); the files' mtimes become "
         "creation times; importing twice changes nothing",
     )
-    import_dir.add_argument("dir", metavar="DIR")
+    import_dir.add_argument("dir", type=_named("the folder to import"), metavar="DIR")
 
     export_dir = command(
         "export-dir",
@@ -1411,7 +1485,7 @@ def _parser() -> argparse.ArgumentParser:
         "write the entries vyre can look up as a vyre directory cache (atomic files, "
         "mtime = creation time); keyed entries are left out",
     )
-    export_dir.add_argument("dir", metavar="DIR")
+    export_dir.add_argument("dir", type=_named("the folder to export to"), metavar="DIR")
 
     remote = command(
         "remote",
