@@ -1853,3 +1853,26 @@ def test_an_empty_cache_path_is_a_usage_error(capsys: pytest.CaptureFixture[str]
     assert main(["--path", "", "info"]) == 2  # it said "... or None for the default", exit 1
     err = capsys.readouterr().err
     assert "argument --path: is empty" in err and "None" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bundle", "-o", "x.layer", "--driver-extra", "vulkan-1.3"],  # bundled every driver
+        ["invalidate", "--all", "--revision-extra", "vulkan-1.3"],
+        ["explain", "--entry-key", "ab" * 32, "--revision-extra", "x"],
+    ],
+)
+def test_an_option_without_the_one_it_qualifies_is_a_usage_error(
+    cli: Cli,
+    filled: Filled,
+    cache_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = state(cache_path)
+    code, out, err = cli.run(cache_path, *argv)
+    assert code == 2 and out == "" and "qualifies" in err, (code, out, err)
+    assert state(cache_path) == before and not (tmp_path / "x.layer").exists()

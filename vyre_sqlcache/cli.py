@@ -693,7 +693,16 @@ def _read_digests(path: Path) -> tuple[bytes, ...]:
     return tuple(digests)
 
 
+def _partner(args: argparse.Namespace, option: str, needs: str) -> None:
+    """Raise UsageError if `option` is given without `needs`, which it only qualifies (a
+    bundle given --driver-extra alone bundled every driver's entries)."""
+    if getattr(args, option) is not None and getattr(args, needs) is None:
+        flag, other = (f"--{name.replace('_', '-')}" for name in (option, needs))
+        raise UsageError(f"{flag} qualifies {other}: give {other} too, or leave {flag} out")
+
+
 def _invalidate(args: argparse.Namespace) -> int:
+    _partner(args, "revision_extra", "revision")
     filters = _filters(args)
     digests = None if args.program_digests is None else _read_digests(args.program_digests)
     if args.revision is not None:
@@ -702,7 +711,7 @@ def _invalidate(args: argparse.Namespace) -> int:
         if args.backend is not None or args.key_version is not None:
             raise UsageError("--revision cannot be combined with --backend or --key-version")
         fingerprint = DeviceFingerprint.from_parts(
-            args.vendor, args.device, args.revision, args.revision_extra
+            args.vendor, args.device, args.revision, args.revision_extra or ""
         )
         with _opened(args, write=True) as cache:
             removed = cache.invalidate_impacted([1] * len(digests), digests, fingerprint)
@@ -858,8 +867,10 @@ def _output_checked() -> Iterator[None]:
 
 def _bundle(args: argparse.Namespace) -> int:
     driver = None
+    _partner(args, "driver_extra", "driver")
     if args.driver is not None:
-        driver = DeviceFingerprint.from_parts(0, 0, args.driver, args.driver_extra).driver_digest
+        extra = args.driver_extra or ""
+        driver = DeviceFingerprint.from_parts(0, 0, args.driver, extra).driver_digest
     with _opened(args) as cache, _output_checked():
         report = cache.bundle(
             args.output,
@@ -1065,7 +1076,7 @@ def _asked_fingerprint(args: argparse.Namespace, what: str) -> DeviceFingerprint
     if args.driver_digest is not None:
         return DeviceFingerprint(args.vendor, args.device, args.driver_digest)
     return DeviceFingerprint.from_parts(
-        args.vendor, args.device, args.revision, args.revision_extra
+        args.vendor, args.device, args.revision, args.revision_extra or ""
     )
 
 
@@ -1090,6 +1101,7 @@ def _explanation_lines(why: Any) -> list[str]:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    _partner(args, "revision_extra", "revision")
     given = [
         name
         for name, value in (
@@ -1310,7 +1322,7 @@ def _parser() -> argparse.ArgumentParser:
         "--revision", metavar="TEXT", help="driver revision of the device's fingerprint"
     )
     invalidate.add_argument(
-        "--revision-extra", default="", metavar="TEXT", help="its extra revision string"
+        "--revision-extra", metavar="TEXT", help="its extra revision string (with --revision)"
     )
     invalidate.add_argument("--all", action="store_true", help="every entry")
 
@@ -1370,7 +1382,7 @@ def _parser() -> argparse.ArgumentParser:
         "--driver", metavar="REVISION", help="only entries of this driver revision string"
     )
     bundle.add_argument(
-        "--driver-extra", default="", metavar="TEXT", help="its extra revision string"
+        "--driver-extra", metavar="TEXT", help="its extra revision string (with --driver)"
     )
     bundle.add_argument("--key-version", type=_u32, metavar="N", help="key format version N")
     bundle.add_argument("--force", action="store_true", help="replace FILE if it exists")
@@ -1449,7 +1461,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", type=_u32, help="PCI device id (0x2684 or 9860)")
     explain.add_argument("--revision", metavar="TEXT", help="driver revision")
     explain.add_argument(
-        "--revision-extra", default="", metavar="TEXT", help="its extra revision string"
+        "--revision-extra", metavar="TEXT", help="its extra revision string (with --revision)"
     )
     explain.add_argument(
         "--driver-digest", type=_hash, metavar="HEX", help="the fingerprint's driver digest"
