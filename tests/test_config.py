@@ -214,3 +214,21 @@ def test_spaces_around_layer_paths_are_not_part_of_them(tmp_path: Path) -> None:
     value = f"{tmp_path / 'a.layer'}{os.pathsep} {tmp_path / 'b.layer'} "
     settings = Settings.from_environment({"VYRE_SQLCACHE_LAYERS": value})
     assert settings.layers == (tmp_path / "a.layer", tmp_path / "b.layer")
+
+
+def test_a_remote_key_of_raw_bytes_is_taken_as_its_bytes() -> None:
+    # os.environ holds bytes that are not UTF-8 as surrogates: encoding them raised a bare
+    # UnicodeEncodeError naming no variable.
+    raw = bytes(range(0xEF, 0xFF))  # 16 bytes, not UTF-8
+    env = {"VYRE_SQLCACHE_REMOTE": "redis://127.0.0.1:1/0"}
+    env["VYRE_SQLCACHE_REMOTE_KEY"] = raw.decode("utf-8", "surrogateescape")
+    remote = Settings.from_environment(env).remote
+    assert remote is not None and remote.key == raw
+
+
+@pytest.mark.parametrize("prefix", ["x" * 201, b"\xff:".decode("utf-8", "surrogateescape")])
+def test_a_bad_remote_prefix_names_its_own_variable(prefix: str) -> None:
+    # It named VYRE_SQLCACHE_REMOTE; one that is not UTF-8 was taken, and every call failed.
+    env = {"VYRE_SQLCACHE_REMOTE": "redis://127.0.0.1:1/0", "VYRE_SQLCACHE_REMOTE_PREFIX": prefix}
+    with pytest.raises(ValueError, match=r"^VYRE_SQLCACHE_REMOTE_PREFIX: remote prefix must be"):
+        Settings.from_environment(env)

@@ -832,6 +832,25 @@ def test_the_demo_uploads_to_a_shared_tier_only_what_it_keeps(
         assert remote_keys(redis_server) == []
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["remote", "ping", "--url", "http://x"], "argument --url: remote must be a redis://"),
+        (["remote"], "remote needs an action: ping, ls or rm"),  # it said KEY was required
+    ],
+)
+def test_cli_remote_usage_errors_name_what_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    said: str,
+) -> None:
+    monkeypatch.delenv("VYRE_SQLCACHE_REMOTE", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and "VYRE_SQLCACHE_REMOTE:" not in err
+
+
 def test_cli_remote_rm_all_with_a_url_keeps_to_the_environments_prefix(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -103,6 +103,11 @@ class RemoteSettings:
             raise ValueError(
                 f"remote prefix must be text of 1 to 200 characters, got {self.prefix!r:.80}"
             )
+        try:
+            self.prefix.encode()
+        except UnicodeEncodeError:
+            # (bytes that are not UTF-8, from the environment): every call would fail
+            raise ValueError(f"remote prefix must be UTF-8 text, got {self.prefix!r:.80}") from None
 
     def __repr__(self) -> str:
         return f"RemoteSettings({self.where!r}, mode={self.mode!r}, signed={self.key is not None})"
@@ -163,12 +168,14 @@ def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
         values["mode"] = mode
     key = env.get(ENV_REMOTE_KEY)
     if key is not None and key.strip():  # (blanks are unset, as for every variable)
-        if len(key.encode()) < MIN_KEY_BYTES:
+        # The variable's own bytes, also where they are not UTF-8 (a raw random secret).
+        secret = key.encode("utf-8", "surrogateescape")
+        if len(secret) < MIN_KEY_BYTES:
             raise ValueError(
                 f"{ENV_REMOTE_KEY} must be at least {MIN_KEY_BYTES} bytes (a long random "
-                f"secret shared by the team), got one of {len(key.encode())}"
+                f"secret shared by the team), got one of {len(secret)}"
             )
-        values["key"] = key.encode()
+        values["key"] = secret
     timeout = env.get(ENV_REMOTE_TIMEOUT, "").strip()
     if timeout:
         try:
@@ -190,7 +197,15 @@ def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
     prefix = env.get(ENV_REMOTE_PREFIX)
     if prefix is not None and prefix.strip():
         values["prefix"] = prefix
+        try:
+            RemoteSettings(DEFAULT_URL_FOR_CHECKS, prefix=prefix)
+        except ValueError as error:
+            raise ValueError(f"{ENV_REMOTE_PREFIX}: {error}") from None
     try:
         return RemoteSettings(**values)
     except ValueError as error:
         raise ValueError(f"{ENV_REMOTE}: {error}") from None
+
+
+#: A well-formed URL, for checking the other settings alone.
+DEFAULT_URL_FOR_CHECKS = "redis://127.0.0.1:6379/0"

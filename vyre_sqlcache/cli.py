@@ -470,7 +470,15 @@ def _remote(args: argparse.Namespace) -> int:
         env = dict(os.environ)
         if args.url:
             env["VYRE_SQLCACHE_REMOTE"] = args.url
-        configured = Settings.from_environment(env).remote
+        try:
+            configured = Settings.from_environment(env).remote
+        except ValueError as error:
+            if args.url and str(error).startswith("VYRE_SQLCACHE_REMOTE: "):
+                # (the URL in it is --url's)
+                raise UsageError(f"argument --url: {str(error).split(': ', 1)[1]}") from None
+            raise
+        if args.action is None:
+            raise UsageError("remote needs an action: ping, ls or rm")
         if configured is None:
             raise Failure("no remote: give --url redis://HOST:PORT/DB or set VYRE_SQLCACHE_REMOTE")
         # A command waits for answers: the cache's short read timeout is for hot paths.
@@ -1504,7 +1512,7 @@ def _parser() -> argparse.ArgumentParser:
         _remote,
         "look at and clean the shared tier (VYRE_SQLCACHE_REMOTE or --url): ping, ls, rm",
     )
-    remote.add_argument("action", choices=["ping", "ls", "rm"])
+    remote.add_argument("action", nargs="?", choices=["ping", "ls", "rm"])
     remote.add_argument("keys", type=_entry_key, nargs="*", metavar="KEY", help="for rm")
     remote.add_argument(
         "--url", help="redis://[user:password@]host:port/db (default: $VYRE_SQLCACHE_REMOTE)"
