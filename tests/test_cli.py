@@ -1779,6 +1779,20 @@ def test_sql_that_makes_text_that_is_not_utf8_is_not_called_damage(
     assert code == 0, out + err  # and the cache is sound
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux's /dev/full")
+def test_get_to_a_full_device_says_which_in_one_line(cli: Cli, filled: Filled) -> None:
+    # It said "[Errno 28] No space left on device", naming nothing.
+    code, _, err = cli.run(filled.path, "get", filled.keys["program"], "-o", "/dev/full")
+    line = one_error_line(err)
+    assert code == 1 and "to /dev/full: No space left on device" in line and "Errno" not in line
+
+
+def test_a_number_in_other_digits_says_what_is_allowed(cli: Cli, filled: Filled) -> None:
+    # "²" passed str.isdigit, then int() refused it: "invalid parse value: '²'".
+    code, _, err = cli.run(filled.path, "ls", "--limit", "\u00b2")
+    assert code == 2 and "expected a whole number from 1 to" in err
+
+
 @pytest.mark.parametrize("where", ["empty", "a folder", "a missing folder"])
 def test_get_to_a_path_that_cannot_be_a_file_says_which(
     cli: Cli, filled: Filled, tmp_path: Path, where: str
@@ -1794,7 +1808,8 @@ def test_get_to_a_path_that_cannot_be_a_file_says_which(
     line = one_error_line(err)
     assert out == ""
     if where == "a missing folder":
-        assert code == 1 and f"cannot write {target[where]}: " in line and ".tmp" not in line
+        assert code == 1 and f"cannot write {target[where]} (a new file in " in line
+        assert ".tmp" not in line
     elif where == "empty":
         assert code == 2 and "argument -o/--output: is empty; give the path" in line
     else:

@@ -84,7 +84,8 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         digits = text.strip()
-        if not digits.isdigit() or not low <= int(digits) <= high:
+        # (ASCII: `isdigit` takes '²', which int() refuses)
+        if not (digits.isascii() and digits.isdigit()) or not low <= int(digits) <= high:
             raise argparse.ArgumentTypeError(
                 f"expected a whole number from {low} to {high}, got {text!r}"
             )
@@ -599,7 +600,10 @@ def _write_file(path: Path, data: bytes) -> None:
     as it was; a device or FIFO (`/dev/null`) is written to as it is."""
     target = path.resolve() if path.is_symlink() else path
     if target.exists() and not target.is_file():
-        target.write_bytes(data)
+        try:
+            target.write_bytes(data)
+        except OSError as error:  # (a device: /dev/full)
+            raise Failure(f"cannot write {len(data)} bytes to {path}: {error.strerror}") from error
         return
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -611,8 +615,11 @@ def _write_file(path: Path, data: bytes) -> None:
                 f"no room to write {len(data)} bytes to {path} ({error.strerror}); it is left "
                 "as it was: free space (or raise the file size limit, `ulimit -f`)"
             ) from error
-        # Named by the path given, not the temporary name written first.
-        raise Failure(f"cannot write {path}: {error.strerror or error}") from error
+        # Named by the path given, not the temporary name written first (beside it, in
+        # the same folder: a folder that takes no new file, /proc, says so).
+        raise Failure(
+            f"cannot write {path} (a new file in {target.parent}): {error.strerror or error}"
+        ) from error
     finally:
         temporary.unlink(missing_ok=True)
 
