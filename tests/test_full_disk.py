@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from vyre_sqlcache import CacheFullError, DeviceFingerprint, PipelineCache
+from vyre_sqlcache import CacheFullError, DeviceFingerprint, PipelineCache, ReadOnlyCacheError
 
 from .helpers import flush_once_recovered, run_script
 
@@ -449,3 +449,67 @@ def test_writes_queued_on_a_full_disk_are_committed_once_room_returns(
         found = [reader.read(digest, FP) for digest in blobs]
     assert all(got in (None, blobs[d]) for d, got in zip(blobs, found, strict=True))
     assert sum(got is not None for got in found) == stats.entries
+
+
+# argv: folder. A cache of 2 MB at rest, opened by a process whose file size limit is
+# half of that: it is read, and writes are refused up front, saying why.
+OVER_THE_LIMIT = LIMITED_HEAD + textwrap.dedent(
+    """
+    import logging
+    from vyre_sqlcache import ReadOnlyCacheError
+    with PipelineCache.open(path, compression="off") as cache:
+        cache.write_many([(digest(i), blob(i)) for i in range(100)], fp)
+    before = open(path, "rb").read()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    with PipelineCache.open(path) as cache:
+        found = sum(cache.read(digest(i), fp) == blob(i) for i in range(100))
+        try:
+            cache.write(digest(500), fp, blob(500))
+            refused = ""
+        except ReadOnlyCacheError as error:
+            refused = str(error)
+    same = open(path, "rb").read() == before
+    print(json.dumps({"found": found, "refused": refused, "same": same}))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="POSIX rlimits")
+def test_a_cache_larger_than_the_file_size_limit_is_read_and_says_why_not_written(
+    tmp_path: Path,
+) -> None:
+    # Its pages past the limit could never be written, nor its log checkpointed: after a
+    # few writes every write, flush and compact failed, and close() lost the queue.
+    result = run_script(OVER_THE_LIMIT, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["found"] == 100 and out["same"], out
+    assert "ulimit -f" in out["refused"] and "more than the largest file" in out["refused"]
+    assert "opening it read-only" in result.stderr and "ulimit -f" in result.stderr
+
+
+def test_a_cache_on_a_file_system_without_free_inodes_is_read(tmp_path: Path) -> None:
+    # With no inode for its -wal and -shm, every open failed with "unable to open database
+    # file", read-only ones too: the entries could not be read at all.
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "few-inodes"
+    folder.mkdir()
+    options = "size=8m,nr_inodes=16"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = folder / "pipelines.sqlite3"
+        with PipelineCache.open(path) as cache:
+            cache.write(bytes(32), FP, b"kept")
+        with contextlib.suppress(OSError):
+            for i in range(64):
+                (folder / f"f{i}").touch()
+        for readonly in (True, False):
+            with PipelineCache.open(path, readonly=readonly) as cache:
+                assert cache.read(bytes(32), FP) == b"kept"
+                with pytest.raises(ReadOnlyCacheError, match="no free inodes"):
+                    cache.write(bytes([2]) * 32, FP, b"new")
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)

@@ -27,6 +27,11 @@ from typing import Final
 import apsw
 
 from .config import expand_home
+
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None  # type: ignore[assignment]
 from .errors import CacheBusyError, CacheError, CorruptCacheError, NotACacheError
 
 __all__ = [
@@ -484,6 +489,36 @@ def _check_side_files(sides: list[Path]) -> None:
             )
 
 
+def largest_file() -> int | None:
+    """The largest file this process may write (RLIMIT_FSIZE, `ulimit -f`); None: no limit.
+
+    Past it a write fails with EFBIG, which SQLite reports as an I/O error, not as a
+    full disk: the cache treats the limit as the size of its disk.
+    """
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def no_free_inodes(folder: Path) -> bool:
+    """Whether the file system of `folder` can hold no new file (no free inodes; False
+    where it does not count them)."""
+    try:
+        look = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return False
+    return look.f_files > 0 and look.f_favail == 0
+
+
+def file_size(path: Path) -> int:
+    """`path`'s size in bytes (0 where it cannot be looked at)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 @dataclass(frozen=True, slots=True)
 class CacheFile:
     """A cache file's resolved path and how it can be opened.
@@ -494,13 +529,16 @@ class CacheFile:
     locks, trusting it never to change. `watched`: such a reader on media that can
     change (not mounted read-only): the owner may rewrite the file under it, so it
     must watch the file (`FileWatch`) and must not map it into memory (a file that
-    shrinks under a map kills the process with SIGBUS).
+    shrinks under a map kills the process with SIGBUS). `why`: what keeps a file that
+    permissions would let this process write from being written (a file size limit, a
+    file system out of inodes), for messages.
     """
 
     path: Path
     writable: bool
     immutable: bool
     watched: bool = False
+    why: str | None = None
 
     @property
     def mappable(self) -> bool:
@@ -583,11 +621,26 @@ class CacheFile:
         sides = [Path(str(resolved) + side) for side in SIDE_FILES]
         _check_side_files(sides)
         folder_writable = os.access(resolved.parent, os.W_OK)
+        why = None
+        if not all(side.exists() for side in sides) and no_free_inodes(resolved.parent):
+            # SQLite said only "unable to open database file", to readers too.
+            folder_writable = False
+            why = "its file system has no free inodes for its -wal and -shm (`df -i`)"
         writable = os.access(resolved, os.W_OK) and (
             folder_writable or all(side.exists() for side in sides)
         )
+        limit = largest_file()
+        largest = max(info.st_size, file_size(sides[0]))
+        if writable and limit is not None and largest > limit:
+            # Pages past the limit can never be written, nor the log checkpointed: every
+            # write failed once the log had filled, and eviction could not help.
+            writable = False
+            why = (
+                f"it is {largest} bytes, more than the largest file this process may "
+                f"write (`ulimit -f`: {limit} bytes)"
+            )
         if writable or folder_writable:
-            return cls(resolved, writable=writable, immutable=False)
+            return cls(resolved, writable=writable, immutable=False, why=why)
         # A reader that cannot create the -wal and -shm: with both there (the owner has
         # the file open), SQLite reads through them and sees every change; without, only
         # an immutable open reads the file, and it must be watched unless the medium
@@ -596,7 +649,13 @@ class CacheFile:
         no_log = not wal.exists() or wal.stat().st_size == 0
         readonly_medium = _medium_is_readonly(resolved)
         immutable = no_log and (readonly_medium or not sides[1].exists())
-        return cls(resolved, writable=False, immutable=immutable, watched=not readonly_medium)
+        return cls(
+            resolved,
+            writable=False,
+            immutable=immutable,
+            watched=not readonly_medium,
+            why=why,
+        )
 
     def file_bytes(self) -> int:
         """Bytes the cache takes on disk: the file and its write-ahead log."""

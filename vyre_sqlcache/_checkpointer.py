@@ -78,13 +78,8 @@ from functools import partial
 import apsw
 
 from . import _rows, _wakeup
-from ._cachefile import os_name
+from ._cachefile import largest_file, os_name
 from ._connections import waiter_of
-
-try:
-    import resource
-except ImportError:  # not POSIX
-    resource = None  # type: ignore[assignment]
 
 __all__ = [
     "CATCH_UP_PASSES",
@@ -290,7 +285,7 @@ class _SpaceWatch:
             looked = None
         else:
             free, total = info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
-            largest = _largest_file()
+            largest = largest_file()
             if largest is not None:
                 # No file may grow past it: to the database, the room left below it is
                 # free space as a disk's is (the log is kept within a part of it).
@@ -305,18 +300,6 @@ class _SpaceWatch:
         with self._lock:
             self._space = looked
         return looked
-
-
-def _largest_file() -> int | None:
-    """The largest file this process may write (RLIMIT_FSIZE, `ulimit -f`); None: no limit.
-
-    Past it a write fails with EFBIG, which SQLite reports as an I/O error, not as a
-    full disk: the cache treats the limit as the size of its disk.
-    """
-    if resource is None:
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def caught_up_pages() -> int:

@@ -408,6 +408,15 @@ def translate(
     ):
         # SQLite reports only ENOSPC as a full disk; the largest file the process may
         # write (RLIMIT_FSIZE, `ulimit -f`) or the file system allows is one too.
+        limit = _cachefile.largest_file()
+        size = max(_cachefile.file_size(Path(f"{path}{side}")) for side in ("", "-wal"))
+        if limit is not None and size > limit:
+            # Lowered below the file while it was open: no eviction shrinks the file.
+            return CacheFullError(
+                f"{what} failed on {path}: the file is {size} bytes, more than the largest "
+                f"file this process may write now (`ulimit -f`: {limit} bytes), so its pages "
+                "past that can never be written; raise the limit"
+            )
         return CacheFullError(
             f"{what} failed on {path}: the file reached the largest size this process "
             "may write (the file size limit, `ulimit -f`, or the file system's); lower "

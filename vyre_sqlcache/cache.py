@@ -427,7 +427,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             if not open_in_process(file.path):
                 remove_foreign_side_files(file.path)
         if not file.writable and not readonly:
-            log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
+            if file.why is not None:
+                log.warning(
+                    "vyre-sqlcache: %s cannot be written by this process: %s; opening it read-only",
+                    file.path,
+                    file.why,
+                )
+            else:
+                log.info("vyre-sqlcache: %s is not writable; opening it read-only", file.path)
         cache = cls(
             file, readonly=readonly, max_bytes=max_bytes, vfs=vfs, write_behind=write_behind
         )
@@ -1407,6 +1414,11 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         self._reopen_due = False
 
     def _refuse_write(self) -> None:
+        if self._file.why is not None:
+            raise ReadOnlyCacheError(
+                f"the cache {self._path} is open read-only: {self._file.why}; free what is "
+                "missing or raise the limit, then open it again"
+            )
         if self._file.writable:
             raise ReadOnlyCacheError(
                 f"the cache {self._path} is open read-only (readonly=True); open it without "
