@@ -1012,7 +1012,9 @@ def _demo(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "big")
     workload = demo.Workload(seed=seed, count=args.count)
     created = not _path(args).exists()
-    folder_made = not _path(args).parent.exists()
+    # The folders the demo will make (~/.cache and ~/.cache/vyre, in a new home), deepest
+    # first: removed with the file.
+    made = [folder for folder in _path(args).parents if not folder.exists()]
     # Uncompressed, so that its bytes are known (the room below) and it trains no
     # dictionary, and kept from a shared tier unless kept at all (the team's Redis would
     # hold the made-up entries).
@@ -1032,12 +1034,12 @@ def _demo(args: argparse.Namespace) -> int:
             outcome, after, removed = _run_demo(cache, workload, keep=args.keep)
             left = len(cache)
     if created and (not room or not args.keep):
-        # The demo made the file (and its folder): leave none behind, as there was none.
+        # The demo made the file (and its folders): leave none behind, as there was none.
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
-        if folder_made:
-            with suppress(OSError):
-                path.parent.rmdir()
+        with suppress(OSError):  # (one another program filled meanwhile stays)
+            for made_folder in made:
+                made_folder.rmdir()
     if not room:
         print(
             f"the cache holds {_mb(held)} as stored under its size cap of "
