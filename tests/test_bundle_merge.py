@@ -663,6 +663,22 @@ def test_cli_force_through_a_link_replaces_the_file_it_names(
 
 
 @pytest.mark.parametrize("command", ["bundle", "copy"])
+def test_cli_force_onto_a_loop_of_links_says_so_in_one_line(
+    populated: tuple[Path, list[tuple[str, str, int, bytes]]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    # A traceback (RuntimeError: Symlink loop), exit 1.
+    path, _ = populated
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert main(["--path", str(path), command, "-o", str(tmp_path / "a"), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "a symbolic link that names no file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["bundle", "copy"])
 def test_cli_says_why_a_folder_refuses_the_file(
     populated: tuple[Path, list[tuple[str, str, int, bytes]]],
     capsys: pytest.CaptureFixture[str],

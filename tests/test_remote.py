@@ -811,21 +811,24 @@ def test_cli_remote_ping_ls_rm_and_info(
     assert main(["remote", "ping", "--url", dead]) == 1
 
 
-@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize(("keep", "full"), [(False, False), (True, False), (True, True)])
 def test_the_demo_uploads_to_a_shared_tier_only_what_it_keeps(
     tmp_path: Path,
     redis_server: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     keep: bool,
+    full: bool,
 ) -> None:
     # It uploaded its made-up entries to the team's Redis and left them there, though it
-    # removed them locally.
+    # removed them locally; also from the temporary file of a cache at its cap.
     monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", redis_server.url)
     path = tmp_path / "user.sqlite3"
+    if full:
+        PipelineCache.open(path, max_bytes=64 << 10, remote=None).close()
     argv = ["--path", str(path), "demo", "--count", "20", *(["--keep"] if keep else [])]
     assert main(argv) == 0, capsys.readouterr().err
-    if keep:
+    if keep and not full:
         wait_for(lambda: len(remote_keys(redis_server)) == 20)  # (invalidating stays local)
     else:
         time.sleep(0.3)
@@ -837,6 +840,7 @@ def test_the_demo_uploads_to_a_shared_tier_only_what_it_keeps(
     [
         (["remote", "ping", "--url", "http://x"], "argument --url: remote must be a redis://"),
         (["remote"], "remote needs an action: ping, ls or rm"),  # it said KEY was required
+        (["remote", "--url", "", "ping"], "argument --url: is empty"),  # used the variable
     ],
 )
 def test_cli_remote_usage_errors_name_what_was_given(
@@ -849,6 +853,53 @@ def test_cli_remote_usage_errors_name_what_was_given(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert said in err and "VYRE_SQLCACHE_REMOTE:" not in err
+
+
+def test_a_remote_url_argument_takes_the_other_variables(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only with VYRE_SQLCACHE_REMOTE set too did a URL argument take the mode, key, timeout
+    # and prefix of the environment (unsigned uploads, under another prefix); and a
+    # malformed VYRE_SQLCACHE_REMOTE failed the open though the URL was given.
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE", "http://not-this-one")
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE_PREFIX", "team:")
+    monkeypatch.setenv("VYRE_SQLCACHE_REMOTE_KEY", TEAM_KEY.decode())
+    digest = os.urandom(32)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as cache:
+        cache.write(digest, fingerprint, b"signed" * 20)
+        uploaded(cache, 1)
+    names = redis_server.client().keys("*")
+    assert len(names) == 1 and names[0].startswith(b"team:")
+    (value,) = redis_server.client().mget(names)
+    entry_key = fingerprint.cache_key(digest)
+    assert remote_decode(value, entry_key, TEAM_KEY, 1000) == b"signed" * 20
+
+
+def test_uploads_of_a_process_at_its_thread_limit_are_sent_at_close(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With no upload thread, nothing ever sent them, and close() dropped the queue.
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name.startswith("vyre-sqlcache"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as cache:
+        for _ in range(10):
+            cache.write(os.urandom(32), fingerprint, b"queued" * 20)
+        cache.flush()
+        remote = cache.stats().remote
+        assert remote is not None and remote.queued == 10
+    assert len(remote_keys(redis_server)) == 10
 
 
 def test_cli_remote_rm_all_with_a_url_keeps_to_the_environments_prefix(

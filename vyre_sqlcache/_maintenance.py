@@ -882,7 +882,13 @@ class CacheMaintenance:
         if target.is_symlink():
             # The file the link names is the one replaced, as `get -o` writes: replacing
             # the link left a backup reached through it (on another disk, say) stale.
-            target = target.resolve()
+            try:
+                target = target.resolve()
+            except (RuntimeError, OSError) as error:  # (a loop: RuntimeError before 3.13)
+                raise CacheError(
+                    f"{target} is a symbolic link that names no file ({error}); give the "
+                    f"path of the {kind} to write"
+                ) from None
         part = self.own_file(target)
         if part is not None:
             raise ValueError(f"out ({target}) is {part}; give another file")

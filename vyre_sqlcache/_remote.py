@@ -437,6 +437,18 @@ class RemoteTier:
         with self._lock:
             self._stopped = True
             self._wake.notify_all()
+            alone = self._thread is None  # none could start (the process's thread limit)
+        while alone and time.monotonic() < deadline:
+            with self._lock:
+                batch = self._take() if self._queue else []
+            if not batch:
+                break
+            try:
+                self._send(batch)  # from here, then
+            finally:
+                with self._lock:
+                    self._sending = 0
+        with self._lock:
             while (
                 (self._queue or self._sending)
                 and self._thread is not None

@@ -154,10 +154,14 @@ def _redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
-    """The VYRE_SQLCACHE_REMOTE* variables as settings (None without a URL); raises
-    ValueError naming the malformed variable."""
-    url = env.get(ENV_REMOTE, "").strip()
+def remote_from_environment(
+    env: Mapping[str, str], url: str | None = None
+) -> RemoteSettings | None:
+    """The VYRE_SQLCACHE_REMOTE* variables as settings (None without a URL); `url`, given,
+    stands for VYRE_SQLCACHE_REMOTE (which is then not read) and takes the others. Raises
+    ValueError naming the malformed variable (or `remote`, for a bad `url`)."""
+    where = ENV_REMOTE if url is None else "remote"
+    url = env.get(ENV_REMOTE, "").strip() if url is None else url
     if not url:
         return None
     values: dict[str, Any] = {"url": url}
@@ -204,7 +208,7 @@ def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None:
     try:
         return RemoteSettings(**values)
     except ValueError as error:
-        raise ValueError(f"{ENV_REMOTE}: {error}") from None
+        raise ValueError(f"{where}: {error}") from None
 
 
 #: A well-formed URL, for checking the other settings alone.

@@ -384,14 +384,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """
         # Explicit arguments win: their variables are not read (a malformed one is no
         # reason to refuse an open that does not use it). A remote URL still takes the
-        # environment's mode, key and timeout.
+        # environment's mode, key, timeout and prefix (below).
         given = {
             "path": path is not None,
             "max_bytes": max_bytes is not _UNSET,
             "compression": compression is not _UNSET,
             "layers": layers is not None,
             "log_misses": log_misses is not None,
-            "remote": remote is None or isinstance(remote, _remote.RemoteSettings),
+            "remote": remote is not _UNSET,
         }
         settings = Settings.from_environment(ignore={name for name, yes in given.items() if yes})
         if log_misses is not None and not isinstance(log_misses, bool):
@@ -442,6 +442,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         if (settings.log_misses if log_misses is None else log_misses) and not cache._readonly:
             cache._miss_log = MissLog()
             cache._books.also = cache._miss_log.write
+        if isinstance(remote, str):
+            # The URL stands for VYRE_SQLCACHE_REMOTE: the other variables (mode, key,
+            # timeout, prefix) still apply, also where that one is unset or malformed.
+            remote = _remote.remote_from_environment(os.environ, url=remote)
         tier = _remote.open_tier(remote, settings.remote, given=remote is not _UNSET)
         try:
             try:

@@ -1049,7 +1049,12 @@ def _demo(args: argparse.Namespace) -> int:
         with (
             tempfile.TemporaryDirectory(prefix="vyre-sqlcache-demo-") as folder,
             PipelineCache.open(
-                Path(folder) / "demo.sqlite3", max_bytes=None, write_behind=False
+                Path(folder) / "demo.sqlite3",
+                max_bytes=None,
+                write_behind=False,
+                compression="off",
+                layers=[],
+                remote=None,  # (a temporary file's entries are nobody's to share)
             ) as scratch,
         ):
             print(f"cache: {scratch.path} (temporary)")
@@ -1524,7 +1529,9 @@ def _parser() -> argparse.ArgumentParser:
     remote.add_argument("action", nargs="?", choices=["ping", "ls", "rm"])
     remote.add_argument("keys", type=_entry_key, nargs="*", metavar="KEY", help="for rm")
     remote.add_argument(
-        "--url", help="redis://[user:password@]host:port/db (default: $VYRE_SQLCACHE_REMOTE)"
+        "--url",
+        type=_named("the shared tier (redis://HOST:PORT/DB)"),
+        help="redis://[user:password@]host:port/db (default: $VYRE_SQLCACHE_REMOTE)",
     )
     remote.add_argument("--all", action="store_true", help="rm: every entry under the prefix")
     remote.add_argument("--yes", action="store_true", help="rm --all: yes, delete them all")
