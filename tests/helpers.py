@@ -281,3 +281,18 @@ def schema_file(path: Any, version: int, *, wal: bool = True) -> None:
             connection.execute(f"PRAGMA user_version = {version}")
     finally:
         connection.close()
+
+
+def refuse_threads(monkeypatch: Any) -> None:
+    """Have every thread of the package fail to start, as at the process's thread limit
+    (RLIMIT_NPROC), where CPython's Thread.start raises this RuntimeError."""
+    import threading
+
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name.startswith("vyre-sqlcache"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)

@@ -324,9 +324,10 @@ def test_a_copy_or_bundle_onto_a_full_disk_says_what_it_needs(
     assert os.listdir(small_disk) == []
 
 
-@pytest.mark.parametrize("method", ["copy", "bundle"])
-def test_a_copy_or_bundle_onto_a_disk_without_inodes_says_so(tmp_path: Path, method: str) -> None:
-    # Free bytes, no free inodes: it said "give a path in a folder this user can write".
+@pytest.fixture
+def few_inodes(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of 8 MiB and 16 inodes, unmounted afterwards; skips where it cannot be
+    mounted. Its inodes are used up with `use_up_inodes`."""
     if shutil.which("mount") is None or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     folder = tmp_path / "few-inodes"
@@ -335,18 +336,31 @@ def test_a_copy_or_bundle_onto_a_disk_without_inodes_says_so(tmp_path: Path, met
     if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        with contextlib.suppress(OSError):
-            for i in range(64):
-                (folder / f"f{i}").touch()
-        path = tmp_path / "pipelines.sqlite3"
-        with PipelineCache.open(path) as cache:
-            cache.write(b"\1" * 32, FP, b"entry")
-            with pytest.raises(CacheFullError, match=r"no free inodes") as raised:
-                getattr(cache, method)(folder / "out.sqlite3")
-        assert "can write" not in str(raised.value)
-        assert not [name for name in os.listdir(folder) if "out.sqlite3" in name]
+        yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def use_up_inodes(folder: Path) -> None:
+    """Make files in `folder` until its file system holds no more."""
+    with contextlib.suppress(OSError):
+        for i in range(64):
+            (folder / f"f{i}").touch()
+
+
+@pytest.mark.parametrize("method", ["copy", "bundle"])
+def test_a_copy_or_bundle_onto_a_disk_without_inodes_says_so(
+    tmp_path: Path, few_inodes: Path, method: str
+) -> None:
+    # Free bytes, no free inodes: it said "give a path in a folder this user can write".
+    use_up_inodes(few_inodes)
+    path = tmp_path / "pipelines.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(bytes(32), FP, b"entry")
+        with pytest.raises(CacheFullError, match=r"no free inodes") as raised:
+            getattr(cache, method)(few_inodes / "out.sqlite3")
+    assert "can write" not in str(raised.value)
+    assert not [name for name in os.listdir(few_inodes) if "out.sqlite3" in name]
 
 
 # argv: cache, folder. export-dir under a file size limit below one entry's file.
@@ -489,27 +503,15 @@ def test_a_cache_larger_than_the_file_size_limit_is_read_and_says_why_not_writte
     assert "opening it read-only" in result.stderr and "ulimit -f" in result.stderr
 
 
-def test_a_cache_on_a_file_system_without_free_inodes_is_read(tmp_path: Path) -> None:
+def test_a_cache_on_a_file_system_without_free_inodes_is_read(few_inodes: Path) -> None:
     # With no inode for its -wal and -shm, every open failed with "unable to open database
     # file", read-only ones too: the entries could not be read at all.
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    folder = tmp_path / "few-inodes"
-    folder.mkdir()
-    options = "size=8m,nr_inodes=16"
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        path = folder / "pipelines.sqlite3"
-        with PipelineCache.open(path) as cache:
-            cache.write(bytes(32), FP, b"kept")
-        with contextlib.suppress(OSError):
-            for i in range(64):
-                (folder / f"f{i}").touch()
-        for readonly in (True, False):
-            with PipelineCache.open(path, readonly=readonly) as cache:
-                assert cache.read(bytes(32), FP) == b"kept"
-                with pytest.raises(ReadOnlyCacheError, match="no free inodes"):
-                    cache.write(bytes([2]) * 32, FP, b"new")
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+    path = few_inodes / "pipelines.sqlite3"
+    with PipelineCache.open(path) as cache:
+        cache.write(bytes(32), FP, b"kept")
+    use_up_inodes(few_inodes)
+    for readonly in (True, False):
+        with PipelineCache.open(path, readonly=readonly) as cache:
+            assert cache.read(bytes(32), FP) == b"kept"
+            with pytest.raises(ReadOnlyCacheError, match="no free inodes"):
+                cache.write(bytes([2]) * 32, FP, b"new")

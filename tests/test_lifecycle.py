@@ -26,7 +26,7 @@ from torture.lifecycle import FORK_VARIANTS, run_fork_trials, run_interrupt_tria
 from vyre_sqlcache import CacheError, DeviceFingerprint, PipelineCache, _cachefile, _checkpointer
 from vyre_sqlcache import cache as cache_module
 
-from .helpers import locked_for_others, open_connections, run_script
+from .helpers import locked_for_others, open_connections, refuse_threads, run_script
 
 FP = DeviceFingerprint.from_parts(1, 2, "lifecycle")
 
@@ -1145,16 +1145,9 @@ def test_a_process_at_its_thread_limit_keeps_a_working_cache(
 ) -> None:
     # At RLIMIT_NPROC (or out of memory) Thread.start raises RuntimeError: open() raised
     # it (a file left behind), and so did the first read (the snapshot reaper's start).
-    start = threading.Thread.start
-
-    def refused(thread: threading.Thread) -> None:
-        if thread.name.startswith("vyre-sqlcache"):
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
     path = tmp_path / "cache.sqlite3"
     digests = [os.urandom(32) for _ in range(3)]
-    monkeypatch.setattr(threading.Thread, "start", refused)
+    refuse_threads(monkeypatch)
     with PipelineCache.open(path) as cache:
         for digest in digests:
             cache.write(digest, fingerprint, digest * 4)

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from benchmarks.corpus import DEFAULT_TARBALL, unpack
 from tests.helpers import (
     forget_missing_redis_warning,
+    refuse_threads,
     remote_decode,
     remote_header,
     remote_value,
@@ -885,14 +886,7 @@ def test_uploads_of_a_process_at_its_thread_limit_are_sent_at_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # With no upload thread, nothing ever sent them, and close() dropped the queue.
-    start = threading.Thread.start
-
-    def refused(thread: threading.Thread) -> None:
-        if thread.name.startswith("vyre-sqlcache"):
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refused)
+    refuse_threads(monkeypatch)
     with PipelineCache.open(tmp_path / "a.sqlite3", remote=redis_server.url) as cache:
         for _ in range(10):
             cache.write(os.urandom(32), fingerprint, b"queued" * 20)
