@@ -879,6 +879,14 @@ def test_a_remote_url_argument_takes_the_other_variables(
     assert remote_decode(value, entry_key, TEAM_KEY, 1000) == b"signed" * 20
 
 
+@pytest.mark.parametrize("url", ["", "http://x"])
+def test_a_bad_remote_url_argument_raises_naming_it(tmp_path: Path, url: str) -> None:
+    # An empty one was taken for "no remote" once URLs came to stand for the variable.
+    with pytest.raises(ValueError, match="^remote: remote must be a redis://"):
+        PipelineCache.open(tmp_path / "a.sqlite3", remote=url)
+    assert not (tmp_path / "a.sqlite3").exists()
+
+
 def test_uploads_of_a_process_at_its_thread_limit_are_sent_at_close(
     tmp_path: Path,
     redis_server: RedisServer,

@@ -26,7 +26,6 @@ thread and no client (made again on first use); the parent keeps and sends its o
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import logging
 import os
 import re
@@ -759,9 +758,10 @@ if hasattr(os, "register_at_fork"):
 def open_tier(
     argument: str | RemoteSettings | None, from_environment: RemoteSettings | None, *, given: bool
 ) -> RemoteTier | None:
-    """The tier a cache object uses: the argument's (`given`; a URL takes the mode, key and
-    timeout of the environment), else the environment's, else None. Without redis-py: an
-    ImportError naming the extra for an argument, one warning for the environment."""
+    """The tier a cache object uses: the argument's (`given`; a URL stands for
+    VYRE_SQLCACHE_REMOTE and takes the other variables: mode, key, timeout, prefix), else
+    the environment's, else None. Without redis-py: an ImportError naming the extra for an
+    argument, one warning for the environment."""
     if not given:
         if from_environment is None:
             return None
@@ -778,12 +778,8 @@ def open_tier(
     if argument is None:
         return None
     if isinstance(argument, str):
-        base = from_environment
-        if base is None:
-            argument = RemoteSettings(argument)
-        else:
-            argument = dataclasses.replace(base, url=argument)
-    elif not isinstance(argument, RemoteSettings):
+        argument = remote_from_environment(os.environ, url=argument)
+    if not isinstance(argument, RemoteSettings):
         raise TypeError(
             "remote must be a redis:// URL, a RemoteSettings or None, "
             f"got {type(argument).__name__}"

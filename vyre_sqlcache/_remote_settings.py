@@ -6,7 +6,7 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, overload
 
 __all__ = [
     "DEFAULT_MAX_BLOB_BYTES",
@@ -154,6 +154,10 @@ def _redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+@overload
+def remote_from_environment(env: Mapping[str, str]) -> RemoteSettings | None: ...
+@overload
+def remote_from_environment(env: Mapping[str, str], url: str) -> RemoteSettings: ...
 def remote_from_environment(
     env: Mapping[str, str], url: str | None = None
 ) -> RemoteSettings | None:
@@ -161,9 +165,10 @@ def remote_from_environment(
     stands for VYRE_SQLCACHE_REMOTE (which is then not read) and takes the others. Raises
     ValueError naming the malformed variable (or `remote`, for a bad `url`)."""
     where = ENV_REMOTE if url is None else "remote"
-    url = env.get(ENV_REMOTE, "").strip() if url is None else url
-    if not url:
-        return None
+    if url is None:
+        url = env.get(ENV_REMOTE, "").strip()
+        if not url:
+            return None
     values: dict[str, Any] = {"url": url}
     mode = env.get(ENV_REMOTE_MODE, "").strip().lower()
     if mode:

@@ -418,6 +418,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             from ._disabled import DisabledCache
 
             return DisabledCache(CacheFile(resolved, writable=False, immutable=False), max_bytes)
+        # Before anything is made: a bad remote argument leaves no file behind.
+        tier = _remote.open_tier(remote, settings.remote, given=remote is not _UNSET)
         file = CacheFile.locate(resolved, create=not readonly)
         _warn_if_shared_between_hosts(file.path)
         if file.writable and not readonly:
@@ -442,11 +444,6 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         if (settings.log_misses if log_misses is None else log_misses) and not cache._readonly:
             cache._miss_log = MissLog()
             cache._books.also = cache._miss_log.write
-        if isinstance(remote, str):
-            # The URL stands for VYRE_SQLCACHE_REMOTE: the other variables (mode, key,
-            # timeout, prefix) still apply, also where that one is unset or malformed.
-            remote = _remote.remote_from_environment(os.environ, url=remote)
-        tier = _remote.open_tier(remote, settings.remote, given=remote is not _UNSET)
         try:
             try:
                 cache._check_file_bytes(own=path is None)
