@@ -97,17 +97,7 @@ class RemoteSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"remote {name} must be a whole number from {low} to {high}")
-        if not isinstance(self.prefix, str) or not 1 <= len(self.prefix) <= 200:
-            # Empty, the entries' names would be bare hex, which `remote rm --all` cannot
-            # tell from another application's keys.
-            raise ValueError(
-                f"remote prefix must be text of 1 to 200 characters, got {self.prefix!r:.80}"
-            )
-        try:
-            self.prefix.encode()
-        except UnicodeEncodeError:
-            # (bytes that are not UTF-8, from the environment): every call would fail
-            raise ValueError(f"remote prefix must be UTF-8 text, got {self.prefix!r:.80}") from None
+        _check_prefix(self.prefix)
 
     def __repr__(self) -> str:
         return f"RemoteSettings({self.where!r}, mode={self.mode!r}, signed={self.key is not None})"
@@ -116,6 +106,19 @@ class RemoteSettings:
     def where(self) -> str:
         """The URL with any password hidden, for messages."""
         return _redacted(self.url)
+
+
+def _check_prefix(prefix: object) -> None:
+    """Raise ValueError unless `prefix` is UTF-8 text of 1 to 200 characters."""
+    if not isinstance(prefix, str) or not 1 <= len(prefix) <= 200:
+        # Empty, the entries' names would be bare hex, which `remote rm --all` cannot
+        # tell from another application's keys.
+        raise ValueError(f"remote prefix must be text of 1 to 200 characters, got {prefix!r:.80}")
+    try:
+        prefix.encode()
+    except UnicodeEncodeError:
+        # (bytes that are not UTF-8, from the environment): every call would fail
+        raise ValueError(f"remote prefix must be UTF-8 text, got {prefix!r:.80}") from None
 
 
 def _check_url(url: str) -> None:
@@ -207,14 +210,10 @@ def remote_from_environment(
     if prefix is not None and prefix.strip():
         values["prefix"] = prefix
         try:
-            RemoteSettings(DEFAULT_URL_FOR_CHECKS, prefix=prefix)
+            _check_prefix(prefix)
         except ValueError as error:
             raise ValueError(f"{ENV_REMOTE_PREFIX}: {error}") from None
     try:
         return RemoteSettings(**values)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-
-
-#: A well-formed URL, for checking the other settings alone.
-DEFAULT_URL_FOR_CHECKS = "redis://127.0.0.1:6379/0"
