@@ -882,7 +882,7 @@ def test_a_remote_url_argument_takes_the_other_variables(
 @pytest.mark.parametrize("url", ["", "http://x"])
 def test_a_bad_remote_url_argument_raises_naming_it(tmp_path: Path, url: str) -> None:
     # An empty one was taken for "no remote" once URLs came to stand for the variable.
-    with pytest.raises(ValueError, match="^remote: remote must be a redis://"):
+    with pytest.raises(ValueError, match=r"^remote: remote must be a redis://"):
         PipelineCache.open(tmp_path / "a.sqlite3", remote=url)
     assert not (tmp_path / "a.sqlite3").exists()
 
