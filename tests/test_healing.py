@@ -275,6 +275,19 @@ def test_a_full_disk_evicts_and_retries(cache_path: Path, fingerprint: DeviceFin
         assert connection_of(cache).execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def test_a_group_larger_than_an_empty_caches_room_goes_in_as_far_as_it_fits(
+    cache_path: Path, fingerprint: DeviceFingerprint
+) -> None:
+    # Nothing to evict before the first commit: the group is split, not refused.
+    items = [(os.urandom(32), os.urandom(20_000)) for _ in range(400)]
+    with page_limit(cache_path, 200), PipelineCache.open(cache_path, max_bytes=None) as cache:
+        cache.write_many(items, fingerprint)
+        cache.flush()
+        assert cache.read(items[-1][0], fingerprint) == items[-1][1]
+        assert 0 < cache.stats().entries < len(items)
+        assert connection_of(cache).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 def test_a_blob_that_cannot_fit_raises_cache_full_and_the_cache_stays_usable(
     cache_path: Path, fingerprint: DeviceFingerprint
 ) -> None:

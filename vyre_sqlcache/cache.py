@@ -1293,8 +1293,8 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
                                 self._path,
                             )
                             continue
-                        if attempt and len(entries) > 1:
-                            split = True
+                        if len(entries) > 1:
+                            split = True  # also where nothing could be evicted
                             break
                         raise
             except READ_ERRORS as error:
