@@ -306,8 +306,10 @@ def test_a_scope_of_random_blobs_tries_training_ever_more_rarely(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts: list[int] = []
-    train = _codec.train
-    monkeypatch.setattr(_codec, "train", lambda samples: attempts.append(1) or train(samples))
+    compresses = _codec.compresses  # an attempt's first step: do the samples compress?
+    monkeypatch.setattr(
+        _codec, "compresses", lambda samples: attempts.append(1) or compresses(samples)
+    )
     with open_cache(path) as cache:
         # 32 writes, then 256 more, then 2,048 more: 2 attempts in 2,048 writes (64 without
         # the back-off), and none while the next is not due, whatever the batch sizes
@@ -317,6 +319,29 @@ def test_a_scope_of_random_blobs_tries_training_ever_more_rarely(
     with open_cache(path) as cache:  # the count of failures is kept in the file
         cache.write_many([(digest(i), os.urandom(600)) for i in range(2048, 2048 + 256)], FP)
         assert len(attempts) == 2
+
+
+@pytest.mark.parametrize("compressible", [True, False])
+def test_a_training_reads_the_other_samples_only_if_the_held_out_ones_compress(
+    path: Path, monkeypatch: pytest.MonkeyPatch, compressible: bool
+) -> None:
+    read: list[int] = []
+    prefix = _codec.prefix
+    monkeypatch.setattr(_codec, "prefix", lambda *args: read.append(1) or prefix(*args))
+    count = 64  # one group, twice what the first training waits for: 64 samples
+    with open_cache(path) as cache:
+        cache.write_many(
+            [
+                (digest(i), kernel_text(i, 3000) if compressible else os.urandom(3000))
+                for i in range(count)
+            ],
+            FP,
+        )
+        cache.flush()
+        assert len(read) == (count if compressible else count // 4)
+        trained = rows(path, "SELECT count(*) FROM dictionaries") == [(1,)]
+        assert trained == compressible
+        assert all(cache.read(digest(i), FP) is not None for i in range(count))
 
 
 def test_scope_names() -> None:

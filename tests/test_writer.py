@@ -66,6 +66,21 @@ def test_other_connections_see_a_write_once_the_thread_commits_it(
     assert wait_for(lambda: in_file(cache.path) == 1, timeout=5)
 
 
+def test_writes_that_keep_coming_are_committed_while_they_come(
+    cache: PipelineCache, fingerprint: DeviceFingerprint
+) -> None:
+    # The thread gathers a burst into one group, but only up to MAX_GROUP_DELAY_S: a
+    # steady stream of writes must not keep other processes from seeing any of them.
+    seen_while_writing = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and not seen_while_writing:
+        for _ in range(20):
+            cache.write(os.urandom(32), fingerprint, b"s" * 256)
+            time.sleep(0.0005)
+        seen_while_writing = in_file(cache.path)
+    assert seen_while_writing > 0
+
+
 @pytest.mark.parametrize("flushed", [True, False])
 def test_another_object_on_the_file_sees_a_write_once_committed(
     cache: PipelineCache, fingerprint: DeviceFingerprint, flushed: bool

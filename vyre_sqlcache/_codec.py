@@ -368,6 +368,15 @@ def prefix(codec: str | None, data: bytes, dictionary: Dictionary | None, size: 
         raise DecodeError(str(error)) from error
 
 
+def compresses(samples: Sequence[bytes]) -> bool:
+    """Whether plain zstd makes `samples` together at least `MIN_SAVING` smaller."""
+    if zstandard is None or not samples:
+        return False
+    plain = _compressor(DEFAULT_LEVEL, None)
+    raw_bytes = sum(map(len, samples))
+    return sum(len(plain.compress(sample)) for sample in samples) <= raw_bytes * (1 - MIN_SAVING)
+
+
 def train(samples: Sequence[bytes]) -> bytes | None:
     """A `DICTIONARY_BYTES` dictionary trained on three quarters of `samples`, or None
     if it would not pay: the samples do not compress, the dictionary does not beat
@@ -379,11 +388,10 @@ def train(samples: Sequence[bytes]) -> bytes | None:
     training: list[bytes | bytearray | memoryview] = [
         sample for index, sample in enumerate(samples) if index % 4
     ]
-    plain = _compressor(DEFAULT_LEVEL, None)
-    raw_bytes = sum(map(len, held_out))
-    plain_bytes = sum(len(plain.compress(sample)) for sample in held_out)
-    if plain_bytes > raw_bytes * (1 - MIN_SAVING):
+    if not compresses(held_out):
         return None
+    plain = _compressor(DEFAULT_LEVEL, None)
+    plain_bytes = sum(len(plain.compress(sample)) for sample in held_out)
     try:
         trained = zstandard.train_dictionary(
             DICTIONARY_BYTES, training, k=_COVER_K, d=_COVER_D, level=DEFAULT_LEVEL

@@ -31,15 +31,27 @@ from ._connections import ForkRegistry  # (its fork hooks are registered before 
 from ._rows import NewEntry
 from .errors import CacheBusyError, CacheError
 
-__all__ = ["GROUP_DELAY_S", "MAX_QUEUED_BYTES", "MAX_QUEUED_ENTRIES", "Dropped", "WriteBehind"]
+__all__ = [
+    "GROUP_DELAY_S",
+    "MAX_GROUP_DELAY_S",
+    "MAX_QUEUED_BYTES",
+    "MAX_QUEUED_ENTRIES",
+    "Dropped",
+    "WriteBehind",
+]
 
 log = logging.getLogger("vyre_sqlcache")
 
-#: How long the thread gathers writes before it commits them (other processes see a
-#: write after about this long, plus the commit).
+#: How long the thread gathers writes before it commits them: a lone write is seen by
+#: other processes after about this long, plus the commit.
 GROUP_DELAY_S = 0.003
+#: While writes keep coming, the thread gathers them on, up to this long from the first:
+#: a burst committed as one group inserts its rows in order, where groups committed
+#: beside the caller's loop land between each other's rows and split their pages (1,000
+#: writes of 4 KiB and a flush: 61 µs an entry in groups of 512, 37 µs in one).
+MAX_GROUP_DELAY_S = 0.010
 #: A caller that finds this many entries (or bytes) queued commits them itself.
-MAX_QUEUED_ENTRIES = 512
+MAX_QUEUED_ENTRIES = 2048
 MAX_QUEUED_BYTES = 16 << 20
 
 
@@ -233,7 +245,7 @@ class WriteBehind:
                     self._wake.wait()
                 if self._stopped:
                     return
-            time.sleep(pause)  # let a group gather
+            self._gather(pause)
             try:
                 self.commit()
                 pause = GROUP_DELAY_S
@@ -247,6 +259,18 @@ class WriteBehind:
             except BaseException as error:  # never let the thread die silently
                 log.warning("vyre-sqlcache: the writer thread stopped: %r", error)
                 return
+
+    def _gather(self, pause: float) -> None:
+        """Sleep `pause`, then on while the queue grows, until `MAX_GROUP_DELAY_S`."""
+        deadline = time.monotonic() + max(pause, MAX_GROUP_DELAY_S)
+        step = pause
+        while True:
+            queued = len(self.queue)
+            time.sleep(step)
+            left = deadline - time.monotonic()
+            if left <= 0 or len(self.queue) in (queued, 0) or self._stopped:
+                return
+            step = min(GROUP_DELAY_S, left)
 
     # -- fork ----------------------------------------------------------------------------
 
