@@ -735,6 +735,42 @@ def test_filtered_invalidation_reaches_the_layers(
         assert [cache.read(d, other) for d, _ in items(4, 2)] == [None, None]
 
 
+def test_cli_get_reads_the_layers_of_a_user_who_has_no_cache_yet(
+    tmp_path: Path,
+    make_layer: Callable[..., Path],
+    fingerprint: DeviceFingerprint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A fresh machine with the application's layer installed: `get` said "no cache".
+    from vyre_sqlcache.cli import main
+
+    first = make_layer("first.layer", [(digest(0), b"first")])
+    second = make_layer("second.layer", [(digest(0), b"second"), (digest(1), b"only here")])
+    user = tmp_path / "none" / "user.sqlite3"
+    monkeypatch.setenv(
+        ENV_LAYERS, os.pathsep.join([str(tmp_path / "gone.layer"), str(first), str(second)])
+    )
+    out = tmp_path / "out.bin"
+    for n, expected in [(0, b"first"), (1, b"only here")]:
+        key = fingerprint.cache_key(digest(n)).hex()
+        assert main(["get", "--path", str(user), key, "-o", str(out)]) == 0
+        assert out.read_bytes() == expected
+    assert not user.parent.exists()  # nothing made
+    capsys.readouterr()
+    missing = fingerprint.cache_key(digest(2)).hex()
+    assert main(["get", "--path", str(user), missing, "-o", str(out)]) == 1
+    assert "no layer holds an entry with key" in capsys.readouterr().err
+    key = fingerprint.cache_key(digest(0)).hex()
+    assert main(["get", "--path", str(user), key, "-o", str(second)]) == 2  # never over a layer
+    assert "is a layer" in capsys.readouterr().err
+    with PipelineCache.open(tmp_path / "check.sqlite3", layers=[second]) as cache:
+        assert cache.read(digest(1), fingerprint) == b"only here"
+    monkeypatch.delenv(ENV_LAYERS)
+    assert main(["get", "--path", str(user), key, "-o", str(out)]) == 1
+    assert "no cache at" in capsys.readouterr().err
+
+
 def test_cli_get_serves_a_layer_entry_until_it_is_removed(
     tmp_path: Path,
     make_layer: Callable[..., Path],

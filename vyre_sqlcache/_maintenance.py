@@ -529,6 +529,27 @@ class CacheMaintenance:
             "'vyre-sqlcache check --repair' (or check(repair=True)) drops it"
         )
 
+    @staticmethod
+    def peek_layers(
+        entry_key: bytes | str,
+        layers: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
+    ) -> bytes | None:
+        """The blob of the entry with this entry key in the first of `layers` that holds
+        a sound copy, or None: for a user who has no cache file yet (none is made). A
+        layer that cannot be used is skipped with a warning, as at open.
+
+        Raises TypeError/ValueError for a malformed key or layer list.
+        """
+        key = coerce_digest("entry_key", entry_key)
+        paths = _layers.check_layer_paths("layers", layers)
+        # No user file: nothing masks a layer's entry, and no layer can be that file.
+        opened = _layers.open_layers(paths, own=Path(os.devnull), on_damage=lambda: None)
+        try:
+            found = opened.peek(key, lambda _key, _checksum: False)
+        finally:
+            opened.close()
+        return None if found is None else found.data
+
     def check(
         self,
         *,

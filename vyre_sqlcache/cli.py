@@ -376,6 +376,22 @@ def _opened(
         yield cache
 
 
+def _environment_layers() -> tuple[Path, ...]:
+    """The layers of VYRE_SQLCACHE_LAYERS, none where VYRE_SQLCACHE_DISABLE is set (a
+    malformed variable: a Failure naming it)."""
+    try:
+        settings = Settings.from_environment(ignore=("path", "remote"))
+    except ValueError as error:
+        raise Failure(str(error)) from error
+    return () if settings.disabled else settings.layers
+
+
+def _names_any(path: str, files: Iterable[Path]) -> bool:
+    """Whether `path` names one of `files` (through links)."""
+    target = expand_home(path).resolve()
+    return any(target == file.resolve() for file in files)
+
+
 # -- commands ----------------------------------------------------------------------------
 
 
@@ -574,9 +590,23 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    with _opened(args) as cache:
-        blob = cache.peek_entry(args.key, layers=True)
-        part = None if args.output == "-" else cache.own_file(args.output)
+    path = _path(args)
+    layers = _environment_layers()
+    if not path.exists() and layers:
+        # A user who has no cache yet still reads the shipped layers, as a read would.
+        if args.output != "-" and _names_any(args.output, layers):
+            raise UsageError(f"argument -o/--output: {args.output} is a layer; give another file")
+        try:
+            blob = PipelineCache.peek_layers(args.key, layers)
+        except ValueError as error:
+            raise Failure(str(error)) from error
+        part = None
+        if blob is None:
+            raise Failure(f"no cache at {path}, and no layer holds an entry with key {args.key}")
+    else:
+        with _opened(args) as cache:
+            blob = cache.peek_entry(args.key, layers=True)
+            part = None if args.output == "-" else cache.own_file(args.output)
     if blob is None:
         raise Failure(f"no entry with key {args.key}")
     if args.output == "-":
