@@ -8,6 +8,7 @@ writes with apsw.FullError, on the calls a `FaultPlan` picks. The long version i
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from torture.common import (
 )
 from torture.faults import run_faults
 from torture.shims import FaultPlan, FaultyVFS, registered
-from vyre_sqlcache import CacheError, CacheFullError, PipelineCache
+from vyre_sqlcache import CacheError, CacheFullError, PipelineCache, ReadOnlyCacheError
 
 KINDS = ["read", "write", "sync", "full"]
 #: Slots 0..7: four program entries (0, 1, 2, 4...) and keyed ones (3, 7).
@@ -155,6 +156,29 @@ def test_creating_a_cache_on_a_full_disk_raises_cache_error(
     with PipelineCache.open(tmp_path / "new.sqlite3", vfs=faulty.name) as cache:
         write_slots(cache, [(0, b"fits now")])
         assert read_slot(cache, 0) == b"fits now"
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "says"),
+    [
+        (errno.EROFS, ReadOnlyCacheError, "became read-only"),
+        (errno.EIO, CacheError, "input/output error"),
+    ],
+)
+def test_a_write_failing_with_a_system_error_says_which(
+    tmp_path: Path, faulty: FaultyVFS, code: int, error: type[CacheError], says: str
+) -> None:
+    # SQLite's own message is "disk I/O error" whatever the system said.
+    cache = populated(tmp_path / "cache.sqlite3", faulty)
+    faulty.arm(FaultPlan(frozenset({"write"}), errno=code))
+    with pytest.raises(error, match=says):
+        write_slots(cache, [(300, b"refused")])
+    slot, blob = next(iter(BLOBS.items()))
+    assert read_slot(cache, slot) == blob  # reads go on
+    faulty.disarm()
+    write_slots(cache, [(300, b"written once the file system is back")])
+    assert read_slot(cache, 300) == b"written once the file system is back"
+    cache.close()
 
 
 def test_get_many_under_read_faults_misses_or_raises_a_cache_error(

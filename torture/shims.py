@@ -104,11 +104,14 @@ class FaultPlan:
 
     Kinds: `read` (xRead raises apsw.IOError), `write` (xWrite raises apsw.IOError),
     `sync` (xSync raises apsw.IOError), `full` (xWrite and xTruncate raise apsw.FullError).
+    `errno`: the system error the VFS then reports (`Connection.system_errno`), as the
+    OS would have, e.g. EROFS from a file system remounted read-only; 0 for none.
     """
 
     kinds: frozenset[str]
     every: int = 1
     after: int = 0
+    errno: int = 0
 
     def describe(self) -> str:
         return f"{'+'.join(sorted(self.kinds))} every {self.every} after {self.after}"
@@ -150,6 +153,12 @@ class FaultyVFS(apsw.VFS):
 
     def xOpen(self, name: Any, flags: list[int]) -> _FaultyFile:
         return _FaultyFile(self, name, flags)
+
+    def xGetLastError(self) -> tuple[int, str | None]:
+        if self.plan is not None and self.plan.errno and self.injected:
+            return self.plan.errno, os.strerror(self.plan.errno)
+        last: tuple[int, str | None] = super().xGetLastError()
+        return last
 
     def arm(self, plan: FaultPlan) -> None:
         self.plan = plan

@@ -422,6 +422,22 @@ def translate(
             "may write (the file size limit, `ulimit -f`, or the file system's); lower "
             "the cache's size cap or raise the limit"
         )
+    if connection is not None and isinstance(error, apsw.IOError):
+        # SQLite says only "disk I/O error"; the system's errno says which.
+        code = connection.system_errno
+        if code == errno.EROFS:
+            return ReadOnlyCacheError(
+                f"{what} failed on {path}: the file system that holds it became read-only "
+                "(remounted so, as the kernel does after disk errors: see `dmesg`); it can "
+                "still be read: open it with readonly=True, or give the cache a path on a "
+                "writable disk"
+            )
+        if code == errno.EIO:
+            return CacheError(
+                f"{what} failed on {path}: the disk reported an input/output error (EIO: "
+                "see `dmesg`); once the disk is sound, `vyre-sqlcache check` the file, or "
+                "delete it (it is only a cache)"
+            )
     if isinstance(error, apsw.CantOpenError) and _out_of_descriptors():
         return CacheError(
             f"{what} failed on {path}: this process has no file descriptor left (it may "
