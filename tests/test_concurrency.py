@@ -306,6 +306,36 @@ def test_a_flush_behind_a_refused_background_commit_waits_once(
         assert cache.read(digest, fingerprint) == b"queued"
 
 
+def test_a_thread_behind_a_refused_flush_does_not_report_its_error_again(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flush() met the lock and said so; the writer thread, which had waited behind
+    # it, kept a copy of that error, and the next flush() after the lock was let go
+    # raised "a write queued earlier could not be committed yet" for nothing.
+    import time
+
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError, _connections
+
+    monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 1000)
+    with PipelineCache.open(cache_path) as cache:
+        blocker = apsw.Connection(str(cache_path))
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            cache.write(digest_of("first"), fingerprint, b"queued")
+            with pytest.raises(CacheBusyError):
+                cache.flush()  # commits first; the thread waits behind it
+            time.sleep(0.3)  # the thread has its turn
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        cache.flush()  # said once already: not again
+        cache.write(digest_of("second"), fingerprint, b"next")
+        cache.flush()
+        assert cache.read(digest_of("first"), fingerprint) == b"queued"
+
+
 def test_compact_refused_by_another_writer_waits_once(
     cache: PipelineCache,
     cache_path: Path,

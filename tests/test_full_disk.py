@@ -515,3 +515,31 @@ def test_a_cache_on_a_file_system_without_free_inodes_is_read(few_inodes: Path) 
             assert cache.read(bytes(32), FP) == b"kept"
             with pytest.raises(ReadOnlyCacheError, match="no free inodes"):
                 cache.write(bytes([2]) * 32, FP, b"new")
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_the_first_burst_into_a_new_cache_on_a_small_disk_leaves_room(
+    small_disk: Path, batch: bool
+) -> None:
+    # The first commit of a new file ran before the cache had looked at the disk: a
+    # burst of 6 MB into a new cache on an 8 MiB disk took every free byte, the queue
+    # was lost at close and the next process could not open the file.
+    path = small_disk / "pipelines.sqlite3"
+    blobs = [(hashlib.sha256(b"%d" % i).digest(), os.urandom(100_000)) for i in range(60)]
+    with PipelineCache.open(path, max_bytes=None) as cache:
+        if batch:
+            cache.write_many(blobs, FP)
+        else:
+            for digest, blob in blobs:
+                cache.write(digest, FP, blob)
+        cache.flush()
+        assert cache.read(blobs[-1][0], FP) == blobs[-1][1]
+        stats = cache.stats()
+        assert stats.entries + stats.total_evictions == len(blobs)
+    info = os.statvfs(small_disk)
+    assert info.f_bavail * info.f_frsize >= 512 << 10
+    with PipelineCache.open(path) as cache:  # a fresh open, which writes
+        assert cache.read(blobs[-1][0], FP) == blobs[-1][1]
+        assert all(cache.read(digest, FP) in (None, blob) for digest, blob in blobs)
+        cache.write(blobs[0][0], FP, b"written after")
+        cache.flush()

@@ -453,7 +453,9 @@ class Checkpointer:
             return
         page_count = int(connection.pragma("page_count"))
         if page_count == 0:
-            return  # a new file, its page size not chosen yet: the first commit sets it up
+            # A new file, its page size not chosen yet: set up once it has its schema.
+            del self._set_up[connection]
+            return
         page_size = int(connection.pragma("page_size"))
         log_pages = min(space.checkpoint_pages(), self._log_pages)
         # The log may grow to about twice its threshold before a checkpoint lets SQLite
@@ -464,6 +466,13 @@ class Checkpointer:
         connection.pragma("journal_size_limit", log_pages * page_size)
         self._capped.add(connection)
         self._limits.pop(connection, None)
+
+    def ready(self, connection: apsw.Connection) -> None:
+        """Before a write transaction: set the connection up if no look at the disk has
+        yet (a new file's, whose first commit could otherwise take the whole disk).
+        Raises apsw errors."""
+        if connection not in self._set_up:
+            self._fit(connection, self._space.get(connection.filename))
 
     def fit_cap(self, cap: int | None) -> None:
         """Keep the log in proportion to a small size cap (None: none): checkpointed, and

@@ -3,8 +3,9 @@ in groups, so a thousand small writes cost a handful of commits instead of a tho
 
 The queue is a map from entry key to entry that reads of this process look at first,
 so a queued entry is read back at once. Commits are serialised by one lock and take
-the whole queue in one transaction (a `write_many` stays all-or-none), so a later
-version of an entry is never overwritten by an earlier one. The queue is bounded: a
+the whole queue in one transaction (a `write_many` stays whole, but for what the cap or
+a full disk evicts of it), so a later version of an entry is never overwritten by an
+earlier one. The queue is bounded: a
 caller that finds it full commits it itself, which also keeps a caller that loops on
 `write()` holding the GIL from starving the thread. An error of a background commit
 is kept and raised by the next call; the entries stay queued and are retried.
@@ -148,13 +149,21 @@ class WriteBehind:
         durable: bool = False,
         extra: Any = None,
         what: str = "storing entries",
+        background: bool = False,
     ) -> Any:
         """Commit the queue, then `entries`, and run `extra` on the connection, all in one
         transaction (`what` it is, for errors); return what `extra` returned. Raises
-        CacheError types; on error the queue stays as it was."""
+        CacheError types; on error the queue stays as it was. `background`: the thread's
+        own commit, which tries even behind a commit that met a lock (that one's caller
+        was told already)."""
         busy = self._busy
         with self._committing:
-            if self._busy != busy and self._busy_error is not None and not self._writing_here():
+            if (
+                self._busy != busy
+                and self._busy_error is not None
+                and not background
+                and not self._writing_here()
+            ):
                 # The commit this call waited for waited out another process's lock for
                 # the whole busy timeout: waiting as long again doubled what a flush()
                 # promised (10 s). Said here, so not again by the next call. Not where
@@ -247,7 +256,7 @@ class WriteBehind:
                     return
             self._gather(pause)
             try:
-                self.commit()
+                self.commit(background=True)
                 pause = GROUP_DELAY_S
             except Dropped:
                 return  # not a failure: the queue is the close's to commit

@@ -782,17 +782,20 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         """Store `blob` for a program on a device, atomically (durable after `flush()`).
 
         Raises BlobTooLargeError over 64 MiB or over the cap, TypeError/ValueError for bad
-        arguments, ReadOnlyCacheError on a read-only cache, CacheFullError when the disk is
-        full even after eviction; nothing is written when it raises.
+        arguments, ReadOnlyCacheError on a read-only cache (nothing is queued then), and
+        CacheFullError or CacheBusyError for a commit that failed (an earlier one's, or
+        this call's where the queue was full: the entry stays queued and is retried).
         """
         self.write_many([(program_digest, blob)], fingerprint)
 
     def write_many(
         self, items: Iterable[tuple[bytes | str, bytes]], fingerprint: DeviceFingerprint
     ) -> None:
-        """Store many `(program_digest, blob)` pairs in one transaction: all or none.
+        """Store many `(program_digest, blob)` pairs in one transaction: all or none, but
+        that the oldest of them may be evicted at once to keep the cap or, on a full
+        disk, to fit (as if each had been committed alone).
 
-        Raises as `write` does, before anything is written.
+        Raises as `write` does; for bad arguments, before anything is queued.
         """
         fp = check_fingerprint(fingerprint)
         entries = []
@@ -882,9 +885,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
         items: Iterable[tuple[PipelineCacheKey, bytes] | tuple[PipelineCacheKey, bytes, Any]],
         fingerprint: DeviceFingerprint,
     ) -> None:
-        """Store many `(key, blob[, program_digest])` items in one transaction: all or none.
+        """Store many `(key, blob[, program_digest])` items in one transaction, all or none
+        as `write_many` stores.
 
-        Raises as `write` does, before anything is written.
+        Raises as `write` does; for bad arguments, before anything is queued.
         """
         fp = check_fingerprint(fingerprint)
         entries = []
@@ -1184,6 +1188,7 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._refuse_write()
         connection = self._writing_connection(slot)
         try:
+            self._checkpointer.ready(connection)
             with transaction(connection):
                 # First: eviction in the block must see the latest access times.
                 self._books.write(connection, _now_ms())
