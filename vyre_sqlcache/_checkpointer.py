@@ -593,14 +593,16 @@ class Checkpointer:
     def _say_if_held_back(self, pages: int, left: int) -> None:
         """Warn (once until it is started over) that a log of `pages` could not be started
         over: the restart found someone else still in it (`left` pages). Nothing of the
-        cache's own does that for long: a read transaction left open elsewhere does."""
+        cache's own does that for long but an unfinished `iter_query` iterator kept alive:
+        a read transaction left open elsewhere does."""
         if left and not self._held_back:
             self._held_back = True
             log.warning(
                 "vyre-sqlcache: the write-ahead log of %s has grown to %d MiB and cannot be "
                 "started over: another connection keeps a read transaction open in it (a "
-                "sqlite3 shell left inside BEGIN, say). It grows with every write until that "
-                "transaction ends; then it is cut back to %d MiB.",
+                "sqlite3 shell left inside BEGIN, or an iter_query() iterator of this or "
+                "another program left unfinished and not closed, say). It grows with every "
+                "write until that transaction ends; then it is cut back to %d MiB.",
                 self._where,
                 pages * _PAGE_BYTES >> 20,
                 self.log_limit_bytes() >> 20,
