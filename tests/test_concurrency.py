@@ -336,6 +336,65 @@ def test_a_thread_behind_a_refused_flush_does_not_report_its_error_again(
         assert cache.read(digest_of("first"), fingerprint) == b"queued"
 
 
+@pytest.mark.parametrize("flushed", [True, False])
+def test_close_beside_a_held_lock_waits_one_busy_timeout(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch, flushed: bool
+) -> None:
+    # close() waited for the writer thread's commit (behind a refused flush, or under way
+    # when close() came) to wait out the lock, then waited as long again itself.
+    import time
+
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError, _connections
+
+    monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 2000)
+    cache = PipelineCache.open(cache_path)
+    blocker = apsw.Connection(str(cache_path))
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        cache.write(digest_of("held"), fingerprint, b"queued")
+        if flushed:
+            with pytest.raises(CacheBusyError):
+                cache.flush()
+        else:
+            time.sleep(0.2)  # the thread's commit is waiting for the lock
+        start = time.monotonic()
+        cache.close()  # its commit waits once, then logs the queue as lost
+        assert time.monotonic() - start < 3.5  # (twice: 4.1 s)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_a_write_that_raises_an_earlier_commits_error_is_queued_all_the_same(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The error was raised before the entry was queued: the write that told of the
+    # failure was the one write lost.
+    import time
+
+    import apsw
+
+    from vyre_sqlcache import CacheBusyError, _connections
+
+    monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 500)
+    with PipelineCache.open(cache_path) as cache:
+        blocker = apsw.Connection(str(cache_path))
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            cache.write(digest_of("first"), fingerprint, b"first")
+            time.sleep(0.9)  # the thread's commit has waited out the lock and failed
+            with pytest.raises(CacheBusyError, match="queued earlier"):
+                cache.write(digest_of("second"), fingerprint, b"second")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        cache.flush()
+        assert cache.read(digest_of("second"), fingerprint) == b"second"
+        assert cache.read(digest_of("first"), fingerprint) == b"first"
+
+
 def test_compact_refused_by_another_writer_waits_once(
     cache: PipelineCache,
     cache_path: Path,

@@ -763,7 +763,7 @@ def test_cli_get_reads_the_layers_of_a_user_who_has_no_cache_yet(
     assert "no layer holds an entry with key" in capsys.readouterr().err
     key = fingerprint.cache_key(digest(0)).hex()
     assert main(["get", "--path", str(user), key, "-o", str(second)]) == 2  # never over a layer
-    assert "is a layer" in capsys.readouterr().err
+    assert "is the layer itself" in capsys.readouterr().err
     with PipelineCache.open(tmp_path / "check.sqlite3", layers=[second]) as cache:
         assert cache.read(digest(1), fingerprint) == b"only here"
     monkeypatch.delenv(ENV_LAYERS)
@@ -798,3 +798,15 @@ def test_cli_get_serves_a_layer_entry_until_it_is_removed(
     capsys.readouterr()
     assert main(["get", "--path", str(user), key, "-o", str(out)]) == 1
     assert "no entry" in capsys.readouterr().err
+    # Nor over a layer, or its side files, where the user has a file too.
+    before = layer.read_bytes()
+    link = tmp_path / "link.layer"
+    link.symlink_to(layer)
+    for target, says in [
+        (layer, "the layer itself"),
+        (link, "the layer itself"),
+        (Path(f"{layer}-wal"), "-wal file"),
+    ]:
+        assert main(["get", "--path", str(user), key, "-o", str(target)]) == 2
+        assert says in capsys.readouterr().err
+    assert layer.read_bytes() == before

@@ -891,7 +891,13 @@ class CacheMaintenance:
         """Which of this cache's files `path` names, by any path (a link, another mount):
         "the cache itself" or "the cache's own -wal file" (-shm, -journal); else None.
         For tools about to write a file: never over the cache."""
-        return cache_part(expand_home(os.fspath(path)).absolute(), self._path)
+        return self.file_of(path, self._path)
+
+    @staticmethod
+    def file_of(path: str | os.PathLike[str], cache: str | os.PathLike[str]) -> str | None:
+        """Which file of the cache (or layer) at `cache` `path` names, by any path, as
+        `own_file` says; else None."""
+        return cache_part(expand_home(os.fspath(path)).absolute(), expand_home(os.fspath(cache)))
 
     def _output(self, out: str | os.PathLike[str], overwrite: bool, kind: str) -> Path:
         """The absolute path of a file to write (through a link, the file it names; `kind`

@@ -56,6 +56,11 @@ MAX_QUEUED_ENTRIES = 2048
 MAX_QUEUED_BYTES = 16 << 20
 
 
+#: What the thread's commit returns when it found a commit that met another process's lock
+#: ahead of it: it did not try.
+BEHIND_BUSY: Any = object()
+
+
 class Dropped(CacheError):
     """Raised by `commit` once the cache object is being collected: its close(), which
     the collection starts, commits the queue."""
@@ -87,8 +92,6 @@ class WriteBehind:
         # Commits that gave up on another process's lock, and the last one's error.
         self._busy = 0
         self._busy_error: CacheBusyError | None = None
-        # The busy error a waiting call raised already: the thread does not keep it too.
-        self._busy_told: CacheBusyError | None = None
         self._stopped = False
         # Set by the cache's close() before its last commit: later writes raise.
         self._refusing: str | None = None
@@ -116,9 +119,9 @@ class WriteBehind:
     def put(self, entries: list[NewEntry]) -> None:
         """Queue `entries` (visible to `get` at once); commit the queue here if it is full.
 
-        Raises the error of an earlier background commit, once.
+        Raises the error of an earlier background commit, once, with `entries` queued all
+        the same, as the writes that error is about are.
         """
-        self.raise_error()
         with self._lock:
             if self._refusing is not None:
                 raise CacheError(self._refusing)
@@ -141,6 +144,7 @@ class WriteBehind:
             except _wakeup.CannotStart as error:
                 _wakeup.cannot_start("writes are committed by their callers", error)
                 self.commit()
+        self.raise_error()
 
     def commit(
         self,
@@ -150,26 +154,29 @@ class WriteBehind:
         extra: Any = None,
         what: str = "storing entries",
         background: bool = False,
+        behind: int | None = None,
     ) -> Any:
         """Commit the queue, then `entries`, and run `extra` on the connection, all in one
         transaction (`what` it is, for errors); return what `extra` returned. Raises
-        CacheError types; on error the queue stays as it was. `background`: the thread's
-        own commit, which tries even behind a commit that met a lock (that one's caller
-        was told already)."""
-        busy = self._busy
+        CacheError types; on error the queue stays as it was.
+
+        `background`: the thread's own commit. Its error is kept for the next call to
+        raise (a later commit that goes through forgets it: the writes it was about are
+        in). Behind a commit that met another process's lock, it returns `BEHIND_BUSY`
+        without trying: that commit's caller was told, and the thread waits a while.
+        `behind`: the mark of `stop()`, which counts the commits the call waited for.
+        """
+        busy = self._busy if behind is None else behind
         with self._committing:
-            if (
-                self._busy != busy
-                and self._busy_error is not None
-                and not background
-                and not self._writing_here()
-            ):
+            if self._busy != busy and self._busy_error is not None and not self._writing_here():
+                if background:
+                    return BEHIND_BUSY
                 # The commit this call waited for waited out another process's lock for
                 # the whole busy timeout: waiting as long again doubled what a flush()
                 # promised (10 s). Said here, so not again by the next call. Not where
                 # this process holds the lock itself: a transaction an exception left
                 # open is let go once its generator is collected, during the wait.
-                self._busy_told = told = self._busy_error
+                told = self._busy_error
                 if self._error is told:
                     self._error = None
                 raise CacheBusyError(str(told))
@@ -179,15 +186,22 @@ class WriteBehind:
                 return None
             try:
                 result = self._commit([*batch, *(entries or [])], durable, extra, what)
-            except CacheBusyError as error:
-                self._busy += 1
-                self._busy_error = error
+            except Dropped:
+                raise
+            except CacheError as error:
+                if isinstance(error, CacheBusyError):
+                    self._busy += 1
+                    self._busy_error = error
+                if background:
+                    self._error = error  # before another commit can go through
                 raise
             with self._lock:
                 for entry in batch:
                     if self.queue.get(entry.entry_key) is entry:
                         del self.queue[entry.entry_key]
                         self._queued_bytes -= len(entry.blob)
+                if batch:
+                    self._error = None  # what a kept error was about is in now
             return result
 
     def held(self) -> AbstractContextManager[bool]:
@@ -221,8 +235,11 @@ class WriteBehind:
         with self._lock:
             self._refusing = reason
 
-    def stop(self) -> None:
-        """Stop the thread (it finishes a commit under way); queued entries stay queued."""
+    def stop(self) -> int:
+        """Stop the thread (it finishes a commit under way); queued entries stay queued.
+        Returns a mark for `commit(behind=...)`: a commit after the stop then does not wait
+        out a lock again that the thread's last commit waited out meanwhile."""
+        behind = self._busy
         with self._lock:
             self._stopped = True
             self._wake.notify()
@@ -233,6 +250,7 @@ class WriteBehind:
             and thread is not threading.current_thread()
         ):
             thread.join(30)
+        return behind
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -255,14 +273,16 @@ class WriteBehind:
                 if self._stopped:
                     return
             self._gather(pause)
+            if self._stopped:
+                return  # close() commits the queue itself
             try:
-                self.commit(background=True)
-                pause = GROUP_DELAY_S
+                if self.commit(background=True) is BEHIND_BUSY:
+                    pause = min(max(pause * 4, 0.05), 2.0)
+                else:
+                    pause = GROUP_DELAY_S
             except Dropped:
                 return  # not a failure: the queue is the close's to commit
             except CacheError as error:
-                if error is not self._busy_told:
-                    self._error = error
                 log.warning("vyre-sqlcache: committing queued writes failed: %s", error)
                 pause = min(max(pause * 4, 0.05), 2.0)
             except BaseException as error:  # never let the thread die silently

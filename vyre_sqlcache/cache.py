@@ -678,14 +678,14 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             self._writer.refuse(f"the cache {self._path} is closed; open it again to use it")
             # Ctrl-C from here to the commit's end leaves the object open, its queue kept:
             # close() again, or the exit, commits it.
-            self._writer.stop()
+            behind = self._writer.stop()
             # Every commit follows the path (`_follow_the_path`); with writes committed
             # since the last flush into a file no longer at the path, the last commit
             # runs even with nothing queued.
             owed = self._since_flush is None or bool(self._since_flush)
             moved = owed and self._inode is not None and inode(self._path) != self._inode
             try:
-                self._writer.commit(extra=(lambda _connection: 0) if moved else None)
+                self._writer.commit(extra=(lambda _connection: 0) if moved else None, behind=behind)
             except CacheError as error:
                 log.warning(
                     "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
@@ -783,8 +783,10 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
 
         Raises BlobTooLargeError over 64 MiB or over the cap, TypeError/ValueError for bad
         arguments, ReadOnlyCacheError on a read-only cache (nothing is queued then), and
-        CacheFullError or CacheBusyError for a commit that failed (an earlier one's, or
-        this call's where the queue was full: the entry stays queued and is retried).
+        CacheFullError or CacheBusyError for a commit that failed: an earlier background
+        one's (raised once, by the next call) or this call's where it commits (a full
+        queue, or a blob of 256 KiB or more, which is then not stored). Queued writes,
+        this one's among them, stay queued and are retried.
         """
         self.write_many([(program_digest, blob)], fingerprint)
 

@@ -386,12 +386,6 @@ def _environment_layers() -> tuple[Path, ...]:
     return () if settings.disabled else settings.layers
 
 
-def _names_any(path: str, files: Iterable[Path]) -> bool:
-    """Whether `path` names one of `files` (through links)."""
-    target = expand_home(path).resolve()
-    return any(target == file.resolve() for file in files)
-
-
 # -- commands ----------------------------------------------------------------------------
 
 
@@ -592,10 +586,16 @@ def _ls(args: argparse.Namespace) -> int:
 def _get(args: argparse.Namespace) -> int:
     path = _path(args)
     layers = _environment_layers()
+    if args.output != "-":
+        for layer in layers:
+            part = PipelineCache.file_of(args.output, layer)
+            if part is not None:
+                raise UsageError(
+                    f"argument -o/--output: {args.output} is {part.replace('cache', 'layer', 1)} "
+                    f"{layer}; give another file"
+                )
     if not path.exists() and layers:
         # A user who has no cache yet still reads the shipped layers, as a read would.
-        if args.output != "-" and _names_any(args.output, layers):
-            raise UsageError(f"argument -o/--output: {args.output} is a layer; give another file")
         try:
             blob = PipelineCache.peek_layers(args.key, layers)
         except ValueError as error:
