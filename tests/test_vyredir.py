@@ -598,3 +598,85 @@ def test_a_file_over_the_cap_is_imported_when_it_fits_compressed(
         report = do_import(cache, root, notes)
         assert (report.imported, report.skipped, len(cache)) == (imported, 1 - imported, imported)
     assert len(notes) == 1 - imported
+
+
+def test_import_never_replaces_a_keyed_or_named_entry(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    make_key: Callable[..., PipelineCacheKey],
+    tmp_path: Path,
+) -> None:
+    # A folder of another user's, with files named by the keys of a named group and a
+    # keyed entry (anyone can compute them): the import replaced both with its bytes, and
+    # they fell out of the listings and filters while lookups served the folder's bytes.
+    from vyre_sqlcache import named_entry_key
+
+    key = make_key()
+    cache.put(key, fingerprint, b"GOOD keyed")
+    cache.put_group("triton", "abc/__grp__k.json", {"k.cubin": b"GOOD cubin"})
+    planted = {
+        key.entry_key(fingerprint): b"EVIL keyed",
+        named_entry_key("triton", "abc/__grp__k.json"): b"EVIL group",
+    }
+    digest = os.urandom(32)
+    planted[fingerprint.cache_key(digest)] = b"a vyre entry"
+    root = tmp_path / "vyre"
+    for entry_key, data in planted.items():
+        path = entry_path(root, entry_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    notes: list[str] = []
+    report = do_import(cache, root, notes)
+    assert (report.imported, report.skipped) == (1, 2)
+    assert sum("keyed entry under this key" in note for note in notes) == 1
+    assert sum("named entry under this key" in note for note in notes) == 1
+    assert cache.get(key, fingerprint) == b"GOOD keyed"
+    assert cache.get_group("triton", "abc/__grp__k.json") == {"k.cubin": b"GOOD cubin"}
+    assert cache.read(digest, fingerprint) == b"a vyre entry"
+    assert sorted(row.kind for row in cache.iter_keys()) == ["keyed", "named", "program"]
+
+
+def test_export_passes_over_a_folder_where_an_entry_file_goes(
+    cache: PipelineCache, fingerprint: DeviceFingerprint, tmp_path: Path
+) -> None:
+    # One folder in the way stopped the whole export with "Is a directory" and a bare
+    # temporary file name.
+    digests = [os.urandom(32) for _ in range(7)]
+    cache.write_many([(d, b"blob " + d) for d in digests], fingerprint)
+    out = tmp_path / "out"
+    blocked = entry_path(out, fingerprint.cache_key(digests[0]))
+    blocked.mkdir(parents=True)
+    report = do_export(cache, out)
+    assert report.blocked == [str(blocked)]
+    assert report.exported == 6
+    assert blocked.is_dir()
+    assert not [p for p in out.rglob("*.tmp.*")]
+
+
+def test_an_export_error_names_the_file_under_the_folder(
+    cache: PipelineCache,
+    fingerprint: DeviceFingerprint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # "[Errno 13] Permission denied: 'e4'": neither DIR nor what to do.
+    from vyre_sqlcache.cli import main
+
+    digest = os.urandom(32)
+    cache.write(digest, fingerprint, b"exported")
+    cache.close()
+    real_open = os.open
+
+    def refused(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if dir_fd is not None and ".tmp." in str(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr("vyre_sqlcache.vyredir.os.open", refused)
+    out = tmp_path / "out"
+    assert main(["--path", str(cache.path), "export-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    name = f"{fingerprint.cache_key(digest).hex()}.bin.tmp."
+    assert f"cannot write {out / name[:2] / name}" in err
+    assert "make it writable (or give another DIR)" in err

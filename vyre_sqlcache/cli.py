@@ -998,12 +998,16 @@ def _export_dir(args: argparse.Namespace) -> int:
         try:
             report = vyredir.export_dir(cache, root, progress=_progress)
         except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise Failure(
+                    f"export-dir stopped: no room for the files under {root} "
+                    f"({error.strerror}); the entry files written so far are whole: free "
+                    "space (or raise the file size limit, `ulimit -f`) and run it again"
+                ) from error
             raise Failure(
-                f"export-dir stopped: no room for the files under {root} ({error.strerror}); "
-                "the entry files written so far are whole: free space (or raise the file "
-                "size limit, `ulimit -f`) and run it again"
+                f"export-dir stopped: cannot write {error.filename or root} ({error.strerror}); "
+                "the entry files written so far are whole: make it writable (or give "
+                "another DIR) and run it again"
             ) from error
     left = [
         f"{n} {kind} entries" for n, kind in ((report.keyed, "keyed"), (report.named, "named")) if n
@@ -1021,6 +1025,11 @@ def _export_dir(args: argparse.Namespace) -> int:
         problems.append(
             f"{count} entries were not exported: {_describe(sorted(report.refused))} "
             "is a symbolic link or not a folder, and export never writes through one"
+        )
+    if report.blocked:
+        problems.append(
+            f"{len(report.blocked)} entries were not exported: a folder stands where each "
+            f"one's file goes ({_describe(report.blocked)}); move it and export again"
         )
     if problems:
         print(f"{PROG}: {'; '.join(problems)}", file=sys.stderr)

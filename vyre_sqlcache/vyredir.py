@@ -311,14 +311,19 @@ class ImportReport:
         return self.imported - self.evicted
 
 
-def _known(cache: PipelineCache) -> dict[bytes, tuple[int, int]]:
-    """(blob size, created ms) of every entry without key columns, by entry key (listed
-    page by page: only these two numbers of each entry are kept)."""
-    return {
+def _known(cache: PipelineCache) -> dict[bytes, tuple[int, int] | str]:
+    """(blob size, created ms) of every entry without key columns, and the kind of every
+    other entry ('keyed', 'named'), by entry key (listed page by page: only these are
+    kept of each entry)."""
+    known: dict[bytes, tuple[int, int] | str] = {
         bytes.fromhex(row["entry_key"]): (int(row["blob_size"]), int(row["created_ms"]))
         for kind in ("imported", "program")
         for row in cache.iter_entries(kind=kind, page=LIST_PAGE)
     }
+    for row in cache.iter_keys(page=LIST_PAGE):
+        if row.kind in ("keyed", "named"):
+            known[bytes.fromhex(row.entry_key)] = row.kind
+    return known
 
 
 def import_dir(
@@ -369,8 +374,19 @@ def import_dir(
         files, report.skipped = tree.scan(note)
         known = _known(cache)
         for item in progress(files, len(files), "importing"):
-            if known.get(item.entry_key) == (item.size, item.mtime_ms):
+            there = known.get(item.entry_key)
+            if there == (item.size, item.mtime_ms):
                 report.unchanged += 1
+                continue
+            if isinstance(there, str):
+                # A file named by such an entry's key is not vyre's (vyre never writes
+                # one): replaced, the entry would lose its key columns or its name, and
+                # lookups would serve the folder's bytes.
+                skip(
+                    item.path,
+                    f"the cache holds a {there} entry under this key, which an "
+                    "import never replaces",
+                )
                 continue
             # Compressed, a file over the cap may still fit: the store decides then.
             if cap is not None and item.size > cap and cache.compression == "off":
@@ -526,6 +542,8 @@ class ExportReport:
     of entries not written into them."""
 
     exported: int = 0
+    #: entry files not written because a folder stands at their path
+    blocked: list[str] = field(default_factory=list)
     keyed: int = 0
     #: named entries (`put_named`, `put_group`: Triton's kernels), which vyre never asks for
     named: int = 0
@@ -606,11 +624,17 @@ def export_dir(
                     where = str(root / key[:2])
                     report.refused[where] = report.refused.get(where, 0) + 1
                     continue
+                if _is_folder(f"{key}.bin", folder):
+                    report.blocked.append(str(root / key[:2] / f"{key}.bin"))
+                    continue
                 batch.add(folder, f"{key}.bin", data, row.created_ms)
                 report.exported += 1
                 if len(batch) >= EXPORT_BATCH_ENTRIES or batch.bytes >= EXPORT_BATCH_BYTES:
                     batch.commit()
             batch.commit()
+        except OSError as error:
+            batch.discard()
+            raise _named_in(error, root) from error
         except BaseException:
             batch.discard()
             raise
@@ -619,6 +643,24 @@ def export_dir(
                 _sync(fd)
         _sync(top)
     return report
+
+
+def _is_folder(name: str, folder: int) -> bool:
+    """Whether `name` in the folder open as `folder` is a folder (not through a link)."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _named_in(error: OSError, root: Path) -> OSError:
+    """`error` of a call relative to the tree's folders, naming its file under `root` (an
+    entry folder is named by its first two characters: `ab`, `ab/abcd….bin.tmp.1.2`)."""
+    name = error.filename
+    if not isinstance(name, str) or os.path.isabs(name):
+        return error
+    path = root / name if len(name) <= 2 else root / name[:2] / name
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def read_bounded(fd: int) -> bytes:
