@@ -329,6 +329,26 @@ def test_ls_human_table_shows_the_view(cli: Cli, filled: Filled) -> None:
     ]  # fmt: skip
 
 
+def test_names_that_would_steer_a_terminal_are_shown_escaped(cli: Cli, cache_path: Path) -> None:
+    # Names come from merged caches and the shared tier: a newline forged a row of `ls`,
+    # an escape sequence cleared the screen, a tab broke the per-backend table of `info`.
+    forged = "real\n" + "0" * 64 + "  named  ns  FAKE ROW"
+    with PipelineCache.open(cache_path) as cache:
+        cache.put_named("ns", forged, b"1")
+        cache.put_named("ns", "esc\x1b[2Jcleared\rCR\u202eevil", b"2")
+        cache.put_named("n\ts", "tab", b"3")
+    code, out, _ = cli.run(cache_path, "ls")
+    assert code == 0
+    assert len(out.splitlines()) == 4  # the header and one line an entry
+    assert "real\\n" + "0" * 64 in out
+    assert "esc\\x1b[2Jcleared\\rCR\\u202eevil" in out
+    code, out, _ = cli.run(cache_path, "info")
+    assert code == 0
+    assert "n\\ts" in out
+    for shown in (out, cli.run(cache_path, "sql", "SELECT name FROM pipelines_v")[1]):
+        assert not any(c in shown for c in "\x1b\r\t\u202e")
+
+
 def test_put_get_rm_round_trip(cli: Cli, cache_path: Path, tmp_path: Path) -> None:
     key = os.urandom(32).hex()
     source = tmp_path / "blob.bin"

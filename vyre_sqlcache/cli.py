@@ -225,12 +225,17 @@ def _flag(text: str) -> int:
 # -- output ---------------------------------------------------------------------------
 
 
+#: Characters that would steer a terminal or forge a row (control characters, line and
+#: paragraph separators, bidirectional overrides): names come from other machines too.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bytes):
         return value.hex()
-    return str(value)
+    return _CONTROL.sub(lambda found: found[0].encode("unicode_escape").decode(), str(value))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
