@@ -100,6 +100,12 @@ def test_a_damaged_group_is_a_miss_and_can_be_stored_again(cache: PipelineCache)
     assert cache.get_group("triton", "g") == FILES
 
 
+def _released() -> memoryview:
+    view = memoryview(b"data")
+    view.release()
+    return view
+
+
 @pytest.mark.parametrize(
     ("call", "args", "error", "message"),
     [
@@ -115,6 +121,14 @@ def test_a_damaged_group_is_a_miss_and_can_be_stored_again(cache: PipelineCache)
         ("put_group", ("t", "n", {"..": b""}), ValueError, "plain file name"),
         ("put_group", ("t", "n", {"a": "text"}), TypeError, r"files\['a'\] must be bytes"),
         ("put_group", ("t", "n", [("a", b"")]), TypeError, "files must be a mapping"),
+        ("put_group", ("t", "n", {"é" * 128: b""}), ValueError, "at most 255 bytes.*256 bytes"),
+        (
+            "put_group",
+            ("t", "n", {"x" * 256: b""}),
+            ValueError,
+            "255 characters long, got 256: 'xx",
+        ),
+        ("put_group", ("t", "n", {"a": _released()}), ValueError, r"files\['a'\] cannot be read"),
         ("get_group", ("t" * 65, "n"), ValueError, "namespace must be 1 to 64"),
     ],
 )

@@ -29,30 +29,37 @@ from ._rows import NewEntry
 from .errors import BlobTooLargeError
 from .keys import check_text, named_entry_key
 
-__all__ = ["GROUP_MAGIC", "MAX_FILE_NAME_CHARS", "NamedEntries", "pack_group", "unpack_group"]
+__all__ = ["GROUP_MAGIC", "MAX_FILE_NAME_BYTES", "NamedEntries", "pack_group", "unpack_group"]
 
 GROUP_MAGIC = b"VYREGRP1"
-#: Longest file name in a group (a file name on common file systems).
-MAX_FILE_NAME_CHARS = 255
+#: Longest file name in a group, in bytes of UTF-8 (a file name on common file systems:
+#: Linux counts bytes, so 255 characters of 'é' are too long for a folder).
+MAX_FILE_NAME_BYTES = 255
 _U32 = struct.Struct("<I")
 
 
 def _check_file_name(index: int, name: Any) -> bytes:
     """A group's file name as UTF-8: usable as one file name in a folder."""
     what = f"files name {index}"
-    text = check_text(what, name, MAX_FILE_NAME_CHARS)
+    text = check_text(what, name, MAX_FILE_NAME_BYTES)
     if "/" in text or text in (".", ".."):
         raise ValueError(
             f"{what} must be a plain file name (no '/', not '.' or '..'), got {text[:80]!r}"
         )
-    return text.encode("utf-8")
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_FILE_NAME_BYTES:
+        raise ValueError(
+            f"{what} must be at most {MAX_FILE_NAME_BYTES} bytes in UTF-8 (one file name in a "
+            f"folder), got {len(raw)} bytes: {text[:80]!r}"
+        )
+    return raw
 
 
 def pack_group(files: Mapping[str, bytes]) -> bytes:
     """The container holding `files` (file name -> bytes), as stored by `put_group`.
 
     Raises TypeError/ValueError for a mapping that is not str -> bytes, a name that is
-    not a plain file name of 1..255 characters; BlobTooLargeError (a ValueError) for a
+    not a plain file name of 1..255 bytes of UTF-8; BlobTooLargeError (a ValueError) for a
     group over 64 MiB in all.
     """
     if not isinstance(files, Mapping):
@@ -64,7 +71,10 @@ def pack_group(files: Mapping[str, bytes]) -> bytes:
         raw_name = _check_file_name(index, name)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"files[{name!r}] must be bytes, got {type(data).__name__}")
-        items.append((raw_name, bytes(data)))
+        try:
+            items.append((raw_name, bytes(data)))
+        except ValueError as error:  # a released memoryview
+            raise ValueError(f"files[{name!r}] cannot be read: {error}; pass bytes") from None
     items.sort()
     parts = [GROUP_MAGIC, _U32.pack(len(items))]
     for raw_name, data in items:

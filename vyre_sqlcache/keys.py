@@ -291,7 +291,9 @@ def check_text(name: str, value: Any, most: int) -> str:
             f"{name} must be a str of 1 to {most} characters, got {type(value).__name__}"
         )
     if not 1 <= len(value) <= most:
-        raise ValueError(f"{name} must be 1 to {most} characters long, got {len(value)}")
+        raise ValueError(
+            f"{name} must be 1 to {most} characters long, got {len(value)}: {value[:80]!r}"
+        )
     if "\x00" in value:
         # SQLite counts the characters before the first NUL: the schema would see less.
         raise ValueError(f"{name} must not contain a NUL character, got {value[:80]!r}")
