@@ -504,12 +504,18 @@ def test_a_stored_kernel_whose_file_cannot_be_written_out_is_a_miss(
     env: Path, kernels: list[Kernel]
 ) -> None:
     # A name the file system refuses (400 bytes in UTF-8, under 255 characters), as a
-    # planted or shared entry may hold: a miss, and Triton compiles and stores anew.
+    # planted or shared entry may hold (put_group refuses it; the container is made by
+    # hand): a miss, and Triton compiles and stores anew.
+    import struct
+
     key, metadata, files = kernels[0]
+    planted = sorted([("é" * 200).encode(), metadata.encode()])
+    container = b"VYREGRP1" + struct.pack("<I", len(planted))
+    for name in planted:
+        data = b"x" if name.startswith("é".encode()) else b"{}"
+        container += struct.pack("<I", len(name)) + name + struct.pack("<I", len(data)) + data
     with PipelineCache.open(env) as cache:
-        cache.put_group(
-            vt.NAMESPACE, f"{key}/{vt._GROUP_PREFIX}{metadata}", {"é" * 200: b"x", metadata: b"{}"}
-        )
+        cache.put_named(vt.NAMESPACE, f"{key}/{vt._GROUP_PREFIX}{metadata}", container)
     manager = vt.CacheManager(key)
     assert manager.get_group(metadata) is None
     assert manager.get_file("é" * 200) is None
