@@ -367,6 +367,36 @@ def test_close_beside_a_held_lock_waits_one_busy_timeout(
         blocker.close()
 
 
+def test_close_commits_the_queue_when_the_lock_goes_within_its_own_timeout(
+    cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() came while the thread's commit waited for the lock; that commit gave up,
+    # and the lock went before close()'s own timeout was out: the queue must go in (a
+    # close that gave up with the thread logged it as lost).
+    import threading
+    import time
+
+    import apsw
+
+    from vyre_sqlcache import _connections
+
+    monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 1000)
+    cache = PipelineCache.open(cache_path)
+    blocker = apsw.Connection(str(cache_path))
+    blocker.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.2, lambda: blocker.execute("ROLLBACK"))
+    try:
+        cache.write(digest_of("queued"), fingerprint, b"queued")
+        release.start()
+        time.sleep(0.4)  # the thread's commit waits until about 1.0 s
+        cache.close()  # may wait until about 1.4 s
+    finally:
+        release.join()
+        blocker.close()
+    with PipelineCache.open(cache_path) as reopened:
+        assert reopened.read(digest_of("queued"), fingerprint) == b"queued"
+
+
 def test_a_write_that_raises_an_earlier_commits_error_is_queued_all_the_same(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -627,6 +627,10 @@ class ConnectionPool:
         self._resume = threading.Condition(self._lock)
         self._paused = False
         self.closed = False
+        #: No call waits for another process's lock past this `time.monotonic()` (close()
+        #: sets it: its wait, the writer thread's commit under way included, is one
+        #: busy timeout from the call); None: each wait is its own timeout.
+        self.wait_until: float | None = None
         _pools.add(self)
         self._slot_freed = _on_slot_freed(weakref.ref(self))
 
@@ -1009,6 +1013,9 @@ class BusyWaiter:
         now = time.monotonic()
         if prior_calls == 0:
             self._deadline = now + self.timeout_ms / 1000
+            until = self.pool.wait_until
+            if until is not None:
+                self._deadline = min(self._deadline, until)
         if not self.patient or not self.pool.should_wait() or now >= self._deadline:
             return False
         time.sleep(min(0.001 * (1 << min(prior_calls, 5)), 0.025))

@@ -154,7 +154,6 @@ class WriteBehind:
         extra: Any = None,
         what: str = "storing entries",
         background: bool = False,
-        behind: int | None = None,
     ) -> Any:
         """Commit the queue, then `entries`, and run `extra` on the connection, all in one
         transaction (`what` it is, for errors); return what `extra` returned. Raises
@@ -164,9 +163,8 @@ class WriteBehind:
         raise (a later commit that goes through forgets it: the writes it was about are
         in). Behind a commit that met another process's lock, it returns `BEHIND_BUSY`
         without trying: that commit's caller was told, and the thread waits a while.
-        `behind`: the mark of `stop()`, which counts the commits the call waited for.
         """
-        busy = self._busy if behind is None else behind
+        busy = self._busy
         with self._committing:
             if self._busy != busy and self._busy_error is not None and not self._writing_here():
                 if background:
@@ -235,11 +233,8 @@ class WriteBehind:
         with self._lock:
             self._refusing = reason
 
-    def stop(self) -> int:
-        """Stop the thread (it finishes a commit under way); queued entries stay queued.
-        Returns a mark for `commit(behind=...)`: a commit after the stop then does not wait
-        out a lock again that the thread's last commit waited out meanwhile."""
-        behind = self._busy
+    def stop(self) -> None:
+        """Stop the thread (it finishes a commit under way); queued entries stay queued."""
         with self._lock:
             self._stopped = True
             self._wake.notify()
@@ -250,7 +245,6 @@ class WriteBehind:
             and thread is not threading.current_thread()
         ):
             thread.join(30)
-        return behind
 
     # -- the thread ----------------------------------------------------------------------
 

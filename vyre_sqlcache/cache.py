@@ -27,7 +27,7 @@ from typing import Any, Final, TypeVar
 import apsw
 import platformdirs
 
-from . import _codec, _explain_sql, _layers, _remote, _rows, _snapshots, _wakeup
+from . import _codec, _connections, _explain_sql, _layers, _remote, _rows, _snapshots, _wakeup
 from ._bookkeeping import Bookkeeping
 from ._cachefile import (
     HEAD_WAIT_S,
@@ -676,23 +676,30 @@ class PipelineCache(CacheMaintenance, NamedEntries, CacheExplain):
             return
         if not self._readonly:
             self._writer.refuse(f"the cache {self._path} is closed; open it again to use it")
-            # Ctrl-C from here to the commit's end leaves the object open, its queue kept:
-            # close() again, or the exit, commits it.
-            behind = self._writer.stop()
-            # Every commit follows the path (`_follow_the_path`); with writes committed
-            # since the last flush into a file no longer at the path, the last commit
-            # runs even with nothing queued.
-            owed = self._since_flush is None or bool(self._since_flush)
-            moved = owed and self._inode is not None and inode(self._path) != self._inode
+            # One busy timeout from here for every wait of the close: the thread's commit
+            # under way, then the close's own (it waited up to two).
+            self._pool.wait_until = time.monotonic() + _connections.BUSY_TIMEOUT_MS / 1000
             try:
-                self._writer.commit(extra=(lambda _connection: 0) if moved else None, behind=behind)
-            except CacheError as error:
-                log.warning(
-                    "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
-                    len(self._writer),
-                    self._path,
-                    error,
-                )
+                # Ctrl-C from here to the commit's end leaves the object open, its queue
+                # kept: close() again, or the exit, commits it.
+                self._writer.stop()
+                # Every commit follows the path (`_follow_the_path`); with writes committed
+                # since the last flush into a file no longer at the path, the last commit
+                # runs even with nothing queued.
+                owed = self._since_flush is None or bool(self._since_flush)
+                moved = owed and self._inode is not None and inode(self._path) != self._inode
+                try:
+                    self._writer.commit(extra=(lambda _connection: 0) if moved else None)
+                except CacheError as error:
+                    log.warning(
+                        "vyre-sqlcache: %d queued writes to %s were lost at close: %s",
+                        len(self._writer),
+                        self._path,
+                        error,
+                    )
+            except BaseException:
+                self._pool.wait_until = None  # open still: its calls wait as before
+                raise
             self._writer.settled = True  # nothing left for the exit to commit
         try:
             if not self._readonly:
