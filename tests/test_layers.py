@@ -802,6 +802,8 @@ def test_cli_get_serves_a_layer_entry_until_it_is_removed(
     before = layer.read_bytes()
     link = tmp_path / "link.layer"
     link.symlink_to(layer)
+    folder = tmp_path / "linked-folder"  # a side file not made yet, through a linked folder
+    folder.symlink_to(layer.parent, target_is_directory=True)
     for target, says in [
         (layer, "the layer itself"),
         (link, "the layer itself"),
@@ -809,4 +811,8 @@ def test_cli_get_serves_a_layer_entry_until_it_is_removed(
     ]:
         assert main(["get", "--path", str(user), key, "-o", str(target)]) == 2
         assert says in capsys.readouterr().err
+    monkeypatch.setenv(ENV_LAYERS, str(folder / layer.name))  # named through the link
+    for target in (folder / f"{layer.name}-journal", Path(f"{layer}-journal")):
+        assert main(["get", "--path", str(user), key, "-o", str(target)]) == 2
+        assert "-journal file" in capsys.readouterr().err
     assert layer.read_bytes() == before

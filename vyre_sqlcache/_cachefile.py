@@ -345,7 +345,8 @@ def cache_part(target: Path, cache: Path) -> str | None:
     for suffix in ("", *SIDE_FILES, "-journal"):
         part = Path(f"{cache}{suffix}")
         try:
-            same = resolved == part or os.path.samefile(target, part)
+            # Resolved both: a side file not made yet, named through a linked folder.
+            same = resolved == part.resolve() or os.path.samefile(target, part)
         except OSError:  # one of them is not there
             same = False
         if same:
