@@ -7,11 +7,15 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import apsw
 import pytest
 
-from vyre_sqlcache import DeviceFingerprint, PipelineCache
+from vyre_sqlcache import CacheBusyError, DeviceFingerprint, PipelineCache, _connections
 
 from .helpers import connection_of, open_connections, run_script
 
@@ -306,30 +310,33 @@ def test_a_flush_behind_a_refused_background_commit_waits_once(
         assert cache.read(digest, fingerprint) == b"queued"
 
 
+@contextmanager
+def lock_held(path: Path) -> Iterator[apsw.Connection]:
+    """Another connection holding the file's write lock for the block (one the block
+    lets go of first is left as it is)."""
+    blocker = apsw.Connection(str(path))
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield blocker
+    finally:
+        with suppress(apsw.SQLError):  # (let go of already)
+            blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 def test_a_thread_behind_a_refused_flush_does_not_report_its_error_again(
     cache_path: Path, fingerprint: DeviceFingerprint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The flush() met the lock and said so; the writer thread, which had waited behind
     # it, kept a copy of that error, and the next flush() after the lock was let go
     # raised "a write queued earlier could not be committed yet" for nothing.
-    import time
-
-    import apsw
-
-    from vyre_sqlcache import CacheBusyError, _connections
-
     monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 1000)
     with PipelineCache.open(cache_path) as cache:
-        blocker = apsw.Connection(str(cache_path))
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
+        with lock_held(cache_path):
             cache.write(digest_of("first"), fingerprint, b"queued")
             with pytest.raises(CacheBusyError):
                 cache.flush()  # commits first; the thread waits behind it
             time.sleep(0.3)  # the thread has its turn
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         cache.flush()  # said once already: not again
         cache.write(digest_of("second"), fingerprint, b"next")
         cache.flush()
@@ -342,17 +349,9 @@ def test_close_beside_a_held_lock_waits_one_busy_timeout(
 ) -> None:
     # close() waited for the writer thread's commit (behind a refused flush, or under way
     # when close() came) to wait out the lock, then waited as long again itself.
-    import time
-
-    import apsw
-
-    from vyre_sqlcache import CacheBusyError, _connections
-
     monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 2000)
     cache = PipelineCache.open(cache_path)
-    blocker = apsw.Connection(str(cache_path))
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with lock_held(cache_path):
         cache.write(digest_of("held"), fingerprint, b"queued")
         if flushed:
             with pytest.raises(CacheBusyError):
@@ -362,9 +361,6 @@ def test_close_beside_a_held_lock_waits_one_busy_timeout(
         start = time.monotonic()
         cache.close()  # its commit waits once, then logs the queue as lost
         assert time.monotonic() - start < 3.5  # (twice: 4.1 s)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
 
 
 def test_close_commits_the_queue_when_the_lock_goes_within_its_own_timeout(
@@ -373,26 +369,15 @@ def test_close_commits_the_queue_when_the_lock_goes_within_its_own_timeout(
     # close() came while the thread's commit waited for the lock; that commit gave up,
     # and the lock went before close()'s own timeout was out: the queue must go in (a
     # close that gave up with the thread logged it as lost).
-    import threading
-    import time
-
-    import apsw
-
-    from vyre_sqlcache import _connections
-
     monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 1000)
     cache = PipelineCache.open(cache_path)
-    blocker = apsw.Connection(str(cache_path))
-    blocker.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(1.2, lambda: blocker.execute("ROLLBACK"))
-    try:
+    with lock_held(cache_path) as blocker:
+        release = threading.Timer(1.2, lambda: blocker.execute("ROLLBACK"))
         cache.write(digest_of("queued"), fingerprint, b"queued")
         release.start()
         time.sleep(0.4)  # the thread's commit waits until about 1.0 s
         cache.close()  # may wait until about 1.4 s
-    finally:
         release.join()
-        blocker.close()
     with PipelineCache.open(cache_path) as reopened:
         assert reopened.read(digest_of("queued"), fingerprint) == b"queued"
 
@@ -402,24 +387,13 @@ def test_a_write_that_raises_an_earlier_commits_error_is_queued_all_the_same(
 ) -> None:
     # The error was raised before the entry was queued: the write that told of the
     # failure was the one write lost.
-    import time
-
-    import apsw
-
-    from vyre_sqlcache import CacheBusyError, _connections
-
     monkeypatch.setattr(_connections, "BUSY_TIMEOUT_MS", 500)
     with PipelineCache.open(cache_path) as cache:
-        blocker = apsw.Connection(str(cache_path))
-        blocker.execute("BEGIN IMMEDIATE")
-        try:
+        with lock_held(cache_path):
             cache.write(digest_of("first"), fingerprint, b"first")
             time.sleep(0.9)  # the thread's commit has waited out the lock and failed
             with pytest.raises(CacheBusyError, match="queued earlier"):
                 cache.write(digest_of("second"), fingerprint, b"second")
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
         cache.flush()
         assert cache.read(digest_of("second"), fingerprint) == b"second"
         assert cache.read(digest_of("first"), fingerprint) == b"first"
