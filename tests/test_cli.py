@@ -337,9 +337,11 @@ def test_names_that_would_steer_a_terminal_are_shown_escaped(cli: Cli, cache_pat
         cache.put_named("ns", forged, b"1")
         cache.put_named("ns", "esc\x1b[2Jcleared\rCR\u202eevil", b"2")
         cache.put_named("n\ts", "tab", b"3")
+        cache.put_named("ns", "real\\n" + "0" * 64, b"4")  # a backslash and an n
     code, out, _ = cli.run(cache_path, "ls")
     assert code == 0
-    assert len(out.splitlines()) == 4  # the header and one line an entry
+    assert len(out.splitlines()) == 5  # the header and one line an entry
+    assert "real\\\\n" + "0" * 64 in out  # shown doubled: never as the newline's escape
     assert "real\\n" + "0" * 64 in out
     assert "esc\\x1b[2Jcleared\\rCR\\u202eevil" in out
     code, out, _ = cli.run(cache_path, "info")

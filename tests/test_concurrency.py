@@ -490,7 +490,9 @@ def test_running_out_of_file_descriptors_says_so(tmp_path: Path) -> None:
     for error in out["errors"]:
         assert "no file descriptor left" in error and "ulimit -n" in error, error
     assert out["attempts"] <= 1
-    assert out["found"] == out["wrote"]  # every write that returned was kept
+    # Every write that returned was kept (and so was one that raised an earlier commit's
+    # error: it queues its entry all the same).
+    assert set(out["wrote"]) <= set(out["found"])
 
 
 # Leaves the process 2 spare descriptors, then asks how a failed open is explained.

@@ -227,7 +227,8 @@ def _flag(text: str) -> int:
 
 #: Characters that would steer a terminal or forge a row (control characters, line and
 #: paragraph separators, bidirectional overrides): names come from other machines too.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: The backslash too, so that no name shows as another's escape.
+_CONTROL = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _cell(value: Any) -> str:
