@@ -269,16 +269,15 @@ class WriteBehind:
             self._gather(pause)
             if self._stopped:
                 return  # close() commits the queue itself
+            backoff = min(max(pause * 4, 0.05), 2.0)
             try:
-                if self.commit(background=True) is BEHIND_BUSY:
-                    pause = min(max(pause * 4, 0.05), 2.0)
-                else:
-                    pause = GROUP_DELAY_S
+                behind = self.commit(background=True) is BEHIND_BUSY
+                pause = backoff if behind else GROUP_DELAY_S
             except Dropped:
                 return  # not a failure: the queue is the close's to commit
             except CacheError as error:
                 log.warning("vyre-sqlcache: committing queued writes failed: %s", error)
-                pause = min(max(pause * 4, 0.05), 2.0)
+                pause = backoff
             except BaseException as error:  # never let the thread die silently
                 log.warning("vyre-sqlcache: the writer thread stopped: %r", error)
                 return

@@ -315,14 +315,12 @@ def _known(cache: PipelineCache) -> dict[bytes, tuple[int, int] | str]:
     """(blob size, created ms) of every entry without key columns, and the kind of every
     other entry ('keyed', 'named'), by entry key (listed page by page: only these are
     kept of each entry)."""
-    known: dict[bytes, tuple[int, int] | str] = {
-        bytes.fromhex(row["entry_key"]): (int(row["blob_size"]), int(row["created_ms"]))
-        for kind in ("imported", "program")
-        for row in cache.iter_entries(kind=kind, page=LIST_PAGE)
-    }
-    for row in cache.iter_keys(page=LIST_PAGE):
-        if row.kind in ("keyed", "named"):
-            known[bytes.fromhex(row.entry_key)] = row.kind
+    known: dict[bytes, tuple[int, int] | str] = {}
+    for row in cache.iter_entries(page=LIST_PAGE):
+        kind = row["kind"]
+        known[bytes.fromhex(row["entry_key"])] = (
+            kind if kind in ("keyed", "named") else (int(row["blob_size"]), int(row["created_ms"]))
+        )
     return known
 
 
